@@ -1,0 +1,132 @@
+"""Run-folder checkpoints.
+
+    output_dir/checkpoints/last.nemo          the policy at the latest save (NeMo restore_from)
+    output_dir/checkpoints/best.nemo          the policy with the best validation metric
+    output_dir/checkpoints/trainer_state.pt   everything needed to resume, in ONE file: model and
+                                              optimizer/scheduler state, step, RNG states, data
+                                              position, best metric
+
+Resuming reads only ``trainer_state.pt`` (its model weights included), so a run killed between
+two file writes still resumes from a consistent state. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlnf.errors import CheckpointError
+from rlnf.io import atomic_save
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+def check_nemo_archive(path: str | Path) -> None:
+    """Refuse a .nemo archive whose members could escape the extraction folder.
+
+    Checked before NeMo extracts it: absolute names, '..' components, and links or devices.
+    """
+    path = Path(path)
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            members = archive.getmembers()
+    except (tarfile.TarError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable .nemo archive: {exc}") from None
+    for member in members:
+        name = member.name
+        parts = Path(name).parts
+        if name.startswith(("/", "\\")) or Path(name).is_absolute() or ".." in parts:
+            raise CheckpointError(f"{path}: refusing archive member {name!r} (it would be written outside the "
+                                  "extraction folder)")
+        if not (member.isfile() or member.isdir()):
+            raise CheckpointError(f"{path}: refusing archive member {name!r} (links and special files are not "
+                                  "allowed in a .nemo)")
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    # Plain lists, so the state loads with torch.load(weights_only=True).
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class CheckpointManager:
+    """Writes last/best .nemo files and the trainer state into ``run_dir/checkpoints``."""
+
+    def __init__(self, run_dir: str | Path, best_metric: str, best_mode: str):
+        self.folder = Path(run_dir) / "checkpoints"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.best_value: float | None = None
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / TRAINER_STATE
+
+    @property
+    def last_path(self) -> Path:
+        return self.folder / "last.nemo"
+
+    @property
+    def best_path(self) -> Path:
+        return self.folder / "best.nemo"
+
+    def is_better(self, value: float) -> bool:
+        if not np.isfinite(value):
+            return False
+        if self.best_value is None:
+            return True
+        return value < self.best_value if self.best_mode == "min" else value > self.best_value
+
+    def save_last(self, save_model, trainer_state: dict[str, Any]) -> None:
+        """``save_model(path)`` writes a .nemo; the trainer state follows it, both atomic."""
+        atomic_save(self.last_path, save_model)
+        trainer_state = {**trainer_state, "best_value": self.best_value, "best_metric": self.best_metric}
+        atomic_save(self.state_path, lambda tmp: torch.save(trainer_state, tmp))
+
+    def update_best(self, value: float, save_model) -> bool:
+        """Write best.nemo when ``value`` beats the best so far; returns whether it did."""
+        if not self.is_better(value):
+            return False
+        atomic_save(self.best_path, save_model)
+        self.best_value = float(value)
+        return True
+
+    def load_state(self) -> dict[str, Any]:
+        if not self.state_path.is_file():
+            raise CheckpointError(f"resume=true but there is no trainer state at {self.state_path}")
+        try:
+            # Only tensors and plain containers: never unpickle arbitrary objects.
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read trainer state {self.state_path}: {exc}") from None
+        if state.get("best_metric") == self.best_metric:
+            self.best_value = state.get("best_value")
+        return state

@@ -1,0 +1,241 @@
+"""The ``rlnf`` command. Heavy imports (torch, NeMo) happen inside the commands, so ``--help`` is instant.
+
+    rlnf run RECIPE --config FILE [key=value ...]   run a recipe (torchtune style)
+    rlnf ls                                         list recipes and shipped configs
+    rlnf config RECIPE                              every config key with its default and help
+    rlnf evaluate --model M.nemo --manifest M.json  greedy WER/CER (+ mean reward)
+    rlnf score --reward CKPT --manifest M.json      score (audio, text) pairs with a reward model
+    rlnf data synth --output DIR                    synthesise an offline speech corpus
+    rlnf demo                                       the end-to-end offline demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Sequence
+
+from rlnf.errors import RlnfError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO_ROOT / "recipes"
+CONFIGS_DIR = REPO_ROOT / "configs"
+
+
+# ------------------------------------------------------------------------------------------ recipes
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.name.startswith("_"))
+
+
+def list_configs() -> list[str]:
+    return sorted(str(p.relative_to(CONFIGS_DIR).with_suffix("")) for p in CONFIGS_DIR.rglob("*.yaml"))
+
+
+def load_recipe(name_or_path: str) -> ModuleType:
+    """A recipe by name (``recipes/NAME.py``) or by path to a .py file of yours."""
+    path = Path(name_or_path)
+    if path.suffix != ".py":
+        path = RECIPES_DIR / f"{name_or_path}.py"
+    if not path.is_file():
+        raise RlnfError(f"unknown recipe {name_or_path!r}; available: {', '.join(list_recipes())} "
+                        "(or give a path to a recipe .py file)")
+    spec = importlib.util.spec_from_file_location(f"rlnf_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for attribute in ("CONFIG_CLASS", "main"):
+        if not hasattr(module, attribute):
+            raise RlnfError(f"{path} is not a recipe: it defines no {attribute}")
+    return module
+
+
+def resolve_config_path(config: str | None) -> Path | None:
+    """A YAML path, or a shipped config name such as ``rl/rloo``."""
+    if config is None:
+        return None
+    path = Path(config)
+    if path.is_file():
+        return path
+    shipped = CONFIGS_DIR / (config if config.endswith(".yaml") else f"{config}.yaml")
+    if shipped.is_file():
+        return shipped
+    raise RlnfError(f"config file not found: {config} (shipped configs: {', '.join(list_configs())})")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("rlnf").setLevel(logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def quiet_nemo() -> None:
+    """NeMo logs a great deal at INFO/WARNING while restoring models; keep errors only."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from nemo.utils import logging as nemo_logging
+
+        nemo_logging.setLevel(logging.ERROR)
+    except ImportError:
+        pass
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rlnf.config import check_output_dir, load_config
+
+    recipe = load_recipe(args.recipe)
+    cfg = load_config(recipe.CONFIG_CLASS, resolve_config_path(args.config), args.overrides)
+    if hasattr(cfg, "output_dir"):
+        check_output_dir(cfg.output_dir, getattr(cfg, "resume", False))
+    quiet_nemo()
+    result = recipe.main(cfg)
+    if isinstance(result, dict):
+        print(json.dumps({k: v for k, v in result.items() if k != "final_metrics"}, indent=2, default=str))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    print("RECIPES")
+    for name in list_recipes():
+        print(f"  {name}")
+    print("CONFIGS (pass to --config by name or path)")
+    for name in list_configs():
+        print(f"  {name}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from rlnf.config import iter_keys
+
+    recipe = load_recipe(args.recipe)
+    for key, default, help_text in iter_keys(recipe.CONFIG_CLASS):
+        print(f"{key} = {default!r}\n    {help_text}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    quiet_nemo()
+    from rlnf.commands import evaluate
+
+    metrics = evaluate(args.model, args.manifest, reward=args.reward, output=args.output,
+                       batch_size=args.batch_size, device=args.device, text_key=args.text_key)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    quiet_nemo()
+    from rlnf.commands import score
+
+    score(args.reward, args.manifest, text_keys=args.text_key or ["text"], output=args.output,
+          batch_size=args.batch_size, device=args.device)
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from rlnf.synth import synthesize_corpus_cli
+
+    synthesize_corpus_cli(args)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    quiet_nemo()
+    from rlnf.demo import run_demo
+
+    run_demo(output_dir=args.output, budget_minutes=args.minutes, fresh=args.fresh)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlnf", description="RL fine-tuning of NeMo CTC speech-recognition models "
+                                                              "against a learned reward.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a recipe with a YAML config and key=value overrides")
+    run.add_argument("recipe", help="recipe name (see `rlnf ls`) or path to a recipe .py")
+    run.add_argument("--config", help="YAML config file, or a shipped config name such as rl/rloo")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="overrides, e.g. trainer.max_steps=100 (before or after --config)")
+    run.set_defaults(func=cmd_run)
+
+    commands.add_parser("ls", help="list recipes and shipped configs").set_defaults(func=cmd_ls)
+
+    config = commands.add_parser("config", help="print every config key of a recipe with default and help")
+    config.add_argument("recipe")
+    config.set_defaults(func=cmd_config)
+
+    evaluate = commands.add_parser("evaluate", help="greedy transcripts, WER, CER and mean reward of a model")
+    evaluate.add_argument("--model", required=True, help=".nemo file or pretrained name")
+    evaluate.add_argument("--manifest", required=True)
+    evaluate.add_argument("--reward", help="reward checkpoint folder (adds the mean learned reward)")
+    evaluate.add_argument("--output", help="OUT.json for the metrics; transcripts go to OUT.transcripts.jsonl")
+    evaluate.add_argument("--text-key", default="text")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    score = commands.add_parser("score", help="score (audio, text) pairs with a reward model, no references needed")
+    score.add_argument("--reward", required=True, help="reward checkpoint folder")
+    score.add_argument("--manifest", required=True)
+    score.add_argument("--text-key", action="append", help="manifest field(s) to score; repeat to compare systems "
+                                                           "(default: text)")
+    score.add_argument("--output", help="OUT.jsonl: the manifest rows with score fields added")
+    score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    score.set_defaults(func=cmd_score)
+
+    data = commands.add_parser("data", help="data tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    synth = data_commands.add_parser("synth", help="synthesise a deterministic offline speech corpus (flite, espeak-ng)")
+    synth.add_argument("--output", required=True, help="corpus folder (wav files + manifests)")
+    synth.add_argument("--sentences", type=int, default=600, help="number of distinct sentences")
+    synth.add_argument("--voices", default="flite:kal16,flite:awb,flite:slt,flite:rms",
+                       help="comma-separated engine:voice list")
+    synth.add_argument("--heldout-voice", default=None, help="engine:voice used only for the held-out split")
+    synth.add_argument("--noise-snr", type=float, default=None, help="add white noise at this SNR (dB)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_data_synth)
+
+    demo = commands.add_parser("demo", help="the offline end-to-end demo (corpus, policy, reward model, RL, report)")
+    demo.add_argument("--output", default="demo_output", help="output folder (stages are cached there)")
+    demo.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget on this machine")
+    demo.add_argument("--fresh", action="store_true", help="ignore cached stages")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `run` takes key=value overrides anywhere after the recipe; nothing else is unknown.
+        if getattr(args, "command", None) != "run" or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except RlnfError as exc:
+        name = type(exc).__name__
+        if name == "TrainingInterrupted":
+            print(f"rlnf: {exc}", file=sys.stderr)
+            return 128 + signal.SIGINT
+        print(f"rlnf: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The `rlnf evaluate` and `rlnf score` commands (the card's intended uses), callable from Python too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from rlnf.io import atomic_write_text
+
+
+def evaluate(model: str, manifest: str, reward: str | None = None, output: str | None = None,
+             batch_size: int = 16, device: str = "auto", text_key: str = "text") -> dict[str, Any]:
+    """Greedy transcripts of ``manifest`` by ``model``; corpus WER/CER against its references and the
+    mean reward of ``reward`` (a checkpoint folder) when given. Writes OUT.json and OUT.transcripts.jsonl."""
+    from rlnf.data.loader import AudioDataset
+    from rlnf.data.manifest import read_manifest
+    from rlnf.evaluation import evaluate_policy
+    from rlnf.policy import CTCPolicy
+    from rlnf.rewards import RewardSet, WeightedReward
+    from rlnf.training import resolve_device
+
+    torch_device = resolve_device(device)
+    utterances, _ = read_manifest(manifest, text_key=text_key)
+    policy = CTCPolicy.load(model, torch_device)
+    rewards = None
+    if reward:
+        from rlnf.rewards.learned import LearnedReward
+
+        rewards = RewardSet([WeightedReward("learned", 1.0, LearnedReward(reward, device=device))])
+    result = evaluate_policy(policy, AudioDataset(utterances, policy.sample_rate), batch_size, torch_device, rewards)
+    metrics = {"model": model, "manifest": manifest, **result.metrics, "n": len(result.rows)}
+    if output:
+        out = Path(output)
+        transcripts = out.with_suffix(".transcripts.jsonl")
+        atomic_write_text(transcripts, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.rows))
+        metrics["transcripts"] = str(transcripts)
+        atomic_write_text(out, json.dumps(metrics, indent=2))
+    return metrics
+
+
+def score(reward: str, manifest: str, text_keys: Sequence[str] = ("text",), output: str | None = None,
+          batch_size: int = 64, device: str = "auto") -> dict[str, float]:
+    """Score every (audio, text) pair of ``manifest`` with a reward checkpoint; returns mean score per key."""
+    from rlnf.reward_model.scoring import score_manifest
+
+    return score_manifest(reward, manifest, text_keys=list(text_keys), output=output, batch_size=batch_size,
+                          device=device)

@@ -1,0 +1,343 @@
+"""Recipe configurations: dataclasses with a default and a help string for every key.
+
+A recipe's YAML file and ``key=value`` overrides are merged onto its dataclass schema with
+OmegaConf, so an unknown key or a value of the wrong type fails *before any model loads*, with
+a message naming the full key. ``__post_init__`` methods check values and cross-key rules.
+
+This module is light (no torch / NeMo import) so ``rlnf --help`` and config errors are instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from rlnf.errors import ConfigError
+
+ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo")
+
+
+def opt(default: Any = MISSING, help: str = "", factory: Any = None) -> Any:  # noqa: A002
+    """A dataclass field with a default (or factory) and a help string (shown by `rlnf config`)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections shared by the recipes
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PolicyConfig:
+    path: str = opt(MISSING, "The CTC model to fine-tune: a local .nemo file, or a pretrained model name "
+                             "(NGC / Hugging Face, needs a network).")
+    batchnorm: str = opt("frozen", "BatchNorm in the RL rollout AND update: 'frozen' uses running statistics "
+                                   "(old, new and reference log-probs stay comparable); 'train' updates them "
+                                   "from each batch in the update.")
+    dropout: bool = opt(False, "Keep dropout active in the policy update (rollouts never use dropout).")
+
+    def __post_init__(self) -> None:
+        _check_choice("policy.batchnorm", self.batchnorm, ("frozen", "train"))
+
+
+@dataclass
+class DataConfig:
+    train_manifest: str = opt(MISSING, "NeMo JSONL manifest of training audio (audio_filepath, optional duration "
+                                       "and text).")
+    val_manifest: Optional[str] = opt(None, "Manifest for validation (greedy WER/CER when it has text, and mean "
+                                            "reward). None disables validation.")
+    text_key: str = opt("text", "Manifest field holding the reference transcript (optional for RL).")
+    max_duration: Optional[float] = opt(None, "Utterances longer than this many seconds are skipped (counted).")
+    min_duration: float = opt(0.0, "Utterances shorter than this many seconds are skipped (counted).")
+    skip_bad_samples: bool = opt(False, "Skip (and count) bad manifest lines and unreadable audio instead of "
+                                        "stopping with an error naming the file and line.")
+    lowercase: bool = opt(True, "Lower-case references before mapping them to the policy's vocabulary.")
+    oov: str = opt("error", "References with characters outside the policy's vocabulary: 'error' (stop, naming "
+                            "the line), 'skip' (skip the utterance, counted) or 'drop' (delete those "
+                            "characters, counted and reported). Used where references become CTC targets.")
+    bucket_size: int = opt(16, "Batches are formed from groups of batch_size * bucket_size utterances sorted by "
+                               "duration, so padding stays small. 1 disables bucketing.")
+    shuffle: bool = opt(True, "Shuffle training batches every epoch (seeded).")
+    num_workers: int = opt(0, "DataLoader worker processes for audio loading.")
+    max_val_samples: Optional[int] = opt(None, "Validate on at most this many utterances (the first ones).")
+
+    def __post_init__(self) -> None:
+        _check_choice("data.oov", self.oov, ("error", "skip", "drop"))
+        _check_positive("data.bucket_size", self.bucket_size)
+        _check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        if self.max_duration is not None:
+            _check_positive("data.max_duration", self.max_duration)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = opt(1000, "Number of optimizer steps.")
+    batch_size: int = opt(8, "Utterances per step (each gets algorithm.num_samples hypotheses in RL).")
+    grad_accum_steps: int = opt(1, "Micro-batches of batch_size accumulated per optimizer step.")
+    lr: float = opt(1e-5, "Peak learning rate (AdamW).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    betas: List[float] = opt(factory=lambda: [0.9, 0.999], help="AdamW betas.")
+    eps: float = opt(1e-8, "AdamW epsilon.")
+    warmup_steps: int = opt(0, "Linear learning-rate warm-up steps.")
+    lr_schedule: str = opt("cosine", "'cosine' (decay to min_lr_ratio * lr at max_steps) or 'constant', after "
+                                     "warm-up.")
+    min_lr_ratio: float = opt(0.0, "Final learning rate of the cosine schedule, as a fraction of lr.")
+    max_grad_norm: Optional[float] = opt(1.0, "Gradient clipping by global norm; null disables.")
+    val_every: int = opt(100, "Validate every N steps (and at the end). 0 disables periodic validation.")
+    save_every: int = opt(100, "Write checkpoints/last.nemo and the trainer state every N steps (and at the end).")
+    log_every: int = opt(1, "Write scalar metrics every N steps.")
+    samples_every: int = opt(50, "Log a text table of sample hypotheses and a few audio clips every N steps; "
+                                 "0 disables.")
+    seed: int = opt(42, "Seed for sampling, data order and initialisation; CPU runs are deterministic.")
+    device: str = opt("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'.")
+    precision: str = opt("auto", "'auto' (bf16 autocast on CUDA when supported, else fp32), 'fp32' or 'bf16'.")
+    best_metric: str = opt("auto", "Validation metric that selects checkpoints/best.nemo: 'auto' is val/wer when "
+                                   "the validation manifest has references, else val/reward.")
+    best_mode: str = opt("auto", "'min', 'max' or 'auto' (min for wer/cer/loss metrics, max otherwise).")
+    progress_bar: bool = opt(True, "Show a tqdm progress bar.")
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every"):
+            _check_positive(f"trainer.{key}", getattr(self, key))
+        for key in ("val_every", "save_every", "samples_every", "warmup_steps"):
+            _check_positive(f"trainer.{key}", getattr(self, key), allow_zero=True)
+        _check_positive("trainer.lr", self.lr)
+        _check_choice("trainer.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("trainer.best_mode", self.best_mode, ("auto", "min", "max"))
+        if len(self.betas) != 2:
+            raise ConfigError(f"trainer.betas must have two values, got {list(self.betas)}")
+        if self.max_grad_norm is not None:
+            _check_positive("trainer.max_grad_norm", self.max_grad_norm)
+
+
+@dataclass
+class RewardSpec:
+    name: str = opt(MISSING, "'cer' (1 - CER), 'wer' (1 - WER), 'learned' (a reward-model checkpoint) or a "
+                             "dotted path 'package.module.callable' to your own reward.")
+    weight: float = opt(1.0, "Weight of this reward in the total (rewards are summed with their weights).")
+    path: Optional[str] = opt(None, "learned: the reward checkpoint folder.")
+    device: str = opt("auto", "learned: 'auto' (CUDA when available), 'cpu' or 'cuda'.")
+    batch_size: int = opt(64, "learned: (audio, hypothesis) pairs scored per forward pass.")
+    kwargs: Dict[str, Any] = opt(factory=dict, help="Dotted-path rewards: keyword arguments for the callable "
+                                                    "(or the class constructor).")
+
+    def __post_init__(self) -> None:
+        if self.name == "learned" and not self.path:
+            raise ConfigError("rewards: a 'learned' reward needs 'path' (the reward checkpoint folder)")
+        if self.name not in ("cer", "wer", "learned") and "." not in self.name:
+            raise ConfigError(f"rewards: unknown reward name {self.name!r}; use cer, wer, learned or a dotted "
+                              "path such as mypackage.rewards.my_reward")
+        _check_choice("rewards[].device", self.device, ("auto", "cpu", "cuda"))
+        _check_positive("rewards[].batch_size", self.batch_size)
+
+    @property
+    def label(self) -> str:
+        """Short name used in metric names: reward/<label>/mean."""
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = opt("rloo", "Preset: reinforce | rloo | grpo | ppo. It fills every key below left at null.")
+    num_samples: int = opt(8, "K: hypotheses sampled per utterance from one encoder pass.")
+    temperature: float = opt(1.0, "Sampling temperature tau; the policy is softmax(logits / tau), for the "
+                                  "rollout, the update and the reference alike.")
+    advantage: Optional[str] = opt(None, "rloo | group | self_critical | none (null: the preset's).")
+    scale_by_std: Optional[bool] = opt(None, "group advantage: divide by the group's reward std (null: preset).")
+    whiten_advantages: bool = opt(False, "Whiten advantages over the whole batch after the group baseline.")
+    policy_loss: Optional[str] = opt(None, "reinforce (-A log pi) | clipped (PPO surrogate) (null: preset).")
+    ppo_epochs: Optional[int] = opt(None, "Update passes over each rollout (null: preset; >1 needs 'clipped').")
+    clip_eps: float = opt(0.2, "PPO clipping epsilon.")
+    kl_coef: float = opt(0.01, "beta: weight of the KL to the frozen reference policy; 0 loads no reference.")
+    kl_estimator: Optional[str] = opt(None, "exact (sum of per-frame KLs) | k1 | k3 (sequence-level, on sampled "
+                                            "hypotheses) (null: preset).")
+    kl_in_reward: Optional[bool] = opt(None, "Fold -beta*KL into each sample's reward (RLOO/PPO style) instead of "
+                                             "adding beta*KL to the loss (null: preset).")
+    kl_reduction: str = opt("sum", "'sum': KL summed over frames; 'mean': divided by the number of frames "
+                                   "(a gentler, length-independent penalty).")
+    entropy_coef: float = opt(0.0, "Weight of the per-frame entropy bonus (subtracted from the loss).")
+    supervised_coef: float = opt(0.0, "lambda: weight of a supervised CTC loss on references when the batch has "
+                                      "them (0: pure RL).")
+
+    def __post_init__(self) -> None:
+        _check_choice("algorithm.name", self.name, ALGORITHM_NAMES)
+        _check_choice("algorithm.kl_reduction", self.kl_reduction, ("sum", "mean"))
+        _check_positive("algorithm.num_samples", self.num_samples)
+        _check_positive("algorithm.temperature", self.temperature)
+        _check_positive("algorithm.clip_eps", self.clip_eps)
+        for key in ("kl_coef", "entropy_coef", "supervised_coef"):
+            _check_positive(f"algorithm.{key}", getattr(self, key), allow_zero=True)
+
+    def finalize(self) -> None:
+        """Fill the keys left at null from the preset, then check the rules between keys.
+
+        Separate from ``__post_init__`` because OmegaConf instantiates the schema's defaults.
+        """
+        from rlnf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PRESETS
+
+        for key, value in PRESETS[self.name].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        _check_choice("algorithm.advantage", self.advantage, ADVANTAGE_ESTIMATORS)
+        _check_choice("algorithm.policy_loss", self.policy_loss, POLICY_LOSSES)
+        _check_choice("algorithm.kl_estimator", self.kl_estimator, ("exact", "k1", "k3"))
+        _check_positive("algorithm.ppo_epochs", self.ppo_epochs)
+        if self.advantage in ("rloo", "group") and self.num_samples < 2:
+            raise ConfigError(f"algorithm.advantage={self.advantage} needs algorithm.num_samples >= 2")
+        if self.ppo_epochs > 1 and self.policy_loss != "clipped":
+            raise ConfigError("algorithm.ppo_epochs > 1 re-uses each rollout, which needs "
+                              "algorithm.policy_loss=clipped (the unclipped loss would be off-policy)")
+        if not self.kl_in_reward and self.kl_estimator == "k1" and self.kl_coef > 0:
+            raise ConfigError("algorithm.kl_estimator=k1 as a loss term has zero expected gradient; use exact or k3 "
+                              "in the loss, or set algorithm.kl_in_reward=true")
+        if self.kl_in_reward and self.kl_estimator == "exact" and self.kl_coef > 0:
+            raise ConfigError("algorithm.kl_in_reward=true needs kl_estimator k1 or k3: the exact KL is the same "
+                              "for all K samples of an utterance, so it cancels in the group baseline")
+
+
+# --------------------------------------------------------------------------------------------
+# Recipe configurations
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RLFinetuneConfig:
+    """`rlnf run rl_finetune`: RL fine-tuning of a CTC policy against one or more rewards."""
+
+    output_dir: str = opt(MISSING, "Run folder: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/, "
+                                   "summary.json.")
+    resume: bool = opt(False, "Continue the run in output_dir from its last trainer state.")
+    policy: PolicyConfig = opt(factory=PolicyConfig, help="The policy to fine-tune.")
+    data: DataConfig = opt(factory=DataConfig, help="Training and validation data.")
+    trainer: TrainerConfig = opt(factory=TrainerConfig, help="Optimisation, logging and checkpointing.")
+    algorithm: AlgorithmConfig = opt(factory=AlgorithmConfig, help="The RL algorithm.")
+    rewards: List[RewardSpec] = opt(factory=lambda: [RewardSpec(name="cer")],
+                                    help="Rewards summed with their weights (default: 1 - CER).")
+
+    def __post_init__(self) -> None:
+        if not self.rewards:
+            raise ConfigError("rewards: give at least one reward (e.g. rewards=[{name: cer}])")
+        labels = [spec.label for spec in self.rewards]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"rewards: two rewards share a name ({labels}); metric names would collide")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    message = str(exc).split("\n")[0]
+    return f"{key}: {message}" if key else message
+
+
+def load_config(schema: type, config_path: str | os.PathLike | None, overrides: List[str] | None = None) -> Any:
+    """Merge ``config_path`` (YAML) and ``key=value`` overrides onto ``schema`` and validate.
+
+    Returns an instance of ``schema``. Raises ``ConfigError`` naming the offending key.
+    """
+    base = OmegaConf.structured(schema)
+    layers = [base]
+    if config_path is not None:
+        config_path = Path(config_path)
+        if not config_path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        try:
+            layers.append(OmegaConf.load(config_path))
+        except Exception as exc:  # YAML syntax errors
+            raise ConfigError(f"{config_path}: cannot parse YAML: {exc}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+    except ConfigKeyError as exc:
+        raise ConfigError(f"unknown config key {_describe(exc)}") from None
+    except (ValidationError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"bad config value {_describe(exc)}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
+    try:
+        config = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"required config key not set: {_describe(exc)}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"bad config value {_describe(exc)}") from None
+    return finalize_config(config)
+
+
+def finalize_config(config: Any) -> Any:
+    """Call ``finalize()`` on every nested config section that has one (idempotent); returns ``config``."""
+    if dataclasses.is_dataclass(config):
+        for f in dataclasses.fields(config):
+            finalize_config(getattr(config, f.name))
+        if hasattr(config, "finalize"):
+            config.finalize()
+    elif isinstance(config, list):
+        for item in config:
+            finalize_config(item)
+    return config
+
+
+def to_yaml(config: Any) -> str:
+    """The resolved configuration as YAML (what a run writes to config.yaml)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def iter_keys(schema: type, prefix: str = "") -> List[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf key of a schema, for docs and `rlnf config`."""
+    rows: List[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING)
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or (
+                dataclasses.is_dataclass(default) and not isinstance(default, type)):
+            rows.extend(iter_keys(type(default), prefix=f"{key}."))
+        else:
+            if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+                default = [dataclasses.asdict(item) for item in default]
+            rows.append((key, "(required)" if default is MISSING else default, f.metadata.get("help", "")))
+    return rows
+
+
+TRAINER_STATE = "checkpoints/trainer_state.pt"
+
+
+def check_output_dir(output_dir: str, resume: bool) -> Path:
+    """Fail early when the run folder is unwritable, or already holds a run and resume is false."""
+    path = Path(output_dir).expanduser().resolve()
+    if not resume and (path / TRAINER_STATE).exists():
+        raise ConfigError(f"output_dir={output_dir!r} already holds a run ({TRAINER_STATE}); set resume=true to "
+                          "continue it, or choose another output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".rlnf_write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output_dir={output_dir!r} is not writable: {exc.strerror}") from None
+    return path
+
+
+def as_dictconfig(config: Any) -> DictConfig:
+    return OmegaConf.structured(config)

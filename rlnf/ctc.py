@@ -1,0 +1,206 @@
+"""Pure CTC functions: sampling, collapsing, sequence log-probabilities, KL and entropy.
+
+A CTC model outputs, for every encoder frame t, a categorical distribution over the
+vocabulary plus a blank. An *alignment* a = (a_1..a_T) is one label per frame; the output
+distribution over alignments is the product of the per-frame categoricals. A *hypothesis* y
+is what remains after collapsing an alignment (merge repeats, then drop blanks), and
+
+    log p(y | x) = log sum_{a : collapse(a) = y} prod_t p_t(a_t)
+
+which is exactly minus the CTC loss of y on the same log-probs.
+
+Shapes used throughout:
+    B  utterances, K samples per utterance, T frames, V classes (labels + blank), L labels
+    log_probs    [B, T, V]  log-softmax outputs (frames past encoded_len are padding)
+    encoded_len  [B]        number of valid frames per utterance (may be < log_probs.shape[1])
+
+Frames at t >= encoded_len are ignored everywhere: NeMo decoders can emit more frames than
+``encoded_len`` (padding to a multiple of 16), and those frames carry no meaning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "apply_temperature",
+    "frame_mask",
+    "sample_alignments",
+    "greedy_alignments",
+    "collapse_alignments",
+    "sequence_log_probs",
+    "exact_kl",
+    "kl_k1",
+    "kl_k3",
+    "frame_entropy",
+]
+
+
+def apply_temperature(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Re-normalised log-probs of softmax(logits / temperature).
+
+    ``log_probs`` [..., V] are already log-softmaxed; dividing them by the temperature and
+    re-normalising gives the same result as applying the temperature to the raw logits.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if temperature == 1.0:
+        return log_probs
+    return torch.log_softmax(log_probs / temperature, dim=-1)
+
+
+def frame_mask(encoded_len: torch.Tensor, max_frames: int) -> torch.Tensor:
+    """Boolean mask [B, T]: True where frame t < encoded_len[b]."""
+    frames = torch.arange(max_frames, device=encoded_len.device)
+    return frames.unsqueeze(0) < encoded_len.unsqueeze(1)
+
+
+def sample_alignments(
+    log_probs: torch.Tensor,
+    encoded_len: torch.Tensor,
+    num_samples: int,
+    blank_id: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw ``num_samples`` alignments per utterance from the per-frame categoricals.
+
+    All samples come from one set of log-probs (one encoder pass), in one vectorised call.
+
+    Args:
+        log_probs: [B, T, V] log-probabilities (temperature already applied).
+        encoded_len: [B] valid frames.
+        num_samples: K.
+        blank_id: index written at padded frames.
+        generator: optional torch.Generator for reproducible sampling.
+    Returns:
+        alignments: [B, K, T] int64; frames t >= encoded_len[b] hold ``blank_id``.
+    """
+    batch, frames, vocab = log_probs.shape
+    probs = log_probs.detach().float().exp().reshape(batch * frames, vocab)
+    draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+    alignments = draws.reshape(batch, frames, num_samples).permute(0, 2, 1)
+    valid = frame_mask(encoded_len, frames).unsqueeze(1)  # [B, 1, T]
+    return torch.where(valid, alignments, torch.full_like(alignments, blank_id))
+
+
+def greedy_alignments(log_probs: torch.Tensor, encoded_len: torch.Tensor, blank_id: int) -> torch.Tensor:
+    """Most likely label per frame: [B, T], ``blank_id`` past encoded_len."""
+    best = log_probs.argmax(dim=-1)
+    valid = frame_mask(encoded_len, log_probs.shape[1])
+    return torch.where(valid, best, torch.full_like(best, blank_id))
+
+
+def collapse_alignments(alignments: torch.Tensor, blank_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collapse CTC alignments: merge repeated labels, then drop blanks.
+
+    ``a a _ a b b`` -> ``a a b`` (a blank between two equal labels keeps both).
+    Vectorised: no Python loop over frames or hypotheses.
+
+    Args:
+        alignments: [N, T] int64 (padding frames must already be ``blank_id``).
+    Returns:
+        labels: [N, L] int64, padded with 0 past each length (L >= 1 so empty batches still work).
+        label_len: [N] int64.
+    """
+    if alignments.dim() != 2:
+        raise ValueError(f"alignments must be [N, T], got shape {tuple(alignments.shape)}")
+    previous = F.pad(alignments[:, :-1], (1, 0), value=blank_id)
+    keep = (alignments != blank_id) & (alignments != previous)
+    label_len = keep.sum(dim=1)
+    max_len = max(int(label_len.max().item()) if label_len.numel() else 0, 1)
+    # A stable sort of "not kept" puts kept frames first, in their original order.
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :max_len]
+    labels = torch.gather(alignments, 1, order)
+    positions = torch.arange(max_len, device=alignments.device).unsqueeze(0)
+    labels = torch.where(positions < label_len.unsqueeze(1), labels, torch.zeros_like(labels))
+    return labels, label_len
+
+
+def sequence_log_probs(
+    log_probs: torch.Tensor,
+    encoded_len: torch.Tensor,
+    labels: torch.Tensor,
+    label_len: torch.Tensor,
+    blank_id: int,
+) -> torch.Tensor:
+    """log p(y | x) of K hypotheses per utterance, marginalised over all CTC alignments.
+
+    Computed as minus the CTC loss, for all B*K hypotheses in one ``F.ctc_loss`` call. The
+    per-utterance log-probs are broadcast to the K hypotheses with ``expand`` (gradients flow
+    back into the single copy). Infeasible hypotheses (more labels than frames allow) get -inf.
+
+    Args:
+        log_probs: [B, T, V] (temperature applied; may require grad).
+        encoded_len: [B].
+        labels: [B, K, L] int64.
+        label_len: [B, K] int64.
+    Returns:
+        [B, K] float32 log-probabilities.
+    """
+    batch, frames, vocab = log_probs.shape
+    num_samples = labels.shape[1]
+    # ctc_loss wants [T, N, V]; N = B*K with the K copies of utterance b adjacent.
+    expanded = log_probs.float().transpose(0, 1).unsqueeze(2).expand(frames, batch, num_samples, vocab)
+    expanded = expanded.reshape(frames, batch * num_samples, vocab)
+    input_lengths = encoded_len.repeat_interleave(num_samples)
+    targets = labels.reshape(batch * num_samples, -1)
+    if targets.shape[1] == 0:
+        targets = F.pad(targets, (0, 1))
+    nll = F.ctc_loss(
+        expanded,
+        targets,
+        input_lengths,
+        label_len.reshape(-1),
+        blank=blank_id,
+        reduction="none",
+        zero_infinity=False,
+    )
+    return -nll.reshape(batch, num_samples)
+
+
+def exact_kl(
+    log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor,
+    encoded_len: torch.Tensor,
+) -> torch.Tensor:
+    """Exact KL(pi || pi_ref) over alignments, per utterance.
+
+    The alignment distribution is a product of per-frame categoricals, so its KL is the sum of
+    the per-frame KLs: sum_t sum_v p_t(v) (log p_t(v) - log q_t(v)), over valid frames only.
+
+    Args:
+        log_probs, ref_log_probs: [B, T, V].
+        encoded_len: [B].
+    Returns:
+        [B] KL in nats (differentiable w.r.t. ``log_probs``).
+    """
+    log_p = log_probs.float()
+    p = log_p.exp()
+    # 0 * log(0/q) = 0: guard frames where p underflowed to 0 (log_p = -inf would give NaN).
+    terms = torch.where(p > 0, p * (log_p - ref_log_probs.float()), torch.zeros_like(p))
+    per_frame = terms.sum(dim=-1)  # [B, T]
+    return (per_frame * frame_mask(encoded_len, log_probs.shape[1])).sum(dim=1)
+
+
+def kl_k1(seq_log_probs: torch.Tensor, ref_seq_log_probs: torch.Tensor) -> torch.Tensor:
+    """k1 estimator of KL(pi || pi_ref) from samples y ~ pi: log pi(y) - log pi_ref(y). [B, K]."""
+    return seq_log_probs - ref_seq_log_probs
+
+
+def kl_k3(seq_log_probs: torch.Tensor, ref_seq_log_probs: torch.Tensor) -> torch.Tensor:
+    """k3 estimator (Schulman, "Approximating KL divergence"): (r - 1) - log r, r = pi_ref(y)/pi(y).
+
+    Unbiased and always >= 0. [B, K]. The log-ratio is clamped to avoid overflow in exp.
+    """
+    log_ratio = (ref_seq_log_probs - seq_log_probs).clamp(min=-20.0, max=20.0)
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def frame_entropy(log_probs: torch.Tensor, encoded_len: torch.Tensor) -> torch.Tensor:
+    """Mean per-frame entropy of each utterance, in nats: [B]."""
+    log_p = log_probs.float()
+    p = log_p.exp()
+    per_frame = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1)
+    mask = frame_mask(encoded_len, log_probs.shape[1])
+    return (per_frame * mask).sum(dim=1) / encoded_len.clamp(min=1).to(per_frame.dtype)

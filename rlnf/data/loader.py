@@ -1,0 +1,157 @@
+"""Batches of audio for the recipes: length-bucketed, seeded, resumable.
+
+``bucketed_batches`` is a pure function of (durations, seed, epoch), so a resumed run rebuilds
+the same epoch and skips the batches it already consumed: the data position is (epoch, batch).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from rlnf.data.audio import load_audio
+from rlnf.data.manifest import Utterance
+from rlnf.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AudioBatch:
+    """A padded batch. audio [B, S] float32, audio_len [B] int64 (samples)."""
+
+    audio: torch.Tensor
+    audio_len: torch.Tensor
+    utterances: list[Utterance]
+
+    @property
+    def references(self) -> list[str | None]:
+        return [u.text for u in self.utterances]
+
+    def to(self, device: torch.device) -> "AudioBatch":
+        non_blocking = device.type == "cuda"
+        return AudioBatch(self.audio.to(device, non_blocking=non_blocking),
+                          self.audio_len.to(device, non_blocking=non_blocking), self.utterances)
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+
+def bucketed_batches(
+    durations: Sequence[float],
+    batch_size: int,
+    bucket_size: int = 16,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+) -> list[list[int]]:
+    """Split indices into batches of similar duration.
+
+    Indices are shuffled (seeded by ``seed`` and ``epoch``), cut into buckets of
+    ``batch_size * bucket_size``, each bucket is sorted by duration and cut into batches, and the
+    batch order is shuffled. The last batch may be smaller.
+    """
+    count = len(durations)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(count) if shuffle else np.arange(count)
+    chunk = batch_size * bucket_size
+    batches: list[list[int]] = []
+    for start in range(0, count, chunk):
+        bucket = order[start:start + chunk]
+        if bucket_size > 1:
+            bucket = bucket[np.argsort([durations[i] for i in bucket], kind="stable")]
+        batches.extend(bucket[i:i + batch_size].tolist() for i in range(0, len(bucket), batch_size))
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """Loads utterances as mono float32 at ``sample_rate``. Bad audio -> DataError or None (skip)."""
+
+    def __init__(self, utterances: list[Utterance], sample_rate: int, skip_bad: bool = False):
+        self.utterances = utterances
+        self.sample_rate = sample_rate
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, Utterance] | None:
+        utterance = self.utterances[index]
+        try:
+            return load_audio(utterance.audio_filepath, self.sample_rate), utterance
+        except DataError as exc:
+            if self.skip_bad:
+                log.warning("skipping %s: %s", utterance.where, exc)
+                return None
+            raise DataError(f"{utterance.where}: {exc}") from None
+
+
+def collate(items: list[tuple[np.ndarray, Utterance] | None]) -> AudioBatch | None:
+    """Pad waveforms to the longest in the batch. Skipped items (None) are dropped."""
+    items = [item for item in items if item is not None]
+    if not items:
+        return None
+    lengths = torch.tensor([len(audio) for audio, _ in items], dtype=torch.long)
+    audio = torch.zeros(len(items), int(lengths.max()), dtype=torch.float32)
+    for row, (samples, _) in enumerate(items):
+        audio[row, :len(samples)] = torch.from_numpy(samples)
+    return AudioBatch(audio=audio, audio_len=lengths, utterances=[u for _, u in items])
+
+
+class TrainStream:
+    """Endless stream of training batches, epoch after epoch, positioned by (epoch, batch)."""
+
+    def __init__(self, dataset: AudioDataset, batch_size: int, bucket_size: int, shuffle: bool, seed: int,
+                 num_workers: int = 0, pin_memory: bool = False):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.bucket_size = bucket_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.skipped = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.skipped = state.get("skipped", 0)
+
+    def _epoch_batches(self) -> list[list[int]]:
+        durations = [u.duration for u in self.dataset.utterances]
+        return bucketed_batches(durations, self.batch_size, self.bucket_size, self.shuffle, self.seed, self.epoch)
+
+    def __iter__(self) -> Iterator[AudioBatch]:
+        while True:
+            batches = self._epoch_batches()[self.batch_in_epoch:]
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
+                                                 num_workers=self.num_workers, pin_memory=self.pin_memory)
+            for batch in loader:
+                self.batch_in_epoch += 1
+                if batch is None:  # every utterance of the batch was unreadable and skip_bad is on
+                    self.skipped += 1
+                    continue
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+
+def eval_batches(dataset: AudioDataset, batch_size: int, num_workers: int = 0) -> Iterator[AudioBatch]:
+    """Validation batches in a fixed, duration-sorted order (no shuffling)."""
+    durations = [u.duration for u in dataset.utterances]
+    batches = bucketed_batches(durations, batch_size, bucket_size=max(1, len(durations)), shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                         num_workers=num_workers)
+    for batch in loader:
+        if batch is not None:
+            yield batch

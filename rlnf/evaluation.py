@@ -1,0 +1,53 @@
+"""Greedy evaluation of a CTC policy: transcripts, corpus WER/CER and mean reward."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlnf.data.loader import AudioDataset, eval_batches
+from rlnf.metrics import corpus_error_rate
+from rlnf.rewards import RewardInputs, RewardSet
+
+
+@dataclass
+class EvalResult:
+    """metrics: wer, cer (when every utterance has a reference), reward (when rewards are given and
+    usable), n. rows: one dict per utterance with audio_filepath, text (reference) and pred_text."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate_policy(policy, dataset: AudioDataset, batch_size: int, device: torch.device,
+                    rewards: RewardSet | None = None, autocast=None) -> EvalResult:
+    autocast = autocast or contextlib.nullcontext
+    policy.set_mode("eval")
+    references: list[str | None] = []
+    hypotheses: list[str] = []
+    reward_values: list[float] = []
+    rows: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        for batch in eval_batches(dataset, batch_size):
+            batch = batch.to(device)
+            with autocast():
+                log_probs, encoded_len = policy.forward(batch.audio, batch.audio_len)
+            texts = [group[0] for group in policy.greedy(log_probs.float(), encoded_len).texts]
+            if rewards is not None and (not rewards.needs_references or all(r is not None for r in batch.references)):
+                inputs = RewardInputs(batch.audio, batch.audio_len, policy.sample_rate, [[t] for t in texts],
+                                      batch.references, [u.fields for u in batch.utterances])
+                reward_values.extend(rewards(inputs)[0][:, 0].tolist())
+            for utterance, text in zip(batch.utterances, texts):
+                rows.append({"audio_filepath": utterance.audio_filepath, "text": utterance.text, "pred_text": text})
+            references.extend(batch.references)
+            hypotheses.extend(texts)
+    metrics: dict[str, float] = {"n": float(len(hypotheses))}
+    if references and all(r is not None for r in references):
+        metrics["wer"] = corpus_error_rate(references, hypotheses, "word")
+        metrics["cer"] = corpus_error_rate(references, hypotheses, "char")
+    if reward_values and len(reward_values) == len(hypotheses):
+        metrics["reward"] = sum(reward_values) / len(reward_values)
+    return EvalResult(metrics=metrics, rows=rows)

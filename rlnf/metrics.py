@@ -1,0 +1,45 @@
+"""Error rates with rapidfuzz's Levenshtein distance (C++), on characters or on words.
+
+Texts are compared after whitespace normalisation (runs of spaces collapse, ends are trimmed).
+Corpus rates are total edits / total reference length, as NeMo and jiwer compute them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from rapidfuzz.distance import Levenshtein
+
+
+def normalize_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
+def char_edits(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(edit distance over characters, reference length in characters)."""
+    reference, hypothesis = normalize_whitespace(reference), normalize_whitespace(hypothesis)
+    return Levenshtein.distance(reference, hypothesis), len(reference)
+
+
+def word_edits(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(edit distance over words, reference length in words)."""
+    reference_words, hypothesis_words = reference.split(), hypothesis.split()
+    return Levenshtein.distance(reference_words, hypothesis_words), len(reference_words)
+
+
+def error_rate(reference: str, hypothesis: str, unit: str) -> float:
+    """Per-utterance CER or WER. An empty reference gives 0 for an empty hypothesis, else 1."""
+    edits, length = (char_edits if unit == "char" else word_edits)(reference, hypothesis)
+    if length == 0:
+        return 0.0 if edits == 0 else 1.0
+    return edits / length
+
+
+def corpus_error_rate(references: Sequence[str], hypotheses: Sequence[str], unit: str) -> float:
+    """Total edits / total reference length over a corpus ('char' -> CER, 'word' -> WER)."""
+    count = char_edits if unit == "char" else word_edits
+    edits = length = 0
+    for reference, hypothesis in zip(references, hypotheses, strict=True):
+        e, n = count(reference, hypothesis)
+        edits, length = edits + e, length + n
+    return edits / max(length, 1)

@@ -1,0 +1,200 @@
+"""The CTC policy: a NeMo CTC model (characters or BPE) seen as a distribution over transcripts.
+
+One encoder pass per batch gives per-frame log-probs [B, T, V]; K hypotheses per utterance are
+sampled from them (``rlnf.ctc``), never by re-running the encoder on K copies of the audio.
+
+Modes (see ``set_mode``): rollouts always run with dropout, SpecAugment and dither off and
+BatchNorm on running statistics; the update does the same by default (``batchnorm: frozen``),
+so the log-probs of the rollout, the update and the reference are comparable.
+"""
+
+from __future__ import annotations
+
+import logging
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rlnf import ctc
+from rlnf.errors import CheckpointError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Samples:
+    """K hypotheses per utterance drawn from one set of log-probs.
+
+    labels [B, K, L], label_len [B, K], texts [B][K].
+    """
+
+    labels: torch.Tensor
+    label_len: torch.Tensor
+    texts: list[list[str]]
+    blank_ratio: float = 0.0  # share of valid sampled frames that were blank
+
+
+def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu"):
+    """Restore a NeMo ASR model from a .nemo file, or download a pretrained one by name."""
+    from nemo.collections.asr.models import ASRModel
+
+    from rlnf.checkpoint import check_nemo_archive
+
+    candidate = Path(path_or_name).expanduser()
+    if candidate.suffix == ".nemo" or candidate.exists():
+        if not candidate.is_file():
+            raise CheckpointError(f"policy checkpoint not found: {path_or_name}")
+        check_nemo_archive(candidate)
+        try:
+            return ASRModel.restore_from(str(candidate), map_location=map_location)
+        except Exception as exc:
+            raise CheckpointError(f"cannot restore NeMo model from {candidate}: {exc}") from exc
+    try:
+        return ASRModel.from_pretrained(path_or_name, map_location=map_location)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load pretrained model {path_or_name!r} (is it a local path? a name needs "
+                              f"network access): {exc}") from exc
+
+
+class CTCPolicy:
+    """Wraps a NeMo ``EncDecCTCModel`` or ``EncDecCTCModelBPE``."""
+
+    def __init__(self, model):
+        from nemo.collections.asr.models import EncDecCTCModel
+
+        if not isinstance(model, EncDecCTCModel):
+            raise CheckpointError(f"{type(model).__name__} is not a CTC model (EncDecCTCModel or "
+                                  "EncDecCTCModelBPE)")
+        self.model = model
+        self.tokenizer = getattr(model, "tokenizer", None)
+        self.blank_id = int(model.decoder.num_classes_with_blank) - 1
+        self.sample_rate = int(model.cfg.preprocessor.sample_rate)
+        self.vocabulary: list[str] = list(model.decoder.vocabulary)
+        self._char_to_id = {char: index for index, char in enumerate(self.vocabulary)}
+
+    @classmethod
+    def load(cls, path_or_name: str, device: torch.device | str = "cpu") -> "CTCPolicy":
+        policy = cls(load_nemo_model(path_or_name, map_location=device))
+        policy.model.to(device)
+        return policy
+
+    # ------------------------------------------------------------------ modes and parameters
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def set_mode(self, mode: str, batchnorm: str = "frozen", dropout: bool = False) -> None:
+        """'rollout' or 'eval': everything in eval mode. 'update': eval mode, except BatchNorm when
+        ``batchnorm == 'train'`` and dropout when ``dropout``. SpecAugment and dither stay off
+        (NeMo applies them only to modules in train mode)."""
+        self.model.eval()
+        if mode == "update":
+            for module in self.model.encoder.modules():
+                if batchnorm == "train" and isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.train()
+                if dropout and isinstance(module, torch.nn.Dropout):
+                    module.train()
+        elif mode not in ("rollout", "eval"):
+            raise ValueError(f"unknown mode {mode!r}")
+
+    def freeze(self) -> "CTCPolicy":
+        """Make this a frozen reference: eval mode, no gradients."""
+        self.model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        return self
+
+    # ------------------------------------------------------------------ forward and sampling
+    def forward(self, audio: torch.Tensor, audio_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One encoder pass. Returns log_probs [B, T, V] (T = max encoded_len) and encoded_len [B]."""
+        log_probs, encoded_len, _ = self.model(input_signal=audio, input_signal_length=audio_len)
+        # The decoder may emit padding frames past encoded_len (pad_to); they are never used.
+        return log_probs[:, : int(encoded_len.max())], encoded_len
+
+    def sample(self, log_probs: torch.Tensor, encoded_len: torch.Tensor, num_samples: int,
+               generator: torch.Generator | None = None) -> Samples:
+        """K hypotheses per utterance from (temperature-scaled) log-probs; no gradients."""
+        batch = log_probs.shape[0]
+        alignments = ctc.sample_alignments(log_probs, encoded_len, num_samples, self.blank_id, generator)
+        labels, label_len = ctc.collapse_alignments(alignments.reshape(batch * num_samples, -1), self.blank_id)
+        texts = self.decode(labels, label_len)
+        valid = ctc.frame_mask(encoded_len, log_probs.shape[1]).unsqueeze(1).expand_as(alignments)
+        blank_ratio = float((alignments == self.blank_id)[valid].float().mean()) if valid.any() else 0.0
+        return Samples(labels=labels.reshape(batch, num_samples, -1), label_len=label_len.reshape(batch, num_samples),
+                       texts=[texts[b * num_samples:(b + 1) * num_samples] for b in range(batch)],
+                       blank_ratio=blank_ratio)
+
+    def greedy(self, log_probs: torch.Tensor, encoded_len: torch.Tensor) -> Samples:
+        """The most likely alignment's transcript per utterance (K = 1)."""
+        alignments = ctc.greedy_alignments(log_probs, encoded_len, self.blank_id)
+        labels, label_len = ctc.collapse_alignments(alignments, self.blank_id)
+        texts = self.decode(labels, label_len)
+        return Samples(labels=labels.unsqueeze(1), label_len=label_len.unsqueeze(1), texts=[[t] for t in texts])
+
+    @torch.inference_mode()
+    def transcribe(self, audio: torch.Tensor, audio_len: torch.Tensor) -> list[str]:
+        """Greedy transcripts of a padded batch (eval mode is the caller's responsibility)."""
+        log_probs, encoded_len = self.forward(audio, audio_len)
+        return [texts[0] for texts in self.greedy(log_probs, encoded_len).texts]
+
+    # ------------------------------------------------------------------ text <-> labels
+    def decode(self, labels: torch.Tensor, label_len: torch.Tensor) -> list[str]:
+        """Label ids [N, L] with lengths [N] -> N strings."""
+        rows = labels.tolist()
+        lengths = label_len.tolist()
+        if self.tokenizer is not None:
+            return [self.tokenizer.ids_to_text(row[:n]) if n else "" for row, n in zip(rows, lengths)]
+        vocabulary = self.vocabulary
+        return ["".join(vocabulary[i] for i in row[:n]) for row, n in zip(rows, lengths)]
+
+    def normalize_text(self, text: str, lowercase: bool = True) -> str:
+        text = unicodedata.normalize("NFC", text)
+        text = text.lower() if lowercase else text
+        return " ".join(text.split())
+
+    def encode_text(self, text: str, oov: str = "error", where: str = "", lowercase: bool = True) -> list[int] | None:
+        """Reference text -> label ids for a CTC target.
+
+        Characters the vocabulary lacks are never dropped silently: ``oov='error'`` raises a
+        DataError naming ``where`` and the characters; 'skip' returns None (the caller counts it);
+        'drop' removes them with a warning.
+        """
+        text = self.normalize_text(text, lowercase)
+        if self.tokenizer is not None:
+            ids = list(self.tokenizer.text_to_ids(text))
+            unk = getattr(self.tokenizer, "unk_id", None)
+            if unk is None or unk not in ids:
+                return ids
+            bad = sorted({word for word in text.split() if unk in self.tokenizer.text_to_ids(word)})
+        else:
+            bad = sorted({char for char in text if char not in self._char_to_id})
+            if not bad:
+                return [self._char_to_id[char] for char in text]
+        if oov == "error":
+            raise DataError(f"{where}: characters outside the policy's vocabulary: {bad!r} (set data.oov=skip or "
+                            "data.oov=drop to handle them)")
+        if oov == "skip":
+            return None
+        log.warning("%s: dropping characters outside the policy's vocabulary: %r", where, bad)
+        if self.tokenizer is not None:
+            return [i for i in self.tokenizer.text_to_ids(text) if i != getattr(self.tokenizer, "unk_id", None)]
+        return [self._char_to_id[char] for char in text if char in self._char_to_id]
+
+    def save(self, path: str | Path) -> None:
+        """Write a .nemo atomically."""
+        from rlnf.io import atomic_save
+
+        atomic_save(path, lambda tmp: self.model.save_to(str(tmp)))
+
+
+def labels_to_padded(sequences: Sequence[Sequence[int]], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of label-id lists -> (labels [N, L] zero-padded, label_len [N])."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    labels = torch.zeros(len(sequences), max(1, int(lengths.max()) if len(sequences) else 1), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            labels[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return (labels.to(device), lengths.to(device)) if device is not None else (labels, lengths)

@@ -1,0 +1,177 @@
+"""Rewards: map (audio, K hypotheses per utterance, optional references) to scores in [0, 1].
+
+The contract (also in the README, "Plugging in a reward"):
+
+    reward(inputs: RewardInputs) -> array-like [B, K] of floats in [0, 1]
+
+``RewardInputs`` carries the padded audio at the policy's sample rate, the hypotheses grouped
+per utterance, the references (None where a manifest row has no text) and the manifest rows.
+A reward that needs references sets ``needs_references = True``. Any callable can be named in a
+config by its dotted path; a class is instantiated with the config's ``kwargs``.
+
+Built-ins: ``cer`` (1 - CER), ``wer`` (1 - WER), ``learned`` (a reward-model checkpoint).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rlnf.errors import ConfigError, RewardError
+from rlnf.metrics import error_rate
+
+
+@dataclass
+class RewardInputs:
+    """What a reward sees. audio [B, S] float32 at ``sample_rate``; audio_len [B] in samples."""
+
+    audio: torch.Tensor
+    audio_len: torch.Tensor
+    sample_rate: int
+    hypotheses: list[list[str]]
+    references: list[str | None]
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.hypotheses)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.hypotheses[0]) if self.hypotheses else 0
+
+
+class ErrorRateReward:
+    """1 - error rate (clipped at 0) of each hypothesis against its utterance's reference."""
+
+    needs_references = True
+
+    def __init__(self, unit: str):
+        self.unit = unit
+        self.name = "cer" if unit == "char" else "wer"
+
+    def __call__(self, inputs: RewardInputs) -> torch.Tensor:
+        scores = [[max(0.0, 1.0 - error_rate(reference, hypothesis, self.unit)) for hypothesis in group]
+                  for group, reference in zip(inputs.hypotheses, inputs.references)]
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+def check_scores(name: str, scores: Any, batch_size: int, num_samples: int) -> torch.Tensor:
+    """Validate a reward's output: shape [B, K], finite, within [0, 1]. Returns float32 [B, K] on CPU."""
+    try:
+        values = torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
+    except Exception as exc:
+        raise RewardError(f"reward '{name}' returned something that is not a [B, K] array of numbers: {exc}") from None
+    if values.shape != (batch_size, num_samples):
+        raise RewardError(f"reward '{name}' returned shape {tuple(values.shape)}; expected "
+                          f"[{batch_size}, {num_samples}] (one score per hypothesis)")
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise RewardError(f"reward '{name}' returned {bad} NaN/infinite score(s)")
+    tolerance = 1e-5
+    if values.min() < -tolerance or values.max() > 1 + tolerance:
+        raise RewardError(f"reward '{name}' returned scores outside [0, 1] (min {values.min():.4g}, "
+                          f"max {values.max():.4g}); rescale it")
+    return values.clamp(0.0, 1.0)
+
+
+def import_object(dotted_path: str) -> Any:
+    """'package.module.attribute' -> the attribute. Runs the module's code: only name code you trust."""
+    module_name, _, attribute = dotted_path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"rewards: cannot import module {module_name!r} for reward {dotted_path!r}: {exc}") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ConfigError(f"rewards: module {module_name!r} has no attribute {attribute!r}") from None
+
+
+class CallableReward:
+    """A user reward named by dotted path; functions get ``kwargs`` at call time."""
+
+    def __init__(self, dotted_path: str, kwargs: dict[str, Any]):
+        target = import_object(dotted_path)
+        self.name = dotted_path.rsplit(".", 1)[-1]
+        if isinstance(target, type):
+            self.function: Callable = target(**kwargs)
+            self.kwargs: dict[str, Any] = {}
+        elif callable(target):
+            self.function, self.kwargs = target, dict(kwargs)
+        else:
+            raise ConfigError(f"rewards: {dotted_path!r} is not callable")
+        self.needs_references = bool(getattr(self.function, "needs_references", False))
+
+    def __call__(self, inputs: RewardInputs) -> Any:
+        return self.function(inputs, **self.kwargs)
+
+
+@dataclass
+class WeightedReward:
+    label: str
+    weight: float
+    reward: Callable[[RewardInputs], Any]
+
+    @property
+    def needs_references(self) -> bool:
+        return bool(getattr(self.reward, "needs_references", False))
+
+
+class RewardSet:
+    """Several rewards summed with weights; each component is validated and reported separately."""
+
+    def __init__(self, rewards: Sequence[WeightedReward]):
+        if not rewards:
+            raise ConfigError("rewards: give at least one reward")
+        self.rewards = list(rewards)
+
+    @property
+    def needs_references(self) -> bool:
+        return any(item.needs_references for item in self.rewards)
+
+    @property
+    def labels(self) -> list[str]:
+        return [item.label for item in self.rewards]
+
+    def check_references(self, references: Sequence[str | None], where: Sequence[str]) -> None:
+        for item in self.rewards:
+            if item.needs_references:
+                for reference, location in zip(references, where):
+                    if reference is None:
+                        raise RewardError(f"reward '{item.label}' needs a reference transcript but {location} has "
+                                          "none (use a reference-free reward such as 'learned')")
+
+    def __call__(self, inputs: RewardInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns (total [B, K] = sum_i w_i r_i, {label: r_i [B, K]})."""
+        components: dict[str, torch.Tensor] = {}
+        total = torch.zeros(inputs.batch_size, inputs.num_samples)
+        for item in self.rewards:
+            scores = check_scores(item.label, item.reward(inputs), inputs.batch_size, inputs.num_samples)
+            components[item.label] = scores
+            total = total + item.weight * scores
+        return total, components
+
+
+def build_reward(spec: Any, device: torch.device | None = None) -> Callable[[RewardInputs], Any]:
+    """One reward from a ``rlnf.config.RewardSpec``."""
+    if spec.name == "cer":
+        return ErrorRateReward("char")
+    if spec.name == "wer":
+        return ErrorRateReward("word")
+    if spec.name == "learned":
+        from rlnf.rewards.learned import LearnedReward
+
+        return LearnedReward(spec.path, device=spec.device, batch_size=spec.batch_size)
+    return CallableReward(spec.name, dict(spec.kwargs))
+
+
+def build_rewards(specs: Sequence[Any]) -> RewardSet:
+    for spec in specs:
+        if not math.isfinite(spec.weight):
+            raise ConfigError(f"rewards: weight of '{spec.name}' must be finite")
+    return RewardSet([WeightedReward(spec.label, spec.weight, build_reward(spec)) for spec in specs])

@@ -1,0 +1,232 @@
+"""The RL step for CTC policies: rollout, then loss. Reads top to bottom like the README's
+"Algorithms" section; all the math lives in ``rlnf.ctc`` and ``rlnf.algorithms``.
+
+Rollout (no update yet):
+  1. one encoder pass: log-probs [B, T, V] of pi_tau = softmax(logits / tau)
+  2. sample K alignments per utterance, collapse them to hypotheses; greedy hypothesis too
+  3. log pi(y) of each hypothesis (marginal over alignments) -> old log-probs
+  4. reference policy (frozen) log-probs, when the KL coefficient is > 0
+  5. rewards of the K hypotheses (and of the greedy one for the self-critical baseline)
+  6. optionally fold -beta * KL estimate into each sample's reward
+  7. advantages from the group of K
+
+Loss (one call per update epoch):
+  policy-gradient term (REINFORCE or PPO-clipped) + beta * KL (unless folded into the reward)
+  - entropy bonus + lambda * supervised CTC on references (when configured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rlnf import algorithms, ctc
+from rlnf.data.loader import AudioBatch
+from rlnf.policy import CTCPolicy, Samples, labels_to_padded
+from rlnf.rewards import RewardInputs, RewardSet
+
+
+@dataclass
+class Rollout:
+    """Everything the update needs about one batch. Shapes: [B, K] unless noted."""
+
+    batch: AudioBatch
+    samples: Samples
+    greedy: Samples
+    encoded_len: torch.Tensor  # [B]
+    old_log_probs: torch.Tensor  # log pi_old(y), detached
+    rewards: torch.Tensor  # total task reward (weighted sum), before any KL shaping
+    reward_components: dict[str, torch.Tensor]
+    advantages: torch.Tensor
+    ref_frame_log_probs: torch.Tensor | None = None  # [B, T, V]
+    ref_seq_log_probs: torch.Tensor | None = None  # log pi_ref(y)
+    greedy_rewards: torch.Tensor | None = None  # [B]
+    frame_log_probs: torch.Tensor | None = None  # [B, T, V] with graph, when the update re-uses the rollout pass
+    raw_log_probs: torch.Tensor | None = None  # [B, T, V] at tau = 1, with graph (supervised term)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _kl_reduce(kl: torch.Tensor, encoded_len: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Sum over frames as is, or divide by the number of frames ('mean'). kl [B] or [B, K]."""
+    if reduction == "sum":
+        return kl
+    frames = encoded_len.clamp(min=1).to(kl.dtype)
+    return kl / (frames if kl.dim() == 1 else frames.unsqueeze(1))
+
+
+def group_stats(rewards: torch.Tensor, texts: list[list[str]]) -> dict[str, float]:
+    """Diagnostics of the K-sample groups: zero-spread groups and diversity."""
+    spread = rewards.max(dim=1).values - rewards.min(dim=1).values
+    unique = [len(set(group)) / len(group) for group in texts]
+    return {
+        "rollout/frac_zero_std": float((spread <= 1e-8).float().mean()),
+        "rollout/unique_ratio": sum(unique) / len(unique),
+        "reward/group_spread": float(spread.mean()),
+    }
+
+
+def make_rollout(
+    policy: CTCPolicy,
+    reference: CTCPolicy | None,
+    reward_set: RewardSet,
+    batch: AudioBatch,
+    algo,
+    generator: torch.Generator | None = None,
+    keep_graph: bool = False,
+    autocast=None,
+) -> Rollout:
+    """Steps 1-7 above. With ``keep_graph`` the policy forward keeps its autograd graph so an
+    on-policy update (one epoch, frozen BatchNorm, no dropout) needs no second forward."""
+    import contextlib
+
+    autocast = autocast or contextlib.nullcontext
+    policy.set_mode("rollout")
+    need_raw = algo.supervised_coef > 0 and all(r is not None for r in batch.references)
+
+    # 1. One encoder pass for all K samples.
+    with torch.set_grad_enabled(keep_graph), autocast():
+        raw_log_probs, encoded_len = policy.forward(batch.audio, batch.audio_len)
+    raw_log_probs = raw_log_probs.float()
+    log_probs = ctc.apply_temperature(raw_log_probs, algo.temperature)
+
+    # 2. Sample K hypotheses per utterance (vectorised) and the greedy one.
+    detached = log_probs.detach()
+    samples = policy.sample(detached, encoded_len, algo.num_samples, generator)
+    greedy = policy.greedy(detached, encoded_len)
+
+    # 3. log pi(y), the marginal over alignments, for the B*K hypotheses in one CTC call.
+    seq_log_probs = ctc.sequence_log_probs(log_probs if keep_graph else detached, encoded_len,
+                                           samples.labels, samples.label_len, policy.blank_id)
+
+    # 4. Frozen reference (no_grad rather than inference_mode: its tensors enter the KL loss).
+    ref_frame_log_probs = ref_seq_log_probs = None
+    metrics: dict[str, float] = {}
+    if reference is not None:
+        with torch.no_grad(), autocast():
+            ref_raw, _ = reference.forward(batch.audio, batch.audio_len)
+        ref_frame_log_probs = ctc.apply_temperature(ref_raw.float(), algo.temperature)
+        with torch.no_grad():
+            kl_exact = ctc.exact_kl(detached, ref_frame_log_probs, encoded_len)
+            ref_seq_log_probs = ctc.sequence_log_probs(ref_frame_log_probs, encoded_len, samples.labels,
+                                                       samples.label_len, policy.blank_id)
+        metrics["kl"] = float(kl_exact.mean())
+        metrics["kl/per_frame"] = float((kl_exact / encoded_len.clamp(min=1)).mean())
+        metrics["kl/k1"] = float(ctc.kl_k1(seq_log_probs.detach(), ref_seq_log_probs).mean())
+
+    # 5. Rewards of every hypothesis (references only reach rewards that need them).
+    inputs = RewardInputs(audio=batch.audio, audio_len=batch.audio_len, sample_rate=policy.sample_rate,
+                          hypotheses=samples.texts, references=batch.references,
+                          metadata=[u.fields for u in batch.utterances])
+    rewards, components = reward_set(inputs)
+    greedy_rewards = None
+    if algo.advantage == "self_critical":
+        greedy_inputs = RewardInputs(audio=batch.audio, audio_len=batch.audio_len, sample_rate=policy.sample_rate,
+                                     hypotheses=greedy.texts, references=batch.references, metadata=inputs.metadata)
+        greedy_rewards = reward_set(greedy_inputs)[0][:, 0]
+        metrics["reward/greedy_mean"] = float(greedy_rewards.mean())
+
+    # 6. KL folded into the reward, per sample (RLOO / PPO style).
+    shaped = rewards
+    if reference is not None and algo.kl_in_reward:
+        estimate = (ctc.kl_k1 if algo.kl_estimator == "k1" else ctc.kl_k3)(seq_log_probs.detach(), ref_seq_log_probs)
+        shaped = rewards - algo.kl_coef * _kl_reduce(estimate, encoded_len, algo.kl_reduction)
+
+    # 7. Advantages within each group of K.
+    advantages = algorithms.compute_advantages(shaped, algo.advantage, greedy_rewards=greedy_rewards,
+                                               scale_by_std=algo.scale_by_std, whiten_batch=algo.whiten_advantages)
+
+    metrics.update({
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        **{f"reward/{label}/mean": float(values.mean()) for label, values in components.items()},
+        "advantage/mean": float(advantages.mean()),
+        "advantage/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
+        "entropy": float(ctc.frame_entropy(detached, encoded_len).mean()),
+        "rollout/hyp_len": float(samples.label_len.float().mean()),
+        "rollout/blank_ratio": samples.blank_ratio,
+        "rollout/empty_ratio": float((samples.label_len == 0).float().mean()),
+        "rollout/log_prob": float(seq_log_probs.detach().mean()),
+        **group_stats(rewards, samples.texts),
+    })
+    return Rollout(
+        batch=batch, samples=samples, greedy=greedy, encoded_len=encoded_len,
+        old_log_probs=seq_log_probs.detach(), rewards=rewards, reward_components=components,
+        advantages=advantages, ref_frame_log_probs=ref_frame_log_probs, ref_seq_log_probs=ref_seq_log_probs,
+        greedy_rewards=greedy_rewards, metrics=metrics,
+        frame_log_probs=log_probs if keep_graph else None,
+        raw_log_probs=raw_log_probs if keep_graph and need_raw else None,
+    )
+
+
+def reference_targets(policy: CTCPolicy, batch: AudioBatch, oov: str, lowercase: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """References as CTC targets for the supervised term (None when any utterance lacks one)."""
+    sequences = []
+    for utterance in batch.utterances:
+        if utterance.text is None:
+            return None
+        ids = policy.encode_text(utterance.text, oov=oov, where=utterance.where, lowercase=lowercase)
+        if ids is None:
+            return None
+        sequences.append(ids)
+    return labels_to_padded(sequences, device=batch.audio.device)
+
+
+def rl_loss(
+    policy: CTCPolicy,
+    rollout: Rollout,
+    algo,
+    supervised_targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+    autocast=None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one update epoch on one rollout, and its metrics.
+
+    loss = L_pg + beta * KL (when not in the reward) - c_H * H + lambda * L_ctc(references)
+    """
+    import contextlib
+
+    autocast = autocast or contextlib.nullcontext
+    if rollout.frame_log_probs is not None:  # on-policy, first epoch: re-use the rollout's graph
+        log_probs, raw_log_probs, encoded_len = rollout.frame_log_probs, rollout.raw_log_probs, rollout.encoded_len
+        rollout.frame_log_probs = rollout.raw_log_probs = None  # the graph is consumed once
+    else:
+        with autocast():
+            raw_log_probs, encoded_len = policy.forward(rollout.batch.audio, rollout.batch.audio_len)
+        raw_log_probs = raw_log_probs.float()
+        log_probs = ctc.apply_temperature(raw_log_probs, algo.temperature)
+
+    seq_log_probs = ctc.sequence_log_probs(log_probs, encoded_len, rollout.samples.labels,
+                                           rollout.samples.label_len, policy.blank_id)
+    # Policy-gradient term.
+    if algo.policy_loss == "clipped":
+        loss_policy, clip_fraction = algorithms.clipped_surrogate_loss(seq_log_probs, rollout.old_log_probs,
+                                                                       rollout.advantages, algo.clip_eps)
+    else:
+        loss_policy = algorithms.reinforce_loss(seq_log_probs, rollout.advantages)
+        clip_fraction = torch.zeros(())
+    # KL penalty as a loss term.
+    loss_kl = torch.zeros((), device=log_probs.device)
+    if rollout.ref_frame_log_probs is not None and not algo.kl_in_reward:
+        if algo.kl_estimator == "exact":
+            kl = ctc.exact_kl(log_probs, rollout.ref_frame_log_probs, encoded_len)
+        else:
+            kl = ctc.kl_k3(seq_log_probs, rollout.ref_seq_log_probs)
+        loss_kl = algo.kl_coef * _kl_reduce(kl, encoded_len, algo.kl_reduction).mean()
+    # Entropy bonus and supervised term.
+    entropy = ctc.frame_entropy(log_probs, encoded_len).mean()
+    loss = loss_policy + loss_kl - algo.entropy_coef * entropy
+    metrics = {"loss/policy": float(loss_policy.detach()), "loss/kl": float(loss_kl.detach()),
+               "ppo/clip_ratio": float(clip_fraction),
+               "ppo/ratio_mean": float(torch.exp(seq_log_probs.detach() - rollout.old_log_probs).mean())}
+    if algo.supervised_coef > 0 and supervised_targets is not None:
+        if raw_log_probs is None:
+            raise RuntimeError("supervised term needs the tau=1 log-probs")
+        labels, label_len = supervised_targets
+        ref_log_probs = ctc.sequence_log_probs(raw_log_probs, encoded_len, labels.unsqueeze(1),
+                                               label_len.unsqueeze(1), policy.blank_id)
+        feasible = torch.isfinite(ref_log_probs)
+        loss_supervised = -(ref_log_probs[feasible]).mean() if feasible.any() else torch.zeros(())
+        loss = loss + algo.supervised_coef * loss_supervised
+        metrics["loss/supervised"] = float(loss_supervised.detach())
+    metrics["loss/total"] = float(loss.detach())
+    return loss, metrics

@@ -1,0 +1,89 @@
+"""The NeMo CTC policy wrapper on a tiny in-process QuartzNet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlnf import ctc
+from rlnf.errors import CheckpointError, DataError
+from rlnf.policy import CTCPolicy
+
+
+def batch_of(seconds=(1.0, 0.6), rate=16000):
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([int(s * rate) for s in seconds])
+    audio = torch.randn(len(seconds), int(lengths.max()), generator=generator) * 0.1
+    for row, length in enumerate(lengths):
+        audio[row, length:] = 0
+    return audio, lengths
+
+
+def test_forward_trims_padding_frames_and_samples_share_one_pass(tiny_policy):
+    tiny_policy.set_mode("rollout")
+    audio, lengths = batch_of()
+    with torch.no_grad():
+        log_probs, encoded_len = tiny_policy.forward(audio, lengths)
+    assert log_probs.shape[1] == int(encoded_len.max()) and encoded_len[1] < encoded_len[0]
+    samples = tiny_policy.sample(log_probs, encoded_len, 5, torch.Generator().manual_seed(0))
+    assert samples.labels.shape[:2] == (2, 5) and len(samples.texts) == 2 and len(samples.texts[0]) == 5
+    seq = ctc.sequence_log_probs(log_probs, encoded_len, samples.labels, samples.label_len, tiny_policy.blank_id)
+    assert torch.isfinite(seq).all()  # every sampled hypothesis is feasible on its own frames
+    assert all(set(text) <= set(tiny_policy.vocabulary) for group in samples.texts for text in group)
+    assert 0.0 <= samples.blank_ratio <= 1.0
+
+
+def test_rollout_is_deterministic_in_eval_mode(tiny_policy):
+    audio, lengths = batch_of()
+    tiny_policy.set_mode("rollout")
+    with torch.no_grad():
+        first, _ = tiny_policy.forward(audio, lengths)
+        second, _ = tiny_policy.forward(audio, lengths)
+    assert torch.equal(first, second)  # no dither, no SpecAugment, no dropout
+
+
+def test_update_mode_keeps_batchnorm_frozen_by_default(tiny_policy):
+    tiny_policy.set_mode("update", batchnorm="frozen")
+    norms = [m for m in tiny_policy.model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms and not any(m.training for m in norms)
+    tiny_policy.set_mode("update", batchnorm="train")
+    assert all(m.training for m in norms)
+    assert not tiny_policy.model.preprocessor.training and not tiny_policy.model.spec_augmentation.training
+
+
+def test_decode_and_encode_text(tiny_policy):
+    ids = tiny_policy.encode_text("Hello  World")
+    assert tiny_policy.decode(torch.tensor([ids]), torch.tensor([len(ids)])) == ["hello world"]
+    with pytest.raises(DataError, match=r"m\.json:4.*'é'"):
+        tiny_policy.encode_text("café", oov="error", where="m.json:4")
+    assert tiny_policy.encode_text("café", oov="skip") is None
+    assert tiny_policy.decode(torch.tensor([tiny_policy.encode_text("café", oov="drop")]), torch.tensor([3])) == ["caf"]
+
+
+def test_greedy_matches_nemo_argmax(tiny_policy):
+    tiny_policy.set_mode("eval")
+    audio, lengths = batch_of()
+    texts = tiny_policy.transcribe(audio, lengths)
+    with torch.no_grad():
+        log_probs, encoded_len, greedy = tiny_policy.model(input_signal=audio, input_signal_length=lengths)
+    for b, text in enumerate(texts):
+        alignment = greedy[b, : int(encoded_len[b])].tolist()
+        collapsed = [a for i, a in enumerate(alignment) if (i == 0 or a != alignment[i - 1])]
+        assert text == "".join(tiny_policy.vocabulary[a] for a in collapsed if a != tiny_policy.blank_id)
+
+
+def test_save_and_reload_round_trip(tiny_policy, tmp_path):
+    path = tmp_path / "copy.nemo"
+    tiny_policy.save(path)
+    reloaded = CTCPolicy.load(str(path))
+    for (name, a), (_, b) in zip(tiny_policy.model.state_dict().items(), reloaded.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        CTCPolicy.load(str(tmp_path / "missing.nemo"))
+    bad = tmp_path / "bad.nemo"
+    bad.write_bytes(b"not a tar")
+    with pytest.raises(CheckpointError, match="not a readable .nemo"):
+        CTCPolicy.load(str(bad))

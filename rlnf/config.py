@@ -238,6 +238,136 @@ class RLFinetuneConfig:
             raise ConfigError(f"rewards: two rewards share a name ({labels}); metric names would collide")
 
 
+@dataclass
+class RewardModelSection:
+    init_from: Optional[str] = opt(None, "Start from this reward checkpoint folder (ours or the published layout) "
+                                         "instead of random weights.")
+    tokenizer: Optional[str] = opt(None, "SentencePiece model for the transcripts; null trains one on the training "
+                                         "texts (vocabulary size vocab_size).")
+    vocab_size: int = opt(2048, "Text vocabulary size (the card's: 2048).")
+    embed_dim: int = opt(128, "Token embedding size.")
+    lstm_hidden: int = opt(128, "BiLSTM hidden size per direction.")
+    lstm_layers: int = opt(1, "BiLSTM layers.")
+    audio_conv_channels: int = opt(128, "Channels of the audio conv blocks.")
+    audio_conv_layers: int = opt(3, "Number of Conv1d -> BatchNorm -> ReLU blocks.")
+    kernel_size: int = opt(5, "Audio conv kernel size.")
+    head_hidden: int = opt(256, "Hidden size of the regression head.")
+    dropout: float = opt(0.1, "Dropout in the regression head.")
+    pooling: str = opt("masked", "'masked' (batch-invariant) or 'legacy' (pool over padding, as published).")
+
+    def __post_init__(self) -> None:
+        _check_choice("model.pooling", self.pooling, ("masked", "legacy"))
+        for key in ("vocab_size", "embed_dim", "lstm_hidden", "lstm_layers", "audio_conv_channels",
+                    "audio_conv_layers", "kernel_size", "head_hidden"):
+            _check_positive(f"model.{key}", getattr(self, key))
+
+
+@dataclass
+class RewardDataConfig:
+    train_manifest: str = opt(MISSING, "Manifest of scored pairs: audio_filepath, text (the transcript to score), "
+                                       "score.")
+    val_manifest: Optional[str] = opt(None, "Validation manifest; null holds out val_split of the training clips.")
+    val_split: float = opt(0.1, "Share of training *clips* held out for validation when there is no val_manifest "
+                                "(seeded).")
+    text_key: str = opt("text", "Field holding the transcript to score.")
+    score_key: str = opt("score", "Field holding the target score.")
+    score_scale: float = opt(1.0, "Scores are divided by this (100 turns 0-100 human scores into 0-1).")
+    reference_key: str = opt("reference", "Field holding the clip's correct transcript (for hard negatives); rows "
+                                          "whose score is 1 serve as their own reference.")
+    max_duration: Optional[float] = opt(None, "Skip clips longer than this many seconds (counted).")
+    skip_bad_samples: bool = opt(False, "Skip (and count) bad lines and unreadable audio instead of stopping.")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_split < 1.0:
+            raise ConfigError(f"data.val_split={self.val_split} must be in [0, 1)")
+        _check_positive("data.score_scale", self.score_scale)
+
+
+@dataclass
+class AugmentConfig:
+    prob: float = opt(0.5, "Probability that a training example is augmented (each augmentation drawn separately).")
+    freq_masks: int = opt(2, "Frequency masks on the log-mel features.")
+    freq_width: int = opt(8, "Maximum width of a frequency mask, in mel bins.")
+    time_masks: int = opt(2, "Time masks on the log-mel features (within the clip's own frames).")
+    time_width: float = opt(0.05, "Maximum width of a time mask, as a fraction of the clip's frames.")
+    gain_db: float = opt(6.0, "Random gain within +-gain_db dB on the waveform (never silences a clip).")
+    noise_snr_db: Optional[float] = opt(20.0, "Additive white noise at this SNR (dB); null disables.")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ConfigError(f"augment.prob={self.prob} must be in [0, 1]")
+        if not 0.0 <= self.time_width <= 0.5:
+            raise ConfigError(f"augment.time_width={self.time_width} must be in [0, 0.5] (a clip is never masked whole)")
+
+
+@dataclass
+class HardNegativesConfig:
+    enabled: bool = opt(False, "Add synthetic hard negatives to the training pairs, scored max(0, 1 - CER) against "
+                               "the reference.")
+    error_rates: List[float] = opt(factory=lambda: [0.05, 0.15, 0.3, 0.6],
+                                   help="Character error rates of corrupted references (substitutions, deletions, "
+                                        "insertions, merged words).")
+    empty: bool = opt(True, "Add the empty hypothesis (score 0).")
+    truncated: bool = opt(True, "Add a truncated reference (first 30-70 % of its characters).")
+    other_clip: bool = opt(True, "Add another clip's reference.")
+    repeated: bool = opt(True, "Add a reference with a stuttered (repeated) word, as CTC sampling produces.")
+
+    def __post_init__(self) -> None:
+        if any(not 0.0 <= rate <= 1.0 for rate in self.error_rates):
+            raise ConfigError(f"hard_negatives.error_rates must be within [0, 1], got {list(self.error_rates)}")
+
+
+@dataclass
+class RewardTrainerConfig:
+    epochs: int = opt(10, "Passes over the training pairs (the card: 10).")
+    batch_size: int = opt(8, "Pairs per step (the card: 8).")
+    lr: float = opt(1e-4, "Peak learning rate, AdamW (the card: 1e-4).")
+    betas: List[float] = opt(factory=lambda: [0.9, 0.999], help="AdamW betas.")
+    eps: float = opt(1e-8, "AdamW epsilon.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    lr_schedule: str = opt("cosine", "'cosine' or 'constant' after warm-up (the card: cosine).")
+    warmup_steps: int = opt(0, "Linear warm-up steps.")
+    min_lr_ratio: float = opt(0.0, "Final learning rate of the cosine schedule, as a fraction of lr.")
+    max_grad_norm: Optional[float] = opt(1.0, "Gradient clipping by global norm; null disables.")
+    eval_every: int = opt(0, "Evaluate every N steps; 0 evaluates once per epoch.")
+    log_every: int = opt(10, "Write training metrics every N steps.")
+    seed: int = opt(42, "Seed (the card: 42).")
+    device: str = opt("auto", "'auto', 'cpu' or 'cuda'.")
+    precision: str = opt("auto", "'auto' (bf16 autocast on CUDA), 'fp32' or 'bf16'.")
+    best_metric: str = opt("val/pearson", "Metric selecting checkpoints/best: val/mse, val/rmse, val/r2, val/pearson "
+                                          "or val/spearman.")
+    progress_bar: bool = opt(True, "Show a tqdm progress bar.")
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "log_every"):
+            _check_positive(f"trainer.{key}", getattr(self, key))
+        _check_positive("trainer.lr", self.lr)
+        _check_choice("trainer.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("trainer.best_metric", self.best_metric,
+                      ("val/mse", "val/rmse", "val/r2", "val/pearson", "val/spearman"))
+        if len(self.betas) != 2:
+            raise ConfigError(f"trainer.betas must have two values, got {list(self.betas)}")
+
+    @property
+    def best_mode(self) -> str:
+        return "min" if self.best_metric in ("val/mse", "val/rmse") else "max"
+
+
+@dataclass
+class RewardTrainConfig:
+    """`rlnf run train_reward_model`: train a reward model on scored (audio, transcript) pairs."""
+
+    output_dir: str = opt(MISSING, "Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/{best,last}/ "
+                                   "(self-contained reward checkpoints), summary.json.")
+    model: RewardModelSection = opt(factory=RewardModelSection, help="The reward model.")
+    data: RewardDataConfig = opt(factory=RewardDataConfig, help="Scored training pairs.")
+    augment: AugmentConfig = opt(factory=AugmentConfig, help="Training-time augmentation.")
+    hard_negatives: HardNegativesConfig = opt(factory=HardNegativesConfig, help="Synthetic hard negatives.")
+    trainer: RewardTrainerConfig = opt(factory=RewardTrainerConfig, help="Optimisation and evaluation.")
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------

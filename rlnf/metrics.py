@@ -43,3 +43,25 @@ def corpus_error_rate(references: Sequence[str], hypotheses: Sequence[str], unit
         e, n = count(reference, hypothesis)
         edits, length = edits + e, length + n
     return edits / max(length, 1)
+
+
+def regression_metrics(predictions: Sequence[float], targets: Sequence[float]) -> dict[str, float]:
+    """MSE, RMSE, R^2, Pearson and Spearman correlations of predictions against targets.
+
+    A correlation is NaN when either side is constant (undefined), never a crash.
+    """
+    import numpy as np
+    from scipy import stats
+
+    pred = np.asarray(predictions, dtype=np.float64)
+    true = np.asarray(targets, dtype=np.float64)
+    mse = float(np.mean((pred - true) ** 2))
+    variance = float(np.var(true))
+    constant = pred.size < 2 or np.ptp(pred) == 0 or np.ptp(true) == 0
+    return {
+        "mse": mse,
+        "rmse": mse ** 0.5,
+        "r2": 1.0 - mse / variance if variance > 0 else float("nan"),
+        "pearson": float("nan") if constant else float(stats.pearsonr(pred, true)[0]),
+        "spearman": float("nan") if constant else float(stats.spearmanr(pred, true)[0]),
+    }

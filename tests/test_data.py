@@ -78,7 +78,7 @@ def test_duration_filters_and_duplicates_are_counted(tmp_path):
     utterances, stats = read_manifest(manifest(tmp_path / "m.json", rows), min_duration=0.2, max_duration=1.0)
     assert [Path(u.audio_filepath).name for u in utterances] == ["ok.wav", "ok.wav"]
     assert stats.skipped["shorter than min_duration"] == 1 and stats.skipped["longer than max_duration"] == 1
-    assert stats.duplicates == 1 and "duplicate" in stats.summary()
+    assert stats.duplicates == 1 and "repeated" in stats.summary()
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100])

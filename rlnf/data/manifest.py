@@ -50,7 +50,7 @@ class ManifestStats:
         if self.skipped:
             parts.append("skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())))
         if self.duplicates:
-            parts.append(f"{self.duplicates} duplicate audio_filepath entries (kept)")
+            parts.append(f"{self.duplicates} repeated audio_filepath entries (kept)")
         return "; ".join(parts)
 
 
@@ -118,6 +118,7 @@ def read_manifest(
     min_duration: float = 0.0,
     max_duration: float | None = None,
     check_audio: bool = True,
+    warn_duplicates: bool = True,
 ) -> tuple[list[Utterance], ManifestStats]:
     """Read and validate a manifest.
 
@@ -164,7 +165,7 @@ def read_manifest(
     if not utterances:
         detail = f" ({stats.summary()})" if stats.lines else ""
         raise DataError(f"{manifest}: no usable utterances{detail}")
-    if stats.duplicates:
+    if stats.duplicates and warn_duplicates:
         log.warning("%s: %d entries repeat an audio_filepath seen earlier", manifest, stats.duplicates)
     return utterances, stats
 

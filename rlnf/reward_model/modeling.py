@@ -1,0 +1,272 @@
+"""The learned reward model: (log-mel features, transcript ids) -> score in [0, 1].
+
+Architecture (the published Bambara reward model's; see the README and upstream-facts.md):
+
+    audio  [B, n_mel, T] -> audio_conv_layers x (Conv1d -> BatchNorm1d -> ReLU) -> pool over time -> [B, C]
+    text   [B, L] ids    -> Embedding(pad) -> BiLSTM -> masked mean over tokens        -> [B, 2H]
+    concat [B, C + 2H]   -> Linear -> ReLU -> Dropout -> Linear -> ReLU -> Linear -> Sigmoid -> [B]
+
+Pooling of the audio path:
+    "masked" (default): padded frames are zeroed after every conv block and excluded from the mean,
+                        so a clip scores the same whatever else is in its batch;
+    "legacy":           the published checkpoint's behaviour: average over all frames, padding included
+                        (selected automatically when loading that layout).
+
+``embed_audio``, ``embed_text`` and ``score_embeddings`` split the forward so an RL reward can embed
+each utterance's audio once and reuse it for all K hypotheses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from rlnf.errors import CheckpointError
+
+# Feature settings of the QuartzNet front end (NeMo AudioToMelSpectrogramPreprocessor).
+FEATURE_DEFAULTS: dict[str, Any] = {
+    "sample_rate": 16000, "n_mel": 64, "window_size": 0.02, "window_stride": 0.01, "n_fft": 512,
+    "window": "hann", "normalize": "per_feature", "pad_to": 16,
+}
+
+
+class RewardConfig(PretrainedConfig):
+    """Hyper-parameters (defaults: the model card's), feature settings and the text-id convention."""
+
+    model_type = "rlnf_reward"
+
+    def __init__(
+        self,
+        vocab_size: int = 2048,
+        embed_dim: int = 128,
+        lstm_hidden: int = 128,
+        lstm_layers: int = 1,
+        audio_conv_channels: int = 128,
+        audio_conv_layers: int = 3,
+        kernel_size: int = 5,
+        stride: int = 1,
+        padding: int = 2,
+        head_hidden: int = 256,
+        dropout: float = 0.1,
+        pad_token_id: int = 1,
+        eos_token_id: int | None = None,
+        append_eos: bool = True,
+        pooling: str = "masked",
+        sample_rate: int = 16000,
+        n_mel: int = 64,
+        window_size: float = 0.02,
+        window_stride: float = 0.01,
+        n_fft: int = 512,
+        window: str = "hann",
+        normalize: str = "per_feature",
+        pad_to: int = 16,
+        **kwargs: Any,
+    ):
+        if pooling not in ("masked", "legacy"):
+            raise ValueError(f"pooling must be 'masked' or 'legacy', got {pooling!r}")
+        self.vocab_size = vocab_size
+        self.embed_dim = embed_dim
+        self.lstm_hidden = lstm_hidden
+        self.lstm_layers = lstm_layers
+        self.audio_conv_channels = audio_conv_channels
+        self.audio_conv_layers = audio_conv_layers
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.head_hidden = head_hidden
+        self.dropout = dropout
+        self.append_eos = append_eos
+        self.pooling = pooling
+        self.sample_rate = sample_rate
+        self.n_mel = n_mel
+        self.window_size = window_size
+        self.window_stride = window_stride
+        self.n_fft = n_fft
+        self.window = window
+        self.normalize = normalize
+        self.pad_to = pad_to
+        super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kwargs)
+
+    @property
+    def feature_settings(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in FEATURE_DEFAULTS}
+
+
+class PublishedRewardConfig(RewardConfig):
+    """The published checkpoint's config.json: ``model_type: reward-model`` with the hyper-parameters
+    nested in ``pretrained_config`` (and an optional ``override`` dict beside it). Legacy pooling."""
+
+    model_type = "reward-model"
+
+    def __init__(self, pretrained_config: dict | None = None, override: dict | None = None, **kwargs: Any):
+        nested = {**(pretrained_config or {}), **(override or {})}
+        known = set(RewardConfig.__init__.__code__.co_varnames)
+        merged = {key: value for key, value in nested.items() if key in known}
+        merged.update({k: v for k, v in kwargs.items() if k not in merged})
+        merged.setdefault("pooling", "legacy")
+        self.pretrained_config = pretrained_config or {}
+        self.override = override or {}
+        super().__init__(**merged)
+
+
+@dataclass
+class RewardModelOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # [B] scores in [0, 1]
+
+
+def conv_output_length(length: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    return torch.div(length + 2 * padding - kernel, stride, rounding_mode="floor") + 1
+
+
+class RewardModel(PreTrainedModel):
+    config_class = RewardConfig
+    base_model_prefix = "reward"
+    main_input_name = "audio"
+
+    def __init__(self, config: RewardConfig):
+        super().__init__(config)
+        layers: list[nn.Module] = []
+        in_channels = config.n_mel
+        for _ in range(config.audio_conv_layers):
+            layers += [nn.Conv1d(in_channels, config.audio_conv_channels, config.kernel_size, config.stride,
+                                 config.padding),
+                       nn.BatchNorm1d(config.audio_conv_channels), nn.ReLU()]
+            in_channels = config.audio_conv_channels
+        layers.append(nn.AdaptiveAvgPool1d(1))
+        self.audio_encoder = nn.Sequential(*layers)
+        self.embedding = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=config.pad_token_id)
+        self.lstm = nn.LSTM(config.embed_dim, config.lstm_hidden, num_layers=config.lstm_layers,
+                            batch_first=True, bidirectional=True)
+        combined = config.audio_conv_channels + 2 * config.lstm_hidden
+        self.head = nn.Sequential(
+            nn.Linear(combined, config.head_hidden), nn.ReLU(), nn.Dropout(config.dropout),
+            nn.Linear(config.head_hidden, config.head_hidden), nn.ReLU(),
+            nn.Linear(config.head_hidden, 1), nn.Sigmoid(),
+        )
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # PyTorch's default initialisation (as upstream); keep the padding row at zero.
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+    # ----------------------------------------------------------------------------- pieces
+    def embed_audio(self, audio: torch.Tensor, audio_len: torch.Tensor) -> torch.Tensor:
+        """audio [B, n_mel, T] log-mel features, audio_len [B] frames -> [B, audio_conv_channels]."""
+        cfg = self.config
+        if cfg.pooling == "legacy":
+            return self.audio_encoder(audio).squeeze(-1)
+        hidden, lengths = audio, audio_len
+        mask = torch.arange(hidden.shape[-1], device=hidden.device)[None, :] < lengths[:, None]
+        hidden = hidden * mask.unsqueeze(1)
+        for index in range(cfg.audio_conv_layers):
+            conv, norm, act = self.audio_encoder[3 * index: 3 * index + 3]
+            hidden = act(norm(conv(hidden)))
+            lengths = conv_output_length(lengths, cfg.kernel_size, cfg.stride, cfg.padding)
+            mask = torch.arange(hidden.shape[-1], device=hidden.device)[None, :] < lengths[:, None]
+            hidden = hidden * mask.unsqueeze(1)  # padding stays zero, exactly as for a clip alone
+        return hidden.sum(dim=-1) / lengths.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+
+    def embed_text(self, text: torch.Tensor, text_attention_mask: torch.Tensor) -> torch.Tensor:
+        """text [N, L] ids, mask [N, L] -> masked mean of BiLSTM states [N, 2 * lstm_hidden]."""
+        lengths = text_attention_mask.sum(dim=1).clamp(min=1)
+        embedded = self.embedding(text)
+        packed = nn.utils.rnn.pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        output, _ = self.lstm(packed)
+        output, _ = nn.utils.rnn.pad_packed_sequence(output, batch_first=True, total_length=text.shape[1])
+        mask = (torch.arange(text.shape[1], device=text.device)[None, :] < lengths[:, None]).unsqueeze(-1)
+        return (output * mask).sum(dim=1) / lengths.unsqueeze(1).to(output.dtype)
+
+    def score_embeddings(self, audio_embedding: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
+        """[N, C] and [N, 2H] -> scores [N] in [0, 1]."""
+        return self.head(torch.cat([audio_embedding, text_embedding], dim=-1)).squeeze(-1)
+
+    def forward(self, audio: torch.Tensor, audio_len: torch.Tensor, text: torch.Tensor,
+                text_attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                **unused: Any) -> RewardModelOutput:
+        scores = self.score_embeddings(self.embed_audio(audio, audio_len), self.embed_text(text, text_attention_mask))
+        loss = nn.functional.mse_loss(scores.float(), labels.float()) if labels is not None else None
+        return RewardModelOutput(loss=loss, logits=scores)
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any) -> "RewardModel":
+        """Our folders and the published layout; a shape or vocabulary mismatch names the tensor."""
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir():
+            return load_reward_folder(folder, model_class=cls, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+def read_reward_config(folder: str | Path) -> RewardConfig:
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a reward checkpoint: no config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+    model_type = raw.get("model_type")
+    if model_type == PublishedRewardConfig.model_type or "pretrained_config" in raw:
+        return PublishedRewardConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    if model_type != RewardConfig.model_type:
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a reward model "
+                              f"({RewardConfig.model_type!r} or {PublishedRewardConfig.model_type!r})")
+    return RewardConfig.from_dict(raw)
+
+
+def load_reward_folder(folder: str | Path, model_class: type = RewardModel, **config_overrides: Any) -> RewardModel:
+    """Build the model from ``config.json`` and load ``model.safetensors`` strictly."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = read_reward_config(folder)
+    for key, value in config_overrides.items():
+        if key in ("torch_dtype", "dtype", "device_map"):
+            continue
+        setattr(config, key, value)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: no model.safetensors (reward weights load only from safetensors)")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own SafetensorError on corrupt headers
+        raise CheckpointError(f"{weights}: cannot read safetensors: {exc}") from None
+    model = model_class(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: state dict does not match the config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            hint = " (vocab_size in config.json disagrees with the weights)" if name == "embedding.weight" else ""
+            raise CheckpointError(f"{weights}: tensor {name} has shape {tuple(tensor.shape)} but the config "
+                                  f"expects {tuple(expected[name].shape)}{hint}")
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model
+
+
+class PublishedRewardModel(RewardModel):
+    """The same model, registered for the published ``reward-model`` config type (AutoModel needs one
+    model class per config class)."""
+
+    config_class = PublishedRewardConfig
+
+
+AutoConfig.register(RewardConfig.model_type, RewardConfig)
+AutoConfig.register(PublishedRewardConfig.model_type, PublishedRewardConfig)
+AutoModel.register(RewardConfig, RewardModel)
+AutoModel.register(PublishedRewardConfig, PublishedRewardModel)

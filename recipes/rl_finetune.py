@@ -16,14 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from rlnf.config import RLFinetuneConfig, to_yaml
-from rlnf.errors import RlnfError
+from rlnf.errors import TrainingInterrupted
 
 CONFIG_CLASS = RLFinetuneConfig
 log = logging.getLogger("rlnf.rl_finetune")
 
-
-class TrainingInterrupted(RlnfError):
-    """SIGINT/SIGTERM: the step finished, a checkpoint was written, and the run stopped."""
 
 
 class RLFinetuneRecipe:
@@ -36,12 +33,12 @@ class RLFinetuneRecipe:
     def setup(self) -> None:
         import torch
 
-        from rlnf.checkpoint import CheckpointManager, seed_everything, set_rng_state
+        from rlnf.checkpoint import CheckpointManager, seed_everything
         from rlnf.data.loader import AudioDataset, TrainStream
         from rlnf.metric_logging import build_logger
         from rlnf.policy import CTCPolicy
         from rlnf.rewards import build_rewards
-        from rlnf.recipe_utils import load_utterances, resolve_best_metric
+        from rlnf.recipe_utils import load_utterances, resolve_best_metric, restore_policy_trainer_state
         from rlnf.training import build_optimizer, build_scheduler, resolve_device, resolve_precision
 
         cfg, trainer = self.cfg, self.cfg.trainer
@@ -51,7 +48,9 @@ class RLFinetuneRecipe:
 
         # Rewards first: a bad reward name or checkpoint fails before the policy loads.
         self.rewards = build_rewards(cfg.rewards)
-        train, self.train_stats = load_utterances(cfg.data, cfg.data.train_manifest, self.rewards.needs_references)
+        needing = [item.label for item in self.rewards.rewards if item.needs_references]
+        reason = f"reward '{needing[0]}' needs a reference transcript" if needing else False
+        train, self.train_stats = load_utterances(cfg.data, cfg.data.train_manifest, reason)
         self.rewards.check_references([u.text for u in train], [u.where for u in train])
         self.val = None
         if cfg.data.val_manifest:
@@ -72,18 +71,13 @@ class RLFinetuneRecipe:
         self.generator = torch.Generator(device=self.device).manual_seed(trainer.seed)
 
         metric, mode = resolve_best_metric(trainer, self.val)
-        self.checkpoints = CheckpointManager(self.run_dir, metric, mode)
+        self.checkpoints = CheckpointManager(self.run_dir, metric, mode, keep_last=trainer.keep_last)
         self.skipped_steps = 0
         resume_step = None
         if cfg.resume and self.checkpoints.state_path.exists():
             state = self.checkpoints.load_state()
-            self.policy.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.stream.load_state_dict(state["data"])
-            self.generator.set_state(state["generator"])
-            set_rng_state(state["rng"])
-            self.step = resume_step = int(state["step"])
+            self.step = resume_step = restore_policy_trainer_state(state, self.policy.model, self.optimizer,
+                                                                   self.scheduler, self.stream, self.generator)
             self.skipped_steps = int(state.get("skipped_steps", 0))
             log.info("resumed from step %d", self.step)
         elif cfg.resume:
@@ -159,8 +153,13 @@ class RLFinetuneRecipe:
 
         trainer = self.cfg.trainer
         iterator = iter(self.stream)
-        bar = tqdm(total=trainer.max_steps, initial=self.step, desc="rl_finetune", dynamic_ncols=True,
+        # A time-boxed run shows steps and elapsed time rather than a meaningless ETA to max_steps.
+        bar = tqdm(total=None if trainer.max_minutes else trainer.max_steps, initial=self.step, desc="rl_finetune",
+                   dynamic_ncols=True,
                    disable=not trainer.progress_bar)
+        from rlnf.recipe_utils import out_of_time
+
+        started_training = time.perf_counter()
         with StopSignal() as stop:
             while self.step < trainer.max_steps:
                 started = time.perf_counter()
@@ -173,7 +172,7 @@ class RLFinetuneRecipe:
                 metrics.update({"perf/step_time": elapsed, "perf/utterances_per_s": utterances / elapsed,
                                 "perf/audio_seconds_per_s": audio_seconds / elapsed})
                 self._window_rewards.append(metrics["reward/mean"])
-                last = self.step == trainer.max_steps
+                last = self.step == trainer.max_steps or out_of_time(started_training, trainer.max_minutes)
                 validated = None
                 if self.val is not None and ((trainer.val_every and self.step % trainer.val_every == 0) or last):
                     validated = self.validate()
@@ -190,6 +189,8 @@ class RLFinetuneRecipe:
                     raise TrainingInterrupted(
                         f"stopped by signal {stop.received} after step {self.step}; checkpoint written to "
                         f"{self.checkpoints.folder}. Continue with: resume=true")
+                if last:
+                    break
         bar.close()
 
     def log_samples(self, rollout) -> None:
@@ -217,7 +218,7 @@ class RLFinetuneRecipe:
 
     # ------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, validated: dict[str, float] | None) -> None:
-        from rlnf.checkpoint import rng_state
+        from rlnf.recipe_utils import policy_trainer_state
 
         save_model = lambda path: self.policy.model.save_to(str(path))  # noqa: E731
         metric = self.checkpoints.best_metric
@@ -228,40 +229,16 @@ class RLFinetuneRecipe:
             self._window_rewards = []
         if value is not None and self.checkpoints.update_best(value, save_model):
             log.info("step %d: new best %s = %.4f", self.step, metric, value)
-        self.checkpoints.save_last(save_model, {
-            "step": self.step,
-            "model": self.policy.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "data": self.stream.state_dict(),
-            "generator": self.generator.get_state(),
-            "rng": rng_state(),
-            "skipped_steps": self.skipped_steps,
-        })
+        self.checkpoints.save_last(save_model, policy_trainer_state(
+            self.step, self.policy.model, self.optimizer, self.scheduler, self.stream, self.generator,
+            skipped_steps=self.skipped_steps))
 
     def cleanup(self) -> dict[str, Any]:
-        import json
-
-        from rlnf.io import atomic_write_text
-        from rlnf.metric_logging import read_metrics
+        from rlnf.recipe_utils import write_summary
 
         self.logger.close()
-        rows = read_metrics(self.run_dir)
-        final: dict[str, Any] = {}
-        for row in rows:
-            final.update(row)
-        summary = {
-            "step": self.step,
-            "final_metrics": final,
-            "best_metric": self.checkpoints.best_metric,
-            "best_value": self.checkpoints.best_value,
-            "best_checkpoint": str(self.checkpoints.best_path) if self.checkpoints.best_path.exists() else None,
-            "last_checkpoint": str(self.checkpoints.last_path),
-            "skipped_steps": self.skipped_steps,
-            "train_manifest": self.train_stats.summary(),
-        }
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        return summary
+        return write_summary(self.run_dir, self.step, self.checkpoints, skipped_steps=self.skipped_steps,
+                             train_manifest=self.train_stats.summary())
 
 
 def main(cfg: RLFinetuneConfig) -> dict[str, Any]:

@@ -53,6 +53,41 @@ def read_scored_pairs(data_cfg, manifest: str) -> list[dict[str, Any]]:
     return pairs
 
 
+def within_clip_rank_loss(scores, targets, clip_index):
+    """Margin ranking loss over pairs of transcripts of the same clip: the predicted difference should
+    be at least the true one, mean(relu(|dy| - sign(dy) * ds)). RL's group baselines see only these
+    within-clip differences, which plain MSE under-weights next to differences between clips."""
+    import torch
+
+    same = clip_index[:, None] == clip_index[None, :]
+    true_difference = targets[:, None] - targets[None, :]
+    mask = same & (true_difference.abs() > 0.01)
+    if not mask.any():
+        return scores.sum() * 0.0
+    predicted_difference = scores[:, None] - scores[None, :]
+    return torch.relu(true_difference.abs() - torch.sign(true_difference) * predicted_difference)[mask].mean()
+
+
+def within_group_spearman(predictions, targets, groups) -> float:
+    """Mean Spearman correlation within each clip's transcripts (clips with >= 3 distinct targets)."""
+    import math
+
+    from scipy import stats
+
+    by_group: dict = {}
+    for prediction, target, group in zip(predictions, targets, groups):
+        by_group.setdefault(group, ([], []))
+        by_group[group][0].append(prediction)
+        by_group[group][1].append(target)
+    values = []
+    for predicted, true in by_group.values():
+        if len(set(true)) >= 3 and len(set(predicted)) > 1:
+            value = stats.spearmanr(predicted, true)[0]
+            if math.isfinite(value):
+                values.append(value)
+    return sum(values) / len(values) if values else float("nan")
+
+
 class RewardTrainer:
     def __init__(self, cfg: RewardTrainConfig):
         self.cfg = cfg
@@ -123,6 +158,7 @@ class RewardTrainer:
         self.processor = processor
         self.model.to(self.device)
         self.waveforms: dict[str, Any] = {}
+        self.feature_cache: dict[str, Any] = {}
 
         self.steps_per_epoch = math.ceil(len(train) / cfg.trainer.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.trainer.epochs
@@ -143,6 +179,17 @@ class RewardTrainer:
             self.waveforms[path] = load_audio(path, self.processor.sample_rate)
         return self.waveforms[path]
 
+    def clip_features(self, path: str):
+        """Log-mel features [n_mel, frames] of one clip, computed once. Normalisation is per clip
+        (over its own frames), so a clip's features do not depend on the batch it lands in."""
+        import torch
+
+        if path not in self.feature_cache:
+            wave = torch.from_numpy(self.waveform(path))
+            features, frames = self.processor.features(wave[None].to(self.device), torch.tensor([len(wave)], device=self.device))
+            self.feature_cache[path] = features[0, :, : int(frames[0])]
+        return self.feature_cache[path]
+
     def batch_inputs(self, pairs: list[dict[str, Any]], augment: bool) -> dict[str, Any]:
         import numpy as np
         import torch
@@ -150,24 +197,43 @@ class RewardTrainer:
         from rlnf.synth import add_noise
 
         aug = self.cfg.augment
-        waves = []
-        for pair in pairs:
-            wave = self.waveform(pair["audio_filepath"])
-            if augment and self.rng.random() < aug.prob and aug.gain_db > 0:
-                wave = np.clip(wave * 10 ** (self.rng.uniform(-aug.gain_db, aug.gain_db) / 20), -1, 1)
-            if augment and aug.noise_snr_db is not None and self.rng.random() < aug.prob:
-                wave = add_noise(wave, aug.noise_snr_db, self.rng.randrange(2**31))
-            waves.append(np.asarray(wave, dtype=np.float32))
-        lengths = torch.tensor([len(w) for w in waves])
-        audio = torch.zeros(len(waves), int(lengths.max()))
-        for row, wave in enumerate(waves):
-            audio[row, : len(wave)] = torch.from_numpy(wave)
-        features, frames = self.processor.features(audio.to(self.device), lengths.to(self.device))
+        waveform_augmentation = augment and aug.prob > 0 and (aug.gain_db > 0 or aug.noise_snr_db is not None)
+        # Pairs of the same clip share one audio embedding (audio_index maps pairs to clips).
+        clip_order = list(dict.fromkeys(p["audio_filepath"] for p in pairs))
+        audio_index = torch.tensor([clip_order.index(p["audio_filepath"]) for p in pairs], device=self.device)
+        if waveform_augmentation:
+            audio_index = torch.arange(len(pairs), device=self.device)  # each pair's waveform is augmented alone  # levels change: features must be computed from the augmented waveforms
+            waves = []
+            for pair in pairs:
+                wave = self.waveform(pair["audio_filepath"])
+                if self.rng.random() < aug.prob and aug.gain_db > 0:
+                    wave = np.clip(wave * 10 ** (self.rng.uniform(-aug.gain_db, aug.gain_db) / 20), -1, 1)
+                if aug.noise_snr_db is not None and self.rng.random() < aug.prob:
+                    wave = add_noise(wave, aug.noise_snr_db, self.rng.randrange(2**31))
+                waves.append(np.asarray(wave, dtype=np.float32))
+            lengths = torch.tensor([len(w) for w in waves])
+            audio = torch.zeros(len(waves), int(lengths.max()))
+            for row, wave in enumerate(waves):
+                audio[row, : len(wave)] = torch.from_numpy(wave)
+            features, frames = self.processor.features(audio.to(self.device), lengths.to(self.device))
+        else:  # cached per clip: each clip's features are computed once for all its pairs and epochs
+            clips = [self.clip_features(path) for path in dict.fromkeys(p["audio_filepath"] for p in pairs)]
+            frames = torch.tensor([clip.shape[1] for clip in clips], device=self.device)
+            features = torch.zeros(len(clips), clips[0].shape[0], int(frames.max()), device=self.device)
+            for row, clip in enumerate(clips):
+                features[row, :, : clip.shape[1]] = clip
         if augment:
             features = self.mask_features(features, frames)
         ids, mask = self.processor.encode_texts([p["text"] for p in pairs], self.device)
         labels = torch.tensor([p["score"] for p in pairs], dtype=torch.float32, device=self.device)
-        return {"audio": features, "audio_len": frames, "text": ids, "text_attention_mask": mask, "labels": labels}
+        return {"audio": features, "audio_len": frames, "audio_index": audio_index, "text": ids,
+                "text_attention_mask": mask, "labels": labels}
+
+    def predict(self, inputs: dict[str, Any]):
+        """Scores [N] of a batch whose audio holds each distinct clip once (see ``batch_inputs``)."""
+        model = self.model
+        audio_embedding = model.embed_audio(inputs["audio"], inputs["audio_len"])[inputs["audio_index"]]
+        return model.score_embeddings(audio_embedding, model.embed_text(inputs["text"], inputs["text_attention_mask"]))
 
     def mask_features(self, features, frames):
         """SpecAugment-style masks inside each clip's own frames: at most time_width of them per mask,
@@ -198,26 +264,29 @@ class RewardTrainer:
         trainer = self.cfg.trainer
         bar = tqdm(total=self.total_steps, desc="train_reward_model", dynamic_ncols=True, disable=not trainer.progress_bar)
         for epoch in range(trainer.epochs):
-            order = list(range(len(self.train_pairs)))
-            random.Random(trainer.seed * 1000 + epoch).shuffle(order)
+            order = self.epoch_order(epoch)
             for start in range(0, len(order), trainer.batch_size):
                 started = time.perf_counter()
                 pairs = [self.train_pairs[i] for i in order[start:start + trainer.batch_size]]
                 self.model.train()
                 inputs = self.batch_inputs(pairs, augment=True)
                 with autocast(self.device, self.autocast_dtype):
-                    output = self.model(**inputs)
+                    scores = self.predict(inputs)
+                loss = torch.nn.functional.mse_loss(scores.float(), inputs["labels"])
+                if trainer.rank_loss_weight > 0:
+                    loss = loss + trainer.rank_loss_weight * within_clip_rank_loss(scores.float(), inputs["labels"],
+                                                                                   inputs["audio_index"])
                 self.optimizer.zero_grad(set_to_none=True)
-                output.loss.backward()
+                loss.backward()
                 grad_norm = clip_gradients(self.model.parameters(), trainer.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{output.loss.item():.4f}")
+                bar.set_postfix(loss=f"{loss.item():.4f}")
                 metrics: dict[str, float] = {}
                 if self.step % trainer.log_every == 0:
-                    metrics.update({"train/loss": output.loss.item(), "lr": self.scheduler.get_last_lr()[0],
+                    metrics.update({"train/loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
                                     "grad_norm": grad_norm, "epoch": epoch + start / len(order),
                                     "perf/step_time": time.perf_counter() - started})
                 end_of_epoch = start + trainer.batch_size >= len(order)
@@ -234,6 +303,23 @@ class RewardTrainer:
                     self.logger.log_dict(metrics, self.step)
         bar.close()
 
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Pair indices for one epoch: shuffled pairs (the card's), or shuffled clips with each clip's
+        pairs together (``group_by_clip``: one audio embedding serves many pairs of a batch)."""
+        rng = random.Random(self.cfg.trainer.seed * 1000 + epoch)
+        if not self.cfg.trainer.group_by_clip:
+            order = list(range(len(self.train_pairs)))
+            rng.shuffle(order)
+            return order
+        by_clip: dict[str, list[int]] = {}
+        for index, pair in enumerate(self.train_pairs):
+            by_clip.setdefault(pair["audio_filepath"], []).append(index)
+        groups = list(by_clip.values())
+        rng.shuffle(groups)
+        for group in groups:
+            rng.shuffle(group)
+        return [index for group in groups for index in group]
+
     def evaluate(self) -> dict[str, float]:
         import torch
 
@@ -245,10 +331,12 @@ class RewardTrainer:
         with torch.inference_mode():
             for start in range(0, len(self.val_pairs), 32):
                 inputs = self.batch_inputs(self.val_pairs[start:start + 32], augment=False)
-                inputs.pop("labels")
                 with autocast(self.device, self.autocast_dtype):
-                    predictions.extend(self.model(**inputs).logits.float().cpu().tolist())
-        metrics = regression_metrics(predictions, [p["score"] for p in self.val_pairs])
+                    predictions.extend(self.predict(inputs).float().cpu().tolist())
+        targets = [p["score"] for p in self.val_pairs]
+        metrics = regression_metrics(predictions, targets)
+        metrics["group_spearman"] = within_group_spearman(predictions, targets,
+                                                          [p["audio_filepath"] for p in self.val_pairs])
         return {f"val/{key}": value for key, value in metrics.items()}
 
     def save(self, name: str) -> None:

@@ -13,7 +13,9 @@ two file writes still resumes from a consistent state. Every file is written ato
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -79,12 +81,13 @@ def seed_everything(seed: int) -> None:
 class CheckpointManager:
     """Writes last/best .nemo files and the trainer state into ``run_dir/checkpoints``."""
 
-    def __init__(self, run_dir: str | Path, best_metric: str, best_mode: str):
+    def __init__(self, run_dir: str | Path, best_metric: str, best_mode: str, keep_last: int = 0):
         self.folder = Path(run_dir) / "checkpoints"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.best_value: float | None = None
+        self.keep_last = keep_last
 
     @property
     def state_path(self) -> Path:
@@ -106,10 +109,20 @@ class CheckpointManager:
         return value < self.best_value if self.best_mode == "min" else value > self.best_value
 
     def save_last(self, save_model, trainer_state: dict[str, Any]) -> None:
-        """``save_model(path)`` writes a .nemo; the trainer state follows it, both atomic."""
+        """``save_model(path)`` writes a .nemo; the trainer state follows it, both atomic. With
+        ``keep_last`` > 0, ``step_NNNNNNN.nemo`` snapshots of the last saves are kept too (hard links)."""
         atomic_save(self.last_path, save_model)
         trainer_state = {**trainer_state, "best_value": self.best_value, "best_metric": self.best_metric}
         atomic_save(self.state_path, lambda tmp: torch.save(trainer_state, tmp))
+        if self.keep_last > 0:
+            snapshot = self.folder / f"step_{int(trainer_state['step']):07d}.nemo"
+            snapshot.unlink(missing_ok=True)
+            try:
+                os.link(self.last_path, snapshot)
+            except OSError:  # file systems without hard links
+                shutil.copyfile(self.last_path, snapshot)
+            for old in sorted(self.folder.glob("step_*.nemo"))[: -self.keep_last]:
+                old.unlink()
 
     def update_best(self, value: float, save_model) -> bool:
         """Write best.nemo when ``value`` beats the best so far; returns whether it did."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
-from rlnf.errors import RlnfError
+from rlnf.errors import RlnfError, TrainingInterrupted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -206,12 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated engine:voice list")
     synth.add_argument("--heldout-voice", default=None, help="engine:voice used only for the held-out split")
     synth.add_argument("--noise-snr", type=float, default=None, help="add white noise at this SNR (dB)")
+    synth.add_argument("--voices-per-sentence", type=int, default=None,
+                       help="each sentence is spoken by this many training voices (seeded); default: all")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
 
     demo = commands.add_parser("demo", help="the offline end-to-end demo (corpus, policy, reward model, RL, report)")
     demo.add_argument("--output", default="demo_output", help="output folder (stages are cached there)")
-    demo.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget on this machine")
+    demo.add_argument("--minutes", type=float, default=15.0,
+                      help="wall-clock budget: the time-boxed stages scale with it (default fits 2 CPU cores)")
     demo.add_argument("--fresh", action="store_true", help="ignore cached stages")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -228,11 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"rlnf: {exc}", file=sys.stderr)
+        return 128 + signal.SIGINT
     except RlnfError as exc:
-        name = type(exc).__name__
-        if name == "TrainingInterrupted":
-            print(f"rlnf: {exc}", file=sys.stderr)
-            return 128 + signal.SIGINT
         print(f"rlnf: error: {exc}", file=sys.stderr)
         return 2
 

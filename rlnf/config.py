@@ -88,6 +88,8 @@ class DataConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = opt(1000, "Number of optimizer steps.")
+    max_minutes: Optional[float] = opt(None, "Also stop (validate, checkpoint, summarise) after this many minutes of "
+                                             "training: a wall-clock budget.")
     batch_size: int = opt(8, "Utterances per step (each gets algorithm.num_samples hypotheses in RL).")
     grad_accum_steps: int = opt(1, "Micro-batches of batch_size accumulated per optimizer step.")
     lr: float = opt(1e-5, "Peak learning rate (AdamW).")
@@ -101,6 +103,8 @@ class TrainerConfig:
     max_grad_norm: Optional[float] = opt(1.0, "Gradient clipping by global norm; null disables.")
     val_every: int = opt(100, "Validate every N steps (and at the end). 0 disables periodic validation.")
     save_every: int = opt(100, "Write checkpoints/last.nemo and the trainer state every N steps (and at the end).")
+    keep_last: int = opt(0, "Also keep checkpoints/step_NNNNNNN.nemo of the last N saves (hard links; 0: only "
+                            "last.nemo and best.nemo).")
     log_every: int = opt(1, "Write scalar metrics every N steps.")
     samples_every: int = opt(50, "Log a text table of sample hypotheses and a few audio clips every N steps; "
                                  "0 disables.")
@@ -115,7 +119,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every"):
             _check_positive(f"trainer.{key}", getattr(self, key))
-        for key in ("val_every", "save_every", "samples_every", "warmup_steps"):
+        for key in ("val_every", "save_every", "samples_every", "warmup_steps", "keep_last"):
             _check_positive(f"trainer.{key}", getattr(self, key), allow_zero=True)
         _check_positive("trainer.lr", self.lr)
         _check_choice("trainer.lr_schedule", self.lr_schedule, ("cosine", "constant"))
@@ -126,6 +130,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.betas must have two values, got {list(self.betas)}")
         if self.max_grad_norm is not None:
             _check_positive("trainer.max_grad_norm", self.max_grad_norm)
+        if self.max_minutes is not None:
+            _check_positive("trainer.max_minutes", self.max_minutes)
 
 
 @dataclass
@@ -239,6 +245,38 @@ class RLFinetuneConfig:
 
 
 @dataclass
+class CTCModelSection:
+    path: Optional[str] = opt(None, "Fine-tune this .nemo (or pretrained name); null builds a new QuartzNet.")
+    size: str = opt("small", "New model size: tiny | small | medium | 5x5 | 15x5 (QuartzNet 15x5, ~19M parameters).")
+    labels: str = opt("english", "New model vocabulary: 'english' (a-z, space, apostrophe), 'bambara' (the Bambara "
+                                 "QuartzNet's 45 symbols) or the characters themselves, e.g. 'abc '.")
+    spec_augment: bool = opt(True, "SpecAugment (time/frequency masks) while training a new model.")
+    dropout: float = opt(0.0, "Dropout in the encoder blocks of a new model.")
+
+    def __post_init__(self) -> None:
+        from rlnf.models import MODEL_SIZES
+
+        _check_choice("model.size", self.size, tuple(MODEL_SIZES))
+
+    def vocabulary(self) -> List[str]:
+        from rlnf.models import BAMBARA_LABELS, ENGLISH_LABELS
+
+        return {"english": ENGLISH_LABELS, "bambara": BAMBARA_LABELS}.get(self.labels) or list(dict.fromkeys(self.labels))
+
+
+@dataclass
+class CTCTrainConfig:
+    """`rlnf run train_ctc`: supervised CTC training or fine-tuning of a NeMo QuartzNet-style model."""
+
+    output_dir: str = opt(MISSING, "Run folder (same layout as rl_finetune).")
+    resume: bool = opt(False, "Continue the run in output_dir from its last trainer state.")
+    model: CTCModelSection = opt(factory=CTCModelSection, help="The model to train.")
+    data: DataConfig = opt(factory=DataConfig, help="Labelled training and validation data.")
+    trainer: TrainerConfig = opt(factory=lambda: TrainerConfig(lr=2e-3, batch_size=16, warmup_steps=100),
+                                 help="Optimisation (defaults for training from scratch: lr 2e-3, batch 16).")
+
+
+@dataclass
 class RewardModelSection:
     init_from: Optional[str] = opt(None, "Start from this reward checkpoint folder (ours or the published layout) "
                                          "instead of random weights.")
@@ -329,13 +367,18 @@ class RewardTrainerConfig:
     warmup_steps: int = opt(0, "Linear warm-up steps.")
     min_lr_ratio: float = opt(0.0, "Final learning rate of the cosine schedule, as a fraction of lr.")
     max_grad_norm: Optional[float] = opt(1.0, "Gradient clipping by global norm; null disables.")
+    rank_loss_weight: float = opt(0.0, "Weight of a margin ranking loss between transcripts of the same clip, added "
+                                       "to the MSE (0: MSE only, as the card). RL's group baselines only see within-"
+                                       "clip differences; use with group_by_clip so batches hold such pairs.")
+    group_by_clip: bool = opt(False, "Batch each clip's pairs together, so one audio embedding serves several pairs "
+                                     "(much faster when clips have many transcripts; false: random pairs, as the card).")
     eval_every: int = opt(0, "Evaluate every N steps; 0 evaluates once per epoch.")
     log_every: int = opt(10, "Write training metrics every N steps.")
     seed: int = opt(42, "Seed (the card: 42).")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda'.")
     precision: str = opt("auto", "'auto' (bf16 autocast on CUDA), 'fp32' or 'bf16'.")
-    best_metric: str = opt("val/pearson", "Metric selecting checkpoints/best: val/mse, val/rmse, val/r2, val/pearson "
-                                          "or val/spearman.")
+    best_metric: str = opt("val/pearson", "Metric selecting checkpoints/best: val/mse, val/rmse, val/r2, val/pearson, "
+                                          "val/spearman or val/group_spearman (mean within-clip rank correlation).")
     progress_bar: bool = opt(True, "Show a tqdm progress bar.")
 
     def __post_init__(self) -> None:
@@ -346,7 +389,8 @@ class RewardTrainerConfig:
         _check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("trainer.best_metric", self.best_metric,
-                      ("val/mse", "val/rmse", "val/r2", "val/pearson", "val/spearman"))
+                      ("val/mse", "val/rmse", "val/r2", "val/pearson", "val/spearman", "val/group_spearman"))
+        _check_positive("trainer.rank_loss_weight", self.rank_loss_weight, allow_zero=True)
         if len(self.betas) != 2:
             raise ConfigError(f"trainer.betas must have two values, got {list(self.betas)}")
 

@@ -19,3 +19,7 @@ class RewardError(RlnfError):
 
 class CheckpointError(RlnfError):
     """A checkpoint is missing, corrupt or incompatible; the message names the file or tensor."""
+
+
+class TrainingInterrupted(RlnfError):
+    """SIGINT/SIGTERM: the step in flight finished, a checkpoint was written, and the run stopped."""

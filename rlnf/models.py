@@ -12,13 +12,14 @@ from typing import Any
 # (filters, kernel) of the five block groups of QuartzNet 15x5 (each group: 3 blocks of 5 repeats).
 _QUARTZNET_GROUPS = [(256, 33), (256, 39), (512, 51), (512, 63), (512, 75)]
 
-# size -> (channel scale, blocks per group, repeats per block, groups used, kernel scale, C3 filters)
-MODEL_SIZES: dict[str, tuple[float, int, int, int, float, int]] = {
-    "tiny": (0.25, 1, 1, 2, 1 / 3, 128),  # ~0.1M parameters: unit tests
-    "small": (0.625, 1, 2, 5, 1 / 3, 256),  # ~0.7M parameters: the CPU demo
-    "medium": (1.0, 1, 4, 5, 1 / 3, 512),  # ~2.5M
-    "5x5": (1.0, 1, 5, 5, 1.0, 1024),  # QuartzNet 5x5, ~6.7M
-    "15x5": (1.0, 3, 5, 5, 1.0, 1024),  # QuartzNet 15x5, ~19M
+# size -> (channels: None = QuartzNet's, else the same for every block; blocks per group; repeats per block;
+#          groups used; kernel scale; C3 filters)
+MODEL_SIZES: dict[str, tuple[int | None, int, int, int, float, int]] = {
+    "tiny": (64, 1, 1, 2, 1 / 3, 128),  # ~0.04M parameters: unit tests
+    "small": (160, 1, 2, 5, 1 / 3, 256),  # ~0.5M parameters: the CPU demo
+    "medium": (None, 1, 4, 5, 1 / 3, 512),  # ~5M
+    "5x5": (None, 1, 5, 5, 1.0, 1024),  # QuartzNet 5x5, ~6.7M
+    "15x5": (None, 3, 5, 5, 1.0, 1024),  # QuartzNet 15x5, ~19M
 }
 
 BAMBARA_LABELS = list("abcdefghijklmnopqrstuvwxyz") + list("0123456789") + [" ", "'", "-"] + list("ŋɔɛɲɓɾ")
@@ -46,16 +47,16 @@ def quartznet_config(
     """
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
-    scale, blocks_per_group, repeat, groups, kernel_scale, c3_filters = MODEL_SIZES[size]
+    channels, blocks_per_group, repeat, groups, kernel_scale, c3_filters = MODEL_SIZES[size]
 
     def block(filters: int, kernel: int, repeat_: int, stride: int = 1, dilation: int = 1,
               residual: bool = True) -> dict[str, Any]:
         return {"filters": int(filters), "repeat": repeat_, "kernel": [_odd(kernel)], "stride": [stride],
                 "dilation": [dilation], "dropout": dropout, "residual": residual, "separable": True}
 
-    jasper = [block(256 * scale, 33 * kernel_scale, 1, stride=first_stride, residual=False)]
+    jasper = [block(channels or 256, 33 * kernel_scale, 1, stride=first_stride, residual=False)]
     for filters, kernel in _QUARTZNET_GROUPS[:groups]:
-        jasper += [block(filters * scale, kernel * kernel_scale, repeat) for _ in range(blocks_per_group)]
+        jasper += [block(channels or filters, kernel * kernel_scale, repeat) for _ in range(blocks_per_group)]
     last = jasper[-1]["filters"]
     jasper.append(block(last, 87 * kernel_scale, 1, dilation=2, residual=False))
     jasper.append({**block(c3_filters, 1, 1, residual=False), "kernel": [1]})

@@ -10,7 +10,7 @@ from rlnf.metrics import normalize_whitespace
 log = logging.getLogger(__name__)
 
 
-def load_utterances(data_cfg, manifest: str, require_text: bool, limit: int | None = None) -> tuple[list[Utterance], object]:
+def load_utterances(data_cfg, manifest: str, require_text: bool | str, limit: int | None = None) -> tuple[list[Utterance], object]:
     """Read ``manifest`` with the data section's keys; references are normalised (whitespace, and
     lower case when ``data.lowercase``) so rewards and targets compare like with like."""
     utterances, stats = read_manifest(manifest, text_key=data_cfg.text_key, require_text=require_text,
@@ -26,13 +26,14 @@ def load_utterances(data_cfg, manifest: str, require_text: bool, limit: int | No
     return utterances, stats
 
 
-def resolve_best_metric(trainer_cfg, val_utterances: list[Utterance] | None) -> tuple[str, str]:
-    """(metric, mode) for best.nemo. auto: val/wer with references, val/reward without, and the
-    training reward averaged between saves when there is no validation set."""
+def resolve_best_metric(trainer_cfg, val_utterances: list[Utterance] | None,
+                        train_metric: str = "reward/mean") -> tuple[str, str]:
+    """(metric, mode) for best.nemo. auto: val/wer with references, val/reward without, and
+    ``train_metric`` averaged between saves when there is no validation set."""
     metric = trainer_cfg.best_metric
     if metric == "auto":
         if val_utterances is None:
-            metric = "reward/mean"
+            metric = train_metric
         elif all(u.text is not None for u in val_utterances):
             metric = "val/wer"
         else:
@@ -41,3 +42,57 @@ def resolve_best_metric(trainer_cfg, val_utterances: list[Utterance] | None) -> 
     if mode == "auto":
         mode = "min" if any(word in metric for word in ("wer", "cer", "loss")) else "max"
     return metric, mode
+
+
+def policy_trainer_state(step: int, model, optimizer, scheduler, stream, generator=None, **extra) -> dict:
+    """Everything a policy recipe needs to resume, in one dict (saved as one atomic file)."""
+    from rlnf.checkpoint import rng_state
+
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "data": stream.state_dict(), "rng": rng_state(), **extra}
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def restore_policy_trainer_state(state: dict, model, optimizer, scheduler, stream, generator=None) -> int:
+    """Load what ``policy_trainer_state`` saved; returns the step."""
+    from rlnf.checkpoint import set_rng_state
+
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stream.load_state_dict(state["data"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def write_summary(run_dir, step: int, checkpoints, **extra) -> dict:
+    """summary.json: the last value of every logged metric, the checkpoints and ``extra``."""
+    import json
+
+    from rlnf.io import atomic_write_text
+    from rlnf.metric_logging import read_metrics
+
+    final: dict = {}
+    for row in read_metrics(run_dir):
+        final.update(row)
+    summary = {
+        "step": step,
+        "final_metrics": final,
+        "best_metric": checkpoints.best_metric,
+        "best_value": checkpoints.best_value,
+        "best_checkpoint": str(checkpoints.best_path) if checkpoints.best_path.exists() else None,
+        "last_checkpoint": str(checkpoints.last_path),
+        **extra,
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def out_of_time(started: float, max_minutes: float | None) -> bool:
+    import time
+
+    return max_minutes is not None and time.perf_counter() - started >= 60.0 * max_minutes

@@ -130,8 +130,14 @@ def synthesize_corpus(
     split: tuple[float, float] = (0.8, 0.1),
     workers: int = 2,
     progress: bool = True,
+    voices_per_sentence: int | None = None,
 ) -> dict[str, str]:
-    """Build (or re-use, when its parameters match) a corpus; returns {manifest name: path}."""
+    """Build (or re-use, when its parameters match) a corpus; returns {manifest name: path}.
+
+    ``voices_per_sentence``: each sentence is spoken by this many of the training voices (a seeded
+    choice), so many voices cost no more synthesis than a few; None: by all of them. The held-out
+    voice speaks every sentence.
+    """
     from tqdm.auto import tqdm
 
     from rlnf.data.manifest import write_manifest
@@ -143,7 +149,8 @@ def synthesize_corpus(
     all_voices = train_voices + ([heldout] if heldout else [])
     params = {"num_sentences": num_sentences, "voices": [v.tag for v in train_voices],
               "heldout_voice": heldout.tag if heldout else None, "seed": seed, "noise_snr": noise_snr,
-              "split": list(split), "sentences_sha256": file_sha256(SENTENCES_FILE)}
+              "split": list(split), "sentences_sha256": file_sha256(SENTENCES_FILE),
+              "voices_per_sentence": voices_per_sentence}
     index_path = output / "corpus.json"
     if index_path.exists():
         index = json.loads(index_path.read_text())
@@ -157,11 +164,22 @@ def synthesize_corpus(
     splits = {"train": range(0, n_train), "val": range(n_train, n_train + n_val),
               "test": range(n_train + n_val, num_sentences)}
 
+    chooser = np.random.default_rng([seed, 7])
+    speakers: dict[int, list[Voice]] = {}
+    for sentence_id in range(num_sentences):
+        if voices_per_sentence is None or voices_per_sentence >= len(train_voices):
+            speakers[sentence_id] = list(train_voices)
+        else:
+            picked = sorted(chooser.choice(len(train_voices), size=voices_per_sentence, replace=False))
+            speakers[sentence_id] = [train_voices[i] for i in picked]
+        if heldout:
+            speakers[sentence_id].append(heldout)
     jobs = []
     for voice_index, voice in enumerate(all_voices):
         for sentence_id, text in enumerate(sentences):
-            relative = f"wav/{voice.folder}/{sentence_id:05d}.wav"
-            jobs.append((voice, voice_index, sentence_id, text, relative))
+            if voice in speakers[sentence_id]:
+                relative = f"wav/{voice.folder}/{sentence_id:05d}.wav"
+                jobs.append((voice, voice_index, sentence_id, text, relative))
 
     def run(job) -> None:
         voice, voice_index, sentence_id, text, relative = job
@@ -182,6 +200,8 @@ def synthesize_corpus(
             rows = []
             for voice in group_voices:
                 for sentence_id in ids:
+                    if voice not in speakers[sentence_id]:
+                        continue
                     relative = f"wav/{voice.folder}/{sentence_id:05d}.wav"
                     info = soundfile.info(str(output / relative))
                     rows.append({"audio_filepath": relative, "duration": round(info.frames / info.samplerate, 4),
@@ -198,6 +218,7 @@ def synthesize_corpus(
 def synthesize_corpus_cli(args) -> None:
     voices = [v for v in args.voices.split(",") if v]
     manifests = synthesize_corpus(args.output, num_sentences=args.sentences, voices=voices,
-                                  heldout_voice=args.heldout_voice, seed=args.seed, noise_snr=args.noise_snr)
+                                  heldout_voice=args.heldout_voice, seed=args.seed, noise_snr=args.noise_snr,
+                                  voices_per_sentence=args.voices_per_sentence)
     for name, path in manifests.items():
         print(f"{name}: {path}")

@@ -76,7 +76,7 @@ def _audio_info(path: str) -> tuple[int, int]:
     return info.frames, info.samplerate
 
 
-def parse_row(row: Any, manifest: Path, line: int, text_key: str, require_text: bool,
+def parse_row(row: Any, manifest: Path, line: int, text_key: str, require_text: bool | str,
               check_audio: bool) -> Utterance:
     """Validate one decoded JSON row; raise DataError (without location) when it is unusable."""
     if not isinstance(row, dict):
@@ -95,7 +95,8 @@ def parse_row(row: Any, manifest: Path, line: int, text_key: str, require_text: 
     if text is not None and not isinstance(text, str):
         raise DataError(f"'{text_key}' must be a string, got {type(text).__name__}")
     if require_text and text is None:
-        raise DataError(f"missing key '{text_key}' (a reference is required here)")
+        reason = require_text if isinstance(require_text, str) else "a reference is required here"
+        raise DataError(f"missing key '{text_key}' ({reason})")
 
     duration = row.get("duration")
     if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
@@ -113,14 +114,14 @@ def parse_row(row: Any, manifest: Path, line: int, text_key: str, require_text: 
 def read_manifest(
     path: str | Path,
     text_key: str = "text",
-    require_text: bool = False,
+    require_text: bool | str = False,
     skip_bad: bool = False,
     min_duration: float = 0.0,
     max_duration: float | None = None,
     check_audio: bool = True,
     warn_duplicates: bool = True,
 ) -> tuple[list[Utterance], ManifestStats]:
-    """Read and validate a manifest.
+    """Read and validate a manifest. ``require_text`` may be a string: the reason shown when a row lacks text.
 
     With ``check_audio`` every audio file's header is read now (fast), so a missing or corrupt
     file is reported before training starts rather than hours into it; the real duration from

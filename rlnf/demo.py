@@ -1,0 +1,333 @@
+"""`rlnf demo`: the offline end-to-end demo on synthetic speech, within ~15 minutes on 2 CPU cores.
+
+1. corpus         flite/espeak speech of public-domain sentences; one voice held out entirely
+2. pretrain       a small QuartzNet trained with CTC on the other voices (the starting policy)
+3. scored_pairs   the policy's own hypotheses (greedy, samples at several temperatures) and corrupted
+                  references on the training voices, scored 1 - CER (the reward model's training data)
+4. reward_model   train_reward_model on those pairs
+5. rl_learned     RL on the held-out voice's audio WITHOUT transcripts, learned reward only
+6. rl_cer         the same RL budget with the 1 - CER reward (transcripts given), for comparison
+7. supervised     the same wall-clock of continued supervised training on the labelled voices
+8. evaluate       greedy WER / CER / mean learned reward on the held-out voice's test sentences
+
+Every stage is cached in its folder (``stage.json`` records its parameters); a second run re-uses
+finished stages. Everything lands under one output folder; TensorBoard logs of every stage too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from rlnf.io import atomic_write_text
+
+log = logging.getLogger("rlnf.demo")
+
+SETTINGS: dict[str, Any] = {
+    "sentences": 800,
+    "split": [0.7, 0.1],  # train / val / (test = the rest) sentences
+    "voices": ["flite:kal16", "flite:awb", "flite:slt", "espeak:en-us+m3:speed=165", "espeak:en+f2",
+               "espeak:en+m1:speed=150", "espeak:en-us+f5:pitch=60", "espeak:en+m7:speed=180"],
+    "voices_per_sentence": 3,
+    "heldout_voice": "espeak:en+f4",
+    "seed": 0,
+    "policy_size": "small",
+    "pretrain_minutes": 4.5,
+    "pretrain_lr": 3e-3,
+    "scored_utterances": 1000,
+    "scored_temperatures": [0.6, 1.0, 1.4],
+    "scored_samples_per_temperature": 2,
+    "reward_epochs": 3,
+    "reward_vocab_size": 384,
+    "reward_rank_loss_weight": 1.0,
+    "rl_minutes": 1.6,
+    "rl_algorithm": "grpo",
+    "rl_lr": 1e-4,
+    "rl_num_samples": 8,
+    "rl_batch_size": 8,
+    "rl_kl_coef": 0.05,
+    "supervised_lr": 5e-4,
+}
+RUN_NAMES = ("pretrained", "rl_learned_reward", "rl_cer_reward", "supervised_continued")
+
+
+def _fingerprint(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """Runs named stages once; a stage whose folder holds a matching ``stage.json`` is re-used."""
+
+    def __init__(self, root: Path, fresh: bool):
+        self.root = root
+        self.fresh = fresh
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, params: dict[str, Any], body: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        folder = self.root / name
+        marker = folder / "stage.json"
+        key = _fingerprint(params)
+        if not self.fresh and marker.exists():
+            record = json.loads(marker.read_text())
+            if record.get("key") == key:
+                print(f"[demo] {name}: cached ({record['seconds']:.0f} s when it ran)")
+                self.timings[name] = record["seconds"]
+                return record["result"]
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        print(f"[demo] {name} ...", flush=True)
+        started = time.perf_counter()
+        result = body(folder)
+        seconds = time.perf_counter() - started
+        self.timings[name] = seconds
+        atomic_write_text(marker, json.dumps({"key": key, "params": params, "seconds": seconds, "result": result},
+                                             indent=1, default=str))
+        print(f"[demo] {name}: done in {seconds:.0f} s", flush=True)
+        return result
+
+
+def _run_recipe(recipe: str, overrides: list[str]) -> dict[str, Any]:
+    from rlnf.cli import load_recipe
+    from rlnf.config import load_config
+
+    module = load_recipe(recipe)
+    return module.main(load_config(module.CONFIG_CLASS, None, overrides))
+
+
+def _scored_pairs(policy_path: str, manifest: str, out: Path, limit: int, settings: dict, seed: int) -> int:
+    """The policy's hypotheses + corrupted references for ``limit`` utterances, scored 1 - CER."""
+    import random
+
+    import torch
+
+    from rlnf import ctc
+    from rlnf.data.loader import AudioDataset, eval_batches
+    from rlnf.data.manifest import read_manifest, write_manifest
+    from rlnf.policy import CTCPolicy
+    from rlnf.reward_model.negatives import cer_score, hard_negatives
+
+    utterances, _ = read_manifest(manifest)
+    rng = random.Random(seed)
+    utterances = rng.sample(utterances, min(limit, len(utterances)))
+    references = [u.text for u in utterances]
+    policy = CTCPolicy.load(policy_path, "cpu")
+    policy.set_mode("eval")
+    generator = torch.Generator().manual_seed(seed)
+    rows: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        for batch in eval_batches(AudioDataset(utterances, policy.sample_rate), batch_size=16):
+            log_probs, encoded_len = policy.forward(batch.audio, batch.audio_len)
+            hypotheses = [[text] for text in policy.transcribe(batch.audio, batch.audio_len)]
+            for temperature in settings["scored_temperatures"]:
+                samples = policy.sample(ctc.apply_temperature(log_probs.float(), temperature), encoded_len,
+                                        settings["scored_samples_per_temperature"], generator)
+                for group, texts in zip(hypotheses, samples.texts):
+                    group.extend(texts)
+            for utterance, group in zip(batch.utterances, hypotheses):
+                seen = set()
+                candidates = [(text, "policy") for text in group]
+                candidates += [(text, kind) for text, _, kind in hard_negatives(
+                    utterance.text, references, rng, error_rates=[0.1, 0.3], truncated=False, repeated=False)]
+                candidates.append((utterance.text, "reference"))
+                for text, kind in candidates:
+                    if text in seen:
+                        continue
+                    seen.add(text)
+                    rows.append({"audio_filepath": utterance.audio_filepath, "text": text,
+                                 "score": round(cer_score(text, utterance.text), 4), "reference": utterance.text,
+                                 "kind": kind})
+    write_manifest(out, rows)
+    return len(rows)
+
+
+def _plot(report: dict[str, Any], runs_dirs: dict[str, Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlnf.metric_logging import read_metrics
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    start = report["pretrained_val_wer"]
+    for name, folder in runs_dirs.items():
+        rows = read_metrics(folder)
+        rewards = [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]
+        if rewards:
+            steps, values = zip(*rewards)
+            window = 10
+            smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+                      for i in range(len(values))]
+            line, = left.plot(steps, smooth, label=f"{name} (moving mean of 10)")
+            left.plot(steps, values, color=line.get_color(), alpha=0.2)
+        wer = [(0, start)] + [(r["step"], r["val/wer"]) for r in rows if "val/wer" in r]
+        right.plot(*zip(*wer), marker="o", label=name)
+    right.axhline(start, color="grey", linestyle="--", label="pretrained")
+    left.set(title="Training reward (mean over K samples)", xlabel="step", ylabel="reward")
+    right.set(title=f"Validation WER, held-out voice {report['heldout_voice']}", xlabel="step", ylabel="WER")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fresh: bool = False,
+             settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    settings = {**SETTINGS, **(settings or {})}
+    # The time-boxed stages (pretraining, the RL runs and continued supervised training) scale with
+    # the budget; the defaults fill ~14 of 15 minutes on 2 CPU cores.
+    scale = budget_minutes / 15.0
+    settings["pretrain_minutes"] = round(settings["pretrain_minutes"] * scale, 3)
+    settings["rl_minutes"] = round(settings["rl_minutes"] * scale, 3)
+    started = time.perf_counter()
+    root = Path(output_dir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    stages = Stages(root, fresh)
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"[demo] output folder: {root} (device: {device}, budget {budget_minutes:.0f} min)")
+
+    # 1. Corpus -------------------------------------------------------------------------------
+    def corpus(folder: Path) -> dict[str, Any]:
+        from rlnf.data.manifest import write_manifest
+        from rlnf.synth import synthesize_corpus
+
+        manifests = synthesize_corpus(folder, num_sentences=settings["sentences"], voices=settings["voices"],
+                                      heldout_voice=settings["heldout_voice"], seed=settings["seed"],
+                                      split=tuple(settings["split"]),
+                                      voices_per_sentence=settings["voices_per_sentence"])
+        rows = [json.loads(line) for line in Path(manifests["heldout_train"]).read_text().splitlines()]
+        unlabelled = folder / "heldout_unlabelled.json"  # the RL-with-learned-reward data: audio only
+        write_manifest(unlabelled, [{"audio_filepath": r["audio_filepath"], "duration": r["duration"],
+                                     "speaker": r["speaker"]} for r in rows])
+        return {**manifests, "heldout_unlabelled": str(unlabelled)}
+
+    data = stages.run("corpus", {k: settings[k] for k in ("sentences", "split", "voices", "voices_per_sentence",
+                                                          "heldout_voice", "seed")},
+                      corpus)
+
+    # 2. Starting policy ----------------------------------------------------------------------------
+    pretrain = stages.run("pretrain", {"data": data["train"], **{k: settings[k] for k in (
+        "policy_size", "pretrain_minutes", "pretrain_lr", "seed")}}, lambda folder: _run_recipe("train_ctc", [
+            f"output_dir={folder}", f"data.train_manifest={data['train']}", f"data.val_manifest={data['val']}",
+            f"model.size={settings['policy_size']}", "model.spec_augment=false", "trainer.max_steps=100000",
+            f"trainer.max_minutes={settings['pretrain_minutes']}", f"trainer.lr={settings['pretrain_lr']}",
+            "trainer.batch_size=16", "trainer.warmup_steps=100", "trainer.val_every=0", "trainer.save_every=0",
+            "trainer.log_every=10", f"trainer.seed={settings['seed']}", "trainer.lr_schedule=constant"]))
+    policy = pretrain["last_checkpoint"]
+
+    # 3-4. Reward model ------------------------------------------------------------------------------
+    def scored(folder: Path) -> dict[str, Any]:
+        train_pairs = _scored_pairs(policy, data["train"], folder / "scored_train.json",
+                                    settings["scored_utterances"], settings, seed=1)
+        val_pairs = _scored_pairs(policy, data["val"], folder / "scored_val.json", 10_000, settings, seed=2)
+        return {"train": str(folder / "scored_train.json"), "val": str(folder / "scored_val.json"),
+                "train_pairs": train_pairs, "val_pairs": val_pairs}
+
+    pairs = stages.run("scored_pairs", {"policy": pretrain, **{k: settings[k] for k in (
+        "scored_utterances", "scored_temperatures", "scored_samples_per_temperature")}}, scored)
+    reward = stages.run("reward_model", {"pairs": pairs, "epochs": settings["reward_epochs"],
+                                         "vocab": settings["reward_vocab_size"], "augment": "masks-only", "batches": "by clip",
+                                         "rank": settings["reward_rank_loss_weight"]},
+                        lambda folder: _run_recipe("train_reward_model", [
+                            f"output_dir={folder}", f"data.train_manifest={pairs['train']}",
+                            f"data.val_manifest={pairs['val']}", f"model.vocab_size={settings['reward_vocab_size']}",
+                            f"trainer.epochs={settings['reward_epochs']}", "trainer.batch_size=32", "trainer.lr=1e-3",
+                            "trainer.group_by_clip=true", "trainer.best_metric=val/group_spearman",
+                            f"trainer.rank_loss_weight={settings['reward_rank_loss_weight']}",
+                            "hard_negatives.enabled=false", "augment.prob=0.3", "augment.gain_db=0",
+                            "augment.noise_snr_db=null", "trainer.log_every=20"]))
+    reward_checkpoint = reward["best_checkpoint"]
+
+    # 5-7. RL with each reward, and continued supervised training --------------------------------------
+    def rl(train_manifest: str, rewards: str) -> Callable[[Path], dict[str, Any]]:
+        return lambda folder: _run_recipe("rl_finetune", [
+            f"output_dir={folder}", f"policy.path={policy}", f"data.train_manifest={train_manifest}",
+            f"data.val_manifest={data['heldout_val']}", f"algorithm.name={settings['rl_algorithm']}",
+            f"algorithm.num_samples={settings['rl_num_samples']}", f"algorithm.kl_coef={settings['rl_kl_coef']}",
+            f"trainer.batch_size={settings['rl_batch_size']}", f"trainer.lr={settings['rl_lr']}",
+            "trainer.lr_schedule=constant", "trainer.warmup_steps=10", "trainer.max_steps=100000",
+            f"trainer.max_minutes={settings['rl_minutes']}", "trainer.val_every=40", "trainer.save_every=0",
+            "trainer.samples_every=40", "trainer.best_metric=val/reward", f"rewards={rewards}"])
+
+    rl_keys = {k: settings[k] for k in ("rl_algorithm", "rl_minutes", "rl_lr", "rl_num_samples", "rl_batch_size",
+                                        "rl_kl_coef")}
+    learned = stages.run("rl_learned_reward", {"policy": pretrain, "reward": reward, **rl_keys},
+                         rl(data["heldout_unlabelled"], f"[{{name: learned, path: '{reward_checkpoint}'}}]"))
+    cer = stages.run("rl_cer_reward", {"policy": pretrain, **rl_keys}, rl(data["heldout_train"], "[{name: cer}]"))
+    supervised = stages.run("supervised_continued", {"policy": pretrain, "minutes": settings["rl_minutes"],
+                                                     "lr": settings["supervised_lr"]},
+                            lambda folder: _run_recipe("train_ctc", [
+                                f"output_dir={folder}", f"model.path={policy}", f"data.train_manifest={data['train']}",
+                                f"data.val_manifest={data['heldout_val']}", "trainer.max_steps=100000",
+                                f"trainer.max_minutes={settings['rl_minutes']}", f"trainer.lr={settings['supervised_lr']}",
+                                "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.batch_size=16",
+                                "trainer.val_every=40", "trainer.save_every=0", "trainer.log_every=10"]))
+
+    # 8. Evaluation on the held-out voice's test sentences ------------------------------------------------
+    models = {"pretrained": policy, "rl_learned_reward": learned["last_checkpoint"],
+              "rl_cer_reward": cer["last_checkpoint"], "supervised_continued": supervised["last_checkpoint"]}
+    seconds = {"pretrained": stages.timings["pretrain"], "rl_learned_reward": stages.timings["rl_learned_reward"],
+               "rl_cer_reward": stages.timings["rl_cer_reward"],
+               "supervised_continued": stages.timings["supervised_continued"]}
+
+    def evaluate(folder: Path) -> dict[str, Any]:
+        from rlnf.commands import evaluate as evaluate_command
+
+        results = {name: evaluate_command(path, data["heldout_test"], reward=reward_checkpoint,
+                                          output=str(folder / f"{name}.json"), device=device)
+                   for name, path in models.items()}
+        # The starting point of the validation curves (the runs validate on heldout_val).
+        results["pretrained_val"] = evaluate_command(policy, data["heldout_val"], device=device)
+        return results
+
+    # The key holds the upstream stages' results (not just paths, which stay the same when they rerun).
+    results = stages.run("evaluate", {"runs": [pretrain, learned, cer, supervised], "reward": reward,
+                                      "val": True}, evaluate)
+
+    report = {
+        "heldout_voice": settings["heldout_voice"],
+        "test_manifest": data["heldout_test"],
+        "device": device,
+        "runs": [{"name": name, "model": models[name], "wer": results[name]["wer"], "cer": results[name]["cer"],
+                  "reward": results[name]["reward"], "seconds": round(seconds[name], 1)} for name in RUN_NAMES],
+        "timings": {name: round(value, 1) for name, value in stages.timings.items()},
+        "total_seconds": round(sum(stages.timings.values()), 1),  # every stage, cached ones as they ran
+        "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
+        "pretrained_val_wer": results["pretrained_val"]["wer"],
+        "reward_model": {"checkpoint": reward_checkpoint,
+                         "val": {k: v for k, v in reward["final_metrics"].items() if k.startswith("val/")}},
+        "settings": settings,
+    }
+    base = report["runs"][0]["wer"]
+    for run in report["runs"]:
+        run["wer_relative_change"] = round((run["wer"] - base) / base, 4) if base else None
+    atomic_write_text(root / "report.json", json.dumps(report, indent=2))
+    _plot(report, {"rl_learned_reward": root / "rl_learned_reward", "rl_cer_reward": root / "rl_cer_reward",
+                   "supervised_continued": root / "supervised_continued"}, root / "report.png")
+
+    print()
+    print(f"Held-out voice {report['heldout_voice']}: {results['pretrained']['n']} test utterances, greedy decoding")
+    print(f"{'model':<22} {'WER':>7} {'CER':>7} {'reward':>7} {'WER change':>11} {'seconds':>8}")
+    for run in report["runs"]:
+        change = f"{100 * run['wer_relative_change']:+.1f} %" if run["name"] != "pretrained" else ""
+        print(f"{run['name']:<22} {run['wer']:7.3f} {run['cer']:7.3f} {run['reward']:7.3f} {change:>11} "
+              f"{run['seconds']:8.0f}")
+    quality = report["reward_model"]["val"]
+    print(f"\nreward model (validation pairs): Pearson {quality.get('val/pearson', float('nan')):.3f}, within-clip "
+          f"Spearman {quality.get('val/group_spearman', float('nan')):.3f}; total {report['total_seconds'] / 60:.1f} "
+          f"min (budget {budget_minutes:.0f} min)")
+    print(f"report: {root / 'report.json'} and {root / 'report.png'}")
+    print(f"TensorBoard: tensorboard --logdir {root}")
+    return report

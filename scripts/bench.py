@@ -1,0 +1,280 @@
+#!/usr/bin/env python
+"""Benchmark: what an RL step costs next to a supervised CTC step, measured side by side.
+
+    python scripts/bench.py [--json bench.json] [--repeats 10] [--sizes small,15x5]
+
+Every ratio compares two things timed ALTERNATELY in the same process (median of --repeats steps
+after warm-up), on the same batch: 8 utterances of ~3 s speech, K = 8 samples each.
+  1. RL step (rollout + learned-reward scoring + advantages + update, KL on) / supervised CTC step
+  2. rollout with one shared encoder pass / naive rollout re-encoding K copies of each clip
+  3. learned-reward scoring with audio-embedding reuse and duplicates scored once / every pair alone
+  4. peak memory of the RL step / the supervised step (CPU: peak RSS of separate processes, also
+     net of the memory both hold before their first step; CUDA: max_memory_allocated)
+  5. reward-model throughput (pairs/s) and RL throughput (utterances/s, audio-seconds/s)
+On CUDA the policy runs under bf16 autocast. Policies are built from config (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+SENTENCES = [
+    "and the lord spake unto moses saying", "behold the days come saith the lord of hosts",
+    "and he went up into the mountain to pray", "for the word of god is quick and powerful",
+    "and they gathered them together into a place", "then said jesus unto his disciples",
+    "and it came to pass in those days", "blessed are the poor in spirit for theirs is the kingdom",
+]
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fixture(folder: Path, size: str, device_name: str):
+    """Speech (flite when available, else noise), a policy .nemo, a reward checkpoint, recipes set up."""
+    import shutil
+
+    import numpy as np
+    import soundfile
+
+    from rlnf.models import ENGLISH_LABELS, build_ctc_model
+    from rlnf.reward_model.checkpoint import save_reward_folder, train_sentencepiece
+    from rlnf.reward_model.modeling import RewardConfig, RewardModel
+    from rlnf.reward_model.processor import RewardProcessor
+    from rlnf.synth import Voice, load_sentences, synthesize
+
+    rows = []
+    for index, text in enumerate(SENTENCES):
+        path = folder / f"utt{index}.wav"
+        if shutil.which("flite"):
+            synthesize(text, Voice("flite", ["kal16", "awb", "slt", "rms"][index % 4]), path)
+        else:
+            soundfile.write(str(path), np.random.default_rng(index).normal(0, 0.1, 48000).astype(np.float32), 16000)
+        rows.append({"audio_filepath": str(path), "text": text})
+    manifest = folder / "bench.json"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    nemo = folder / f"{size}.nemo"
+    build_ctc_model(ENGLISH_LABELS, size, seed=0).save_to(str(nemo))
+    tokenizer = train_sentencepiece(load_sentences(2000), folder / "spm", vocab_size=512)
+    config = RewardConfig(vocab_size=512)
+    processor = RewardProcessor(config, tokenizer)
+    config.eos_token_id = processor.eos_id
+    reward = save_reward_folder(RewardModel(config).eval(), processor, folder / "reward")
+    return manifest, nemo, reward
+
+
+def build_recipes(folder: Path, manifest: Path, nemo: Path, reward: Path, device_name: str):
+    from recipes.rl_finetune import RLFinetuneRecipe
+    from recipes.train_ctc import CTCTrainRecipe
+    from rlnf.config import CTCTrainConfig, RLFinetuneConfig, load_config
+
+    common = [f"data.train_manifest={manifest}", "trainer.batch_size=8", "trainer.progress_bar=false",
+              "data.shuffle=false", f"trainer.device={device_name}", "trainer.lr=1e-5"]
+    rl_cfg = load_config(RLFinetuneConfig, None, common + [
+        f"policy.path={nemo}", f"output_dir={folder / 'rl'}", "algorithm.name=rloo", "algorithm.num_samples=8",
+        "algorithm.kl_coef=0.01", f"rewards=[{{name: learned, path: '{reward}', device: {device_name}}}]"])
+    sl_cfg = load_config(CTCTrainConfig, None, common + [f"model.path={nemo}", f"output_dir={folder / 'sl'}"])
+    rl, sl = RLFinetuneRecipe(rl_cfg), CTCTrainRecipe(sl_cfg)
+    rl.setup()
+    sl.setup()
+    batch = next(iter(rl.stream))
+    return rl, sl, batch
+
+
+def timed(function, device) -> float:
+    synchronize(device)
+    started = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def alternate(first, second, device, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of two callables timed alternately (warm-up calls are not counted)."""
+    for _ in range(warmup):
+        first()
+        second()
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(timed(first, device))
+        b.append(timed(second, device))
+    return statistics.median(a), statistics.median(b)
+
+
+def rollouts(policy, batch, num_samples: int, autocast):
+    """(shared, naive) rollout callables: sample K hypotheses per utterance, from one encoder pass
+    or from the encoder run on K copies of every clip."""
+    import torch
+
+    generator = torch.Generator(device=policy.device).manual_seed(0)
+
+    def shared():
+        with torch.no_grad(), autocast():
+            log_probs, encoded_len = policy.forward(batch.audio, batch.audio_len)
+        return policy.sample(log_probs.float(), encoded_len, num_samples, generator)
+
+    def naive():
+        audio = batch.audio.repeat_interleave(num_samples, dim=0)
+        lengths = batch.audio_len.repeat_interleave(num_samples)
+        with torch.no_grad(), autocast():
+            log_probs, encoded_len = policy.forward(audio, lengths)
+        return policy.sample(log_probs.float(), encoded_len, 1, generator)
+
+    return shared, naive
+
+
+def measure_size(size: str, device_name: str, repeats: int) -> dict:
+    import torch
+
+    from rlnf.training import resolve_device
+
+    device = resolve_device(device_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        manifest, nemo, reward = fixture(folder, size, device_name)
+        rl, sl, batch = build_recipes(folder, manifest, nemo, reward, device_name)
+        batch = batch.to(device)
+        audio_seconds = float(batch.audio_len.sum()) / 16000
+        parameters = sum(p.numel() for p in rl.policy.model.parameters())
+
+        rl_time, sl_time = alternate(lambda: rl.train_step([batch]), lambda: sl.train_step(batch), device, repeats)
+        shared, naive = rollouts(rl.policy, batch, 8, rl._autocast)
+        rl.policy.set_mode("rollout")
+        shared_time, naive_time = alternate(shared, naive, device, repeats)
+
+        # Learned-reward scoring of the B*K sampled hypotheses: reuse + dedup vs every pair alone.
+        samples = shared().texts
+        scorer = rl.rewards.rewards[0].reward.scorer
+        reuse_time, per_pair_time = alternate(
+            lambda: scorer.score_groups(batch.audio, batch.audio_len, 16000, samples),
+            lambda: scorer.score_pairs_separately(batch.audio, batch.audio_len, 16000, samples),
+            device, max(3, repeats // 2), warmup=1)
+        distinct = sum(len(set(group)) for group in samples)
+        return {
+            "size": size, "parameters": parameters, "device": str(device), "batch": len(batch), "K": 8,
+            "audio_seconds_per_batch": round(audio_seconds, 2),
+            "rl_step_s": rl_time, "sl_step_s": sl_time, "rl_over_sl_step_time": rl_time / sl_time,
+            "rollout_shared_s": shared_time, "rollout_naive_s": naive_time,
+            "rollout_speedup_shared_vs_naive": naive_time / shared_time,
+            "reward_reuse_s": reuse_time, "reward_per_pair_s": per_pair_time,
+            "reward_speedup_reuse_vs_per_pair": per_pair_time / reuse_time,
+            "distinct_hypotheses": distinct,
+            "reward_pairs_per_s": len(batch) * 8 / reuse_time,
+            "rl_utterances_per_s": len(batch) / rl_time, "rl_audio_seconds_per_s": audio_seconds / rl_time,
+        }
+
+
+def memory_probe(kind: str, size: str, device_name: str) -> None:
+    """Child process: report peak memory of RL or supervised steps (printed as JSON)."""
+    import torch
+
+    from rlnf.training import resolve_device
+
+    device = resolve_device(device_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        manifest, nemo, reward = fixture(folder, size, device_name)
+        rl, sl, batch = build_recipes(folder, manifest, nemo, reward, device_name)
+        batch = batch.to(device)
+        step = (lambda: rl.train_step([batch])) if kind == "rl" else (lambda: sl.train_step(batch))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        before_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        for _ in range(3):
+            step()
+        result = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before": before_rss}
+        if device.type == "cuda":
+            result.update({"cuda_peak": torch.cuda.max_memory_allocated(), "cuda_before": before})
+        print("MEMORY " + json.dumps(result))
+
+
+def measure_memory(size: str, device_name: str) -> dict:
+    out = {}
+    for kind in ("rl", "sl"):
+        proc = subprocess.run([sys.executable, __file__, "--memory-probe", kind, "--sizes", size, "--device", device_name],
+                              capture_output=True, text=True, check=True)
+        line = next(l for l in proc.stdout.splitlines() if l.startswith("MEMORY "))
+        out[kind] = json.loads(line[len("MEMORY "):])
+    if "cuda_peak" in out["rl"]:
+        ratio = out["rl"]["cuda_peak"] / out["sl"]["cuda_peak"]
+        net = (out["rl"]["cuda_peak"] - out["rl"]["cuda_before"]) / max(1, out["sl"]["cuda_peak"] - out["sl"]["cuda_before"])
+    else:
+        ratio = out["rl"]["peak_rss"] / out["sl"]["peak_rss"]
+        net = (out["rl"]["peak_rss"] - out["rl"]["rss_before"]) / max(1, out["sl"]["peak_rss"] - out["sl"]["rss_before"])
+    return {"rl_over_sl_peak_memory": ratio, "rl_over_sl_peak_memory_net": net, "raw": out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sizes", default="small,15x5")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--memory-probe", choices=["rl", "sl"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from rlnf.cli import quiet_nemo
+
+    quiet_nemo()
+    import logging
+
+    logging.getLogger("rlnf").setLevel(logging.ERROR)
+    if args.memory_probe:
+        memory_probe(args.memory_probe, args.sizes, args.device)
+        return
+    import torch
+
+    sizes = args.sizes.split(",")
+    results = {size: measure_size(size, args.device, args.repeats) for size in sizes}
+    memory = measure_memory(sizes[-1], args.device)
+    device = results[sizes[0]]["device"]
+    print(f"\nrlnf benchmark on {device} ({torch.get_num_threads()} threads), batch 8 x ~3 s, K = 8, "
+          f"median of {args.repeats} alternating steps")
+    header = f"{'figure':<52}" + "".join(f"{s:>12}" for s in sizes) + "   target"
+    print(header + "\n" + "-" * len(header))
+    rows = [("parameters", "parameters", "{:.0f}", ""),
+            ("RL step / supervised step (time)", "rl_over_sl_step_time", "{:.2f}x", "<= 1.5x (15x5)"),
+            ("  RL step seconds", "rl_step_s", "{:.3f}", ""), ("  supervised step seconds", "sl_step_s", "{:.3f}", ""),
+            ("naive rollout / shared-encoder rollout (time)", "rollout_speedup_shared_vs_naive", "{:.2f}x", ">= 6.4x"),
+            ("per-pair reward / reuse+dedup reward (time)", "reward_speedup_reuse_vs_per_pair", "{:.2f}x", ">= 3x"),
+            ("  distinct hypotheses of 64", "distinct_hypotheses", "{:.0f}", ""),
+            ("reward-model throughput (pairs/s)", "reward_pairs_per_s", "{:.0f}", ""),
+            ("RL throughput (utterances/s)", "rl_utterances_per_s", "{:.1f}", ""),
+            ("RL throughput (audio-seconds/s)", "rl_audio_seconds_per_s", "{:.1f}", "")]
+    for label, key, fmt, target in rows:
+        print(f"{label:<52}" + "".join(f"{fmt.format(results[s][key]):>12}" for s in sizes) + f"   {target}")
+    print(f"{'RL step / supervised step (peak memory, ' + sizes[-1] + ')':<52}{memory['rl_over_sl_peak_memory']:>12.2f}x"
+          f"   <= 1.5x   (net of the memory held before the first step: {memory['rl_over_sl_peak_memory_net']:.2f}x)")
+    figures = {
+        "rl_over_sl_step_time_15x5": results.get("15x5", {}).get("rl_over_sl_step_time"),
+        "rl_over_sl_step_time_small": results.get("small", {}).get("rl_over_sl_step_time"),
+        "rollout_speedup_shared_vs_naive": results[sizes[-1]]["rollout_speedup_shared_vs_naive"],
+        "reward_speedup_reuse_vs_per_pair": results[sizes[-1]]["reward_speedup_reuse_vs_per_pair"],
+        "rl_over_sl_peak_memory": memory["rl_over_sl_peak_memory"],
+        "rl_over_sl_peak_memory_net": memory["rl_over_sl_peak_memory_net"],
+        "reward_pairs_per_s": results[sizes[-1]]["reward_pairs_per_s"],
+        "rl_utterances_per_s": results[sizes[-1]]["rl_utterances_per_s"],
+        "device": device, "K": 8, "threads": torch.get_num_threads(), "per_size": results, "memory": memory,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

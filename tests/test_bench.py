@@ -1,0 +1,28 @@
+"""scripts/bench.py runs end to end (on the tiny model) and writes the documented JSON keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_script_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--sizes", "tiny", "--repeats", "2",
+                             "--device", "cpu", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for key in ("rl_over_sl_step_time_15x5", "rl_over_sl_step_time_small", "rollout_speedup_shared_vs_naive",
+                "reward_speedup_reuse_vs_per_pair", "rl_over_sl_peak_memory", "reward_pairs_per_s",
+                "rl_utterances_per_s", "device", "K"):
+        assert key in figures, key
+    assert figures["K"] == 8 and figures["per_size"]["tiny"]["rl_over_sl_step_time"] > 0
+    assert "RL step / supervised step" in result.stdout

@@ -1,0 +1,85 @@
+"""The README stays true (config reference, metric names, commands); speech synthesis is deterministic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_config_reference_is_current():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "update_readme.py"), "--check"])
+    assert result.returncode == 0, "README config reference is stale: run python scripts/update_readme.py"
+
+
+def test_readme_documents_every_logged_metric_and_the_two_commands():
+    from tests.test_rl_finetune_cli import REQUIRED_METRICS, VAL_METRICS
+
+    readme = (ROOT / "README.md").read_text()
+    for name in REQUIRED_METRICS + VAL_METRICS + ["rollout/unique_ratio", "train/skipped_steps", "kl/per_frame"]:
+        assert f"`{name}`" in readme or name.replace("cer/mean", "<name>/mean") in readme, name
+    assert "scripts/demo.sh" in readme and "scripts/test.sh" in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "scripts/test.sh" in ci
+
+
+def test_corpus_is_deterministic(tmp_path):
+    from tests.conftest import require_tool
+
+    require_tool("flite", "espeak-ng", "sox")
+    from rlnf.synth import synthesize_corpus
+
+    kwargs = dict(num_sentences=4, voices=["flite:slt", "espeak:en+f3:speed=150:pitch=60"], heldout_voice="flite:awb",
+                  noise_snr=20.0, seed=3, progress=False, split=(0.5, 0.25))
+    first = synthesize_corpus(tmp_path / "a", **kwargs)
+    second = synthesize_corpus(tmp_path / "b", **kwargs)
+    sums_a = json.loads((tmp_path / "a" / "corpus.json").read_text())["sha256"]
+    sums_b = json.loads((tmp_path / "b" / "corpus.json").read_text())["sha256"]
+    assert sums_a == sums_b and len(sums_a) == 12
+    other = synthesize_corpus(tmp_path / "c", **{**kwargs, "seed": 4})
+    assert json.loads((tmp_path / "c" / "corpus.json").read_text())["sha256"] != sums_a
+    rows = [json.loads(line) for line in Path(first["heldout_test"]).read_text().splitlines()]
+    assert {r["speaker"] for r in rows} == {"flite:awb"} and all(r["text"] for r in rows)
+    train = [json.loads(line) for line in Path(first["train"]).read_text().splitlines()]
+    test_sentences = {r["sentence_id"] for r in rows}
+    assert not test_sentences & {r["sentence_id"] for r in train}  # split by sentence
+    import soundfile
+
+    info = soundfile.info(str(Path(first["train"]).parent / train[0]["audio_filepath"]))
+    assert info.samplerate == 16000 and info.channels == 1
+    # Cached: a second call with the same parameters does not synthesise again.
+    assert synthesize_corpus(tmp_path / "a", **kwargs) == first
+
+
+def test_nemo_archive_escaping_its_folder_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    from rlnf.checkpoint import check_nemo_archive
+    from rlnf.errors import CheckpointError
+
+    for name, kind in (("../evil.txt", tarfile.REGTYPE), ("/etc/evil", tarfile.REGTYPE), ("link", tarfile.SYMTYPE)):
+        path = tmp_path / f"bad_{kind!r}_{len(name)}.nemo"
+        with tarfile.open(path, "w:gz") as archive:
+            member = tarfile.TarInfo(name)
+            member.type = kind
+            if kind == tarfile.SYMTYPE:
+                member.linkname = "/etc/passwd"
+                archive.addfile(member)
+            else:
+                data = b"x"
+                member.size = len(data)
+                archive.addfile(member, io.BytesIO(data))
+        with pytest.raises(CheckpointError, match="refusing archive member"):
+            check_nemo_archive(path)
+    good = tmp_path / "good.nemo"
+    with tarfile.open(good, "w:gz") as archive:
+        member = tarfile.TarInfo("./model_config.yaml")
+        member.size = 1
+        archive.addfile(member, io.BytesIO(b"x"))
+    check_nemo_archive(good)

@@ -1,0 +1,144 @@
+"""Crash safety and bad input through the real command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from rlnf.cli import main
+from rlnf.metric_logging import read_metrics
+
+
+def rl_args(model: str, corpus: dict, out: Path, *extra: str) -> list[str]:
+    return ["run", "rl_finetune", "--config", "rl/grpo", f"policy.path={model}",
+            f"data.train_manifest={corpus['train']}", f"output_dir={out}", "trainer.batch_size=4",
+            "algorithm.num_samples=4", "trainer.progress_bar=false", "trainer.lr=3e-4", "trainer.samples_every=0",
+            *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(corpus, pretrained_tiny_nemo, tmp_path):
+    common = ["trainer.max_steps=8", "trainer.save_every=1", "trainer.keep_last=2"]
+    straight = tmp_path / "straight"
+    assert main(rl_args(pretrained_tiny_nemo, corpus, straight, *common)) == 0
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "rlnf.cli", *rl_args(pretrained_tiny_nemo, corpus, killed, *common)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+    state_path = killed / "checkpoints" / "trainer_state.pt"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if state_path.exists() and torch.load(state_path, weights_only=True)["step"] >= 3:
+                break
+            if process.poll() is not None:
+                pytest.fail("the training process ended before it could be killed")
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)  # at an arbitrary moment: maybe mid-write
+    finally:
+        process.wait(timeout=30)
+    saved_step = torch.load(state_path, weights_only=True)["step"]
+    assert 3 <= saved_step < 8
+    assert main(rl_args(pretrained_tiny_nemo, corpus, killed, *common, "resume=true")) == 0
+
+    final_straight = torch.load(straight / "checkpoints" / "trainer_state.pt", weights_only=True)
+    final_resumed = torch.load(state_path, weights_only=True)
+    assert final_resumed["step"] == 8
+    for name, tensor in final_straight["model"].items():
+        torch.testing.assert_close(final_resumed["model"][name], tensor, msg=name)
+
+    def comparable(rows):
+        return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
+
+    assert comparable(read_metrics(killed)) == comparable(read_metrics(straight))
+    snapshots = sorted(p.name for p in (killed / "checkpoints").glob("step_*.nemo"))
+    assert snapshots == ["step_0000007.nemo", "step_0000008.nemo"]  # the last N are kept
+    assert (killed / "checkpoints" / "best.nemo").exists()
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("malformed_json", "bad.json:2: malformed JSON"),
+    ("missing_audio_key", "bad.json:2: missing key 'audio_filepath'"),
+    ("wrong_type", "bad.json:2: 'text' must be a string"),
+    ("empty", "no usable utterances"),
+    ("missing_file", "bad.json:2: audio file not found"),
+    ("corrupt_file", "bad.json:2: cannot read audio file"),
+    ("zero_samples", "bad.json:2: audio file has no samples"),
+    ("missing_reference", "bad.json:2: missing key 'text' (reward 'cer' needs a reference transcript)"),
+])
+def test_bad_manifests_fail_before_any_model_loads(case, expected, tmp_path, capsys):
+    good = tmp_path / "good.wav"
+    soundfile.write(str(good), np.zeros(8000, dtype=np.float32) + 0.01, 16000)
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    soundfile.write(str(tmp_path / "zero.wav"), np.zeros(0, dtype=np.float32), 16000)
+    first = {"audio_filepath": "good.wav", "text": "hello"}
+    second = {
+        "malformed_json": '{"audio_filepath": "good.wav"',
+        "missing_audio_key": {"text": "x"},
+        "wrong_type": {"audio_filepath": "good.wav", "text": 3},
+        "missing_file": {"audio_filepath": "nope.wav", "text": "x"},
+        "corrupt_file": {"audio_filepath": "corrupt.wav", "text": "x"},
+        "zero_samples": {"audio_filepath": "zero.wav", "text": "x"},
+        "missing_reference": {"audio_filepath": "good.wav"},
+    }.get(case)
+    manifest = _write(tmp_path / "bad.json", [] if case == "empty" else [first, second])
+    started = time.perf_counter()
+    code = main(["run", "rl_finetune", "--config", "rl/rloo", "policy.path=/nonexistent/model.nemo",
+                 f"data.train_manifest={manifest}", f"output_dir={tmp_path / 'out'}"])
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    assert time.perf_counter() - started < 10  # no model was loaded (the policy path does not even exist)
+
+
+def test_skip_bad_samples_counts_instead_of_failing(tmp_path):
+    from rlnf.config import DataConfig
+    from rlnf.recipe_utils import load_utterances
+
+    good = tmp_path / "good.wav"
+    soundfile.write(str(good), np.zeros(8000, dtype=np.float32) + 0.01, 16000)
+    manifest = _write(tmp_path / "m.json", [{"audio_filepath": "good.wav", "text": "A  B"}, "{oops",
+                                            {"audio_filepath": "missing.wav"}])
+    utterances, stats = load_utterances(DataConfig(train_manifest=str(manifest), skip_bad_samples=True), str(manifest),
+                                        require_text=False)
+    assert len(utterances) == 1 and utterances[0].text == "a b"
+    assert sum(stats.skipped.values()) == 2 and "skipped" in stats.summary()
+
+
+@pytest.mark.slow
+def test_non_finite_loss_skips_the_update(corpus, pretrained_tiny_nemo, tmp_path, monkeypatch):
+    import rlnf.rl as rl_module
+    from recipes.rl_finetune import RLFinetuneRecipe
+    from rlnf.config import RLFinetuneConfig, load_config
+
+    cfg = load_config(RLFinetuneConfig, None, rl_args(pretrained_tiny_nemo, corpus, tmp_path / "run")[4:])
+    recipe = RLFinetuneRecipe(cfg)
+    recipe.setup()
+    original = rl_module.rl_loss
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = original(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    # The recipe imports rl_loss at call time, so patching the module attribute reaches it.
+    monkeypatch.setattr(rl_module, "rl_loss", poisoned)
+    before = {k: v.clone() for k, v in recipe.policy.model.state_dict().items()}
+    batch = next(iter(recipe.stream))
+    metrics, _ = recipe.train_step([batch])
+    assert metrics["train/skipped_steps"] == 1
+    for name, tensor in recipe.policy.model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name  # nothing applied

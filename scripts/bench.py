@@ -219,12 +219,36 @@ def measure_memory(size: str, device_name: str) -> dict:
     return {"rl_over_sl_peak_memory": ratio, "rl_over_sl_peak_memory_net": net, "raw": out}
 
 
+def profile_rl_step(size: str, device_name: str) -> None:
+    """Print the operators that dominate an RL step (self CPU time; CUDA time on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from rlnf.training import resolve_device
+
+    device = resolve_device(device_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        manifest, nemo, reward = fixture(folder, size, device_name)
+        rl, _, batch = build_recipes(folder, manifest, nemo, reward, device_name)
+        batch = batch.to(device)
+        for _ in range(2):
+            rl.train_step([batch])
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as profiler:
+            for _ in range(5):
+                rl.train_step([batch])
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=sort, row_limit=15))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sizes", default="small,15x5")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the table: torch.profiler's top operators of 5 RL steps (first size)")
     parser.add_argument("--memory-probe", choices=["rl", "sl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -240,6 +264,9 @@ def main() -> None:
     import torch
 
     sizes = args.sizes.split(",")
+    if args.profile:
+        profile_rl_step(sizes[0], args.device)
+        return
     results = {size: measure_size(size, args.device, args.repeats) for size in sizes}
     memory = measure_memory(sizes[-1], args.device)
     device = results[sizes[0]]["device"]

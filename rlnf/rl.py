@@ -43,6 +43,7 @@ class Rollout:
     ref_seq_log_probs: torch.Tensor | None = None  # log pi_ref(y)
     greedy_rewards: torch.Tensor | None = None  # [B]
     frame_log_probs: torch.Tensor | None = None  # [B, T, V] with graph, when the update re-uses the rollout pass
+    seq_log_probs: torch.Tensor | None = None  # [B, K] with graph, likewise
     raw_log_probs: torch.Tensor | None = None  # [B, T, V] at tau = 1, with graph (supervised term)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -108,11 +109,12 @@ def make_rollout(
         ref_frame_log_probs = ctc.apply_temperature(ref_raw.float(), algo.temperature)
         with torch.no_grad():
             kl_exact = ctc.exact_kl(detached, ref_frame_log_probs, encoded_len)
-            ref_seq_log_probs = ctc.sequence_log_probs(ref_frame_log_probs, encoded_len, samples.labels,
-                                                       samples.label_len, policy.blank_id)
+            if algo.kl_estimator in ("k1", "k3"):  # sequence-level estimators need log pi_ref(y)
+                ref_seq_log_probs = ctc.sequence_log_probs(ref_frame_log_probs, encoded_len, samples.labels,
+                                                           samples.label_len, policy.blank_id)
+                metrics["kl/k1"] = float(ctc.kl_k1(seq_log_probs.detach(), ref_seq_log_probs).mean())
         metrics["kl"] = float(kl_exact.mean())
         metrics["kl/per_frame"] = float((kl_exact / encoded_len.clamp(min=1)).mean())
-        metrics["kl/k1"] = float(ctc.kl_k1(seq_log_probs.detach(), ref_seq_log_probs).mean())
 
     # 5. Rewards of every hypothesis (references only reach rewards that need them).
     inputs = RewardInputs(audio=batch.audio, audio_len=batch.audio_len, sample_rate=policy.sample_rate,
@@ -155,6 +157,7 @@ def make_rollout(
         advantages=advantages, ref_frame_log_probs=ref_frame_log_probs, ref_seq_log_probs=ref_seq_log_probs,
         greedy_rewards=greedy_rewards, metrics=metrics,
         frame_log_probs=log_probs if keep_graph else None,
+        seq_log_probs=seq_log_probs if keep_graph else None,
         raw_log_probs=raw_log_probs if keep_graph and need_raw else None,
     )
 
@@ -188,15 +191,15 @@ def rl_loss(
     autocast = autocast or contextlib.nullcontext
     if rollout.frame_log_probs is not None:  # on-policy, first epoch: re-use the rollout's graph
         log_probs, raw_log_probs, encoded_len = rollout.frame_log_probs, rollout.raw_log_probs, rollout.encoded_len
-        rollout.frame_log_probs = rollout.raw_log_probs = None  # the graph is consumed once
+        seq_log_probs = rollout.seq_log_probs
+        rollout.frame_log_probs = rollout.raw_log_probs = rollout.seq_log_probs = None  # the graph is consumed once
     else:
         with autocast():
             raw_log_probs, encoded_len = policy.forward(rollout.batch.audio, rollout.batch.audio_len)
         raw_log_probs = raw_log_probs.float()
         log_probs = ctc.apply_temperature(raw_log_probs, algo.temperature)
-
-    seq_log_probs = ctc.sequence_log_probs(log_probs, encoded_len, rollout.samples.labels,
-                                           rollout.samples.label_len, policy.blank_id)
+        seq_log_probs = ctc.sequence_log_probs(log_probs, encoded_len, rollout.samples.labels,
+                                               rollout.samples.label_len, policy.blank_id)
     # Policy-gradient term.
     if algo.policy_loss == "clipped":
         loss_policy, clip_fraction = algorithms.clipped_surrogate_loss(seq_log_probs, rollout.old_log_probs,

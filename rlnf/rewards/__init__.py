@@ -157,7 +157,7 @@ class RewardSet:
         return total, components
 
 
-def build_reward(spec: Any, device: torch.device | None = None) -> Callable[[RewardInputs], Any]:
+def build_reward(spec: Any) -> Callable[[RewardInputs], Any]:
     """One reward from a ``rlnf.config.RewardSpec``."""
     if spec.name == "cer":
         return ErrorRateReward("char")

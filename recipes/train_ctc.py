@@ -96,6 +96,7 @@ class CTCTrainRecipe:
 
         import torch
 
+        from rlnf import ctc
         from rlnf.policy import labels_to_padded
         from rlnf.training import autocast, clip_gradients
 
@@ -104,10 +105,16 @@ class CTCTrainRecipe:
         labels, label_len = labels_to_padded([self.targets[u.where] for u in batch.utterances], self.device)
         with autocast(self.device, self.autocast_dtype):
             log_probs, encoded_len, _ = self.policy.model(input_signal=batch.audio, input_signal_length=batch.audio_len)
-        per_utterance = torch.nn.functional.ctc_loss(log_probs.float().transpose(0, 1), labels, encoded_len, label_len,
-                                                     blank=self.policy.blank_id, reduction="none", zero_infinity=False)
-        feasible = torch.isfinite(per_utterance)  # a target longer than its frames allow has no alignment
-        loss = per_utterance[feasible].mean() if feasible.any() else per_utterance.sum() * 0
+        # A target longer than its frames allow has no alignment: its loss is infinite and its CTC
+        # gradient NaN, so it is left out of the loss (and counted) rather than poisoning the step.
+        feasible = ctc.min_frames(labels, label_len) <= encoded_len
+        if feasible.any():
+            per_utterance = torch.nn.functional.ctc_loss(
+                log_probs.float().transpose(0, 1)[:, feasible], labels[feasible], encoded_len[feasible],
+                label_len[feasible], blank=self.policy.blank_id, reduction="none", zero_infinity=False)
+            loss = per_utterance.mean()
+        else:
+            loss = log_probs.sum() * 0.0
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = clip_gradients(self.policy.model.parameters(), self.cfg.trainer.max_grad_norm)

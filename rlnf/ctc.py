@@ -34,6 +34,7 @@ __all__ = [
     "kl_k1",
     "kl_k3",
     "frame_entropy",
+    "min_frames",
 ]
 
 
@@ -204,3 +205,14 @@ def frame_entropy(log_probs: torch.Tensor, encoded_len: torch.Tensor) -> torch.T
     per_frame = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1)
     mask = frame_mask(encoded_len, log_probs.shape[1])
     return (per_frame * mask).sum(dim=1) / encoded_len.clamp(min=1).to(per_frame.dtype)
+
+
+def min_frames(labels: torch.Tensor, label_len: torch.Tensor) -> torch.Tensor:
+    """Fewest frames that can emit each target: its length plus one blank between every pair of
+    equal adjacent labels. labels [N, L], label_len [N] -> [N]. A target is CTC-feasible on T frames
+    iff min_frames <= T; otherwise its loss is infinite and ``ctc_loss`` backward gives NaN gradients."""
+    if labels.shape[1] < 2:
+        return label_len.clone()
+    positions = torch.arange(1, labels.shape[1], device=labels.device).unsqueeze(0)
+    repeats = ((labels[:, 1:] == labels[:, :-1]) & (positions < label_len.unsqueeze(1))).sum(dim=1)
+    return label_len + repeats

@@ -225,10 +225,16 @@ def rl_loss(
         if raw_log_probs is None:
             raise RuntimeError("supervised term needs the tau=1 log-probs")
         labels, label_len = supervised_targets
-        ref_log_probs = ctc.sequence_log_probs(raw_log_probs, encoded_len, labels.unsqueeze(1),
-                                               label_len.unsqueeze(1), policy.blank_id)
-        feasible = torch.isfinite(ref_log_probs)
-        loss_supervised = -(ref_log_probs[feasible]).mean() if feasible.any() else torch.zeros(())
+        # Only CTC-feasible references: an infeasible one has an infinite loss and NaN gradients.
+        feasible = ctc.min_frames(labels, label_len) <= encoded_len
+        if feasible.any():
+            ref_log_probs = ctc.sequence_log_probs(raw_log_probs[feasible], encoded_len[feasible],
+                                                   labels[feasible].unsqueeze(1), label_len[feasible].unsqueeze(1),
+                                                   policy.blank_id)
+            loss_supervised = -ref_log_probs.mean()
+        else:
+            loss_supervised = torch.zeros((), device=log_probs.device)
+        metrics["train/infeasible"] = float((~feasible).float().mean())
         loss = loss + algo.supervised_coef * loss_supervised
         metrics["loss/supervised"] = float(loss_supervised.detach())
     metrics["loss/total"] = float(loss.detach())

@@ -179,3 +179,16 @@ def test_temperature_equals_softmax_of_scaled_logits():
     assert ctc.apply_temperature(log_probs, 1.0) is log_probs
     with pytest.raises(ValueError):
         ctc.apply_temperature(log_probs, 0.0)
+
+
+def test_min_frames_decides_feasibility_like_the_ctc_loss():
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(50):
+        frames = int(torch.randint(1, 7, (1,), generator=generator))
+        length = int(torch.randint(0, 6, (1,), generator=generator))
+        labels = torch.randint(0, 2, (1, 1, max(length, 1)), generator=generator)
+        log_probs = random_log_probs(batch=1, frames=frames, seed=int(torch.randint(0, 99, (1,), generator=generator)))
+        finite = torch.isfinite(ctc.sequence_log_probs(log_probs, torch.tensor([frames]), labels,
+                                                       torch.tensor([[length]]), BLANK)).item()
+        needed = ctc.min_frames(labels[0], torch.tensor([length])).item()
+        assert finite == (needed <= frames), (labels, length, frames)

@@ -221,14 +221,10 @@ class RLFinetuneRecipe:
         from rlnf.recipe_utils import policy_trainer_state
 
         save_model = lambda path: self.policy.model.save_to(str(path))  # noqa: E731
-        metric = self.checkpoints.best_metric
-        if metric.startswith("val/"):
-            value = validated.get(metric) if validated else None
-        else:  # no validation data: the training reward averaged since the previous save
-            value = sum(self._window_rewards) / max(1, len(self._window_rewards))
-            self._window_rewards = []
-        if value is not None and self.checkpoints.update_best(value, save_model):
-            log.info("step %d: new best %s = %.4f", self.step, metric, value)
+        best = self.checkpoints.update_best_from(validated, self._window_rewards, save_model)
+        self._window_rewards = []  # without validation data, best.nemo follows the reward since the last save
+        if best is not None:
+            log.info("step %d: new best %s = %.4f", self.step, self.checkpoints.best_metric, best)
         self.checkpoints.save_last(save_model, policy_trainer_state(
             self.step, self.policy.model, self.optimizer, self.scheduler, self.stream, self.generator,
             skipped_steps=self.skipped_steps))

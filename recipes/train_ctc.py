@@ -178,14 +178,8 @@ class CTCTrainRecipe:
         from rlnf.recipe_utils import policy_trainer_state
 
         save_model = lambda path: self.policy.model.save_to(str(path))  # noqa: E731
-        metric = self.checkpoints.best_metric
-        if metric.startswith("val/"):
-            value = (validated or {}).get(metric)
-        else:  # no validation data: the training loss averaged since the previous save
-            value = sum(self._window_losses) / max(1, len(self._window_losses))
-            self._window_losses = []
-        if value is not None:
-            self.checkpoints.update_best(value, save_model)
+        self.checkpoints.update_best_from(validated, self._window_losses, save_model)
+        self._window_losses = []  # without validation data, best.nemo follows the loss since the last save
         self.checkpoints.save_last(save_model, policy_trainer_state(
             self.step, self.policy.model, self.optimizer, self.scheduler, self.stream,
             skipped_steps=self.skipped_steps))

@@ -124,6 +124,18 @@ class CheckpointManager:
             for old in sorted(self.folder.glob("step_*.nemo"))[: -self.keep_last]:
                 old.unlink()
 
+    def update_best_from(self, validated: dict[str, float] | None, train_values: list[float], save_model) -> float | None:
+        """Offer this save's value of ``best_metric`` (returned when best.nemo was written, else None).
+
+        A ``val/*`` metric comes from ``validated`` (None when this save had no validation);
+        otherwise the value is the mean of ``train_values``, the training metric logged since the
+        previous save, which the caller then clears."""
+        if self.best_metric.startswith("val/"):
+            value = (validated or {}).get(self.best_metric)
+        else:
+            value = sum(train_values) / len(train_values) if train_values else None
+        return value if value is not None and self.update_best(value, save_model) else None
+
     def update_best(self, value: float, save_model) -> bool:
         """Write best.nemo when ``value`` beats the best so far; returns whether it did."""
         if not self.is_better(value):

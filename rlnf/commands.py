@@ -13,15 +13,18 @@ def evaluate(model: str, manifest: str, reward: str | None = None, output: str |
              batch_size: int = 16, device: str = "auto", text_key: str = "text") -> dict[str, Any]:
     """Greedy transcripts of ``manifest`` by ``model``; corpus WER/CER against its references and the
     mean reward of ``reward`` (a checkpoint folder) when given. Writes OUT.json and OUT.transcripts.jsonl."""
+    from rlnf.config import DataConfig
     from rlnf.data.loader import AudioDataset
-    from rlnf.data.manifest import read_manifest
     from rlnf.evaluation import evaluate_policy
     from rlnf.policy import CTCPolicy
+    from rlnf.recipe_utils import load_utterances
     from rlnf.rewards import RewardSet, WeightedReward
     from rlnf.training import resolve_device
 
     torch_device = resolve_device(device)
-    utterances, _ = read_manifest(manifest, text_key=text_key)
+    # The recipes' own reading: references lower-cased and whitespace-normalised (data.lowercase's
+    # default), so this WER equals the val/wer a recipe logs for the same model and manifest.
+    utterances, _ = load_utterances(DataConfig(train_manifest=manifest, text_key=text_key), manifest, False)
     policy = CTCPolicy.load(model, torch_device)
     rewards = None
     if reward:

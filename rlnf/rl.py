@@ -116,16 +116,21 @@ def make_rollout(
         metrics["kl"] = float(kl_exact.mean())
         metrics["kl/per_frame"] = float((kl_exact / encoded_len.clamp(min=1)).mean())
 
-    # 5. Rewards of every hypothesis (references only reach rewards that need them).
+    # 5. Rewards of every hypothesis (references only reach rewards that need them). For the
+    #    self-critical baseline the greedy transcript joins its group in the same call, so a learned
+    #    reward embeds each utterance's audio once (and scores a greedy text equal to a sample once).
+    self_critical = algo.advantage == "self_critical"
+    groups = [texts + greedy_texts for texts, greedy_texts in zip(samples.texts, greedy.texts)] if self_critical \
+        else samples.texts
     inputs = RewardInputs(audio=batch.audio, audio_len=batch.audio_len, sample_rate=policy.sample_rate,
-                          hypotheses=samples.texts, references=batch.references,
+                          hypotheses=groups, references=batch.references,
                           metadata=[u.fields for u in batch.utterances])
     rewards, components = reward_set(inputs)
     greedy_rewards = None
-    if algo.advantage == "self_critical":
-        greedy_inputs = RewardInputs(audio=batch.audio, audio_len=batch.audio_len, sample_rate=policy.sample_rate,
-                                     hypotheses=greedy.texts, references=batch.references, metadata=inputs.metadata)
-        greedy_rewards = reward_set(greedy_inputs)[0][:, 0]
+    if self_critical:
+        k = algo.num_samples
+        greedy_rewards, rewards = rewards[:, k], rewards[:, :k]
+        components = {label: values[:, :k] for label, values in components.items()}
         metrics["reward/greedy_mean"] = float(greedy_rewards.mean())
 
     # 6. KL folded into the reward, per sample (RLOO / PPO style).

@@ -83,3 +83,39 @@ def test_updates_raise_the_preferred_hypothesis_and_lower_the_others(preset, cor
     assert after_others.mean() < before_others.mean(), (before_others, after_others)
     assert sum(rewards[-2:]) / 2 > rewards[0]
     assert recipe.skipped_steps == 0
+
+
+class LengthReward:
+    """Scores a transcript by its length; counts calls and records group sizes."""
+
+    calls: list[int] = []
+
+    def __call__(self, batch):
+        type(self).calls.append(len(batch.hypotheses[0]))
+        return [[min(1.0, len(h) / 100) for h in group] for group in batch.hypotheses]
+
+
+def test_self_critical_scores_greedy_in_the_same_reward_call(pretrained_tiny_nemo, corpus):
+    from rlnf.config import RLFinetuneConfig, RewardSpec, finalize_config
+    from rlnf.data.loader import AudioDataset, collate
+    from rlnf.data.manifest import read_manifest
+    from rlnf.policy import CTCPolicy
+    from rlnf.rewards import build_rewards
+    from rlnf.rl import make_rollout
+
+    cfg = finalize_config(RLFinetuneConfig(output_dir="unused"))
+    algo = cfg.algorithm
+    algo.name, algo.advantage, algo.num_samples = "reinforce", "self_critical", 5
+    utterances, _ = read_manifest(corpus["train"])
+    batch = collate([AudioDataset(utterances, 16000)[i] for i in range(3)])
+    LengthReward.calls = []
+    rollout = make_rollout(CTCPolicy.load(pretrained_tiny_nemo), None,
+                           build_rewards([RewardSpec(name="tests.test_rl_update.LengthReward")]), batch, algo,
+                           torch.Generator().manual_seed(0))
+    assert LengthReward.calls == [6]  # one call, K + 1 transcripts per group
+    expected_greedy = torch.tensor([min(1.0, len(g[0]) / 100) for g in rollout.greedy.texts])
+    torch.testing.assert_close(rollout.greedy_rewards, expected_greedy)
+    expected = torch.tensor([[min(1.0, len(t) / 100) for t in group] for group in rollout.samples.texts])
+    torch.testing.assert_close(rollout.rewards, expected)
+    torch.testing.assert_close(rollout.advantages, expected - expected_greedy.unsqueeze(1))
+    assert rollout.reward_components["LengthReward"].shape == (3, 5)

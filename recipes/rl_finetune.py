@@ -5,6 +5,9 @@
 
 Each step: rollout (one encoder pass, K sampled hypotheses per utterance, rewards, advantages)
 -> policy update(s) -> log -> validate -> checkpoint. See ``rlnf/rl.py`` for the step itself.
+
+With trainer.devices x trainer.num_nodes > 1 (or under torchrun / srun) every process takes its
+shard of each global batch; see ``rlnf/distributed.py`` for what is reduced and how.
 """
 
 from __future__ import annotations
@@ -35,15 +38,18 @@ class RLFinetuneRecipe:
 
         from rlnf.checkpoint import CheckpointManager, seed_everything
         from rlnf.data.loader import AudioDataset, TrainStream
-        from rlnf.metric_logging import build_logger
+        from rlnf.distributed import Distributed
+        from rlnf.metric_logging import NullLogger, build_logger
         from rlnf.policy import CTCPolicy
         from rlnf.rewards import build_rewards
         from rlnf.recipe_utils import load_utterances, resolve_best_metric, restore_policy_trainer_state
         from rlnf.training import build_optimizer, build_scheduler, resolve_device, resolve_precision
 
         cfg, trainer = self.cfg, self.cfg.trainer
+        # Processes first (a multi-process run launches or joins them here), models after.
+        self.dist = dist = Distributed(trainer, resolve_device(trainer.device))
+        self.device = dist.device
         seed_everything(trainer.seed)
-        self.device = resolve_device(trainer.device)
         self.autocast_dtype = resolve_precision(trainer.precision, self.device)
 
         # Rewards first: a bad reward name or checkpoint fails before the policy loads.
@@ -62,28 +68,38 @@ class RLFinetuneRecipe:
             self.reference = CTCPolicy.load(cfg.policy.path, self.device).freeze()
         self.stream = TrainStream(AudioDataset(train, self.policy.sample_rate, cfg.data.skip_bad_samples),
                                   trainer.batch_size, cfg.data.bucket_size, cfg.data.shuffle, trainer.seed,
-                                  cfg.data.num_workers, pin_memory=self.device.type == "cuda")
-        self.val_dataset = AudioDataset(self.val, self.policy.sample_rate, cfg.data.skip_bad_samples) if self.val else None
+                                  cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                                  rank=dist.rank, world_size=dist.world_size)
+        # Validation is sharded too: each process transcribes every world_size-th utterance.
+        self.val_dataset = None
+        if self.val:
+            self.val_dataset = AudioDataset(self.val[dist.rank::dist.world_size], self.policy.sample_rate,
+                                            cfg.data.skip_bad_samples)
 
         self.optimizer = build_optimizer(self.policy.model.parameters(), trainer)
         self.updates_per_step = cfg.algorithm.ppo_epochs
         self.scheduler = build_scheduler(self.optimizer, trainer.max_steps * self.updates_per_step, trainer)
-        self.generator = torch.Generator(device=self.device).manual_seed(trainer.seed)
-
         metric, mode = resolve_best_metric(trainer, self.val)
         self.checkpoints = CheckpointManager(self.run_dir, metric, mode, keep_last=trainer.keep_last)
         self.skipped_steps = 0
+        self.skipped_batches = 0
         resume_step = None
         if cfg.resume and self.checkpoints.state_path.exists():
             state = self.checkpoints.load_state()
             self.step = resume_step = restore_policy_trainer_state(state, self.policy.model, self.optimizer,
-                                                                   self.scheduler, self.stream, self.generator)
+                                                                   self.scheduler, self.stream)
             self.skipped_steps = int(state.get("skipped_steps", 0))
+            self.skipped_batches = int(state.get("skipped_batches", 0))
             log.info("resumed from step %d", self.step)
         elif cfg.resume:
             log.warning("resume=true but %s has no trainer state: starting a new run", self.checkpoints.state_path)
-        self.logger = build_logger(self.run_dir, resume_step)
-        (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        # Gradient-carrying forwards run through DDP in a process group (identity otherwise).
+        self.policy.train_module = dist.wrap(self.policy.model)
+        if dist.is_main:  # only rank 0 writes
+            self.logger = build_logger(self.run_dir, resume_step)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        else:
+            self.logger = NullLogger()
         self._window_rewards: list[float] = []
 
     def _autocast(self):
@@ -92,8 +108,28 @@ class RLFinetuneRecipe:
         return autocast(self.device, self.autocast_dtype)
 
     # ------------------------------------------------------------------------------ one step
-    def train_step(self, micro_batches: list) -> tuple[dict[str, float], list]:
-        """Rollout and update(s) on ``grad_accum_steps`` micro-batches; returns metrics and rollouts."""
+    def next_micro_batches(self, iterator) -> tuple[list, list[float]]:
+        """``grad_accum_steps`` micro-batches, and each one's loss weight: this process's share of the
+        global micro-batch times the number of processes (1.0 in a single process), so that DDP's
+        gradient average is the gradient of the global per-utterance mean whatever the shard sizes.
+        When a process's shard is all unreadable audio (skip_bad_samples), every process skips it."""
+        accum, world = self.cfg.trainer.grad_accum_steps, self.dist.world_size
+        while True:
+            batches = [next(iterator) for _ in range(accum)]
+            counts = [0 if batch is None else len(batch) for batch in batches]
+            if world == 1:
+                return batches, [1.0] * accum
+            every = self.dist.all_gather_object(counts)
+            if all(count > 0 for rank_counts in every for count in rank_counts):
+                totals = [sum(rank_counts[i] for rank_counts in every) for i in range(accum)]
+                return batches, [counts[i] * world / totals[i] for i in range(accum)]
+            self.skipped_batches += 1
+            log.warning("step %d: a process has no readable audio in its shard; every process skips these batches",
+                        self.step + 1)
+
+    def train_step(self, micro_batches: list, weights: list[float] | None = None) -> tuple[dict[str, float], list]:
+        """Rollout and update(s) on ``grad_accum_steps`` micro-batches; returns this process's metrics
+        and rollouts. ``weights``: per micro-batch loss weights (see ``next_micro_batches``)."""
         import torch
 
         from rlnf.rl import make_rollout, reference_targets, rl_loss
@@ -103,34 +139,50 @@ class RLFinetuneRecipe:
         # The rollout's graph can serve the update when the update is on-policy and its modules
         # behave exactly as in the rollout (frozen BatchNorm, no dropout).
         reuse_graph = algo.ppo_epochs == 1 and cfg.policy.batchnorm == "frozen" and not cfg.policy.dropout
-        metrics: dict[str, list[float]] = {}
+        from rlnf.distributed import pool_metrics
 
-        def record(values: dict[str, float]) -> None:
-            for key, value in values.items():
-                metrics.setdefault(key, []).append(value)
+        # (metrics, utterances) per micro-batch: the step's metrics are utterance-weighted means
+        # (stds pooled), so they describe the whole step's batch however it was cut up.
+        entries: list[tuple[dict[str, float], float]] = []
+
+        def record(values: dict[str, float], weight: float = 1.0) -> None:
+            entries.append((values, weight))
 
         rollouts = []
         accum = len(micro_batches)
+        weights = weights or [1.0] * accum
+        distributed = self.dist.world_size > 1
+        all_reduce_sum = self.dist.all_reduce_sum if distributed else None
         for epoch in range(algo.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
             for index, batch in enumerate(micro_batches):
-                if epoch == 0:
-                    rollout = make_rollout(self.policy, self.reference, self.rewards, batch.to(self.device), algo,
-                                           self.generator, keep_graph=reuse_graph, autocast=self._autocast)
-                    rollouts.append(rollout)
-                    record(rollout.metrics)
-                rollout = rollouts[index]
-                self.policy.set_mode("update", cfg.policy.batchnorm, cfg.policy.dropout)
-                targets = None
-                if algo.supervised_coef > 0:
-                    targets = reference_targets(self.policy, rollout.batch, cfg.data.oov, cfg.data.lowercase)
-                loss, loss_metrics = rl_loss(self.policy, rollout, algo, targets, autocast=self._autocast)
-                record(loss_metrics)
-                if not torch.isfinite(loss):
-                    finite = False
-                    continue
-                (loss / accum).backward()
+                # Gradients are all-reduced once per update, after the last micro-batch.
+                with self.dist.no_sync(self.policy.train_module, enabled=index < accum - 1):
+                    if epoch == 0:
+                        # Sampling keyed by (seed, step, micro-batch, manifest line): the same
+                        # hypotheses whichever process or batch an utterance lands in.
+                        keys = [(cfg.trainer.seed, self.step, index, u.line) for u in batch.utterances]
+                        rollout = make_rollout(self.policy, self.reference, self.rewards, batch.to(self.device),
+                                               algo, keep_graph=reuse_graph, autocast=self._autocast,
+                                               sample_keys=keys, all_reduce_sum=all_reduce_sum)
+                        rollouts.append(rollout)
+                        record(rollout.metrics, len(batch))
+                    rollout = rollouts[index]
+                    self.policy.set_mode("update", cfg.policy.batchnorm, cfg.policy.dropout)
+                    targets = None
+                    if algo.supervised_coef > 0:
+                        targets = reference_targets(self.policy, rollout.batch, cfg.data.oov, cfg.data.lowercase)
+                    loss, loss_metrics = rl_loss(self.policy, rollout, algo, targets, autocast=self._autocast)
+                    record(loss_metrics, len(batch))
+                    if not torch.isfinite(loss):
+                        finite = False
+                        if not distributed:
+                            continue
+                        # Every process must take part in the gradient all-reduce: back-propagate
+                        # anyway (the gradients are discarded: the update is skipped everywhere).
+                    (loss * weights[index] / accum).backward()
+            finite = not self.dist.any(not finite)
             grad_norm = clip_gradients(self.policy.model.parameters(), cfg.trainer.max_grad_norm)
             if finite and math.isfinite(grad_norm):
                 self.optimizer.step()
@@ -140,7 +192,7 @@ class RLFinetuneRecipe:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             record({"grad_norm": grad_norm})
-        averaged = {key: sum(values) / len(values) for key, values in metrics.items()}
+        averaged = pool_metrics(entries, std_scale=algo.num_samples)
         averaged["train/skipped_steps"] = self.skipped_steps
         averaged["lr"] = self.scheduler.get_last_lr()[0]
         return averaged, rollouts
@@ -156,42 +208,60 @@ class RLFinetuneRecipe:
         # A time-boxed run shows steps and elapsed time rather than a meaningless ETA to max_steps.
         bar = tqdm(total=None if trainer.max_minutes else trainer.max_steps, initial=self.step, desc="rl_finetune",
                    dynamic_ncols=True,
-                   disable=not trainer.progress_bar)
+                   disable=not trainer.progress_bar or not self.dist.is_main)
         from rlnf.recipe_utils import out_of_time
 
         started_training = time.perf_counter()
         with StopSignal() as stop:
             while self.step < trainer.max_steps:
                 started = time.perf_counter()
-                micro_batches = [next(iterator) for _ in range(trainer.grad_accum_steps)]
-                metrics, rollouts = self.train_step(micro_batches)
+                micro_batches, weights = self.next_micro_batches(iterator)
+                metrics, rollouts = self.train_step(micro_batches, weights)
                 self.step += 1
-                elapsed = time.perf_counter() - started
                 utterances = sum(len(batch) for batch in micro_batches)
                 audio_seconds = sum(float(b.audio_len.sum()) for b in micro_batches) / self.policy.sample_rate
+                # Every process agrees on stopping: a signal or the time budget on any one stops all.
+                stopping = stop.received is not None
+                timed_out = out_of_time(started_training, trainer.max_minutes)
+                if self.dist.world_size > 1:
+                    metrics, utterances, audio_seconds, stopping, timed_out = self.pool(
+                        metrics, utterances, audio_seconds, stopping, timed_out)
+                elapsed = time.perf_counter() - started
                 metrics.update({"perf/step_time": elapsed, "perf/utterances_per_s": utterances / elapsed,
                                 "perf/audio_seconds_per_s": audio_seconds / elapsed})
                 self._window_rewards.append(metrics["reward/mean"])
-                last = self.step == trainer.max_steps or out_of_time(started_training, trainer.max_minutes)
+                last = self.step == trainer.max_steps or timed_out
                 validated = None
                 if self.val is not None and ((trainer.val_every and self.step % trainer.val_every == 0) or last):
                     validated = self.validate()
                 if self.step % trainer.log_every == 0 or last or validated:
                     self.logger.log_dict({**metrics, **(validated or {})}, self.step)
-                if trainer.samples_every and self.step % trainer.samples_every == 0:
+                if trainer.samples_every and self.step % trainer.samples_every == 0 and self.dist.is_main:
                     self.log_samples(rollouts[0])
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.3f}")
-                if (trainer.save_every and self.step % trainer.save_every == 0) or last or stop.received:
+                if (trainer.save_every and self.step % trainer.save_every == 0) or last or stopping:
                     self.save_checkpoint(validated)
-                if stop.received:
+                if stopping:
                     bar.close()
                     raise TrainingInterrupted(
-                        f"stopped by signal {stop.received} after step {self.step}; checkpoint written to "
-                        f"{self.checkpoints.folder}. Continue with: resume=true")
+                        f"stopped by signal {stop.received or 'on another process'} after step {self.step}; "
+                        f"checkpoint written to {self.checkpoints.folder}. Continue with: resume=true")
                 if last:
                     break
         bar.close()
+
+    def pool(self, metrics: dict[str, float], utterances: int, audio_seconds: float, stopping: bool,
+             timed_out: bool) -> tuple[dict[str, float], int, float, bool, bool]:
+        """One collective per step: the global batch's metrics (weighted by utterances; pooled stds),
+        its size, and whether any process was signalled or ran out of time."""
+        from rlnf.distributed import pool_metrics
+
+        parts = self.dist.all_gather_object((metrics, utterances, audio_seconds, stopping, timed_out))
+        pooled = pool_metrics([(part[0], part[1]) for part in parts], std_scale=self.cfg.algorithm.num_samples)
+        pooled["train/skipped_batches"] = self.skipped_batches
+        return (pooled, sum(p[1] for p in parts), sum(p[2] for p in parts), any(p[3] for p in parts),
+                any(p[4] for p in parts))
 
     def log_samples(self, rollout) -> None:
         from rlnf.metric_logging import markdown_table
@@ -210,30 +280,43 @@ class RLFinetuneRecipe:
             self.logger.log_audio(f"audio/{b}", clip, self.policy.sample_rate, self.step)
 
     def validate(self) -> dict[str, float]:
-        from rlnf.evaluation import evaluate_policy
+        """Greedy WER/CER/reward on the validation set; each process transcribes its shard and the
+        rows are pooled, so corpus WER is computed over the whole set on every process."""
+        from rlnf.evaluation import evaluate_policy, summarize
 
         result = evaluate_policy(self.policy, self.val_dataset, self.cfg.trainer.batch_size, self.device,
                                  rewards=self.rewards, autocast=self._autocast)
-        return {f"val/{key}": value for key, value in result.metrics.items()}
+        metrics = result.metrics
+        if self.dist.world_size > 1:
+            metrics = summarize([row for rows in self.dist.all_gather_object(result.rows) for row in rows])
+        return {f"val/{key}": value for key, value in metrics.items()}
 
     # ------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, validated: dict[str, float] | None) -> None:
         from rlnf.recipe_utils import policy_trainer_state
 
+        self.dist.check_identical(self.policy.model)  # every process must hold the same weights
+        window, self._window_rewards = self._window_rewards, []
+        if not self.dist.is_main:
+            return
         save_model = lambda path: self.policy.model.save_to(str(path))  # noqa: E731
-        best = self.checkpoints.update_best_from(validated, self._window_rewards, save_model)
-        self._window_rewards = []  # without validation data, best.nemo follows the reward since the last save
+        # Without validation data, best.nemo follows the training reward averaged since the last save.
+        best = self.checkpoints.update_best_from(validated, window, save_model)
         if best is not None:
             log.info("step %d: new best %s = %.4f", self.step, self.checkpoints.best_metric, best)
         self.checkpoints.save_last(save_model, policy_trainer_state(
-            self.step, self.policy.model, self.optimizer, self.scheduler, self.stream, self.generator,
-            skipped_steps=self.skipped_steps))
+            self.step, self.policy.model, self.optimizer, self.scheduler, self.stream,
+            skipped_steps=self.skipped_steps, skipped_batches=self.skipped_batches))
 
     def cleanup(self) -> dict[str, Any]:
         from rlnf.recipe_utils import write_summary
 
         self.logger.close()
+        self.dist.barrier()
+        if not self.dist.is_main:
+            return {}
         return write_summary(self.run_dir, self.step, self.checkpoints, skipped_steps=self.skipped_steps,
+                             skipped_batches=self.skipped_batches, world_size=self.dist.world_size,
                              train_manifest=self.train_stats.summary())
 
 

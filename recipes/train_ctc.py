@@ -33,6 +33,8 @@ class CTCTrainRecipe:
 
         from rlnf.checkpoint import CheckpointManager, seed_everything
         from rlnf.data.loader import AudioDataset, TrainStream
+        from rlnf.distributed import resolve_layout
+        from rlnf.errors import ConfigError
         from rlnf.metric_logging import build_logger
         from rlnf.models import quartznet_config
         from rlnf.policy import CTCPolicy
@@ -40,6 +42,10 @@ class CTCTrainRecipe:
         from rlnf.training import build_optimizer, build_scheduler, resolve_device, resolve_precision
 
         cfg, trainer = self.cfg, self.cfg.trainer
+        devices, num_nodes = resolve_layout(trainer.devices, trainer.num_nodes)
+        if devices * num_nodes > 1:
+            raise ConfigError(f"train_ctc runs in one process (trainer.devices x trainer.num_nodes = "
+                              f"{devices} x {num_nodes}); multi-process training is rl_finetune's")
         seed_everything(trainer.seed)
         self.device = resolve_device(trainer.device)
         self.autocast_dtype = resolve_precision(trainer.precision, self.device)

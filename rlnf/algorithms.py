@@ -75,12 +75,24 @@ def self_critical_advantages(rewards: torch.Tensor, greedy_rewards: torch.Tensor
     return rewards - greedy_rewards.unsqueeze(1)
 
 
-def whiten(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Batch whitening: (v - mean) / (std + eps) over all elements (0 where all are equal)."""
-    centred = values - values.mean()
-    if values.numel() < 2:
+def whiten(values: torch.Tensor, eps: float = 1e-8, all_reduce_sum=None) -> torch.Tensor:
+    """Batch whitening: (v - mean) / (std + eps) over all elements (0 where all are equal).
+
+    ``all_reduce_sum`` (multi-process runs) sums a tensor over processes, so mean and unbiased std
+    are those of the global batch, computed from (count, sum, sum of squares)."""
+    if all_reduce_sum is None:
+        centred = values - values.mean()
+        if values.numel() < 2:
+            return centred
+        return centred / (values.std() + eps)
+    flat = values.detach().double().reshape(-1)
+    count, total, squares = all_reduce_sum(torch.stack([flat.new_tensor(flat.numel()), flat.sum(), (flat * flat).sum()]))
+    mean = total / count.clamp(min=1)
+    centred = values - mean.to(values.dtype)
+    if count < 2:
         return centred
-    return centred / (values.std() + eps)
+    variance = ((squares - count * mean * mean) / (count - 1)).clamp(min=0)
+    return centred / (variance.sqrt().to(values.dtype) + eps)
 
 
 def compute_advantages(
@@ -89,8 +101,9 @@ def compute_advantages(
     greedy_rewards: torch.Tensor | None = None,
     scale_by_std: bool = False,
     whiten_batch: bool = False,
+    all_reduce_sum=None,
 ) -> torch.Tensor:
-    """Dispatch to one advantage estimator, then optionally whiten over the batch. [B, K]."""
+    """Dispatch to one advantage estimator, then optionally whiten over the (global) batch. [B, K]."""
     if estimator == "rloo":
         advantages = rloo_advantages(rewards)
     elif estimator == "group":
@@ -103,7 +116,7 @@ def compute_advantages(
         advantages = rewards.clone()
     else:
         raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {ADVANTAGE_ESTIMATORS}")
-    return whiten(advantages) if whiten_batch else advantages
+    return whiten(advantages, all_reduce_sum=all_reduce_sum) if whiten_batch else advantages
 
 
 def reinforce_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:

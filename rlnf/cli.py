@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_output_dir(cfg.output_dir, getattr(cfg, "resume", False))
     quiet_nemo()
     result = recipe.main(cfg)
-    if isinstance(result, dict):
+    if isinstance(result, dict) and result:  # empty on the processes other than rank 0
         print(json.dumps({k: v for k, v in result.items() if k != "final_metrics"}, indent=2, default=str))
     return 0
 

@@ -111,6 +111,11 @@ class TrainerConfig:
     seed: int = opt(42, "Seed for sampling, data order and initialisation; CPU runs are deterministic.")
     device: str = opt("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'.")
     precision: str = opt("auto", "'auto' (bf16 autocast on CUDA when supported, else fp32), 'fp32' or 'bf16'.")
+    devices: Optional[int] = opt(None, "Processes per node (one per GPU; on CPU, processes). null: what torchrun or "
+                                       "SLURM announce, else 1. batch_size is per process.")
+    num_nodes: Optional[int] = opt(None, "Nodes. null: what torchrun or SLURM announce, else 1.")
+    strategy: str = opt("ddp", "Multi-process strategy (Lightning Fabric): 'ddp', data parallel with a full "
+                               "policy, reward model and reference on every process.")
     best_metric: str = opt("auto", "Validation metric that selects checkpoints/best.nemo: 'auto' is val/wer when "
                                    "the validation manifest has references, else val/reward.")
     best_mode: str = opt("auto", "'min', 'max' or 'auto' (min for wer/cer/loss metrics, max otherwise).")
@@ -126,6 +131,10 @@ class TrainerConfig:
         _check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("trainer.best_mode", self.best_mode, ("auto", "min", "max"))
+        _check_choice("trainer.strategy", self.strategy, ("ddp",))
+        for key in ("devices", "num_nodes"):
+            if getattr(self, key) is not None:
+                _check_positive(f"trainer.{key}", getattr(self, key))
         if len(self.betas) != 2:
             raise ConfigError(f"trainer.betas must have two values, got {list(self.betas)}")
         if self.max_grad_norm is not None:
@@ -505,7 +514,7 @@ def check_output_dir(output_dir: str, resume: bool) -> Path:
                           "continue it, or choose another output_dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".rlnf_write_test"
+        probe = path / f".rlnf_write_test.{os.getpid()}"  # per process: ranks of one run probe together
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:

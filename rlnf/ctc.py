@@ -63,24 +63,33 @@ def sample_alignments(
     num_samples: int,
     blank_id: int,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw ``num_samples`` alignments per utterance from the per-frame categoricals.
 
-    All samples come from one set of log-probs (one encoder pass), in one vectorised call.
+    All samples come from one set of log-probs (one encoder pass), in one vectorised call, by
+    inverse-CDF sampling: label a_t = the first v with CDF_t(v) > u_t for a uniform u_t.
 
     Args:
         log_probs: [B, T, V] log-probabilities (temperature already applied).
         encoded_len: [B] valid frames.
         num_samples: K.
         blank_id: index written at padded frames.
-        generator: optional torch.Generator for reproducible sampling.
+        generator: optional torch.Generator for the uniforms (ignored when ``uniforms`` is given).
+        uniforms: optional [B, K, T] draws in [0, 1). Passing them makes each utterance's samples
+            a function of its own draws only (see ``rlnf.rl.sampling_uniforms``), whatever batch or
+            process it lands in.
     Returns:
         alignments: [B, K, T] int64; frames t >= encoded_len[b] hold ``blank_id``.
     """
     batch, frames, vocab = log_probs.shape
-    probs = log_probs.detach().float().exp().reshape(batch * frames, vocab)
-    draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
-    alignments = draws.reshape(batch, frames, num_samples).permute(0, 2, 1)
+    if uniforms is None:
+        uniforms = torch.rand(batch, num_samples, frames, generator=generator, device=log_probs.device)
+    elif uniforms.shape != (batch, num_samples, frames):
+        raise ValueError(f"uniforms must be [B, K, T] = {(batch, num_samples, frames)}, got {tuple(uniforms.shape)}")
+    cdf = log_probs.detach().float().exp().cumsum(dim=-1)  # [B, T, V]
+    draws = torch.searchsorted(cdf, uniforms.to(cdf.device, cdf.dtype).transpose(1, 2).contiguous(), right=True)
+    alignments = draws.clamp_(max=vocab - 1).transpose(1, 2)  # [B, K, T]; clamp: CDF_T may round below 1
     valid = frame_mask(encoded_len, frames).unsqueeze(1)  # [B, 1, T]
     return torch.where(valid, alignments, torch.full_like(alignments, blank_id))
 

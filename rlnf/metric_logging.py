@@ -57,6 +57,13 @@ class MetricLogger:
         pass
 
 
+class NullLogger(MetricLogger):
+    """Logs nothing: the logger of every process but rank 0 in a multi-process run."""
+
+    def log_dict(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+
 class JsonlLogger(MetricLogger):
     def __init__(self, run_dir: str | Path, resume_step: int | None = None):
         self.metrics_path = Path(run_dir) / "metrics.jsonl"

@@ -69,6 +69,10 @@ class CTCPolicy:
             raise CheckpointError(f"{type(model).__name__} is not a CTC model (EncDecCTCModel or "
                                   "EncDecCTCModelBPE)")
         self.model = model
+        # What ``forward`` runs when gradients are on: the model itself, or its DistributedDataParallel
+        # wrapper in a multi-process run (gradient-free passes always run the bare model, so
+        # rank-local inference such as sharded validation never waits on a collective).
+        self.train_module = model
         self.tokenizer = getattr(model, "tokenizer", None)
         self.blank_id = int(model.decoder.num_classes_with_blank) - 1
         self.sample_rate = int(model.cfg.preprocessor.sample_rate)
@@ -110,15 +114,16 @@ class CTCPolicy:
     # ------------------------------------------------------------------ forward and sampling
     def forward(self, audio: torch.Tensor, audio_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One encoder pass. Returns log_probs [B, T, V] (T = max encoded_len) and encoded_len [B]."""
-        log_probs, encoded_len, _ = self.model(input_signal=audio, input_signal_length=audio_len)
+        module = self.train_module if torch.is_grad_enabled() else self.model
+        log_probs, encoded_len, _ = module(input_signal=audio, input_signal_length=audio_len)
         # The decoder may emit padding frames past encoded_len (pad_to); they are never used.
         return log_probs[:, : int(encoded_len.max())], encoded_len
 
     def sample(self, log_probs: torch.Tensor, encoded_len: torch.Tensor, num_samples: int,
-               generator: torch.Generator | None = None) -> Samples:
+               generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None) -> Samples:
         """K hypotheses per utterance from (temperature-scaled) log-probs; no gradients."""
         batch = log_probs.shape[0]
-        alignments = ctc.sample_alignments(log_probs, encoded_len, num_samples, self.blank_id, generator)
+        alignments = ctc.sample_alignments(log_probs, encoded_len, num_samples, self.blank_id, generator, uniforms)
         labels, label_len = ctc.collapse_alignments(alignments.reshape(batch * num_samples, -1), self.blank_id)
         texts = self.decode(labels, label_len)
         valid = ctc.frame_mask(encoded_len, log_probs.shape[1]).unsqueeze(1).expand_as(alignments)

@@ -18,7 +18,9 @@ Loss (one call per update epoch):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from rlnf import algorithms, ctc
@@ -67,6 +69,24 @@ def group_stats(rewards: torch.Tensor, texts: list[list[str]]) -> dict[str, floa
     }
 
 
+def sampling_uniforms(keys: Sequence[Sequence[int]], encoded_len: torch.Tensor, num_samples: int,
+                      frames: int | None = None) -> torch.Tensor:
+    """Uniform draws [B, K, T] for ``ctc.sample_alignments``, one independent stream per utterance.
+
+    Row b depends only on ``keys[b]`` (e.g. (seed, step, micro-batch, manifest line)) and its own
+    ``encoded_len[b]``: an utterance gets the same samples whatever else shares its batch, how the
+    batch is padded, and how a global batch is split over processes. Frames past encoded_len are 0.
+    """
+    lengths = encoded_len.tolist()
+    frames = int(max(lengths, default=0)) if frames is None else frames
+    uniforms = torch.zeros(len(lengths), num_samples, frames)
+    for row, (key, length) in enumerate(zip(keys, lengths)):
+        seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
+        generator = torch.Generator().manual_seed(seed)
+        uniforms[row, :, :length] = torch.rand(num_samples, int(length), generator=generator)
+    return uniforms.to(encoded_len.device)
+
+
 def make_rollout(
     policy: CTCPolicy,
     reference: CTCPolicy | None,
@@ -76,9 +96,15 @@ def make_rollout(
     generator: torch.Generator | None = None,
     keep_graph: bool = False,
     autocast=None,
+    sample_keys: Sequence[Sequence[int]] | None = None,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Rollout:
     """Steps 1-7 above. With ``keep_graph`` the policy forward keeps its autograd graph so an
-    on-policy update (one epoch, frozen BatchNorm, no dropout) needs no second forward."""
+    on-policy update (one epoch, frozen BatchNorm, no dropout) needs no second forward.
+
+    ``sample_keys`` (one per utterance) make the sampling per-utterance deterministic (see
+    ``sampling_uniforms``); otherwise ``generator`` draws for the whole batch. ``all_reduce_sum``
+    sums a tensor over processes, for the statistics that span the global batch (whitening)."""
     import contextlib
 
     autocast = autocast or contextlib.nullcontext
@@ -93,7 +119,10 @@ def make_rollout(
 
     # 2. Sample K hypotheses per utterance (vectorised) and the greedy one.
     detached = log_probs.detach()
-    samples = policy.sample(detached, encoded_len, algo.num_samples, generator)
+    uniforms = None
+    if sample_keys is not None:
+        uniforms = sampling_uniforms(sample_keys, encoded_len, algo.num_samples, frames=detached.shape[1])
+    samples = policy.sample(detached, encoded_len, algo.num_samples, generator, uniforms)
     greedy = policy.greedy(detached, encoded_len)
 
     # 3. log pi(y), the marginal over alignments, for the B*K hypotheses in one CTC call.
@@ -141,7 +170,8 @@ def make_rollout(
 
     # 7. Advantages within each group of K.
     advantages = algorithms.compute_advantages(shaped, algo.advantage, greedy_rewards=greedy_rewards,
-                                               scale_by_std=algo.scale_by_std, whiten_batch=algo.whiten_advantages)
+                                               scale_by_std=algo.scale_by_std, whiten_batch=algo.whiten_advantages,
+                                               all_reduce_sum=all_reduce_sum)
 
     metrics.update({
         "reward/mean": float(rewards.mean()),
@@ -231,12 +261,14 @@ def rl_loss(
             raise RuntimeError("supervised term needs the tau=1 log-probs")
         labels, label_len = supervised_targets
         # Only CTC-feasible references: an infeasible one has an infinite loss and NaN gradients.
+        # The mean is over all utterances (infeasible ones add 0), like every other term, so the
+        # loss stays a per-utterance mean that multi-process runs can weight by utterance count.
         feasible = ctc.min_frames(labels, label_len) <= encoded_len
         if feasible.any():
             ref_log_probs = ctc.sequence_log_probs(raw_log_probs[feasible], encoded_len[feasible],
                                                    labels[feasible].unsqueeze(1), label_len[feasible].unsqueeze(1),
                                                    policy.blank_id)
-            loss_supervised = -ref_log_probs.mean()
+            loss_supervised = -ref_log_probs.sum() / len(labels)
         else:
             loss_supervised = torch.zeros((), device=log_probs.device)
         metrics["train/infeasible"] = float((~feasible).float().mean())

@@ -105,10 +105,18 @@ def collate(items: list[tuple[np.ndarray, Utterance] | None]) -> AudioBatch | No
 
 
 class TrainStream:
-    """Endless stream of training batches, epoch after epoch, positioned by (epoch, batch)."""
+    """Endless stream of training batches, epoch after epoch, positioned by (epoch, batch).
+
+    In a run of ``world_size`` processes every process computes the same global batches of
+    ``batch_size * world_size`` utterances and loads only its contiguous shard of each
+    (``rlnf.distributed.shard_bounds``; shard sizes differ by at most one). Global batches smaller
+    than the number of processes (an epoch's tail) are left out, so every process has work. A
+    shard whose audio is all unreadable (``skip_bad``) is yielded as ``None`` so the processes
+    can agree to skip that step together; a single process just moves on.
+    """
 
     def __init__(self, dataset: AudioDataset, batch_size: int, bucket_size: int, shuffle: bool, seed: int,
-                 num_workers: int = 0, pin_memory: bool = False):
+                 num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world_size: int = 1):
         self.dataset = dataset
         self.batch_size = batch_size
         self.bucket_size = bucket_size
@@ -116,6 +124,8 @@ class TrainStream:
         self.seed = seed
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.batch_in_epoch = 0
         self.skipped = 0
@@ -128,10 +138,19 @@ class TrainStream:
         self.skipped = state.get("skipped", 0)
 
     def _epoch_batches(self) -> list[list[int]]:
-        durations = [u.duration for u in self.dataset.utterances]
-        return bucketed_batches(durations, self.batch_size, self.bucket_size, self.shuffle, self.seed, self.epoch)
+        from rlnf.distributed import shard_bounds
 
-    def __iter__(self) -> Iterator[AudioBatch]:
+        durations = [u.duration for u in self.dataset.utterances]
+        batches = bucketed_batches(durations, self.batch_size * self.world_size, self.bucket_size, self.shuffle,
+                                   self.seed, self.epoch)
+        if self.world_size == 1:
+            return batches
+        batches = [batch for batch in batches if len(batch) >= self.world_size]
+        if not batches:
+            raise DataError(f"{len(durations)} training utterances cannot feed {self.world_size} processes")
+        return [batch[slice(*shard_bounds(len(batch), self.rank, self.world_size))] for batch in batches]
+
+    def __iter__(self) -> Iterator[AudioBatch | None]:
         while True:
             batches = self._epoch_batches()[self.batch_in_epoch:]
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
@@ -140,6 +159,8 @@ class TrainStream:
                 self.batch_in_epoch += 1
                 if batch is None:  # every utterance of the batch was unreadable and skip_bad is on
                     self.skipped += 1
+                    if self.world_size > 1:
+                        yield None
                     continue
                 yield batch
             self.epoch += 1

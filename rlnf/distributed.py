@@ -1,0 +1,180 @@
+"""Multi-process (multi-GPU, multi-node) training on Lightning Fabric's DDP strategy.
+
+The recipes see one object, ``Distributed``. In a single-process run (the default) it holds no
+Fabric and every method is the identity, so nothing changes. With ``trainer.devices`` x
+``trainer.num_nodes`` > 1 it starts Lightning Fabric (``strategy="ddp"``), which
+
+- launches the other local processes itself when started as a plain ``rlnf run`` command, or
+  joins the processes that ``torchrun`` or SLURM (``srun``) started (it reads their environment),
+- creates the process group (NCCL on GPUs, gloo on CPUs) and gives each process its GPU,
+- wraps the policy in ``DistributedDataParallel`` (gradients averaged over processes in backward).
+
+What rlnf adds on top is the RL-specific bookkeeping (see ``recipes/rl_finetune.py``):
+each process samples, scores and computes group-local advantages for its own shard of every
+global batch; losses are weighted by each process's share of the utterances, so the averaged
+gradient is the gradient of the global per-utterance mean even when shards differ in size; step
+metrics are pooled with the same weights (``pool_metrics``); only rank 0 logs and writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import torch
+
+from rlnf.errors import ConfigError, RlnfError
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("ddp",)
+
+
+def launcher_layout(environ: dict[str, str] | None = None) -> tuple[int, int] | None:
+    """(processes per node, nodes) announced by torchrun or SLURM, or None outside a launcher."""
+    environ = os.environ if environ is None else environ
+    if "WORLD_SIZE" in environ and "LOCAL_WORLD_SIZE" in environ:  # torchrun / torch.distributed.run
+        world, local = int(environ["WORLD_SIZE"]), int(environ["LOCAL_WORLD_SIZE"])
+        return local, max(1, world // max(1, local))
+    if "SLURM_NTASKS" in environ and "SLURM_NNODES" in environ and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        tasks, nodes = int(environ["SLURM_NTASKS"]), int(environ["SLURM_NNODES"])
+        return max(1, tasks // max(1, nodes)), nodes
+    return None
+
+
+def resolve_layout(devices: int | None, num_nodes: int | None, environ: dict[str, str] | None = None) -> tuple[int, int]:
+    """trainer.devices / trainer.num_nodes, with null meaning 'what the launcher says, else 1'."""
+    layout = launcher_layout(environ) or (1, 1)
+    return (layout[0] if devices is None else devices), (layout[1] if num_nodes is None else num_nodes)
+
+
+def pool_metrics(per_rank: Sequence[tuple[dict[str, float], float]], std_scale: float = 1.0) -> dict[str, float]:
+    """Combine each process's step metrics into the global batch's.
+
+    ``per_rank``: (metrics, weight) per process, weight = its number of utterances. Every metric
+    is a weighted mean, except ``X/std`` with a sibling ``X/mean``: that is the pooled sample std
+    of the union, from each process's (count, mean, std) with count = weight * ``std_scale``
+    (e.g. K hypotheses per utterance). A key missing on a process is pooled over the others.
+    """
+    keys = sorted({key for metrics, _ in per_rank for key in metrics})
+    pooled: dict[str, float] = {}
+    for key in keys:
+        present = [(metrics[key], weight) for metrics, weight in per_rank if key in metrics and weight > 0]
+        if not present:
+            present = [(metrics[key], 1.0) for metrics, _ in per_rank if key in metrics]
+        total = sum(weight for _, weight in present)
+        pooled[key] = sum(value * weight for value, weight in present) / total
+    for key in keys:
+        if not key.endswith("/std"):
+            continue
+        mean_key = key[: -len("std")] + "mean"
+        rows = [(m[key], m[mean_key], w * std_scale) for m, w in per_rank if key in m and mean_key in m and w > 0]
+        if len(rows) < 2 or mean_key not in pooled:
+            continue
+        count = sum(n for _, _, n in rows)
+        mean = sum(mu * n for _, mu, n in rows) / count
+        squares = sum((n - 1) * sd * sd + n * (mu - mean) ** 2 for sd, mu, n in rows)
+        pooled[key] = math.sqrt(max(squares, 0.0) / max(count - 1, 1))
+    return pooled
+
+
+def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous slice [lo, hi) of a global batch of ``count`` items for ``rank``; sizes differ by <= 1."""
+    return count * rank // world_size, count * (rank + 1) // world_size
+
+
+class Distributed:
+    """The process group of a run (or its absence). Build it before loading models."""
+
+    def __init__(self, trainer_cfg, device: torch.device):
+        devices, num_nodes = resolve_layout(trainer_cfg.devices, trainer_cfg.num_nodes)
+        if trainer_cfg.strategy not in STRATEGIES:
+            raise ConfigError(f"trainer.strategy={trainer_cfg.strategy!r}: supported: {', '.join(STRATEGIES)}")
+        self.fabric = None
+        self.device = device
+        if devices * num_nodes > 1:
+            from lightning.fabric import Fabric
+            from lightning.fabric.strategies import DDPStrategy
+
+            accelerator = "cuda" if device.type == "cuda" else "cpu"
+            if accelerator == "cuda" and devices > torch.cuda.device_count():
+                raise ConfigError(f"trainer.devices={devices} but this node has {torch.cuda.device_count()} GPU(s)")
+            # broadcast_buffers keeps BatchNorm statistics identical across ranks when they train.
+            strategy = DDPStrategy(broadcast_buffers=True, find_unused_parameters=False)
+            try:
+                self.fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                                     precision="32-true")
+                self.fabric.launch()
+            except (ValueError, RuntimeError) as exc:
+                raise ConfigError(f"cannot start {devices} x {num_nodes} processes (trainer.devices x "
+                                  f"trainer.num_nodes): {exc}") from None
+            self.device = self.fabric.device
+            if not self.is_main:  # one voice in the console: the others warn and fail, but do not chat
+                logging.getLogger("rlnf").setLevel(logging.WARNING)
+            log.info("process group: %d processes (%d per node x %d nodes), backend %s", self.world_size, devices,
+                     num_nodes, "nccl" if accelerator == "cuda" else "gloo")
+
+    # ------------------------------------------------------------------ who am I
+    @property
+    def world_size(self) -> int:
+        return 1 if self.fabric is None else self.fabric.world_size
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.fabric is None else self.fabric.global_rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ model
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module to run forward passes that will be back-propagated (DDP in a group)."""
+        if self.fabric is None:
+            return model
+        return self.fabric.setup_module(model)
+
+    def no_sync(self, module: torch.nn.Module, enabled: bool):
+        """Skip the gradient all-reduce (for all but the last micro-batch of an accumulated step)."""
+        if self.fabric is None or not enabled:
+            return contextlib.nullcontext()
+        return self.fabric.no_backward_sync(module, enabled=True)
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.fabric is None:
+            return tensor
+        return self.fabric.all_reduce(tensor.to(self.device), reduce_op="sum").to(tensor.device)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.fabric is None:
+            return [obj]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (stop signals, time budgets)."""
+        if self.fabric is None:
+            return bool(flag)
+        return bool(self.all_reduce_sum(torch.tensor([float(bool(flag))]))[0] > 0)
+
+    def barrier(self) -> None:
+        if self.fabric is not None:
+            self.fabric.barrier()
+
+    def check_identical(self, model: torch.nn.Module) -> None:
+        """Raise when the processes' parameters differ (they must be equal after every update)."""
+        if self.fabric is None:
+            return
+        with torch.no_grad():
+            fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+        prints = self.all_gather_object(fingerprint)
+        for rank, other in enumerate(prints):
+            if not torch.equal(other, prints[0]):
+                raise RlnfError(f"parameters of rank {rank} differ from rank 0's: the processes have diverged")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlnf.config import RLFinetuneConfig, to_yaml
-from rlnf.errors import TrainingInterrupted
+from rlnf.errors import DataError, RewardError, RlnfError, TrainingInterrupted
 
 CONFIG_CLASS = RLFinetuneConfig
 log = logging.getLogger("rlnf.rl_finetune")
@@ -115,11 +115,19 @@ class RLFinetuneRecipe:
         When a process's shard is all unreadable audio (skip_bad_samples), every process skips it."""
         accum, world = self.cfg.trainer.grad_accum_steps, self.dist.world_size
         while True:
-            batches = [next(iterator) for _ in range(accum)]
+            error = None
+            try:
+                batches = [next(iterator) for _ in range(accum)]
+            except DataError as exc:  # unreadable audio with skip_bad_samples off
+                if world == 1:
+                    raise
+                error, batches = exc, [None] * accum
             counts = [0 if batch is None else len(batch) for batch in batches]
             if world == 1:
                 return batches, [1.0] * accum
-            every = self.dist.all_gather_object(counts)
+            every = self.dist.all_gather_object((counts, None if error is None else str(error)))
+            self.raise_together([message for _, message in every], DataError)
+            every = [rank_counts for rank_counts, _ in every]
             if all(count > 0 for rank_counts in every for count in rank_counts):
                 totals = [sum(rank_counts[i] for rank_counts in every) for i in range(accum)]
                 return batches, [counts[i] * world / totals[i] for i in range(accum)]
@@ -127,12 +135,45 @@ class RLFinetuneRecipe:
             log.warning("step %d: a process has no readable audio in its shard; every process skips these batches",
                         self.step + 1)
 
+    def raise_together(self, messages: list[str | None], error_class: type) -> None:
+        """Every process raises when any reported an error (so none waits forever on a collective)."""
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            raise error_class(message if rank == self.dist.rank or len(messages) == 1 else f"process {rank}: {message}")
+
+    def rollout(self, batch, index: int, keep_graph: bool):
+        """make_rollout on one micro-batch; in a process group, a bad-input error on any process
+        (a reward returning NaN, say) is raised on all of them before anyone starts the update."""
+        from rlnf.rl import make_rollout
+
+        cfg = self.cfg
+        # Sampling keyed by (seed, step, micro-batch, manifest line): the same hypotheses whichever
+        # process or batch an utterance lands in.
+        keys = [(cfg.trainer.seed, self.step, index, u.line) for u in batch.utterances]
+        distributed = self.dist.world_size > 1
+        try:
+            rollout = make_rollout(self.policy, self.reference, self.rewards, batch.to(self.device), cfg.algorithm,
+                                   keep_graph=keep_graph, autocast=self._autocast, sample_keys=keys,
+                                   all_reduce_sum=self.dist.all_reduce_sum if distributed else None)
+            error = None
+        except RlnfError as exc:
+            if not distributed:
+                raise
+            rollout, error = None, exc
+        if distributed and self.dist.any(error is not None):
+            messages = self.dist.all_gather_object(None if error is None else (type(error).__name__, str(error)))
+            kinds = {name for name, _ in filter(None, messages)}
+            self.raise_together([None if m is None else m[1] for m in messages],
+                                RewardError if kinds == {"RewardError"} else RlnfError)
+        return rollout
+
     def train_step(self, micro_batches: list, weights: list[float] | None = None) -> tuple[dict[str, float], list]:
         """Rollout and update(s) on ``grad_accum_steps`` micro-batches; returns this process's metrics
         and rollouts. ``weights``: per micro-batch loss weights (see ``next_micro_batches``)."""
         import torch
 
-        from rlnf.rl import make_rollout, reference_targets, rl_loss
+        from rlnf.rl import reference_targets, rl_loss
         from rlnf.training import clip_gradients
 
         cfg, algo = self.cfg, self.cfg.algorithm
@@ -152,7 +193,6 @@ class RLFinetuneRecipe:
         accum = len(micro_batches)
         weights = weights or [1.0] * accum
         distributed = self.dist.world_size > 1
-        all_reduce_sum = self.dist.all_reduce_sum if distributed else None
         for epoch in range(algo.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
@@ -160,12 +200,7 @@ class RLFinetuneRecipe:
                 # Gradients are all-reduced once per update, after the last micro-batch.
                 with self.dist.no_sync(self.policy.train_module, enabled=index < accum - 1):
                     if epoch == 0:
-                        # Sampling keyed by (seed, step, micro-batch, manifest line): the same
-                        # hypotheses whichever process or batch an utterance lands in.
-                        keys = [(cfg.trainer.seed, self.step, index, u.line) for u in batch.utterances]
-                        rollout = make_rollout(self.policy, self.reference, self.rewards, batch.to(self.device),
-                                               algo, keep_graph=reuse_graph, autocast=self._autocast,
-                                               sample_keys=keys, all_reduce_sum=all_reduce_sum)
+                        rollout = self.rollout(batch, index, reuse_graph)
                         rollouts.append(rollout)
                         record(rollout.metrics, len(batch))
                     rollout = rollouts[index]
@@ -194,6 +229,7 @@ class RLFinetuneRecipe:
             record({"grad_norm": grad_norm})
         averaged = pool_metrics(entries, std_scale=algo.num_samples)
         averaged["train/skipped_steps"] = self.skipped_steps
+        averaged["train/skipped_clips"] = self.stream.skipped_clips
         averaged["lr"] = self.scheduler.get_last_lr()[0]
         return averaged, rollouts
 
@@ -215,8 +251,19 @@ class RLFinetuneRecipe:
         with StopSignal() as stop:
             while self.step < trainer.max_steps:
                 started = time.perf_counter()
-                micro_batches, weights = self.next_micro_batches(iterator)
-                metrics, rollouts = self.train_step(micro_batches, weights)
+                position = self.stream.state_dict()
+                try:
+                    micro_batches, weights = self.next_micro_batches(iterator)
+                    metrics, rollouts = self.train_step(micro_batches, weights)
+                except (DataError, RewardError) as exc:
+                    # Bad input found mid-run: keep the work done so far (the failed step changed
+                    # no weights) and say how to go on.
+                    self.stream.load_state_dict(position)
+                    self.save_checkpoint(None)
+                    bar.close()
+                    raise type(exc)(f"{exc}\nThe run stopped at step {self.step}; its checkpoint is in "
+                                    f"{self.checkpoints.folder}. Fix the input (or set data.skip_bad_samples=true "
+                                    "for unreadable audio) and continue with resume=true.") from None
                 self.step += 1
                 utterances = sum(len(batch) for batch in micro_batches)
                 audio_seconds = sum(float(b.audio_len.sum()) for b in micro_batches) / self.policy.sample_rate
@@ -260,6 +307,7 @@ class RLFinetuneRecipe:
         parts = self.dist.all_gather_object((metrics, utterances, audio_seconds, stopping, timed_out))
         pooled = pool_metrics([(part[0], part[1]) for part in parts], std_scale=self.cfg.algorithm.num_samples)
         pooled["train/skipped_batches"] = self.skipped_batches
+        pooled["train/skipped_clips"] = sum(part[0]["train/skipped_clips"] for part in parts)
         return (pooled, sum(p[1] for p in parts), sum(p[2] for p in parts), any(p[3] for p in parts),
                 any(p[4] for p in parts))
 

@@ -162,3 +162,35 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus,
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert rows_double[-1]["val/n"] == rows_single[-1]["val/n"] == len(Path(corpus["val"]).read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_after_a_checkpoint_and_resume_continues(corpus, tiny_nemo, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "rlnf.cli", "run", "rl_finetune", "--config", "rl/grpo", f"policy.path={tiny_nemo}",
+            f"data.train_manifest={corpus['train']}", f"output_dir={out}", "trainer.batch_size=2",
+            "algorithm.num_samples=4", "trainer.progress_bar=false", "trainer.samples_every=0", "trainer.devices=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([*args, "trainer.max_steps=1000", "trainer.save_every=1"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parents[1])
+    state_path = out / "checkpoints" / "trainer_state.pt"
+    try:
+        deadline = time.time() + 240
+        while not (state_path.exists() and torch.load(state_path, weights_only=True)["step"] >= 2):
+            assert parent.poll() is None and time.time() < deadline, "the run ended or stalled before the signal"
+            time.sleep(0.1)
+        children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGTERM)  # rank 1 only: Fabric started it as rank 0's child
+        _, stderr = parent.communicate(timeout=120)
+    finally:
+        parent.kill()
+    assert parent.returncode == 130, stderr[-2000:]
+    assert "stopped by signal on another process" in stderr  # rank 0 stopped because rank 1 was signalled
+    stopped = torch.load(state_path, weights_only=True)["step"]
+    resumed = subprocess.run([*args, f"trainer.max_steps={stopped + 2}", "resume=true"], capture_output=True,
+                             text=True, env=env, timeout=240, cwd=Path(__file__).parents[1])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert torch.load(state_path, weights_only=True)["step"] == stopped + 2

@@ -142,3 +142,72 @@ def test_non_finite_loss_skips_the_update(corpus, pretrained_tiny_nemo, tmp_path
     assert metrics["train/skipped_steps"] == 1
     for name, tensor in recipe.policy.model.state_dict().items():
         assert torch.equal(tensor, before[name]), name  # nothing applied
+
+
+def _absolute_rows(manifest: str, count: int) -> list[dict]:
+    rows = [json.loads(line) for line in Path(manifest).read_text().splitlines()[:count]]
+    for row in rows:
+        row["audio_filepath"] = str(Path(manifest).parent / row["audio_filepath"])
+    return rows
+
+
+@pytest.mark.slow
+def test_messy_audio_through_the_rl_command_keeps_the_work_and_resumes(corpus, pretrained_tiny_nemo, tmp_path, capsys):
+    """Stereo 44.1 kHz, 8 kHz, a duplicate, a too-long clip and a NaN clip in one manifest: the NaN
+    clip (found only when its batch loads) stops the run with a checkpoint and a message naming
+    it; skip_bad_samples=true and resume=true then finish the run, counting the skipped clip."""
+    rows = _absolute_rows(corpus["train"], 8)
+    speech, rate = soundfile.read(rows[0]["audio_filepath"], dtype="float32")
+    fine = np.interp(np.arange(0, len(speech), rate / 44100), np.arange(len(speech)), speech).astype(np.float32)
+    soundfile.write(str(tmp_path / "stereo44k.wav"), np.stack([fine, fine * 0.5], axis=1), 44100)
+    soundfile.write(str(tmp_path / "eight_k.wav"), speech[::2], 8000)
+    poisoned = speech.copy()
+    poisoned[100:200] = np.nan
+    soundfile.write(str(tmp_path / "nan.wav"), poisoned, rate, subtype="FLOAT")
+    soundfile.write(str(tmp_path / "long.wav"), np.zeros(rate * 30, dtype=np.float32), rate)
+    text = rows[0]["text"]
+    extra = [{"audio_filepath": name, "text": text, "duration": 1.0} for name in
+             ("stereo44k.wav", "eight_k.wav", "nan.wav", "long.wav")]
+    manifest = _write(tmp_path / "messy.json", [*rows, rows[0], *extra])  # relative paths + a duplicate
+    nan_line = len(rows) + 4
+    out = tmp_path / "run"
+    args = rl_args(pretrained_tiny_nemo, corpus, out, "trainer.max_steps=6", "trainer.save_every=100",
+                   "data.max_duration=20")
+    args[args.index(f"data.train_manifest={corpus['train']}")] = f"data.train_manifest={manifest}"
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"messy.json:{nan_line}" in err and "NaN" in err and "resume=true" in err
+    state = torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)
+    assert state["step"] < 6 and (out / "checkpoints" / "last.nemo").exists()
+
+    assert main([*args, "data.skip_bad_samples=true", "resume=true"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 6
+    assert summary["final_metrics"]["train/skipped_clips"] >= 1
+    assert "too long" in summary["train_manifest"] or "max_duration" in summary["train_manifest"]
+
+
+CALLS = {"count": 0}
+
+
+def flaky_reward(inputs):
+    """A user reward that returns NaN from its third call on (for the test below)."""
+    CALLS["count"] += 1
+    scores = [[min(1.0, len(text) / 100) for text in group] for group in inputs.hypotheses]
+    if CALLS["count"] >= 3:
+        scores[0][0] = float("nan")
+    return scores
+
+
+@pytest.mark.slow
+def test_a_reward_returning_nan_stops_with_a_checkpoint_of_the_last_step(corpus, pretrained_tiny_nemo, tmp_path, capsys):
+    CALLS["count"] = 0
+    out = tmp_path / "run"
+    args = rl_args(pretrained_tiny_nemo, corpus, out, "trainer.max_steps=10", "trainer.save_every=100",
+                   "rewards=[{name: tests.test_reliability.flaky_reward}]")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "reward 'flaky_reward' returned 1 NaN/infinite score(s)" in err and "step 2" in err
+    state = torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2  # the two good steps are kept

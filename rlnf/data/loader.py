@@ -128,14 +128,17 @@ class TrainStream:
         self.world_size = world_size
         self.epoch = 0
         self.batch_in_epoch = 0
-        self.skipped = 0
+        self.skipped = 0  # batches with no readable clip
+        self.skipped_clips = 0  # unreadable clips left out (skip_bad on)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": self.skipped}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": self.skipped,
+                "skipped_clips": self.skipped_clips}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.skipped = state.get("skipped", 0)
+        self.skipped_clips = state.get("skipped_clips", 0)
 
     def _epoch_batches(self) -> list[list[int]]:
         from rlnf.distributed import shard_bounds
@@ -155,8 +158,9 @@ class TrainStream:
             batches = self._epoch_batches()[self.batch_in_epoch:]
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
                                                  num_workers=self.num_workers, pin_memory=self.pin_memory)
-            for batch in loader:
+            for indices, batch in zip(batches, loader):
                 self.batch_in_epoch += 1
+                self.skipped_clips += len(indices) - (0 if batch is None else len(batch))
                 if batch is None:  # every utterance of the batch was unreadable and skip_bad is on
                     self.skipped += 1
                     if self.world_size > 1:

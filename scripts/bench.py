@@ -1,10 +1,14 @@
 #!/usr/bin/env python
 """Benchmark: what an RL step costs next to a supervised CTC step, measured side by side.
 
-    python scripts/bench.py [--json bench.json] [--repeats 10] [--sizes small,15x5]
+    python scripts/bench.py [--json bench.json] [--repeats 10] [--sizes small,15x5] [--full] [--floor]
 
 Every ratio compares two things timed ALTERNATELY in the same process (median of --repeats steps
-after warm-up), on the same batch: 8 utterances of ~3 s speech, K = 8 samples each.
+after a warm-up step), on the same batch: 8 utterances of ~3 s speech, K = 8 samples each.
+Figures 2 and 3 are measured on the first size (both are ratios of the same network's work, and
+the naive rollout of 15x5 alone would take 4 minutes here); --full measures them on every size.
+--floor also times the reference policy's forward pass, giving the floor of figure 1:
+(supervised step + reference forward) / supervised step.
   1. RL step (rollout + learned-reward scoring + advantages + update, KL on) / supervised CTC step
   2. rollout with one shared encoder pass / naive rollout re-encoding K copies of each clip
   3. learned-reward scoring with audio-embedding reuse and duplicates scored once / every pair alone
@@ -46,7 +50,8 @@ def synchronize(device) -> None:
 
 
 def fixture(folder: Path, size: str, device_name: str):
-    """Speech (flite when available, else noise), a policy .nemo, a reward checkpoint, recipes set up."""
+    """Speech (flite when available, else noise), a policy .nemo and a reward checkpoint in ``folder``
+    (re-used when already there: the memory probes share the parent's)."""
     import shutil
 
     import numpy as np
@@ -58,6 +63,9 @@ def fixture(folder: Path, size: str, device_name: str):
     from rlnf.reward_model.processor import RewardProcessor
     from rlnf.synth import Voice, load_sentences, synthesize
 
+    manifest, nemo, reward = folder / "bench.json", folder / f"{size}.nemo", folder / "reward"
+    if manifest.exists() and nemo.exists() and reward.exists():
+        return manifest, nemo, reward
     rows = []
     for index, text in enumerate(SENTENCES):
         path = folder / f"utt{index}.wav"
@@ -97,15 +105,18 @@ def build_recipes(folder: Path, manifest: Path, nemo: Path, reward: Path, device
 
 
 @contextlib.contextmanager
-def prepared(size: str, device_name: str):
-    """(device, RL recipe, supervised recipe, batch on the device) over a temporary fixture."""
+def prepared(size: str, device_name: str, folder: Path | None = None):
+    """(device, RL recipe, supervised recipe, batch on the device) over a fixture in ``folder``
+    (a temporary one when None); each call sets up fresh run folders."""
     from rlnf.training import resolve_device
 
     device = resolve_device(device_name)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if folder is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         manifest, nemo, reward = fixture(folder, size, device_name)
-        rl, sl, batch = build_recipes(folder, manifest, nemo, reward, device_name)
+        runs = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=folder)))
+        rl, sl, batch = build_recipes(runs, manifest, nemo, reward, device_name)
         yield device, rl, sl, batch.to(device)
 
 
@@ -117,16 +128,16 @@ def timed(function, device) -> float:
     return time.perf_counter() - started
 
 
-def alternate(first, second, device, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """Median seconds of two callables timed alternately (warm-up calls are not counted)."""
+def alternate(*functions, device, repeats: int, warmup: int = 1) -> list[float]:
+    """Median seconds of each callable, timed in turn round after round (warm-up rounds not counted)."""
     for _ in range(warmup):
-        first()
-        second()
-    a, b = [], []
+        for function in functions:
+            function()
+    times: list[list[float]] = [[] for _ in functions]
     for _ in range(repeats):
-        a.append(timed(first, device))
-        b.append(timed(second, device))
-    return statistics.median(a), statistics.median(b)
+        for function, store in zip(functions, times):
+            store.append(timed(function, device))
+    return [statistics.median(store) for store in times]
 
 
 def rollouts(policy, batch, num_samples: int, autocast):
@@ -151,36 +162,50 @@ def rollouts(policy, batch, num_samples: int, autocast):
     return shared, naive
 
 
-def measure_size(size: str, device_name: str, repeats: int) -> dict:
-    with prepared(size, device_name) as (device, rl, sl, batch):
+def measure_size(size: str, device_name: str, repeats: int, folder: Path, rollout_and_reward: bool,
+                 floor: bool) -> dict:
+    import torch
+
+    with prepared(size, device_name, folder) as (device, rl, sl, batch):
         audio_seconds = float(batch.audio_len.sum()) / 16000
         parameters = sum(p.numel() for p in rl.policy.model.parameters())
+        result = {"size": size, "parameters": parameters, "device": str(device), "batch": len(batch), "K": 8,
+                  "audio_seconds_per_batch": round(audio_seconds, 2)}
 
-        rl_time, sl_time = alternate(lambda: rl.train_step([batch]), lambda: sl.train_step(batch), device, repeats)
+        steps = [lambda: rl.train_step([batch]), lambda: sl.train_step(batch)]
+        if floor:  # the reference policy's forward alone: what an RL step must add at least
+            def reference_forward():
+                with torch.no_grad(), rl._autocast():
+                    rl.reference.forward(batch.audio, batch.audio_len)
+            steps.append(reference_forward)
+        times = alternate(*steps, device=device, repeats=repeats)
+        rl_time, sl_time = times[0], times[1]
+        result.update({"rl_step_s": rl_time, "sl_step_s": sl_time, "rl_over_sl_step_time": rl_time / sl_time,
+                       "rl_utterances_per_s": len(batch) / rl_time, "rl_audio_seconds_per_s": audio_seconds / rl_time})
+        if floor:
+            result.update({"reference_forward_s": times[2], "rl_over_sl_floor": (sl_time + times[2]) / sl_time})
+        if not rollout_and_reward:
+            return result
+
         shared, naive = rollouts(rl.policy, batch, 8, rl._autocast)
         rl.policy.set_mode("rollout")
-        shared_time, naive_time = alternate(shared, naive, device, repeats)
-
+        shared_time, naive_time = alternate(shared, naive, device=device, repeats=repeats)
         # Learned-reward scoring of the B*K sampled hypotheses: reuse + dedup vs every pair alone.
         samples = shared().texts
         scorer = rl.rewards.rewards[0].reward.scorer
         reuse_time, per_pair_time = alternate(
             lambda: scorer.score_groups(batch.audio, batch.audio_len, 16000, samples),
             lambda: scorer.score_pairs_separately(batch.audio, batch.audio_len, 16000, samples),
-            device, max(3, repeats // 2), warmup=1)
-        distinct = sum(len(set(group)) for group in samples)
-        return {
-            "size": size, "parameters": parameters, "device": str(device), "batch": len(batch), "K": 8,
-            "audio_seconds_per_batch": round(audio_seconds, 2),
-            "rl_step_s": rl_time, "sl_step_s": sl_time, "rl_over_sl_step_time": rl_time / sl_time,
+            device=device, repeats=repeats)
+        result.update({
             "rollout_shared_s": shared_time, "rollout_naive_s": naive_time,
             "rollout_speedup_shared_vs_naive": naive_time / shared_time,
             "reward_reuse_s": reuse_time, "reward_per_pair_s": per_pair_time,
             "reward_speedup_reuse_vs_per_pair": per_pair_time / reuse_time,
-            "distinct_hypotheses": distinct,
+            "distinct_hypotheses": sum(len(set(group)) for group in samples),
             "reward_pairs_per_s": len(batch) * 8 / reuse_time,
-            "rl_utterances_per_s": len(batch) / rl_time, "rl_audio_seconds_per_s": audio_seconds / rl_time,
-        }
+        })
+        return result
 
 
 class RssSampler:
@@ -216,13 +241,13 @@ class RssSampler:
         self.peak = max(self.peak, self.current())
 
 
-def memory_probe(kind: str, size: str, device_name: str) -> None:
+def memory_probe(kind: str, size: str, device_name: str, folder: Path) -> None:
     """Child process: report peak memory of RL or supervised steps (printed as JSON)."""
     import gc
 
     import torch
 
-    with prepared(size, device_name) as (device, rl, sl, batch):
+    with prepared(size, device_name, folder) as (device, rl, sl, batch):
         step = (lambda: rl.train_step([batch])) if kind == "rl" else (lambda: sl.train_step(batch))
         step()  # warm-up: optimizer state and allocator caches exist before measuring
         gc.collect()
@@ -231,7 +256,7 @@ def memory_probe(kind: str, size: str, device_name: str) -> None:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         with RssSampler() as sampler:
-            for _ in range(3):
+            for _ in range(2):
                 step()
         result = {"peak_rss": sampler.peak, "rss_before": sampler.before,
                   "lifetime_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -240,12 +265,21 @@ def memory_probe(kind: str, size: str, device_name: str) -> None:
         print("MEMORY " + json.dumps(result))
 
 
-def measure_memory(size: str, device_name: str) -> dict:
+def measure_memory(size: str, device_name: str, folder: Path) -> dict:
+    """Peak memory of the RL and the supervised steps, in two processes run side by side (memory
+    is per process; no timing is taken from them)."""
     out = {}
-    for kind in ("rl", "sl"):
-        proc = subprocess.run([sys.executable, __file__, "--memory-probe", kind, "--sizes", size, "--device", device_name],
-                              capture_output=True, text=True, check=True)
-        line = next(l for l in proc.stdout.splitlines() if l.startswith("MEMORY "))
+    # One thread each: two probes share the cores, and thread count changes no tensor's size.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {kind: subprocess.Popen([sys.executable, __file__, "--memory-probe", kind, "--sizes", size, "--device",
+                                     device_name, "--fixture", str(folder)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for kind in ("rl", "sl")}
+    for kind, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory probe {kind} failed:\n{stderr[-3000:]}")
+        line = next(l for l in stdout.splitlines() if l.startswith("MEMORY "))
         out[kind] = json.loads(line[len("MEMORY "):])
     if "cuda_peak" in out["rl"]:
         ratio = out["rl"]["cuda_peak"] / out["sl"]["cuda_peak"]
@@ -280,7 +314,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="instead of the table: torch.profiler's top operators of 5 RL steps (first size)")
     parser.add_argument("--memory-only", action="store_true", help="measure only the peak-memory ratio (last size)")
+    parser.add_argument("--full", action="store_true", help="measure the rollout and reward figures on every size")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the reference forward: the floor of the RL / supervised ratio")
     parser.add_argument("--memory-probe", choices=["rl", "sl"], help=argparse.SUPPRESS)
+    parser.add_argument("--fixture", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from rlnf.cli import quiet_nemo
@@ -290,7 +328,7 @@ def main() -> None:
 
     logging.getLogger("rlnf").setLevel(logging.ERROR)
     if args.memory_probe:
-        memory_probe(args.memory_probe, args.sizes, args.device)
+        memory_probe(args.memory_probe, args.sizes, args.device, args.fixture)
         return
     import torch
 
@@ -298,21 +336,30 @@ def main() -> None:
     if args.profile:
         profile_rl_step(sizes[0], args.device)
         return
-    if args.memory_only:
-        memory = measure_memory(sizes[-1], args.device)
-        print(json.dumps({k: v for k, v in memory.items() if k != "raw"}, indent=2))
-        print(json.dumps(memory["raw"], indent=2))
-        return
-    results = {size: measure_size(size, args.device, args.repeats) for size in sizes}
-    memory = measure_memory(sizes[-1], args.device)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {size: Path(tmp) / size for size in sizes}
+        for folder in folders.values():
+            folder.mkdir()
+        if args.memory_only:
+            memory = measure_memory(sizes[-1], args.device, folders[sizes[-1]])
+            print(json.dumps({k: v for k, v in memory.items() if k != "raw"}, indent=2))
+            print(json.dumps(memory["raw"], indent=2))
+            return
+        results = {size: measure_size(size, args.device, args.repeats, folders[size],
+                                      rollout_and_reward=args.full or index == 0, floor=args.floor)
+                   for index, size in enumerate(sizes)}
+        memory = measure_memory(sizes[-1], args.device, folders[sizes[-1]])
     device = results[sizes[0]]["device"]
     print(f"\nrlnf benchmark on {device} ({torch.get_num_threads()} threads), batch 8 x ~3 s, K = 8, "
-          f"median of {args.repeats} alternating steps")
+          f"median of {args.repeats} alternating steps; {time.perf_counter() - started:.0f} s")
     header = f"{'figure':<52}" + "".join(f"{s:>12}" for s in sizes) + "   target"
     print(header + "\n" + "-" * len(header))
     rows = [("parameters", "parameters", "{:.0f}", ""),
             ("RL step / supervised step (time)", "rl_over_sl_step_time", "{:.2f}x", "<= 1.5x (15x5)"),
             ("  RL step seconds", "rl_step_s", "{:.3f}", ""), ("  supervised step seconds", "sl_step_s", "{:.3f}", ""),
+            ("  reference forward seconds (--floor)", "reference_forward_s", "{:.3f}", ""),
+            ("  floor: (supervised + reference forward) / sup.", "rl_over_sl_floor", "{:.2f}x", ""),
             ("naive rollout / shared-encoder rollout (time)", "rollout_speedup_shared_vs_naive", "{:.2f}x", ">= 6.4x"),
             ("per-pair reward / reuse+dedup reward (time)", "reward_speedup_reuse_vs_per_pair", "{:.2f}x", ">= 3x"),
             ("  distinct hypotheses of 64", "distinct_hypotheses", "{:.0f}", ""),
@@ -320,18 +367,22 @@ def main() -> None:
             ("RL throughput (utterances/s)", "rl_utterances_per_s", "{:.1f}", ""),
             ("RL throughput (audio-seconds/s)", "rl_audio_seconds_per_s", "{:.1f}", "")]
     for label, key, fmt, target in rows:
-        print(f"{label:<52}" + "".join(f"{fmt.format(results[s][key]):>12}" for s in sizes) + f"   {target}")
+        if not any(key in results[s] for s in sizes):
+            continue
+        cells = "".join(f"{fmt.format(results[s][key]) if key in results[s] else '-':>12}" for s in sizes)
+        print(f"{label:<52}{cells}   {target}")
     print(f"{'RL step / supervised step (peak RSS, ' + sizes[-1] + ')':<52}{memory['rl_over_sl_peak_memory']:>12.2f}x"
           f"   <= 1.5x")
     print(f"{'  the same, net of the RSS held before the steps':<52}{memory['rl_over_sl_peak_memory_net']:>12.2f}x")
     figures = {
         "rl_over_sl_step_time_15x5": results.get("15x5", {}).get("rl_over_sl_step_time"),
         "rl_over_sl_step_time_small": results.get("small", {}).get("rl_over_sl_step_time"),
-        "rollout_speedup_shared_vs_naive": results[sizes[-1]]["rollout_speedup_shared_vs_naive"],
-        "reward_speedup_reuse_vs_per_pair": results[sizes[-1]]["reward_speedup_reuse_vs_per_pair"],
+        "rollout_speedup_shared_vs_naive": results[sizes[0]]["rollout_speedup_shared_vs_naive"],
+        "reward_speedup_reuse_vs_per_pair": results[sizes[0]]["reward_speedup_reuse_vs_per_pair"],
         "rl_over_sl_peak_memory": memory["rl_over_sl_peak_memory"],
         "rl_over_sl_peak_memory_net": memory["rl_over_sl_peak_memory_net"],
-        "reward_pairs_per_s": results[sizes[-1]]["reward_pairs_per_s"],
+        "reward_pairs_per_s": results[sizes[0]]["reward_pairs_per_s"],
+        "figures_2_3_size": sizes[0] if not args.full else "all",
         "rl_utterances_per_s": results[sizes[-1]]["rl_utterances_per_s"],
         "device": device, "K": 8, "threads": torch.get_num_threads(), "per_size": results, "memory": memory,
     }

@@ -153,7 +153,7 @@ def _absolute_rows(manifest: str, count: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_messy_audio_through_the_rl_command_keeps_the_work_and_resumes(corpus, pretrained_tiny_nemo, tmp_path, capsys):
-    """Stereo 44.1 kHz, 8 kHz, a duplicate, a too-long clip and a NaN clip in one manifest: the NaN
+    """Stereo 44.1 kHz, 8 kHz, a duplicate, a too-long clip, an empty reference and a NaN clip in one manifest: the NaN
     clip (found only when its batch loads) stops the run with a checkpoint and a message naming
     it; skip_bad_samples=true and resume=true then finish the run, counting the skipped clip."""
     rows = _absolute_rows(corpus["train"], 8)
@@ -165,9 +165,11 @@ def test_messy_audio_through_the_rl_command_keeps_the_work_and_resumes(corpus, p
     poisoned[100:200] = np.nan
     soundfile.write(str(tmp_path / "nan.wav"), poisoned, rate, subtype="FLOAT")
     soundfile.write(str(tmp_path / "long.wav"), np.zeros(rate * 30, dtype=np.float32), rate)
+    soundfile.write(str(tmp_path / "hum.wav"), 0.01 * np.sin(np.arange(rate) / 5).astype(np.float32), rate)
     text = rows[0]["text"]
     extra = [{"audio_filepath": name, "text": text, "duration": 1.0} for name in
              ("stereo44k.wav", "eight_k.wav", "nan.wav", "long.wav")]
+    extra.append({"audio_filepath": "hum.wav", "text": ""})  # an empty reference: a clip with no speech
     manifest = _write(tmp_path / "messy.json", [*rows, rows[0], *extra])  # relative paths + a duplicate
     nan_line = len(rows) + 4
     out = tmp_path / "run"

@@ -190,26 +190,37 @@ def test_messy_audio_through_the_rl_command_keeps_the_work_and_resumes(corpus, p
     assert "too long" in summary["train_manifest"] or "max_duration" in summary["train_manifest"]
 
 
-CALLS = {"count": 0}
+CALLS = {"count": 0, "mode": "nan"}
 
 
 def flaky_reward(inputs):
-    """A user reward that returns NaN from its third call on (for the test below)."""
+    """A user reward that goes wrong from its third call on (for the test below)."""
     CALLS["count"] += 1
     scores = [[min(1.0, len(text) / 100) for text in group] for group in inputs.hypotheses]
     if CALLS["count"] >= 3:
-        scores[0][0] = float("nan")
+        if CALLS["mode"] == "nan":
+            scores[0][0] = float("nan")
+        elif CALLS["mode"] == "range":
+            scores[0][0] = 7.0
+        else:
+            scores = scores[1:]
     return scores
 
 
 @pytest.mark.slow
-def test_a_reward_returning_nan_stops_with_a_checkpoint_of_the_last_step(corpus, pretrained_tiny_nemo, tmp_path, capsys):
-    CALLS["count"] = 0
+@pytest.mark.parametrize("mode, message", [
+    ("nan", "reward 'flaky_reward' returned 1 NaN/infinite score(s)"),
+    ("range", "reward 'flaky_reward' returned scores outside [0, 1]"),
+    ("shape", "reward 'flaky_reward' returned shape (3, 4); expected [4, 4]"),
+])
+def test_a_failing_reward_stops_with_a_checkpoint_of_the_last_step(mode, message, corpus, pretrained_tiny_nemo,
+                                                                   tmp_path, capsys):
+    CALLS.update(count=0, mode=mode)
     out = tmp_path / "run"
     args = rl_args(pretrained_tiny_nemo, corpus, out, "trainer.max_steps=10", "trainer.save_every=100",
                    "rewards=[{name: tests.test_reliability.flaky_reward}]")
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "reward 'flaky_reward' returned 1 NaN/infinite score(s)" in err and "step 2" in err
+    assert message in err and "step 2" in err
     state = torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2  # the two good steps are kept

@@ -372,3 +372,24 @@ def test_score_and_evaluate_commands(trained_reward, corpus, pretrained_tiny_nem
     assert len(transcripts) == len(rows) and "pred_text" in json.loads(transcripts[0])
     with pytest.raises(SystemExit):
         main(["score", "--manifest", str(manifest)])  # --reward is required
+
+
+def test_incompatible_reward_checkpoint_through_the_rl_command(tmp_path, capsys):
+    """A reward folder with a wrong-shaped tensor stops `rlnf run` before the policy loads (its path
+    does not even exist) with a message naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from rlnf.cli import main
+
+    import shutil
+
+    folder = random_published_folder(tmp_path / "bad_shape")
+    shutil.copyfile(tiny_tokenizer(tmp_path), folder / "tokenizer.model")
+    state = load_file(str(folder / "model.safetensors"))
+    state["head.3.weight"] = torch.zeros(256, 128)
+    save_file(state, str(folder / "model.safetensors"))
+    code = main(["run", "rl_finetune", "--config", "rl/rloo", "policy.path=/nonexistent/model.nemo",
+                 f"data.train_manifest={tmp_path / 'train.json'}", f"output_dir={tmp_path / 'out'}",
+                 f"rewards=[{{name: learned, path: '{folder}', device: cpu}}]"])
+    assert code == 2
+    assert "head.3.weight" in capsys.readouterr().err

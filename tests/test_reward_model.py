@@ -411,22 +411,36 @@ def test_score_and_evaluate_commands(trained_reward, corpus, pretrained_tiny_nem
         main(["score", "--manifest", str(manifest)])  # --reward is required
 
 
-def test_incompatible_reward_checkpoint_through_the_rl_command(tmp_path, capsys):
-    """A reward folder with a wrong-shaped tensor stops `rlnf run` before the policy loads (its path
-    does not even exist) with a message naming the tensor."""
+@pytest.mark.parametrize("case, message", [
+    ("wrong_shape", "head.3.weight"),
+    ("tokenizer_too_large", "vocab_size is 100"),
+    ("no_tokenizer", "reward tokenizer not found"),
+])
+def test_incompatible_reward_checkpoint_through_the_rl_command(case, message, tmp_path, capsys):
+    """A bad reward folder stops `rlnf run` before the policy loads (its path does not even exist),
+    with a message naming the tensor or file."""
+    import shutil
+
     from safetensors.torch import load_file, save_file
 
     from rlnf.cli import main
 
-    import shutil
-
-    folder = random_published_folder(tmp_path / "bad_shape")
-    shutil.copyfile(tiny_tokenizer(tmp_path), folder / "tokenizer.model")
-    state = load_file(str(folder / "model.safetensors"))
-    state["head.3.weight"] = torch.zeros(256, 128)
-    save_file(state, str(folder / "model.safetensors"))
+    folder = random_published_folder(tmp_path / case)
+    if case != "no_tokenizer":
+        shutil.copyfile(tiny_tokenizer(tmp_path), folder / "tokenizer.model")  # 200 pieces
+    if case == "wrong_shape":
+        state = load_file(str(folder / "model.safetensors"))
+        state["head.3.weight"] = torch.zeros(256, 128)
+        save_file(state, str(folder / "model.safetensors"))
+    if case == "tokenizer_too_large":  # the config promises 100 ids; the tokenizer has 200 pieces
+        config = json.loads((folder / "config.json").read_text())
+        config["pretrained_config"]["vocab_size"] = 100
+        (folder / "config.json").write_text(json.dumps(config))
+        state = load_file(str(folder / "model.safetensors"))
+        state["embedding.weight"] = state["embedding.weight"][:100].clone()
+        save_file(state, str(folder / "model.safetensors"))
     code = main(["run", "rl_finetune", "--config", "rl/rloo", "policy.path=/nonexistent/model.nemo",
                  f"data.train_manifest={tmp_path / 'train.json'}", f"output_dir={tmp_path / 'out'}",
                  f"rewards=[{{name: learned, path: '{folder}', device: cpu}}]"])
     assert code == 2
-    assert "head.3.weight" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

@@ -83,6 +83,7 @@ class RLFinetuneRecipe:
         self.checkpoints = CheckpointManager(self.run_dir, metric, mode, keep_last=trainer.keep_last)
         self.skipped_steps = 0
         self.skipped_batches = 0
+        self.kl_coef = cfg.algorithm.kl_coef  # beta; moves when algorithm.kl_target is set
         resume_step = None
         if cfg.resume and self.checkpoints.state_path.exists():
             state = self.checkpoints.load_state()
@@ -90,6 +91,7 @@ class RLFinetuneRecipe:
                                                                    self.scheduler, self.stream)
             self.skipped_steps = int(state.get("skipped_steps", 0))
             self.skipped_batches = int(state.get("skipped_batches", 0))
+            self.kl_coef = float(state.get("kl_coef", self.kl_coef))
             log.info("resumed from step %d", self.step)
         elif cfg.resume:
             log.warning("resume=true but %s has no trainer state: starting a new run", self.checkpoints.state_path)
@@ -153,7 +155,7 @@ class RLFinetuneRecipe:
         keys = [(cfg.trainer.seed, self.step, index, u.line) for u in batch.utterances]
         distributed = self.dist.world_size > 1
         try:
-            rollout = make_rollout(self.policy, self.reference, self.rewards, batch.to(self.device), cfg.algorithm,
+            rollout = make_rollout(self.policy, self.reference, self.rewards, batch.to(self.device), self.algorithm,
                                    keep_graph=keep_graph, autocast=self._autocast, sample_keys=keys,
                                    all_reduce_sum=self.dist.all_reduce_sum if distributed else None)
             error = None
@@ -176,7 +178,7 @@ class RLFinetuneRecipe:
         from rlnf.rl import reference_targets, rl_loss
         from rlnf.training import clip_gradients
 
-        cfg, algo = self.cfg, self.cfg.algorithm
+        cfg, algo = self.cfg, self.algorithm
         # The rollout's graph can serve the update when the update is on-policy and its modules
         # behave exactly as in the rollout (frozen BatchNorm, no dropout).
         reuse_graph = algo.ppo_epochs == 1 and cfg.policy.batchnorm == "frozen" and not cfg.policy.dropout
@@ -273,6 +275,7 @@ class RLFinetuneRecipe:
                 if self.dist.world_size > 1:
                     metrics, utterances, audio_seconds, stopping, timed_out = self.pool(
                         metrics, utterances, audio_seconds, stopping, timed_out)
+                self.adapt_kl_coef(metrics, utterances)
                 elapsed = time.perf_counter() - started
                 metrics.update({"perf/step_time": elapsed, "perf/utterances_per_s": utterances / elapsed,
                                 "perf/audio_seconds_per_s": audio_seconds / elapsed})
@@ -297,6 +300,27 @@ class RLFinetuneRecipe:
                 if last:
                     break
         bar.close()
+
+    @property
+    def algorithm(self):
+        """The algorithm settings of this step: the config, with the current beta."""
+        import dataclasses
+
+        algo = self.cfg.algorithm
+        return algo if self.kl_coef == algo.kl_coef else dataclasses.replace(algo, kl_coef=self.kl_coef)
+
+    def adapt_kl_coef(self, metrics: dict[str, float], utterances: int) -> None:
+        """Log this step's beta (``kl/coef``) and, with algorithm.kl_target, move it towards the target
+        (the same on every process: the KL is the pooled one)."""
+        from rlnf.algorithms import adaptive_kl_coef
+
+        algo = self.cfg.algorithm
+        if self.reference is None:
+            return
+        metrics["kl/coef"] = self.kl_coef
+        if algo.kl_target is not None:
+            measured = metrics["kl/per_frame" if algo.kl_reduction == "mean" else "kl"]
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, measured, algo.kl_target, algo.kl_horizon, utterances)
 
     def pool(self, metrics: dict[str, float], utterances: int, audio_seconds: float, stopping: bool,
              timed_out: bool) -> tuple[dict[str, float], int, float, bool, bool]:
@@ -354,7 +378,7 @@ class RLFinetuneRecipe:
             log.info("step %d: new best %s = %.4f", self.step, self.checkpoints.best_metric, best)
         self.checkpoints.save_last(save_model, policy_trainer_state(
             self.step, self.policy.model, self.optimizer, self.scheduler, self.stream,
-            skipped_steps=self.skipped_steps, skipped_batches=self.skipped_batches))
+            skipped_steps=self.skipped_steps, skipped_batches=self.skipped_batches, kl_coef=self.kl_coef))
 
     def cleanup(self) -> dict[str, Any]:
         from rlnf.recipe_utils import write_summary

@@ -22,6 +22,7 @@ __all__ = [
     "whiten",
     "reinforce_loss",
     "clipped_surrogate_loss",
+    "adaptive_kl_coef",
 ]
 
 ADVANTAGE_ESTIMATORS = ("rloo", "group", "self_critical", "none")
@@ -149,3 +150,10 @@ def clipped_surrogate_loss(
     loss = -torch.minimum(unclipped, clipped).mean()
     clip_fraction = (clipped < unclipped).float().mean()
     return loss, clip_fraction.detach()
+
+
+def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: int, batch_size: int) -> float:
+    """The adaptive KL controller of Ziegler et al. (2019), as in TRL: a proportional step towards
+    the target,  beta' = beta * (1 + clip(kl / target - 1, -0.2, 0.2) * batch_size / horizon)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * batch_size / horizon)

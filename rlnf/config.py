@@ -188,6 +188,11 @@ class AlgorithmConfig:
                                              "adding beta*KL to the loss (null: preset).")
     kl_reduction: str = opt("sum", "'sum': KL summed over frames; 'mean': divided by the number of frames "
                                    "(a gentler, length-independent penalty).")
+    kl_target: Optional[float] = opt(None, "Adaptive KL (Ziegler et al. 2019; TRL's adaptive controller): the KL to "
+                                           "hold (logged 'kl', or 'kl/per_frame' with kl_reduction=mean). beta starts "
+                                           "at kl_coef and after each step is multiplied by 1 + clip(KL/target - 1, "
+                                           "-0.2, 0.2) * utterances / kl_horizon. null: beta stays kl_coef.")
+    kl_horizon: int = opt(10000, "Adaptive KL: utterances over which beta may change by a factor of about e^0.2.")
     entropy_coef: float = opt(0.0, "Weight of the per-frame entropy bonus (subtracted from the loss).")
     supervised_coef: float = opt(0.0, "lambda: weight of a supervised CTC loss on references when the batch has "
                                       "them (0: pure RL).")
@@ -200,6 +205,11 @@ class AlgorithmConfig:
         _check_positive("algorithm.clip_eps", self.clip_eps)
         for key in ("kl_coef", "entropy_coef", "supervised_coef"):
             _check_positive(f"algorithm.{key}", getattr(self, key), allow_zero=True)
+        _check_positive("algorithm.kl_horizon", self.kl_horizon)
+        if self.kl_target is not None:
+            _check_positive("algorithm.kl_target", self.kl_target)
+            if self.kl_coef <= 0:
+                raise ConfigError("algorithm.kl_target needs algorithm.kl_coef > 0 (the starting beta)")
 
     def finalize(self) -> None:
         """Fill the keys left at null from the preset, then check the rules between keys.

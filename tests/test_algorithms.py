@@ -91,3 +91,16 @@ def test_presets_are_complete():
     for name, preset in algorithms.PRESETS.items():
         assert preset["advantage"] in algorithms.ADVANTAGE_ESTIMATORS, name
         assert preset["policy_loss"] in algorithms.POLICY_LOSSES, name
+
+
+def test_adaptive_kl_coef_is_the_proportional_controller():
+    # Independent form: the clipped proportional error of Ziegler et al. (2019), step by step.
+    beta = 0.1
+    for kl, expected_error in [(15.0, 0.2), (11.0, 0.1), (9.0, -0.1), (0.0, -0.2), (10.0, 0.0)]:
+        new = algorithms.adaptive_kl_coef(beta, kl, target=10.0, horizon=1000, batch_size=8)
+        assert new == pytest.approx(beta * (1 + expected_error * 8 / 1000), rel=1e-12)
+    # Held above target, beta grows geometrically: 1000 steps of 8 utterances ~ e^(0.2*8) at most.
+    beta = 0.05
+    for _ in range(1000):
+        beta = algorithms.adaptive_kl_coef(beta, 100.0, 10.0, 1000, 8)
+    assert beta == pytest.approx(0.05 * (1 + 0.2 * 8 / 1000) ** 1000)

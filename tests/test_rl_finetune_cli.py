@@ -127,3 +127,21 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(corpus, pretrained_ti
         return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
 
     assert comparable(read_metrics(stopped)) == comparable(read_metrics(straight))
+
+
+@pytest.mark.slow
+def test_adaptive_kl_moves_beta_by_the_logged_kl_and_resumes_with_it(corpus, pretrained_tiny_nemo, tmp_path):
+    from rlnf.algorithms import adaptive_kl_coef
+
+    out = tmp_path / "adaptive"
+    extra = ["grpo", "algorithm.kl_coef=0.05", "algorithm.kl_target=0.5", "algorithm.kl_horizon=16",
+             "trainer.samples_every=0", "trainer.val_every=0"]
+    assert main(run_args(pretrained_tiny_nemo, corpus, out, *extra, "trainer.max_steps=3")) == 0
+    assert main(run_args(pretrained_tiny_nemo, corpus, out, *extra, "trainer.max_steps=5", "resume=true")) == 0
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+    assert rows[0]["kl/coef"] == 0.05 and rows[0]["kl"] == 0.0
+    for before, after in zip(rows, rows[1:]):  # across the resume too: beta is in the trainer state
+        expected = adaptive_kl_coef(before["kl/coef"], before["kl"], 0.5, 16, 4)
+        assert after["kl/coef"] == pytest.approx(expected, rel=1e-9)
+    assert rows[1]["kl/coef"] < 0.05  # KL 0 < target at step 1: beta went down

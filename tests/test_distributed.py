@@ -16,6 +16,7 @@ import torch
 from rlnf import algorithms, ctc
 from rlnf.distributed import launcher_layout, pool_metrics, resolve_layout, shard_bounds
 from rlnf.rl import sampling_uniforms
+from tests.test_bpe_and_options import bpe_nemo  # noqa: F401  (fixture)
 
 
 def test_pool_metrics_equals_statistics_of_the_union():
@@ -194,3 +195,20 @@ def test_a_signal_to_one_process_stops_both_after_a_checkpoint_and_resume_contin
                              text=True, env=env, timeout=240, cwd=Path(__file__).parents[1])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert torch.load(state_path, weights_only=True)["step"] == stopped + 2
+
+
+@pytest.mark.slow
+def test_two_processes_with_a_bpe_policy_ppo_epochs_and_training_batchnorm(corpus, bpe_nemo, tmp_path):
+    """The paths the first test does not take: a BPE model, PPO's second forward per update epoch
+    (through DDP), BatchNorm statistics and dropout in training mode. Every save checks that the two
+    processes hold identical parameters, so finishing is the test."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "rlnf.cli", "run", "rl_finetune", "--config", "rl/ppo", f"policy.path={bpe_nemo}",
+         f"data.train_manifest={corpus['train']}", f"output_dir={out}", "trainer.batch_size=2",
+         "algorithm.num_samples=4", "trainer.max_steps=3", "trainer.save_every=1", "trainer.samples_every=0",
+         "trainer.progress_bar=false", "policy.batchnorm=train", "policy.dropout=true", "trainer.devices=2"],
+        capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout[result.stdout.index("{"):])["world_size"] == 2

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from rlnf.config import RLFinetuneConfig, to_yaml
-from rlnf.errors import DataError, RewardError, RlnfError, TrainingInterrupted
+from rlnf.errors import DataError, RewardError, RlnfError
 
 CONFIG_CLASS = RLFinetuneConfig
 log = logging.getLogger("rlnf.rl_finetune")
-
 
 
 class RLFinetuneRecipe:
@@ -34,8 +33,6 @@ class RLFinetuneRecipe:
 
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
-        import torch
-
         from rlnf.checkpoint import CheckpointManager, seed_everything
         from rlnf.data.loader import AudioDataset, TrainStream
         from rlnf.distributed import Distributed
@@ -175,6 +172,7 @@ class RLFinetuneRecipe:
         and rollouts. ``weights``: per micro-batch loss weights (see ``next_micro_batches``)."""
         import torch
 
+        from rlnf.distributed import pool_metrics
         from rlnf.rl import reference_targets, rl_loss
         from rlnf.training import clip_gradients
 
@@ -182,8 +180,6 @@ class RLFinetuneRecipe:
         # The rollout's graph can serve the update when the update is on-policy and its modules
         # behave exactly as in the rollout (frozen BatchNorm, no dropout).
         reuse_graph = algo.ppo_epochs == 1 and cfg.policy.batchnorm == "frozen" and not cfg.policy.dropout
-        from rlnf.distributed import pool_metrics
-
         # (metrics, utterances) per micro-batch: the step's metrics are utterance-weighted means
         # (stds pooled), so they describe the whole step's batch however it was cut up.
         entries: list[tuple[dict[str, float], float]] = []
@@ -237,18 +233,12 @@ class RLFinetuneRecipe:
 
     # ------------------------------------------------------------------------------ loop
     def train(self) -> None:
-        from tqdm.auto import tqdm
-
+        from rlnf.recipe_utils import interrupted, out_of_time, step_progress_bar
         from rlnf.training import StopSignal
 
         trainer = self.cfg.trainer
         iterator = iter(self.stream)
-        # A time-boxed run shows steps and elapsed time rather than a meaningless ETA to max_steps.
-        bar = tqdm(total=None if trainer.max_minutes else trainer.max_steps, initial=self.step, desc="rl_finetune",
-                   dynamic_ncols=True,
-                   disable=not trainer.progress_bar or not self.dist.is_main)
-        from rlnf.recipe_utils import out_of_time
-
+        bar = step_progress_bar(trainer, self.step, "rl_finetune", enabled=self.dist.is_main)
         started_training = time.perf_counter()
         with StopSignal() as stop:
             while self.step < trainer.max_steps:
@@ -294,9 +284,7 @@ class RLFinetuneRecipe:
                     self.save_checkpoint(validated)
                 if stopping:
                     bar.close()
-                    raise TrainingInterrupted(
-                        f"stopped by signal {stop.received or 'on another process'} after step {self.step}; "
-                        f"checkpoint written to {self.checkpoints.folder}. Continue with: resume=true")
+                    raise interrupted(stop.received or "on another process", self.step, self.checkpoints)
                 if last:
                     break
         bar.close()
@@ -393,11 +381,6 @@ class RLFinetuneRecipe:
 
 
 def main(cfg: RLFinetuneConfig) -> dict[str, Any]:
-    recipe = RLFinetuneRecipe(cfg)
-    recipe.setup()
-    try:
-        recipe.train()
-    except TrainingInterrupted:
-        recipe.logger.close()
-        raise
-    return recipe.cleanup()
+    from rlnf.recipe_utils import run_recipe
+
+    return run_recipe(RLFinetuneRecipe(cfg))

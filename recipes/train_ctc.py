@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from rlnf.config import CTCTrainConfig, to_yaml
-from rlnf.errors import TrainingInterrupted
 
 CONFIG_CLASS = CTCTrainConfig
 log = logging.getLogger("rlnf.train_ctc")
-
 
 
 class CTCTrainRecipe:
@@ -133,17 +131,12 @@ class CTCTrainRecipe:
                 "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "train/skipped_steps": self.skipped_steps}
 
     def train(self) -> None:
-        from tqdm.auto import tqdm
-
-        from rlnf.recipe_utils import out_of_time
+        from rlnf.recipe_utils import interrupted, out_of_time, step_progress_bar
         from rlnf.training import StopSignal
 
         trainer = self.cfg.trainer
         iterator = iter(self.stream)
-        # A time-boxed run shows steps and elapsed time rather than a meaningless ETA to max_steps.
-        bar = tqdm(total=None if trainer.max_minutes else trainer.max_steps, initial=self.step, desc="train_ctc",
-                   dynamic_ncols=True,
-                   disable=not trainer.progress_bar)
+        bar = step_progress_bar(trainer, self.step, "train_ctc")
         started_training = time.perf_counter()
         with StopSignal() as stop:
             while self.step < trainer.max_steps:
@@ -166,8 +159,7 @@ class CTCTrainRecipe:
                     self.save_checkpoint(validated)
                 if stop.received:
                     bar.close()
-                    raise TrainingInterrupted(f"stopped by signal {stop.received} after step {self.step}; checkpoint "
-                                              f"written to {self.checkpoints.folder}. Continue with: resume=true")
+                    raise interrupted(stop.received, self.step, self.checkpoints)
                 if last:
                     break
         bar.close()
@@ -199,11 +191,6 @@ class CTCTrainRecipe:
 
 
 def main(cfg: CTCTrainConfig) -> dict[str, Any]:
-    recipe = CTCTrainRecipe(cfg)
-    recipe.setup()
-    try:
-        recipe.train()
-    except TrainingInterrupted:
-        recipe.logger.close()
-        raise
-    return recipe.cleanup()
+    from rlnf.recipe_utils import run_recipe
+
+    return run_recipe(CTCTrainRecipe(cfg))

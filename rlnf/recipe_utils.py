@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from rlnf.data.manifest import Utterance, read_manifest
+from rlnf.errors import TrainingInterrupted
 from rlnf.metrics import normalize_whitespace
 
 log = logging.getLogger(__name__)
@@ -96,3 +97,29 @@ def out_of_time(started: float, max_minutes: float | None) -> bool:
     import time
 
     return max_minutes is not None and time.perf_counter() - started >= 60.0 * max_minutes
+
+
+def step_progress_bar(trainer_cfg, step: int, desc: str, enabled: bool = True):
+    """The tqdm bar of a step-based recipe. A time-boxed run (max_minutes) shows steps and elapsed
+    time rather than a meaningless ETA to max_steps."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=None if trainer_cfg.max_minutes else trainer_cfg.max_steps, initial=step, desc=desc,
+                dynamic_ncols=True, disable=not trainer_cfg.progress_bar or not enabled)
+
+
+def interrupted(by, step: int, checkpoints) -> TrainingInterrupted:
+    """The error a recipe raises after a stop signal's checkpoint is written."""
+    return TrainingInterrupted(f"stopped by signal {by} after step {step}; checkpoint written to "
+                               f"{checkpoints.folder}. Continue with: resume=true")
+
+
+def run_recipe(recipe) -> dict:
+    """setup, train, cleanup; on a stop signal the logs are closed before the error propagates."""
+    recipe.setup()
+    try:
+        recipe.train()
+    except TrainingInterrupted:
+        recipe.logger.close()
+        raise
+    return recipe.cleanup()

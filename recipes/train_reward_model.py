@@ -150,7 +150,8 @@ class RewardTrainer:
                 tokenizer = train_sentencepiece(texts, self.run_dir / "tokenizer", cfg.model.vocab_size)
             section = {k: getattr(cfg.model, k) for k in ("vocab_size", "embed_dim", "lstm_hidden", "lstm_layers",
                                                            "audio_conv_channels", "audio_conv_layers", "kernel_size",
-                                                           "head_hidden", "dropout", "pooling")}
+                                                           "head_hidden", "dropout", "pooling", "fusion",
+                                                           "attention_dim", "attention_stride")}
             config = RewardConfig(**section, padding=cfg.model.kernel_size // 2)
             processor = RewardProcessor(config, tokenizer)
             config.eos_token_id = processor.eos_id
@@ -321,22 +322,36 @@ class RewardTrainer:
         return [index for group in groups for index in group]
 
     def evaluate(self) -> dict[str, float]:
+        """Regression metrics, the within-clip Spearman, and the same Spearman with every clip's
+        transcripts scored against another clip's audio: ``val/group_spearman_wrong_audio``. The gap
+        between the two, ``val/audio_gain``, is how much of the ranking comes from the audio at all
+        (about 0 for a model that ranks a clip's transcripts by their text alone)."""
         import torch
 
         from rlnf.metrics import regression_metrics
         from rlnf.training import autocast
 
         self.model.eval()
-        predictions = []
+        predictions, wrong_audio = [], []
         with torch.inference_mode():
             for start in range(0, len(self.val_pairs), 32):
                 inputs = self.batch_inputs(self.val_pairs[start:start + 32], augment=False)
                 with autocast(self.device, self.autocast_dtype):
                     predictions.extend(self.predict(inputs).float().cpu().tolist())
+                    clips = int(inputs["audio_index"].max()) + 1
+                    if clips > 1:  # each clip's pairs get the next clip's audio
+                        wrong_audio.extend(self.predict({**inputs, "audio_index": (inputs["audio_index"] + 1) % clips})
+                                           .float().cpu().tolist())
+                    else:
+                        wrong_audio.extend([float("nan")] * len(inputs["labels"]))
         targets = [p["score"] for p in self.val_pairs]
+        groups = [p["audio_filepath"] for p in self.val_pairs]
         metrics = regression_metrics(predictions, targets)
-        metrics["group_spearman"] = within_group_spearman(predictions, targets,
-                                                          [p["audio_filepath"] for p in self.val_pairs])
+        metrics["group_spearman"] = within_group_spearman(predictions, targets, groups)
+        kept = [i for i, value in enumerate(wrong_audio) if math.isfinite(value)]
+        metrics["group_spearman_wrong_audio"] = within_group_spearman(
+            [wrong_audio[i] for i in kept], [targets[i] for i in kept], [groups[i] for i in kept])
+        metrics["audio_gain"] = metrics["group_spearman"] - metrics["group_spearman_wrong_audio"]
         return {f"val/{key}": value for key, value in metrics.items()}
 
     def save(self, name: str) -> None:

@@ -311,11 +311,18 @@ class RewardModelSection:
     head_hidden: int = opt(256, "Hidden size of the regression head.")
     dropout: float = opt(0.1, "Dropout in the regression head.")
     pooling: str = opt("masked", "'masked' (batch-invariant) or 'legacy' (pool over padding, as published).")
+    fusion: str = opt("pooled", "'pooled' (the card's: pooled audio + pooled text) or 'attention' (adds a "
+                                "time-resolved token-to-frame comparison; README, Fusion).")
+    attention_dim: int = opt(128, "Width of the token-to-frame attention (fusion 'attention').")
+    attention_stride: int = opt(4, "Audio frames averaged per attention step (4: 40 ms; fusion 'attention').")
 
     def __post_init__(self) -> None:
         _check_choice("model.pooling", self.pooling, ("masked", "legacy"))
+        _check_choice("model.fusion", self.fusion, ("pooled", "attention"))
+        if self.fusion == "attention" and self.pooling == "legacy":
+            raise ConfigError("model.fusion 'attention' needs model.pooling 'masked'")
         for key in ("vocab_size", "embed_dim", "lstm_hidden", "lstm_layers", "audio_conv_channels",
-                    "audio_conv_layers", "kernel_size", "head_hidden"):
+                    "audio_conv_layers", "kernel_size", "head_hidden", "attention_dim", "attention_stride"):
             _check_positive(f"model.{key}", getattr(self, key))
 
 

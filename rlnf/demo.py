@@ -326,7 +326,8 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
               f"{run['seconds']:8.0f}")
     quality = report["reward_model"]["val"]
     print(f"\nreward model (validation pairs): Pearson {quality.get('val/pearson', float('nan')):.3f}, within-clip "
-          f"Spearman {quality.get('val/group_spearman', float('nan')):.3f}; total {report['total_seconds'] / 60:.1f} "
+          f"Spearman {quality.get('val/group_spearman', float('nan')):.3f} (audio gain "
+          f"{quality.get('val/audio_gain', float('nan')):+.3f}); total {report['total_seconds'] / 60:.1f} "
           f"min (budget {budget_minutes:.0f} min)")
     print(f"report: {root / 'report.json'} and {root / 'report.png'}")
     print(f"TensorBoard: tensorboard --logdir {root}")

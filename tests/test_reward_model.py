@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -170,6 +171,102 @@ def test_masked_pooling_is_batch_invariant_and_legacy_is_not():
         assert not torch.allclose(legacy_alone, legacy_beside, atol=1e-4)  # the published defect
 
 
+def test_window_means_match_a_per_clip_brute_force():
+    from rlnf.reward_model.modeling import window_means
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([13, 7, 1])
+    hidden = torch.randn(3, 5, 13) * (torch.arange(13)[None, :] < lengths[:, None]).unsqueeze(1)
+    means, new_lengths = window_means(hidden, lengths, 4)
+    assert new_lengths.tolist() == [4, 2, 1] and means.shape == (3, 5, 4)
+    for b, length in enumerate(lengths.tolist()):
+        for w in range(new_lengths[b]):
+            frames = hidden[b, :, 4 * w: min(4 * w + 4, length)]
+            torch.testing.assert_close(means[b, :, w], frames.mean(dim=-1))
+
+
+def attention_model(seed: int = 0, **config):
+    from rlnf import RewardConfig, RewardModel
+
+    torch.manual_seed(seed)
+    return RewardModel(RewardConfig(vocab_size=60, lstm_hidden=32, fusion="attention", attention_dim=16,
+                                    **config)).eval()
+
+
+def test_attention_fusion_is_batch_invariant_and_round_trips(tmp_path):
+    from rlnf import RewardConfig, RewardModel
+
+    model = attention_model()
+    assert any(name.startswith("cross.") for name in model.state_dict())
+    clip, long_clip = torch.randn(1, 64, 37), torch.randn(1, 64, 300)
+    batch = torch.zeros(2, 64, 300)
+    batch[0, :, :37], batch[1] = clip[0], long_clip[0]
+    text = torch.randint(2, 60, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, 5:] = 0  # the first text is shorter: padded beside the second
+    with torch.no_grad():
+        alone = model(clip, torch.tensor([37]), text[:1, :5], mask[:1, :5]).logits
+        beside = model(batch, torch.tensor([37, 300]), text, mask).logits
+    torch.testing.assert_close(alone, beside[:1], atol=1e-6, rtol=1e-6)
+    model.save_pretrained(tmp_path)
+    loaded = RewardModel.from_pretrained(tmp_path)
+    assert (loaded.config.fusion, loaded.config.attention_dim, loaded.config.attention_stride) == ("attention", 16, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch, torch.tensor([37, 300]), text, mask).logits, beside)
+    # The card's layout cannot take these weights: the error names a tensor the config does not expect.
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads((tmp_path / "config.json").read_text()),
+                                                       "fusion": "pooled"}))
+    with pytest.raises(CheckpointError, match="cross"):
+        RewardModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="fusion"):
+        RewardConfig(fusion="concat")
+
+
+def test_attention_prior_places_token_i_of_l_at_its_share_of_the_clip():
+    """With the content scores switched off, token i of L attends around frame (i + 0.5) / L of its
+    own clip, and never to padding."""
+    model = attention_model(attention_stride=1)
+    torch.nn.init.zeros_(model.cross.query.weight)
+    torch.nn.init.zeros_(model.cross.query.bias)
+    lengths = torch.tensor([200, 120])
+    tokens = torch.tensor([10, 4])
+    with torch.no_grad():
+        audio = model.embed_audio(torch.randn(2, 64, 200), lengths)
+        text = model.embed_text(torch.randint(2, 60, (2, 10)), (torch.arange(10)[None, :] < tokens[:, None]).long())
+        _, weights = model.cross.attention(audio, text)
+    assert weights.shape == (2, 10, 200)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 10))
+    assert weights[1, :, 120:].max() < 1e-6  # padding frames of the shorter clip get no weight
+    for b in range(2):
+        for i in range(int(tokens[b])):
+            expected = (i + 0.5) / int(tokens[b]) * int(lengths[b]) - 0.5
+            assert abs(int(weights[b, i].argmax()) - expected) <= 1.0
+
+
+def test_attention_reward_reuse_matches_every_pair_alone(tmp_path):
+    """The RL scorer's reuse (audio encoded once per clip, keys and values included) gives the
+    scores of each (audio, text) pair through the full forward on its own."""
+    from rlnf.reward_model.checkpoint import save_reward_folder
+    from rlnf.reward_model.processor import RewardProcessor
+    from rlnf import RewardConfig, RewardModel
+    from rlnf.rewards.learned import RewardScorer
+
+    torch.manual_seed(3)
+    config = RewardConfig(vocab_size=200, lstm_hidden=32, fusion="attention", attention_dim=16)
+    processor = RewardProcessor(config, tiny_tokenizer(tmp_path))
+    config.eos_token_id = processor.eos_id
+    folder = save_reward_folder(RewardModel(config).eval(), processor, tmp_path / "reward")
+    scorer = RewardScorer(folder, device="cpu", batch_size=4)
+    generator = torch.Generator().manual_seed(0)
+    audio = torch.randn(3, 16000, generator=generator) * 0.1
+    audio_len = torch.tensor([16000, 9000, 4000])
+    hypotheses = [["in the beginning", "in the", "", "in the beginning", "god created"]] * 3
+    fast = scorer.score_groups(audio, audio_len, 16000, hypotheses)
+    slow = scorer.score_pairs_separately(audio, audio_len, 16000, hypotheses)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert fast[0].unique().numel() == 4 and fast[1, 1] != fast[2, 1]  # audio matters per clip
+
+
 def test_published_layout_loads_and_matches_an_independent_forward(tmp_path):
     from safetensors.torch import load_file
 
@@ -290,6 +387,29 @@ def test_trainer_reaches_a_clear_correlation(trained_reward):
     best = trained_reward / "checkpoints" / "best"
     assert {p.name for p in best.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model"}
     assert (trained_reward / "tensorboard").is_dir()
+
+
+@pytest.mark.slow
+def test_audio_gain_is_zero_for_a_model_that_ignores_the_audio(trained_reward, tmp_path):
+    """val/audio_gain = within-clip Spearman minus the same with each clip's transcripts scored against
+    another clip's audio. Cut the head's audio inputs and the two Spearmans must be equal."""
+    from recipes.train_reward_model import RewardTrainer
+    from rlnf.config import RewardTrainConfig, load_config
+
+    cfg = load_config(RewardTrainConfig, trained_reward / "config.yaml",
+                      [f"model.init_from={trained_reward / 'checkpoints' / 'best'}", f"output_dir={tmp_path}"])
+    trainer = RewardTrainer(cfg)
+    trainer.setup()
+    metrics = trainer.evaluate()
+    assert all(math.isfinite(metrics[k]) for k in ("val/group_spearman", "val/group_spearman_wrong_audio"))
+    assert metrics["val/audio_gain"] == pytest.approx(metrics["val/group_spearman"] -
+                                                      metrics["val/group_spearman_wrong_audio"])
+    with torch.no_grad():
+        trainer.model.head[0].weight[:, : trainer.model.config.audio_conv_channels] = 0
+    deaf = trainer.evaluate()
+    assert deaf["val/audio_gain"] == pytest.approx(0.0, abs=1e-9)
+    assert deaf["val/group_spearman"] == pytest.approx(deaf["val/group_spearman_wrong_audio"])
+    trainer.logger.close()
 
 
 @pytest.mark.slow

@@ -12,8 +12,19 @@ Pooling of the audio path:
     "legacy":           the published checkpoint's behaviour: average over all frames, padding included
                         (selected automatically when loading that layout).
 
+Fusion of the two paths:
+    "pooled" (default, the card's): the head sees the pooled audio vector and the pooled text vector
+                        only. One vector per clip cannot say *which* words were spoken where, so in
+                        practice it ranks a clip's transcripts by their text alone (README, "Fusion").
+    "attention":        also a time-resolved comparison. Every text token attends over the clip's conv
+                        frames, with a learned Gaussian prior that token i of L sits near the fraction
+                        (i + 0.5) / L of the clip (speech is read left to right), plus content-based
+                        scores. Each token's state and what it attended to go through a small MLP; the
+                        mean and max over tokens join the head's input. New parameters (``cross.*``)
+                        and a wider first head layer: not loadable into the card's layout.
+
 ``embed_audio``, ``embed_text`` and ``score_embeddings`` split the forward so an RL reward can embed
-each utterance's audio once and reuse it for all K hypotheses.
+each utterance's audio once and reuse it for all K hypotheses (``Encoded`` rows index like tensors).
 """
 
 from __future__ import annotations
@@ -59,6 +70,9 @@ class RewardConfig(PretrainedConfig):
         eos_token_id: int | None = None,
         append_eos: bool = True,
         pooling: str = "masked",
+        fusion: str = "pooled",
+        attention_dim: int = 128,
+        attention_stride: int = 4,
         sample_rate: int = 16000,
         n_mel: int = 64,
         window_size: float = 0.02,
@@ -71,6 +85,10 @@ class RewardConfig(PretrainedConfig):
     ):
         if pooling not in ("masked", "legacy"):
             raise ValueError(f"pooling must be 'masked' or 'legacy', got {pooling!r}")
+        if fusion not in ("pooled", "attention"):
+            raise ValueError(f"fusion must be 'pooled' or 'attention', got {fusion!r}")
+        if fusion == "attention" and pooling == "legacy":
+            raise ValueError("fusion 'attention' needs pooling 'masked' (legacy pooling is the published layout's)")
         self.vocab_size = vocab_size
         self.embed_dim = embed_dim
         self.lstm_hidden = lstm_hidden
@@ -84,6 +102,9 @@ class RewardConfig(PretrainedConfig):
         self.dropout = dropout
         self.append_eos = append_eos
         self.pooling = pooling
+        self.fusion = fusion
+        self.attention_dim = attention_dim
+        self.attention_stride = attention_stride
         self.sample_rate = sample_rate
         self.n_mel = n_mel
         self.window_size = window_size
@@ -122,6 +143,86 @@ class RewardModelOutput(ModelOutput):
     logits: torch.Tensor | None = None  # [B] scores in [0, 1]
 
 
+@dataclass
+class Encoded:
+    """One path's encoding: ``pooled`` [N, D] and, for attention fusion, time-resolved ``states``
+    [N, S, D'] with valid ``lengths`` [N] (``keys`` [N, S, A] too on the audio side). Indexing by rows
+    (``encoded[rows]``) selects those rows of every field, like a tensor."""
+
+    pooled: torch.Tensor
+    states: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+
+    def __getitem__(self, rows) -> "Encoded":
+        pick = (lambda t: None if t is None else t[rows])
+        return Encoded(self.pooled[rows], pick(self.states), pick(self.lengths), pick(self.keys))
+
+    def to(self, dtype: torch.dtype) -> "Encoded":
+        cast = (lambda t: None if t is None else t.to(dtype))
+        return Encoded(self.pooled.to(dtype), cast(self.states), self.lengths, cast(self.keys))
+
+
+class CrossAttentionMatch(nn.Module):
+    """Token-to-frame attention with a monotonic position prior; returns [N, 2 * attention_dim]
+    (mean and max over tokens of a per-token match vector)."""
+
+    def __init__(self, audio_dim: int, text_dim: int, dim: int):
+        super().__init__()
+        self.query = nn.Linear(text_dim, dim)
+        self.key = nn.Linear(audio_dim, dim)
+        self.value = nn.Linear(audio_dim, dim)
+        # Width of the position prior, as a fraction of the clip (softplus(-2.2) ~ 0.1).
+        self.prior_width = nn.Parameter(torch.tensor(-2.2))
+        self.match = nn.Sequential(nn.Linear(3 * dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU())
+        self.dim = dim
+
+    def project_audio(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames [B, S, C] -> (keys, values) [B, S, dim]; once per clip, reused for all its texts."""
+        return self.key(frames), self.value(frames)
+
+    def attention(self, audio: Encoded, text: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries [N, L, dim], weights [N, L, S]): each token's distribution over the clip's frames."""
+        keys, frames = audio.keys, audio.lengths
+        tokens, lengths = text.states, text.lengths
+        query = self.query(tokens)
+        logits = query @ keys.transpose(1, 2) / self.dim ** 0.5  # content: [N, L, S]
+        device = keys.device
+        frame_position = (torch.arange(keys.shape[1], device=device)[None, :] + 0.5) / frames[:, None].clamp(min=1)
+        token_position = (torch.arange(tokens.shape[1], device=device)[None, :] + 0.5) / lengths[:, None].clamp(min=1)
+        width = nn.functional.softplus(self.prior_width) + 1e-3
+        distance = token_position[:, :, None] - frame_position[:, None, :]
+        logits = logits.float() - (distance / width) ** 2 / 2  # position prior: token i of L near (i + 0.5) / L
+        valid_frames = torch.arange(keys.shape[1], device=device)[None, :] < frames[:, None]
+        logits = logits.masked_fill(~valid_frames[:, None, :], torch.finfo(logits.dtype).min)
+        return query, torch.softmax(logits, dim=-1)
+
+    def forward(self, audio: Encoded, text: Encoded) -> torch.Tensor:
+        query, weights = self.attention(audio, text)
+        context = weights.to(audio.states.dtype) @ audio.states  # [N, L, dim]
+        matched = self.match(torch.cat([query, context, query * context], dim=-1))  # [N, L, dim]
+        lengths = text.lengths
+        valid_tokens = (torch.arange(matched.shape[1], device=matched.device)[None, :] < lengths[:, None]).unsqueeze(-1)
+        mean = (matched * valid_tokens).sum(dim=1) / lengths.clamp(min=1)[:, None].to(matched.dtype)
+        peak = matched.masked_fill(~valid_tokens, 0.0).amax(dim=1)  # ReLU outputs: 0 is a neutral fill
+        return torch.cat([mean, peak], dim=-1)
+
+
+def window_means(hidden: torch.Tensor, lengths: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means of ``stride`` consecutive valid frames: [B, C, T] (zero past each length) -> [B, C, ceil(T / stride)]
+    and the new lengths. A clip's last, partial window averages its own frames only, so the result does
+    not depend on the padding a batch adds."""
+    if stride == 1:
+        return hidden, lengths
+    batch, channels, frames = hidden.shape
+    windows = -(-frames // stride)
+    padded = nn.functional.pad(hidden, (0, windows * stride - frames))
+    valid = (torch.arange(windows * stride, device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+    sums = padded.view(batch, channels, windows, stride).sum(dim=-1)
+    counts = valid.view(batch, 1, windows, stride).sum(dim=-1)
+    return sums / counts.clamp(min=1), torch.div(lengths + stride - 1, stride, rounding_mode="floor")
+
+
 def conv_output_length(length: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
     return torch.div(length + 2 * padding - kernel, stride, rounding_mode="floor") + 1
 
@@ -146,6 +247,9 @@ class RewardModel(PreTrainedModel):
         self.lstm = nn.LSTM(config.embed_dim, config.lstm_hidden, num_layers=config.lstm_layers,
                             batch_first=True, bidirectional=True)
         combined = config.audio_conv_channels + 2 * config.lstm_hidden
+        if config.fusion == "attention":
+            self.cross = CrossAttentionMatch(config.audio_conv_channels, 2 * config.lstm_hidden, config.attention_dim)
+            combined += 2 * config.attention_dim
         self.head = nn.Sequential(
             nn.Linear(combined, config.head_hidden), nn.ReLU(), nn.Dropout(config.dropout),
             nn.Linear(config.head_hidden, config.head_hidden), nn.ReLU(),
@@ -160,11 +264,12 @@ class RewardModel(PreTrainedModel):
                 module.weight[module.padding_idx].zero_()
 
     # ----------------------------------------------------------------------------- pieces
-    def embed_audio(self, audio: torch.Tensor, audio_len: torch.Tensor) -> torch.Tensor:
-        """audio [B, n_mel, T] log-mel features, audio_len [B] frames -> [B, audio_conv_channels]."""
+    def embed_audio(self, audio: torch.Tensor, audio_len: torch.Tensor) -> Encoded:
+        """audio [B, n_mel, T] log-mel features, audio_len [B] frames -> pooled [B, audio_conv_channels]
+        (and, for attention fusion, the conv frames [B, T', C] projected to keys and values)."""
         cfg = self.config
         if cfg.pooling == "legacy":
-            return self.audio_encoder(audio).squeeze(-1)
+            return Encoded(self.audio_encoder(audio).squeeze(-1))
         hidden, lengths = audio, audio_len
         mask = torch.arange(hidden.shape[-1], device=hidden.device)[None, :] < lengths[:, None]
         hidden = hidden * mask.unsqueeze(1)
@@ -174,21 +279,33 @@ class RewardModel(PreTrainedModel):
             lengths = conv_output_length(lengths, cfg.kernel_size, cfg.stride, cfg.padding)
             mask = torch.arange(hidden.shape[-1], device=hidden.device)[None, :] < lengths[:, None]
             hidden = hidden * mask.unsqueeze(1)  # padding stays zero, exactly as for a clip alone
-        return hidden.sum(dim=-1) / lengths.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+        pooled = hidden.sum(dim=-1) / lengths.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+        if cfg.fusion != "attention":
+            return Encoded(pooled)
+        hidden, lengths = window_means(hidden, lengths, cfg.attention_stride)
+        keys, values = self.cross.project_audio(hidden.transpose(1, 2))
+        return Encoded(pooled, states=values, lengths=lengths, keys=keys)
 
-    def embed_text(self, text: torch.Tensor, text_attention_mask: torch.Tensor) -> torch.Tensor:
-        """text [N, L] ids, mask [N, L] -> masked mean of BiLSTM states [N, 2 * lstm_hidden]."""
+    def embed_text(self, text: torch.Tensor, text_attention_mask: torch.Tensor) -> Encoded:
+        """text [N, L] ids, mask [N, L] -> masked mean of BiLSTM states [N, 2 * lstm_hidden] (and the
+        states themselves for attention fusion)."""
         lengths = text_attention_mask.sum(dim=1).clamp(min=1)
         embedded = self.embedding(text)
         packed = nn.utils.rnn.pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
         output, _ = self.lstm(packed)
         output, _ = nn.utils.rnn.pad_packed_sequence(output, batch_first=True, total_length=text.shape[1])
         mask = (torch.arange(text.shape[1], device=text.device)[None, :] < lengths[:, None]).unsqueeze(-1)
-        return (output * mask).sum(dim=1) / lengths.unsqueeze(1).to(output.dtype)
+        pooled = (output * mask).sum(dim=1) / lengths.unsqueeze(1).to(output.dtype)
+        if self.config.fusion != "attention":
+            return Encoded(pooled)
+        return Encoded(pooled, states=output, lengths=lengths)
 
-    def score_embeddings(self, audio_embedding: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
-        """[N, C] and [N, 2H] -> scores [N] in [0, 1]."""
-        return self.head(torch.cat([audio_embedding, text_embedding], dim=-1)).squeeze(-1)
+    def score_embeddings(self, audio: Encoded, text: Encoded) -> torch.Tensor:
+        """Encodings of N (audio, text) pairs (audio rows already matched to texts) -> scores [N] in [0, 1]."""
+        parts = [audio.pooled, text.pooled]
+        if self.config.fusion == "attention":
+            parts.append(self.cross(audio, text))
+        return self.head(torch.cat(parts, dim=-1)).squeeze(-1)
 
     def forward(self, audio: torch.Tensor, audio_len: torch.Tensor, text: torch.Tensor,
                 text_attention_mask: torch.Tensor, labels: torch.Tensor | None = None,

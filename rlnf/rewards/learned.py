@@ -57,7 +57,7 @@ class RewardScorer:
         audio, audio_len = self._prepare_audio(audio, audio_len, sample_rate)
         features, frames = self.processor.features(audio, audio_len)
         with autocast:
-            audio_embedding = self.model.embed_audio(features, frames)  # once per utterance [B, C]
+            audio_embedding = self.model.embed_audio(features, frames)  # once per utterance
         # Distinct (utterance, text) pairs; duplicates within a group are scored once.
         unique: dict[tuple[int, str], int] = {}
         for b, group in enumerate(hypotheses):
@@ -71,7 +71,7 @@ class RewardScorer:
             rows = torch.tensor([b for b, _ in chunk], device=self.device)
             with autocast:
                 text_embedding = self.model.embed_text(ids, mask)
-                chunk_scores = self.model.score_embeddings(audio_embedding[rows].to(text_embedding.dtype),
+                chunk_scores = self.model.score_embeddings(audio_embedding[rows].to(text_embedding.pooled.dtype),
                                                            text_embedding)
             scores[start:start + len(chunk)] = chunk_scores.float().cpu()
         return torch.tensor([[float(scores[unique[(b, text)]]) for text in group]

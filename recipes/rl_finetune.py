@@ -61,8 +61,13 @@ class RLFinetuneRecipe:
 
         self.policy = CTCPolicy.load(cfg.policy.path, self.device)
         self.reference = None
+        self.reference_cache = None
         if cfg.algorithm.kl_coef > 0:
+            from rlnf.rl import ReferenceCache
+
             self.reference = CTCPolicy.load(cfg.policy.path, self.device).freeze()
+            if cfg.algorithm.reference_cache_mb > 0:
+                self.reference_cache = ReferenceCache(int(cfg.algorithm.reference_cache_mb * 2**20))
         self.stream = TrainStream(AudioDataset(train, self.policy.sample_rate, cfg.data.skip_bad_samples),
                                   trainer.batch_size, cfg.data.bucket_size, cfg.data.shuffle, trainer.seed,
                                   cfg.data.num_workers, pin_memory=self.device.type == "cuda",
@@ -154,7 +159,8 @@ class RLFinetuneRecipe:
         try:
             rollout = make_rollout(self.policy, self.reference, self.rewards, batch.to(self.device), self.algorithm,
                                    keep_graph=keep_graph, autocast=self._autocast, sample_keys=keys,
-                                   all_reduce_sum=self.dist.all_reduce_sum if distributed else None)
+                                   all_reduce_sum=self.dist.all_reduce_sum if distributed else None,
+                                   reference_cache=self.reference_cache)
             error = None
         except RlnfError as exc:
             if not distributed:

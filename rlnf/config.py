@@ -193,6 +193,9 @@ class AlgorithmConfig:
                                            "at kl_coef and after each step is multiplied by 1 + clip(KL/target - 1, "
                                            "-0.2, 0.2) * utterances / kl_horizon. null: beta stays kl_coef.")
     kl_horizon: int = opt(10000, "Adaptive KL: utterances over which beta may change by a factor of about e^0.2.")
+    reference_cache_mb: float = opt(1024.0, "Keep the frozen reference's log-probs of each training utterance (CPU "
+                                            "memory, least recently used out beyond this many MB), so utterances "
+                                            "seen before skip the reference forward; 0 turns it off.")
     entropy_coef: float = opt(0.0, "Weight of the per-frame entropy bonus (subtracted from the loss).")
     supervised_coef: float = opt(0.0, "lambda: weight of a supervised CTC loss on references when the batch has "
                                       "them (0: pure RL).")
@@ -206,6 +209,7 @@ class AlgorithmConfig:
         for key in ("kl_coef", "entropy_coef", "supervised_coef"):
             _check_positive(f"algorithm.{key}", getattr(self, key), allow_zero=True)
         _check_positive("algorithm.kl_horizon", self.kl_horizon)
+        _check_positive("algorithm.reference_cache_mb", self.reference_cache_mb, allow_zero=True)
         if self.kl_target is not None:
             _check_positive("algorithm.kl_target", self.kl_target)
             if self.kl_coef <= 0:

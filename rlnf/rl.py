@@ -5,7 +5,8 @@ Rollout (no update yet):
   1. one encoder pass: log-probs [B, T, V] of pi_tau = softmax(logits / tau)
   2. sample K alignments per utterance, collapse them to hypotheses; greedy hypothesis too
   3. log pi(y) of each hypothesis (marginal over alignments) -> old log-probs
-  4. reference policy (frozen) log-probs, when the KL coefficient is > 0
+  4. reference policy (frozen) log-probs, when the KL coefficient is > 0 (from a per-utterance
+     cache when the utterance was seen before: the reference is frozen and deterministic)
   5. rewards of the K hypotheses (and of the greedy one for the self-critical baseline)
   6. optionally fold -beta * KL estimate into each sample's reward
   7. advantages from the group of K
@@ -17,6 +18,7 @@ Loss (one call per update epoch):
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -87,6 +89,80 @@ def sampling_uniforms(keys: Sequence[Sequence[int]], encoded_len: torch.Tensor, 
     return uniforms.to(encoded_len.device)
 
 
+class ReferenceCache:
+    """The frozen reference's log-probs per utterance (its valid frames only, float32, on the CPU),
+    least recently used first out beyond ``max_bytes``.
+
+    The reference runs in eval mode on the same audio every time it meets an utterance, so from the
+    second epoch on its forward can be skipped (as TRL's ``precompute_ref_log_probs``). Outputs for an
+    utterance do not depend on the rest of its batch beyond float rounding (masked convolutions)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: collections.OrderedDict[object, torch.Tensor] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: object) -> torch.Tensor | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: object, log_probs: torch.Tensor) -> None:
+        size = log_probs.numel() * log_probs.element_size()
+        if size > self.max_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old.numel() * old.element_size()
+        while self._entries and self.bytes + size > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= evicted.numel() * evicted.element_size()
+        self._entries[key] = log_probs
+        self.bytes += size
+
+
+def reference_log_probs(reference: CTCPolicy, batch: AudioBatch, encoded_len: torch.Tensor, frames: int,
+                        autocast, cache: ReferenceCache | None = None,
+                        keys: Sequence[object] | None = None) -> torch.Tensor:
+    """The reference's log-probs at tau = 1, [B, frames, V] float32 (frames past an utterance's
+    ``encoded_len`` hold log(1/V) and are never read). With a cache, only the utterances it lacks go
+    through the reference, as one smaller batch; their outputs are stored under ``keys``."""
+    cached = [cache.get(key) for key in keys] if cache is not None else [None] * len(batch)
+    missing = [b for b, entry in enumerate(cached) if entry is None]
+    if missing:
+        audio, audio_len = batch.audio, batch.audio_len
+        if len(missing) < len(batch):
+            index = torch.tensor(missing, device=audio.device)
+            audio_len = audio_len[index]
+            audio = audio[index, : int(audio_len.max())]
+        with torch.no_grad(), autocast():
+            computed, computed_len = reference.forward(audio, audio_len)
+        computed = computed.float()
+        for row, b in enumerate(missing):
+            if int(computed_len[row]) != int(encoded_len[b]):
+                raise RuntimeError(f"reference and policy disagree on the frame count of utterance {b} "
+                                   f"({int(computed_len[row])} vs {int(encoded_len[b])}): different front ends?")
+            cached[b] = computed[row, : int(encoded_len[b])]
+            if cache is not None:
+                cache.put(keys[b], cached[b].detach().to("cpu", copy=True))
+        if len(missing) == len(batch) and computed.shape[1] == frames:
+            return computed  # the whole batch in one forward: already the right shape
+    vocabulary = cached[0].shape[-1]
+    out = torch.full((len(batch), frames, vocabulary), -float(np.log(vocabulary)), device=encoded_len.device)
+    for b, entry in enumerate(cached):
+        out[b, : entry.shape[0]] = entry.to(out.device, non_blocking=True)
+    return out
+
+
 def make_rollout(
     policy: CTCPolicy,
     reference: CTCPolicy | None,
@@ -98,13 +174,15 @@ def make_rollout(
     autocast=None,
     sample_keys: Sequence[Sequence[int]] | None = None,
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reference_cache: ReferenceCache | None = None,
 ) -> Rollout:
     """Steps 1-7 above. With ``keep_graph`` the policy forward keeps its autograd graph so an
     on-policy update (one epoch, frozen BatchNorm, no dropout) needs no second forward.
 
     ``sample_keys`` (one per utterance) make the sampling per-utterance deterministic (see
     ``sampling_uniforms``); otherwise ``generator`` draws for the whole batch. ``all_reduce_sum``
-    sums a tensor over processes, for the statistics that span the global batch (whitening)."""
+    sums a tensor over processes, for the statistics that span the global batch (whitening).
+    ``reference_cache`` keeps the reference's log-probs per utterance (keyed by manifest file and line)."""
     import contextlib
 
     autocast = autocast or contextlib.nullcontext
@@ -133,9 +211,12 @@ def make_rollout(
     ref_frame_log_probs = ref_seq_log_probs = None
     metrics: dict[str, float] = {}
     if reference is not None:
-        with torch.no_grad(), autocast():
-            ref_raw, _ = reference.forward(batch.audio, batch.audio_len)
-        ref_frame_log_probs = ctc.apply_temperature(ref_raw.float(), algo.temperature)
+        hits_before = reference_cache.hits if reference_cache is not None else 0
+        ref_raw = reference_log_probs(reference, batch, encoded_len, detached.shape[1], autocast, reference_cache,
+                                      [u.where for u in batch.utterances] if reference_cache is not None else None)
+        if reference_cache is not None:
+            metrics["perf/ref_cache_hit_rate"] = (reference_cache.hits - hits_before) / max(1, len(batch))
+        ref_frame_log_probs = ctc.apply_temperature(ref_raw, algo.temperature)
         with torch.no_grad():
             kl_exact = ctc.exact_kl(detached, ref_frame_log_probs, encoded_len)
             if algo.kl_estimator in ("k1", "k3"):  # sequence-level estimators need log pi_ref(y)

@@ -8,7 +8,9 @@ after a warm-up step), on the same batch: 8 utterances of ~3 s speech, K = 8 sam
 Figures 2 and 3 are measured on the first size (both are ratios of the same network's work, and
 the naive rollout of 15x5 alone would take 4 minutes here); --full measures them on every size.
 --floor also times the reference policy's forward pass, giving the floor of figure 1:
-(supervised step + reference forward) / supervised step.
+(supervised step + reference forward) / supervised step, and an RL step whose reference log-probs
+come from rlnf's per-utterance cache (what every epoch after the first costs; figure 1 itself runs
+the reference forward every step, as a first epoch does).
   1. RL step (rollout + learned-reward scoring + advantages + update, KL on) / supervised CTC step
   2. rollout with one shared encoder pass / naive rollout re-encoding K copies of each clip
   3. learned-reward scoring with audio-embedding reuse and duplicates scored once / every pair alone
@@ -95,7 +97,8 @@ def build_recipes(folder: Path, manifest: Path, nemo: Path, reward: Path, device
               "data.shuffle=false", f"trainer.device={device_name}", "trainer.lr=1e-5"]
     rl_cfg = load_config(RLFinetuneConfig, None, common + [
         f"policy.path={nemo}", f"output_dir={folder / 'rl'}", "algorithm.name=rloo", "algorithm.num_samples=8",
-        "algorithm.kl_coef=0.01", f"rewards=[{{name: learned, path: '{reward}', device: {device_name}}}]"])
+        "algorithm.kl_coef=0.01", "algorithm.reference_cache_mb=0",  # figure 1: the reference runs every step
+        f"rewards=[{{name: learned, path: '{reward}', device: {device_name}}}]"])
     sl_cfg = load_config(CTCTrainConfig, None, common + [f"model.path={nemo}", f"output_dir={folder / 'sl'}"])
     rl, sl = RLFinetuneRecipe(rl_cfg), CTCTrainRecipe(sl_cfg)
     rl.setup()
@@ -172,18 +175,27 @@ def measure_size(size: str, device_name: str, repeats: int, folder: Path, rollou
         result = {"size": size, "parameters": parameters, "device": str(device), "batch": len(batch), "K": 8,
                   "audio_seconds_per_batch": round(audio_seconds, 2)}
 
-        steps = [lambda: rl.train_step([batch]), lambda: sl.train_step(batch)]
+        from rlnf.rl import ReferenceCache
+
+        cache = ReferenceCache(2**30)
+
+        def rl_step(cached: bool):
+            rl.reference_cache = cache if cached else None
+            rl.train_step([batch])
+
+        steps = [lambda: rl_step(False), lambda: sl.train_step(batch)]
         if floor:  # the reference policy's forward alone: what an RL step must add at least
             def reference_forward():
                 with torch.no_grad(), rl._autocast():
                     rl.reference.forward(batch.audio, batch.audio_len)
-            steps.append(reference_forward)
+            steps += [reference_forward, lambda: rl_step(True)]  # the warm-up round fills the cache
         times = alternate(*steps, device=device, repeats=repeats)
         rl_time, sl_time = times[0], times[1]
         result.update({"rl_step_s": rl_time, "sl_step_s": sl_time, "rl_over_sl_step_time": rl_time / sl_time,
                        "rl_utterances_per_s": len(batch) / rl_time, "rl_audio_seconds_per_s": audio_seconds / rl_time})
         if floor:
-            result.update({"reference_forward_s": times[2], "rl_over_sl_floor": (sl_time + times[2]) / sl_time})
+            result.update({"reference_forward_s": times[2], "rl_over_sl_floor": (sl_time + times[2]) / sl_time,
+                           "rl_cached_step_s": times[3], "rl_over_sl_step_time_ref_cached": times[3] / sl_time})
         if not rollout_and_reward:
             return result
 
@@ -360,6 +372,8 @@ def main() -> None:
             ("  RL step seconds", "rl_step_s", "{:.3f}", ""), ("  supervised step seconds", "sl_step_s", "{:.3f}", ""),
             ("  reference forward seconds (--floor)", "reference_forward_s", "{:.3f}", ""),
             ("  floor: (supervised + reference forward) / sup.", "rl_over_sl_floor", "{:.2f}x", ""),
+            ("RL step, reference cached / supervised (--floor)", "rl_over_sl_step_time_ref_cached", "{:.2f}x",
+             "(epochs >= 2)"),
             ("naive rollout / shared-encoder rollout (time)", "rollout_speedup_shared_vs_naive", "{:.2f}x", ">= 6.4x"),
             ("per-pair reward / reuse+dedup reward (time)", "reward_speedup_reuse_vs_per_pair", "{:.2f}x", ">= 3x"),
             ("  distinct hypotheses of 64", "distinct_hypotheses", "{:.0f}", ""),
@@ -377,6 +391,7 @@ def main() -> None:
     figures = {
         "rl_over_sl_step_time_15x5": results.get("15x5", {}).get("rl_over_sl_step_time"),
         "rl_over_sl_step_time_small": results.get("small", {}).get("rl_over_sl_step_time"),
+        "rl_over_sl_step_time_15x5_ref_cached": results.get("15x5", {}).get("rl_over_sl_step_time_ref_cached"),
         "rollout_speedup_shared_vs_naive": results[sizes[0]]["rollout_speedup_shared_vs_naive"],
         "reward_speedup_reuse_vs_per_pair": results[sizes[0]]["reward_speedup_reuse_vs_per_pair"],
         "rl_over_sl_peak_memory": memory["rl_over_sl_peak_memory"],

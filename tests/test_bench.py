@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_script_smoke(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--sizes", "tiny", "--repeats", "2",
-                             "--device", "cpu", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
+                             "--device", "cpu", "--floor", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
@@ -24,5 +24,7 @@ def test_bench_script_smoke(tmp_path):
                 "reward_speedup_reuse_vs_per_pair", "rl_over_sl_peak_memory", "reward_pairs_per_s",
                 "rl_utterances_per_s", "device", "K"):
         assert key in figures, key
-    assert figures["K"] == 8 and figures["per_size"]["tiny"]["rl_over_sl_step_time"] > 0
+    tiny = figures["per_size"]["tiny"]
+    assert figures["K"] == 8 and tiny["rl_over_sl_step_time"] > 0
+    assert tiny["rl_over_sl_floor"] > 1 and tiny["rl_over_sl_step_time_ref_cached"] > 0  # --floor figures
     assert "RL step / supervised step" in result.stdout

@@ -145,3 +145,17 @@ def test_adaptive_kl_moves_beta_by_the_logged_kl_and_resumes_with_it(corpus, pre
         expected = adaptive_kl_coef(before["kl/coef"], before["kl"], 0.5, 16, 4)
         assert after["kl/coef"] == pytest.approx(expected, rel=1e-9)
     assert rows[1]["kl/coef"] < 0.05  # KL 0 < target at step 1: beta went down
+
+
+@pytest.mark.slow
+def test_second_epoch_takes_reference_log_probs_from_the_cache(corpus, pretrained_tiny_nemo, tmp_path):
+    out = tmp_path / "cached"
+    assert main(run_args(pretrained_tiny_nemo, corpus, out, "trainer.max_steps=12", "trainer.val_every=0",
+                         "trainer.save_every=0", "trainer.samples_every=0")) == 0
+    rows = read_metrics(out)
+    rates = [row["perf/ref_cache_hit_rate"] for row in rows]
+    assert rates[0] == 0.0 and rates[-1] == 1.0  # 32 utterances, batch 4: step 12 is in the second epoch
+    off = tmp_path / "uncached"
+    assert main(run_args(pretrained_tiny_nemo, corpus, off, "trainer.max_steps=1", "trainer.val_every=0",
+                         "algorithm.reference_cache_mb=0")) == 0
+    assert "perf/ref_cache_hit_rate" not in read_metrics(off)[0]

@@ -119,3 +119,65 @@ def test_self_critical_scores_greedy_in_the_same_reward_call(pretrained_tiny_nem
     torch.testing.assert_close(rollout.rewards, expected)
     torch.testing.assert_close(rollout.advantages, expected - expected_greedy.unsqueeze(1))
     assert rollout.reward_components["LengthReward"].shape == (3, 5)
+
+
+def test_reference_cache_evicts_least_recently_used_beyond_its_budget():
+    from rlnf.rl import ReferenceCache
+
+    cache = ReferenceCache(max_bytes=3 * 40)  # room for three [10] float32 entries
+    for key in "abc":
+        cache.put(key, torch.full((10,), float(ord(key))))
+    assert cache.get("a") is not None  # "a" becomes the most recently used
+    cache.put("d", torch.zeros(10))  # evicts "b", the least recently used
+    assert cache.get("b") is None and len(cache) == 3 and cache.bytes == 120
+    assert cache.get("c") is not None and cache.get("d") is not None
+    cache.put("huge", torch.zeros(100))  # larger than the whole budget: not kept, nothing evicted
+    assert cache.get("huge") is None and len(cache) == 3
+    cache.put("a", torch.zeros(5))  # replacing an entry frees its old bytes
+    assert cache.bytes == 100
+    assert (cache.hits, cache.misses) == (3, 2)
+
+
+def test_reference_cache_gives_the_reference_forward_and_runs_only_the_missing_utterances(pretrained_tiny_nemo,
+                                                                                           corpus):
+    """Through make_rollout: a batch whose utterances are partly cached sends only the others
+    through the reference, as one smaller batch, and every rollout quantity matches the run
+    without a cache."""
+    from rlnf.config import RLFinetuneConfig, RewardSpec, finalize_config
+    from rlnf.data.loader import AudioDataset, collate
+    from rlnf.data.manifest import read_manifest
+    from rlnf.policy import CTCPolicy
+    from rlnf.rewards import build_rewards
+    from rlnf.rl import ReferenceCache, make_rollout
+
+    cfg = finalize_config(RLFinetuneConfig(output_dir="unused"))
+    algo = cfg.algorithm
+    algo.kl_estimator, algo.kl_in_reward, algo.temperature = "k3", True, 1.3
+    utterances, _ = read_manifest(corpus["train"])
+    dataset = AudioDataset(utterances, 16000)
+    policy = CTCPolicy.load(pretrained_tiny_nemo)
+    reference = CTCPolicy.load(pretrained_tiny_nemo).freeze()
+    rewards = build_rewards([RewardSpec(name="tests.test_rl_update.LengthReward")])
+    calls = []
+    forward = reference.forward
+    reference.forward = lambda audio, audio_len: calls.append(len(audio)) or forward(audio, audio_len)
+
+    cache = ReferenceCache(max_bytes=2**24)
+    first = collate([dataset[i] for i in (0, 1)])
+    make_rollout(policy, reference, rewards, first, algo, torch.Generator().manual_seed(0), reference_cache=cache)
+    assert calls == [2] and len(cache) == 2
+    mixed = collate([dataset[i] for i in (2, 0, 3, 1)])  # two cached, two new
+    keys = [(0, 0, 0, u.line) for u in mixed.utterances]
+    cached = make_rollout(policy, reference, rewards, mixed, algo, sample_keys=keys, reference_cache=cache)
+    assert calls == [2, 2] and cached.metrics["perf/ref_cache_hit_rate"] == 0.5
+    plain = make_rollout(policy, reference, rewards, mixed, algo, sample_keys=keys)
+    assert calls == [2, 2, 4]
+    torch.testing.assert_close(cached.ref_frame_log_probs.isfinite(), plain.ref_frame_log_probs.isfinite())
+    for b, frames in enumerate(plain.encoded_len.tolist()):
+        torch.testing.assert_close(cached.ref_frame_log_probs[b, :frames], plain.ref_frame_log_probs[b, :frames],
+                                   atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached.ref_seq_log_probs, plain.ref_seq_log_probs, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(cached.advantages, plain.advantages, atol=1e-4, rtol=1e-4)
+    assert cached.metrics["kl"] == pytest.approx(plain.metrics["kl"], rel=1e-5, abs=1e-6)
+    again = make_rollout(policy, reference, rewards, mixed, algo, sample_keys=keys, reference_cache=cache)
+    assert calls == [2, 2, 4] and again.metrics["perf/ref_cache_hit_rate"] == 1.0  # no forward at all

@@ -155,7 +155,7 @@ def _plot(report: dict[str, Any], runs_dirs: dict[str, Path], path: Path) -> Non
 
     from rlnf.metric_logging import read_metrics
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5.2))
     start = report["pretrained_val_wer"]
     for name, folder in runs_dirs.items():
         rows = read_metrics(folder)
@@ -174,7 +174,8 @@ def _plot(report: dict[str, Any], runs_dirs: dict[str, Path], path: Path) -> Non
     right.set(title=f"Validation WER, held-out voice {report['heldout_voice']}", xlabel="step", ylabel="WER")
     for axis in (left, right):
         axis.grid(alpha=0.3)
-        axis.legend()
+        # Below the axes: inside, any corner may hide a curve.
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize="small", frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -83,3 +83,26 @@ def test_nemo_archive_escaping_its_folder_is_refused(tmp_path):
         member.size = 1
         archive.addfile(member, io.BytesIO(b"x"))
     check_nemo_archive(good)
+
+
+def test_demo_report_plot_is_written_from_the_runs_metrics(tmp_path):
+    """report.png: training reward and validation WER against steps, one curve per run."""
+    import json
+
+    from rlnf.demo import _plot
+
+    runs = {}
+    for offset, name in enumerate(("rl_learned_reward", "rl_cer_reward", "supervised_continued")):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = []
+        for step in range(1, 41):
+            row = {"step": step} if name == "supervised_continued" else {"step": step, "reward/mean": 0.5 + step / 100}
+            if step % 20 == 0:
+                row["val/wer"] = 0.8 - 0.01 * offset - step / 1000
+            rows.append(row)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[name] = folder
+    out = tmp_path / "report.png"
+    _plot({"pretrained_val_wer": 0.8, "heldout_voice": "espeak:en+f4"}, runs, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000

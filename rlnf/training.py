@@ -38,8 +38,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def build_optimizer(parameters: Iterable[torch.nn.Parameter], trainer_cfg) -> torch.optim.Optimizer:
-    """AdamW; the fused kernel where PyTorch has one (CPU and CUDA): on CPU it updates a 19 M-parameter
-    QuartzNet 15x5 in 13 ms instead of 62 ms (measured, 2 threads) with the same update rule."""
+    """AdamW; the fused kernel where PyTorch has one (CPU and CUDA): on CPU it updates 19 M parameters
+    (QuartzNet 15x5's count) in 13 ms instead of 62 ms for the per-parameter loop (measured, 2 threads),
+    with the same update rule."""
     trainable = [p for p in parameters if p.requires_grad]
     fused = bool(trainable) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in trainable) \
         and len({p.device for p in trainable}) == 1

@@ -146,8 +146,9 @@ class RewardModelOutput(ModelOutput):
 @dataclass
 class Encoded:
     """One path's encoding: ``pooled`` [N, D] and, for attention fusion, time-resolved ``states``
-    [N, S, D'] with valid ``lengths`` [N] (``keys`` [N, S, A] too on the audio side). Indexing by rows
-    (``encoded[rows]``) selects those rows of every field, like a tensor."""
+    [N, S, D'] with valid ``lengths`` [N]. On the audio side ``states`` are the attention's values and
+    ``keys`` [N, S, A] its keys (both projected once per clip); on the text side ``states`` are the
+    BiLSTM outputs. Indexing by rows (``encoded[rows]``) selects those rows of every field, like a tensor."""
 
     pooled: torch.Tensor
     states: torch.Tensor | None = None

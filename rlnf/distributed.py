@@ -30,9 +30,6 @@ from rlnf.errors import ConfigError, RlnfError
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("ddp",)
-
-
 def launcher_layout(environ: dict[str, str] | None = None) -> tuple[int, int] | None:
     """(processes per node, nodes) announced by torchrun or SLURM, or None outside a launcher."""
     environ = os.environ if environ is None else environ
@@ -90,9 +87,7 @@ class Distributed:
     """The process group of a run (or its absence). Build it before loading models."""
 
     def __init__(self, trainer_cfg, device: torch.device):
-        devices, num_nodes = resolve_layout(trainer_cfg.devices, trainer_cfg.num_nodes)
-        if trainer_cfg.strategy not in STRATEGIES:
-            raise ConfigError(f"trainer.strategy={trainer_cfg.strategy!r}: supported: {', '.join(STRATEGIES)}")
+        devices, num_nodes = resolve_layout(trainer_cfg.devices, trainer_cfg.num_nodes)  # strategy: checked by the config
         self.fabric = None
         self.device = device
         if devices * num_nodes > 1:

@@ -140,18 +140,19 @@ def reference_log_probs(reference: CTCPolicy, batch: AudioBatch, encoded_len: to
     missing = [b for b, entry in enumerate(cached) if entry is None]
     if missing:
         audio, audio_len = batch.audio, batch.audio_len
+        index = torch.tensor(missing, device=audio.device)
         if len(missing) < len(batch):
-            index = torch.tensor(missing, device=audio.device)
             audio_len = audio_len[index]
             audio = audio[index, : int(audio_len.max())]
         with torch.no_grad(), autocast():
             computed, computed_len = reference.forward(audio, audio_len)
+        expected = encoded_len[index.to(encoded_len.device)]
+        if not torch.equal(computed_len.to(expected.device), expected):
+            raise RuntimeError(f"reference and policy disagree on frame counts ({computed_len.tolist()} vs "
+                               f"{expected.tolist()}): different front ends?")
         computed = computed.float()
-        for row, b in enumerate(missing):
-            if int(computed_len[row]) != int(encoded_len[b]):
-                raise RuntimeError(f"reference and policy disagree on the frame count of utterance {b} "
-                                   f"({int(computed_len[row])} vs {int(encoded_len[b])}): different front ends?")
-            cached[b] = computed[row, : int(encoded_len[b])]
+        for row, (b, length) in enumerate(zip(missing, expected.tolist())):
+            cached[b] = computed[row, :length]  # a view
             if cache is not None:
                 cache.put(keys[b], cached[b].detach().to("cpu", copy=True))
         if len(missing) == len(batch) and computed.shape[1] == frames:

@@ -239,7 +239,7 @@ class RLFinetuneRecipe:
 
     # ------------------------------------------------------------------------------ loop
     def train(self) -> None:
-        from rlnf.recipe_utils import interrupted, out_of_time, step_progress_bar
+        from rlnf.recipe_utils import interrupted, out_of_time, step_progress_bar, stopped_by_error
         from rlnf.training import StopSignal
 
         trainer = self.cfg.trainer
@@ -253,15 +253,15 @@ class RLFinetuneRecipe:
                 try:
                     micro_batches, weights = self.next_micro_batches(iterator)
                     metrics, rollouts = self.train_step(micro_batches, weights)
-                except (DataError, RewardError) as exc:
-                    # Bad input found mid-run: keep the work done so far (the failed step changed
-                    # no weights) and say how to go on.
-                    self.stream.load_state_dict(position)
-                    self.save_checkpoint(None)
+                except Exception as exc:
+                    # Bad input, or a reward or data worker that raised, mid-run: keep the work done
+                    # so far (the failed step changed no weights) and say how to go on. In a process
+                    # group only errors every process raised together can be checkpointed.
                     bar.close()
-                    raise type(exc)(f"{exc}\nThe run stopped at step {self.step}; its checkpoint is in "
-                                    f"{self.checkpoints.folder}. Fix the input (or set data.skip_bad_samples=true "
-                                    "for unreadable audio) and continue with resume=true.") from None
+                    if self.dist.world_size > 1 and not isinstance(exc, RlnfError):
+                        raise
+                    self.stream.load_state_dict(position)
+                    raise stopped_by_error(exc, self.step, self.checkpoints, lambda: self.save_checkpoint(None))
                 self.step += 1
                 utterances = sum(len(batch) for batch in micro_batches)
                 audio_seconds = sum(float(b.audio_len.sum()) for b in micro_batches) / self.policy.sample_rate

@@ -131,7 +131,7 @@ class CTCTrainRecipe:
                 "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "train/skipped_steps": self.skipped_steps}
 
     def train(self) -> None:
-        from rlnf.recipe_utils import interrupted, out_of_time, step_progress_bar
+        from rlnf.recipe_utils import interrupted, out_of_time, step_progress_bar, stopped_by_error
         from rlnf.training import StopSignal
 
         trainer = self.cfg.trainer
@@ -141,8 +141,14 @@ class CTCTrainRecipe:
         with StopSignal() as stop:
             while self.step < trainer.max_steps:
                 started = time.perf_counter()
-                batch = next(iterator)
-                metrics = self.train_step(batch)
+                position = self.stream.state_dict()
+                try:
+                    batch = next(iterator)
+                    metrics = self.train_step(batch)
+                except Exception as exc:  # bad audio or a data worker that raised: keep the work done
+                    bar.close()
+                    self.stream.load_state_dict(position)
+                    raise stopped_by_error(exc, self.step, self.checkpoints, lambda: self.save_checkpoint(None))
                 self.step += 1
                 elapsed = time.perf_counter() - started
                 metrics.update({"perf/step_time": elapsed, "perf/utterances_per_s": len(batch) / elapsed})

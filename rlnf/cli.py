@@ -96,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     cfg = load_config(recipe.CONFIG_CLASS, resolve_config_path(args.config), args.overrides)
     if hasattr(cfg, "output_dir"):
-        check_output_dir(cfg.output_dir, getattr(cfg, "resume", False))
+        args.log_dir = check_output_dir(cfg.output_dir, getattr(cfg, "resume", False))
     quiet_nemo()
     result = recipe.main(cfg)
     if isinstance(result, dict) and result:  # empty on the processes other than rank 0
@@ -220,6 +220,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """'rlnf run rl_finetune', 'rlnf evaluate', ...: how an error message names the command."""
+    words = ["rlnf", args.command]
+    words += [word for word in (getattr(args, "recipe", None), getattr(args, "data_command", None)) if word]
+    return " ".join(words)
+
+
+def write_error_log(command: str, exc: BaseException, folder: Path | None) -> Path:
+    """The full trace of ``exc`` in ``folder`` (the run's output_dir when there is one), else in
+    the temporary folder's ``rlnf-logs/``. Returns the log's path."""
+    import tempfile
+    import time
+    import traceback
+
+    name = f"rlnf-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    text = f"{command}\n{''.join(traceback.format_exception(exc))}"
+    for candidate in ([folder] if folder else []) + [Path(tempfile.gettempdir()) / "rlnf-logs"]:
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            (candidate / name).write_text(text, encoding="utf-8")
+            return candidate / name
+        except OSError:
+            continue
+    return Path(os.devnull)
+
+
+def describe_unexpected(exc: BaseException) -> str:
+    """One line: the exception's type and message, and the innermost source line it came from."""
+    import traceback
+
+    message = " | ".join(line for line in str(exc).splitlines() if line.strip())
+    if len(message) > 300:
+        message = message[:300] + "..."
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {message}{where}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -229,14 +267,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     setup_logging(args.verbose)
+    args.log_dir = None  # cmd_run sets the run's folder: a crash's log goes there
+    command = command_name(args)
     try:
         return args.func(args)
     except TrainingInterrupted as exc:
         print(f"rlnf: {exc}", file=sys.stderr)
         return 128 + signal.SIGINT
     except RlnfError as exc:
-        print(f"rlnf: error: {exc}", file=sys.stderr)
+        # An error a user can fix. When it wraps an unexpected exception (training stopped by a
+        # reward that raised, say), the full trace goes to a log file as well.
+        cause = exc.__cause__
+        if cause is not None and not isinstance(cause, RlnfError):
+            log_path = write_error_log(command, cause, args.log_dir)
+            print(f"rlnf: error: {exc}\n(full trace: {log_path})", file=sys.stderr)
+        else:
+            print(f"rlnf: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a raw traceback
+        log_path = write_error_log(command, exc, args.log_dir)
+        print(f"{command}: unexpected error: {describe_unexpected(exc)}; full trace in {log_path}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

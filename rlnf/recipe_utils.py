@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from rlnf.data.manifest import Utterance, read_manifest
-from rlnf.errors import TrainingInterrupted
+from rlnf.errors import RlnfError, TrainingInterrupted
 from rlnf.metrics import normalize_whitespace
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,27 @@ def interrupted(by, step: int, checkpoints) -> TrainingInterrupted:
     """The error a recipe raises after a stop signal's checkpoint is written."""
     return TrainingInterrupted(f"stopped by signal {by} after step {step}; checkpoint written to "
                                f"{checkpoints.folder}. Continue with: resume=true")
+
+
+def stopped_by_error(exc: Exception, step: int, checkpoints, save_checkpoint) -> RlnfError:
+    """The error a recipe raises when ``exc`` stops training after ``step`` completed steps:
+    ``save_checkpoint()`` keeps that work first, and the message says where it is and how to go on.
+    An unexpected exception (a reward or data worker that raised) stays attached as the cause, so
+    the CLI writes its full trace to a log file."""
+    try:
+        save_checkpoint()
+        kept = f"The run stopped at step {step}; its checkpoint is in {checkpoints.folder}."
+    except Exception as save_error:  # noqa: BLE001 - the original error matters more
+        kept = f"The run stopped at step {step}; writing its checkpoint failed too ({save_error})."
+    if isinstance(exc, RlnfError):
+        fix = "Fix the input (or set data.skip_bad_samples=true for unreadable audio)"
+        error = type(exc)(f"{exc}\n{kept} {fix} and continue with resume=true.")
+        error.__cause__ = exc.__cause__
+        return error
+    error = RlnfError(f"training stopped by {type(exc).__name__}: {exc}\n{kept} Fix the cause and continue "
+                      "with resume=true.")
+    error.__cause__ = exc
+    return error
 
 
 def run_recipe(recipe) -> dict:

@@ -198,6 +198,8 @@ def flaky_reward(inputs):
     CALLS["count"] += 1
     scores = [[min(1.0, len(text) / 100) for text in group] for group in inputs.hypotheses]
     if CALLS["count"] >= 3:
+        if CALLS["mode"] == "raise":
+            raise ConnectionError("the scoring service went away")
         if CALLS["mode"] == "nan":
             scores[0][0] = float("nan")
         elif CALLS["mode"] == "range":
@@ -212,6 +214,7 @@ def flaky_reward(inputs):
     ("nan", "reward 'flaky_reward' returned 1 NaN/infinite score(s)"),
     ("range", "reward 'flaky_reward' returned scores outside [0, 1]"),
     ("shape", "reward 'flaky_reward' returned shape (3, 4); expected [4, 4]"),
+    ("raise", "training stopped by ConnectionError: the scoring service went away"),
 ])
 def test_a_failing_reward_stops_with_a_checkpoint_of_the_last_step(mode, message, corpus, pretrained_tiny_nemo,
                                                                    tmp_path, capsys):
@@ -221,6 +224,9 @@ def test_a_failing_reward_stops_with_a_checkpoint_of_the_last_step(mode, message
                    "rewards=[{name: tests.test_reliability.flaky_reward}]")
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert message in err and "step 2" in err
+    assert message in err and "step 2" in err and "Traceback" not in err
     state = torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2  # the two good steps are kept
+    if mode == "raise":  # the full trace is in a log file inside the run's folder
+        log_file = Path(err.split("(full trace: ")[1].split(")")[0])
+        assert log_file.parent == out.resolve() and "ConnectionError" in log_file.read_text()

@@ -91,14 +91,23 @@ def quiet_nemo() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import contextlib
+
     from rlnf.config import check_output_dir, load_config
+    from rlnf.io import holding_rank, remove_stale_temporaries, run_lock
 
     recipe = load_recipe(args.recipe)
     cfg = load_config(recipe.CONFIG_CLASS, resolve_config_path(args.config), args.overrides)
+    lock = contextlib.nullcontext()
     if hasattr(cfg, "output_dir"):
-        args.log_dir = check_output_dir(cfg.output_dir, getattr(cfg, "resume", False))
-    quiet_nemo()
-    result = recipe.main(cfg)
+        args.log_dir = check_output_dir(cfg.output_dir, getattr(cfg, "resume", None))
+        lock = run_lock(args.log_dir)
+    with lock:
+        if args.log_dir is not None and holding_rank():  # ours alone now: what a killed save left can go
+            for folder in (args.log_dir, args.log_dir / "checkpoints"):
+                remove_stale_temporaries(folder)
+        quiet_nemo()
+        result = recipe.main(cfg)
     if isinstance(result, dict) and result:  # empty on the processes other than rank 0
         print(json.dumps({k: v for k, v in result.items() if k != "final_metrics"}, indent=2, default=str))
     return 0
@@ -158,6 +167,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ parser
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlnf", description="RL fine-tuning of NeMo CTC speech-recognition models "
                                                               "against a learned reward.")
@@ -183,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reward", help="reward checkpoint folder (adds the mean learned reward)")
     evaluate.add_argument("--output", help="OUT.json for the metrics; transcripts go to OUT.transcripts.jsonl")
     evaluate.add_argument("--text-key", default="text")
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--batch-size", type=positive_int, default=16)
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -193,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--text-key", action="append", help="manifest field(s) to score; repeat to compare systems "
                                                            "(default: text)")
     score.add_argument("--output", help="OUT.jsonl: the manifest rows with score fields added")
-    score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--batch-size", type=positive_int, default=64)
     score.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     score.set_defaults(func=cmd_score)
 

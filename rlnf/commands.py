@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlnf.io import atomic_write_text
+from rlnf.io import atomic_write_text, check_output_file
 
 
 def evaluate(model: str, manifest: str, reward: str | None = None, output: str | None = None,
@@ -21,6 +21,9 @@ def evaluate(model: str, manifest: str, reward: str | None = None, output: str |
     from rlnf.rewards import RewardSet, WeightedReward
     from rlnf.training import resolve_device
 
+    if output:  # refused now, not after every clip is transcribed
+        for path in (Path(output), Path(output).with_suffix(".transcripts.jsonl")):
+            check_output_file("--output", path, {"manifest": manifest, "model": model})
     torch_device = resolve_device(device)
     # The recipes' own reading: references lower-cased and whitespace-normalised (data.lowercase's
     # default), so this WER equals the val/wer a recipe logs for the same model and manifest.

@@ -525,14 +525,22 @@ def iter_keys(schema: type, prefix: str = "") -> List[tuple[str, Any, str]]:
 
 
 TRAINER_STATE = "checkpoints/trainer_state.pt"
+# What a run leaves in its folder: a folder holding any of these holds a run (the policy recipes'
+# trainer state, the reward recipe's checkpoint, any recipe's metrics).
+RUN_MARKERS = (TRAINER_STATE, "checkpoints/last", "metrics.jsonl")
 
 
-def check_output_dir(output_dir: str, resume: bool) -> Path:
-    """Fail early when the run folder is unwritable, or already holds a run and resume is false."""
+def check_output_dir(output_dir: str, resume: bool | None) -> Path:
+    """Fail early when the run folder is unnamed or unwritable, or already holds a run and resume is
+    false (``resume=None``: the recipe cannot resume, so such a folder is always refused)."""
+    if not str(output_dir).strip():
+        raise ConfigError("output_dir='' names no folder (the run would be written into the working directory); "
+                          "give a folder for the run")
     path = Path(output_dir).expanduser().resolve()
-    if not resume and (path / TRAINER_STATE).exists():
-        raise ConfigError(f"output_dir={output_dir!r} already holds a run ({TRAINER_STATE}); set resume=true to "
-                          "continue it, or choose another output_dir")
+    held = next((marker for marker in RUN_MARKERS if (path / marker).exists()), None)
+    if not resume and held:
+        how = "set resume=true to continue it, or choose" if resume is not None else "choose"
+        raise ConfigError(f"output_dir={output_dir!r} already holds a run ({held}); {how} another output_dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".rlnf_write_test.{os.getpid()}"  # per process: ranks of one run probe together

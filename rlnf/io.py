@@ -1,30 +1,48 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename over the target.
+"""Safe file handling: atomic writes, the run folder's lock, and checks of paths a user gives.
 
-A reader (or a run resumed after SIGKILL) sees either the old file or the new one, never half of one.
+Atomic writes go to a temporary file in the same folder, then rename over the target: a reader
+(or a run resumed after SIGKILL) sees either the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
+
+from rlnf.errors import ConfigError, RlnfError
+
+TEMPORARY_MARK = ".tmp"  # in every temporary name written here: ".{stem}.{random}.tmp{suffix}"
+LOCK_FILE = ".rlnf.lock"
+
+
+def default_file_mode(folder: bool = False) -> int:
+    """0666 (0777 for a folder) less the process's umask: the mode ``open()`` or ``mkdir`` gives
+    (mkstemp and mkdtemp give 0600 and 0700, which a teammate in the same group cannot read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``
+    with the umask's mode, as a file written in place would have."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Keep the real suffix last: some writers (NeMo save_to) care about ".nemo".
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f"{TEMPORARY_MARK}{target.suffix}",
+                               dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp_path, default_file_mode())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -40,3 +58,82 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> None
     """Call ``writer(tmp_path)`` and move the result onto ``path`` atomically."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files and folders an interrupted atomic write left in ``folder``
+    (a run killed mid-save). Call it only while holding the run's lock. Returns what was removed."""
+    import shutil
+
+    removed = sorted(Path(folder).glob(f".*{TEMPORARY_MARK}*"))
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return removed
+
+
+def file_problem(path: str | os.PathLike, kind: str = "file") -> str | None:
+    """Why ``path`` cannot be read as a regular file, or None when it can: 'not found', 'is a
+    directory', 'is not a regular file (a FIFO, socket or device)', 'is a symlink loop'.
+    ``kind='folder'`` asks for a directory instead."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "is a broken symlink" if path.is_symlink() else "not found"
+    except OSError as exc:  # ELOOP, EACCES, ENAMETOOLONG, ...
+        return "is a symlink loop" if exc.errno == 40 else f"cannot be accessed ({exc.strerror})"
+    if kind == "folder":
+        return None if stat.S_ISDIR(mode) else "is not a folder"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    return None
+
+
+def check_output_file(option: str, output: str | os.PathLike, inputs: Mapping[str, str | os.PathLike]) -> Path:
+    """Refuse an output path that names a folder or one of the command's ``inputs`` ({name: path}),
+    before any work is done: writing it would destroy that input."""
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{option} {output} is a directory; give a file name")
+    for name, given in inputs.items():
+        if given and path.resolve() == Path(given).expanduser().resolve():
+            raise ConfigError(f"{option} {output} is the {name}: writing it would destroy the input; choose "
+                              "another file")
+    return path
+
+
+def holding_rank() -> bool:
+    """Whether this process is the one that locks the run folder: the first of a process group
+    (torchrun, SLURM and Lightning's launcher set these), or a lone process."""
+    return all(int(os.environ.get(key) or 0) == 0 for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/.rlnf.lock`` while a run writes into ``folder``, so a
+    second run started on the same folder stops with a message naming the first one's PID. The
+    lock goes with the process (even after kill -9); the file stays, holding the last PID."""
+    import fcntl
+
+    if not holding_rank():
+        yield
+        return
+    path = Path(folder) / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RlnfError(f"output_dir {folder} is in use by another run (PID {holder}; lock file {path}): wait for "
+                            "it to finish, or choose another output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,72 @@ def test_an_unexpected_exception_is_one_line_naming_the_command_and_a_log(tmp_pa
     assert "KeyError: 'missing'" in lines[0] and "broken_recipe.py:10" in lines[0]
     log_file = Path(lines[0].rsplit("full trace in ", 1)[1])
     assert log_file.parent == out.resolve() and "Traceback" in log_file.read_text()
+
+
+# ------------------------------------------------------------------------------ defect 1: data loss
+RL_REQUIRED = ["run", "rl_finetune", "--config", "rl/rloo", "policy.path=/nonexistent/model.nemo"]
+
+
+def test_evaluate_refuses_to_write_its_output_over_the_manifest(tmp_path, clip, capsys):
+    manifest = write_rows(tmp_path / "m.json", [{"audio_filepath": str(clip), "text": "a"}])
+    before = manifest.read_text()
+    for output in (manifest, tmp_path / "m.jsonl"):  # the output itself, or its transcripts file
+        if output != manifest:
+            manifest = write_rows(tmp_path / "m.transcripts.jsonl", [{"audio_filepath": str(clip), "text": "a"}])
+            before = manifest.read_text()
+        assert main(["evaluate", "--model", "/nonexistent.nemo", "--manifest", str(manifest),
+                     "--output", str(output)]) == 2
+        assert "is the manifest" in capsys.readouterr().err
+        assert manifest.read_text() == before
+
+
+def test_score_refuses_a_directory_as_output_before_scoring(tmp_path, clip, capsys):
+    manifest = write_rows(tmp_path / "m.json", [{"audio_filepath": str(clip), "text": "a"}])
+    assert main(["score", "--reward", "/nonexistent", "--manifest", str(manifest), "--output", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "score"])
+def test_batch_size_zero_is_refused_by_the_parser(command):
+    model = ["--model", "m.nemo"] if command == "evaluate" else ["--reward", "r"]
+    result = run_cli(command, *model, "--manifest", "m.json", "--batch-size", "0")
+    assert result.returncode == 2 and "--batch-size: must be a positive integer, got 0" in result.stderr
+
+
+def test_train_reward_model_refuses_a_folder_holding_a_run(tmp_path, capsys):
+    out = tmp_path / "reward_run"
+    (out / "checkpoints" / "last").mkdir(parents=True)
+    assert main(["run", "train_reward_model", "--config", "reward/card", "data.train_manifest=x.json",
+                 f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (checkpoints/last)" in err and "resume" not in err
+
+
+def test_an_empty_output_dir_is_refused(tmp_path, capsys):
+    assert main([*RL_REQUIRED, "data.train_manifest=x.json", "output_dir=''"]) == 2
+    assert "output_dir='' names no folder" in capsys.readouterr().err
+
+
+def test_a_second_run_on_a_locked_folder_stops_naming_the_first(tmp_path):
+    from rlnf.io import run_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with run_lock(out):  # this test process plays the first run
+        result = run_cli(*RL_REQUIRED, "data.train_manifest=x.json", f"output_dir={out}")
+    assert result.returncode == 2
+    assert f"is in use by another run (PID {os.getpid()}" in result.stderr and str(out) in result.stderr
+
+
+def test_stale_temporary_checkpoint_files_are_removed_on_resume(tmp_path, capsys):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    state = folder / "trainer_state.pt"
+    state.write_bytes(b"state")
+    stale = [folder / ".last.k2j3.tmp.nemo", folder / ".trainer_state.x9.tmp.pt", tmp_path / "run" / ".summary.a1.tmp.json"]
+    for path in stale:
+        path.write_bytes(b"half written")
+    (folder / ".best.q1.tmp").mkdir()  # a reward checkpoint's staging folder
+    main([*RL_REQUIRED, "data.train_manifest=x.json", f"output_dir={tmp_path / 'run'}", "resume=true"])
+    assert not any(path.exists() for path in stale) and not (folder / ".best.q1.tmp").exists()
+    assert state.read_bytes() == b"state"

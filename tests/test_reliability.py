@@ -230,3 +230,7 @@ def test_a_failing_reward_stops_with_a_checkpoint_of_the_last_step(mode, message
     if mode == "raise":  # the full trace is in a log file inside the run's folder
         log_file = Path(err.split("(full trace: ")[1].split(")")[0])
         assert log_file.parent == out.resolve() and "ConnectionError" in log_file.read_text()
+        from rlnf.io import default_file_mode
+
+        for name in ("last.nemo", "trainer_state.pt"):  # the umask's mode, not mkstemp's 0600
+            assert (out / "checkpoints" / name).stat().st_mode & 0o777 == default_file_mode(), name

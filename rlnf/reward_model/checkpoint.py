@@ -8,16 +8,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from rlnf.io import TEMPORARY_MARK, default_file_mode
+
 
 def save_reward_folder(model, processor, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=TEMPORARY_MARK, dir=folder.parent))
     try:
+        os.chmod(staging, default_file_mode(folder=True))
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
         if folder.exists():
-            retired = folder.with_name(f".{folder.name}.old")
+            retired = folder.with_name(f".{folder.name}.old{TEMPORARY_MARK}")
             shutil.rmtree(retired, ignore_errors=True)
             os.replace(folder, retired)
             os.replace(staging, folder)

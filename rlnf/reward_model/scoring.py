@@ -19,9 +19,11 @@ def score_manifest(reward: str, manifest: str, text_keys: Sequence[str] = ("text
                    batch_size: int = 64, device: str = "auto", print_table: bool = True) -> dict[str, float]:
     from rlnf.data.loader import AudioDataset, eval_batches
     from rlnf.data.manifest import read_manifest
-    from rlnf.io import atomic_write_text
+    from rlnf.io import atomic_write_text, check_output_file
     from rlnf.rewards.learned import RewardScorer
 
+    if output:  # refused now, not after every pair is scored
+        check_output_file("--output", output, {"manifest": manifest})
     utterances, _ = read_manifest(manifest)
     for utterance in utterances:
         for key in text_keys:

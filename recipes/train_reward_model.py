@@ -167,6 +167,7 @@ class RewardTrainer:
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.trainer)
         self.logger = build_logger(self.run_dir)
         self.best_value: float | None = None
+        self.skipped_steps = 0
         self.generator = torch.Generator().manual_seed(cfg.trainer.seed)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         log.info("reward model: %d parameters, %d training pairs, %d validation pairs, %d steps",
@@ -280,7 +281,10 @@ class RewardTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = clip_gradients(self.model.parameters(), trainer.max_grad_norm)
-                self.optimizer.step()
+                if math.isfinite(grad_norm):  # else skip: a NaN/inf gradient would corrupt the weights
+                    self.optimizer.step()
+                else:
+                    self.skipped_steps += 1
                 self.scheduler.step()
                 self.step += 1
                 bar.update(1)
@@ -288,7 +292,8 @@ class RewardTrainer:
                 metrics: dict[str, float] = {}
                 if self.step % trainer.log_every == 0:
                     metrics.update({"train/loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
-                                    "grad_norm": grad_norm, "epoch": epoch + start / len(order),
+                                    "grad_norm": grad_norm, "train/skipped_steps": self.skipped_steps,
+                                    "epoch": epoch + start / len(order),
                                     "perf/step_time": time.perf_counter() - started})
                 end_of_epoch = start + trainer.batch_size >= len(order)
                 if (trainer.eval_every and self.step % trainer.eval_every == 0) or (not trainer.eval_every and end_of_epoch):

@@ -36,8 +36,47 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
 
 
 def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not (value > 0 or (allow_zero and value == 0)):  # NaN fails too
         raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _check_range(key: str, value: float, low: float, high: float, high_open: bool = False) -> None:
+    if not (low <= value <= high) or (high_open and value == high):  # NaN fails too
+        raise ConfigError(f"{key}={value} must be in [{low}, {high}{')' if high_open else ']'}")
+
+
+def _check_optimizer(section: str, trainer: Any) -> None:
+    """The AdamW and schedule keys every trainer section shares."""
+    _check_positive(f"{section}.lr", trainer.lr)
+    _check_positive(f"{section}.eps", trainer.eps)
+    _check_positive(f"{section}.weight_decay", trainer.weight_decay, allow_zero=True)
+    if len(trainer.betas) != 2:
+        raise ConfigError(f"{section}.betas must have two values, got {list(trainer.betas)}")
+    for beta in trainer.betas:
+        _check_range(f"{section}.betas", beta, 0.0, 1.0, high_open=True)
+    _check_range(f"{section}.min_lr_ratio", trainer.min_lr_ratio, 0.0, 1.0)
+    _check_positive(f"{section}.warmup_steps", trainer.warmup_steps, allow_zero=True)
+    _check_choice(f"{section}.lr_schedule", trainer.lr_schedule, ("cosine", "constant"))
+    if trainer.max_grad_norm is not None:
+        _check_positive(f"{section}.max_grad_norm", trainer.max_grad_norm)
+
+
+def check_finite(config: Any, prefix: str = "") -> None:
+    """Every float key of a config tree (lists of floats item by item) must be a finite number:
+    one rule for all sections, so a key added later is covered too. Ranges are the sections' own."""
+    import math
+
+    for f in dataclasses.fields(config):
+        key, value = f"{prefix}{f.name}", getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{key}.")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for index, item in enumerate(value):
+                check_finite(item, f"{key}[{index}].")
+        elif "float" in str(f.type):
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, (int, float)) and not math.isfinite(item):
+                    raise ConfigError(f"{key}={item} must be a finite number")
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,6 +120,7 @@ class DataConfig:
         _check_choice("data.oov", self.oov, ("error", "skip", "drop"))
         _check_positive("data.bucket_size", self.bucket_size)
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        _check_positive("data.min_duration", self.min_duration, allow_zero=True)
         if self.max_duration is not None:
             _check_positive("data.max_duration", self.max_duration)
 
@@ -124,10 +164,9 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every"):
             _check_positive(f"trainer.{key}", getattr(self, key))
-        for key in ("val_every", "save_every", "samples_every", "warmup_steps", "keep_last"):
+        for key in ("val_every", "save_every", "samples_every", "keep_last"):
             _check_positive(f"trainer.{key}", getattr(self, key), allow_zero=True)
-        _check_positive("trainer.lr", self.lr)
-        _check_choice("trainer.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _check_optimizer("trainer", self)
         _check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("trainer.best_mode", self.best_mode, ("auto", "min", "max"))
@@ -135,10 +174,6 @@ class TrainerConfig:
         for key in ("devices", "num_nodes"):
             if getattr(self, key) is not None:
                 _check_positive(f"trainer.{key}", getattr(self, key))
-        if len(self.betas) != 2:
-            raise ConfigError(f"trainer.betas must have two values, got {list(self.betas)}")
-        if self.max_grad_norm is not None:
-            _check_positive("trainer.max_grad_norm", self.max_grad_norm)
         if self.max_minutes is not None:
             _check_positive("trainer.max_minutes", self.max_minutes)
 
@@ -157,7 +192,8 @@ class RewardSpec:
     def __post_init__(self) -> None:
         if self.name == "learned" and not self.path:
             raise ConfigError("rewards: a 'learned' reward needs 'path' (the reward checkpoint folder)")
-        if self.name not in ("cer", "wer", "learned") and "." not in self.name:
+        if self.name not in ("cer", "wer", "learned") and (
+                "." not in self.name or not all(part.isidentifier() for part in self.name.split("."))):
             raise ConfigError(f"rewards: unknown reward name {self.name!r}; use cer, wer, learned or a dotted "
                               "path such as mypackage.rewards.my_reward")
         _check_choice("rewards[].device", self.device, ("auto", "cpu", "cuda"))
@@ -265,6 +301,9 @@ class RLFinetuneConfig:
         labels = [spec.label for spec in self.rewards]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"rewards: two rewards share a name ({labels}); metric names would collide")
+        if all(spec.weight == 0 for spec in self.rewards):
+            raise ConfigError("rewards: every weight is 0, so every reward would be 0 and nothing would be learned; "
+                              "give at least one reward a non-zero weight")
 
 
 @dataclass
@@ -280,6 +319,7 @@ class CTCModelSection:
         from rlnf.models import MODEL_SIZES
 
         _check_choice("model.size", self.size, tuple(MODEL_SIZES))
+        _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
 
     def vocabulary(self) -> List[str]:
         from rlnf.models import BAMBARA_LABELS, ENGLISH_LABELS
@@ -322,6 +362,7 @@ class RewardModelSection:
 
     def __post_init__(self) -> None:
         _check_choice("model.pooling", self.pooling, ("masked", "legacy"))
+        _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
         _check_choice("model.fusion", self.fusion, ("pooled", "attention"))
         if self.fusion == "attention" and self.pooling == "legacy":
             raise ConfigError("model.fusion 'attention' needs model.pooling 'masked'")
@@ -366,6 +407,7 @@ class AugmentConfig:
             raise ConfigError(f"augment.prob={self.prob} must be in [0, 1]")
         if not 0.0 <= self.time_width <= 0.5:
             raise ConfigError(f"augment.time_width={self.time_width} must be in [0, 0.5] (a clip is never masked whole)")
+        _check_positive("augment.gain_db", self.gain_db, allow_zero=True)
 
 
 @dataclass
@@ -414,15 +456,13 @@ class RewardTrainerConfig:
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "log_every"):
             _check_positive(f"trainer.{key}", getattr(self, key))
-        _check_positive("trainer.lr", self.lr)
-        _check_choice("trainer.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _check_positive("trainer.eval_every", self.eval_every, allow_zero=True)
+        _check_optimizer("trainer", self)
         _check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("trainer.best_metric", self.best_metric,
                       ("val/mse", "val/rmse", "val/r2", "val/pearson", "val/spearman", "val/group_spearman"))
         _check_positive("trainer.rank_loss_weight", self.rank_loss_weight, allow_zero=True)
-        if len(self.betas) != 2:
-            raise ConfigError(f"trainer.betas must have two values, got {list(self.betas)}")
 
     @property
     def best_mode(self) -> str:
@@ -463,9 +503,13 @@ def load_config(schema: type, config_path: str | os.PathLike | None, overrides: 
         if not config_path.is_file():
             raise ConfigError(f"config file not found: {config_path}")
         try:
-            layers.append(OmegaConf.load(config_path))
-        except Exception as exc:  # YAML syntax errors
+            loaded = OmegaConf.load(config_path)
+        except Exception as exc:  # YAML syntax errors, bytes that are not UTF-8
             raise ConfigError(f"{config_path}: cannot parse YAML: {exc}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{config_path}: the top level must be a mapping of keys (key: value), not a "
+                              f"{type(loaded).__name__.replace('Config', '').lower() or 'value'}")
+        layers.append(loaded)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -486,6 +530,7 @@ def load_config(schema: type, config_path: str | os.PathLike | None, overrides: 
         raise ConfigError(f"required config key not set: {_describe(exc)}") from None
     except ValidationError as exc:
         raise ConfigError(f"bad config value {_describe(exc)}") from None
+    check_finite(config)
     return finalize_config(config)
 
 

@@ -67,14 +67,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, trainer_
     )
 
 
+def global_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
+    """The L2 norm of all the gradients together."""
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters])))
+
+
 def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float | None) -> float:
-    """Clip by global norm (when ``max_norm``) and return the norm before clipping."""
+    """Clip by global norm (when ``max_norm``) and return the norm before clipping, or NaN when the
+    gradients *after* clipping are not all finite, so the caller's guard skips the update (a bad
+    clipping factor turns finite gradients into NaN: the norm before clipping would not show it)."""
     grads = [p for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
     if max_norm is None:
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+        return global_norm(grads)
+    norm = float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    return norm if math.isfinite(global_norm(grads)) else float("nan")
 
 
 class StopSignal:

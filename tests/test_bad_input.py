@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -120,3 +121,50 @@ def test_stale_temporary_checkpoint_files_are_removed_on_resume(tmp_path, capsys
     main([*RL_REQUIRED, "data.train_manifest=x.json", f"output_dir={tmp_path / 'run'}", "resume=true"])
     assert not any(path.exists() for path in stale) and not (folder / ".best.q1.tmp").exists()
     assert state.read_bytes() == b"state"
+
+
+# ------------------------------------------------------------------------------ defect 2: config values
+@pytest.mark.parametrize("recipe, override, message", [
+    ("rl_finetune", "algorithm.temperature=nan", "algorithm.temperature=nan must be > 0"),
+    ("rl_finetune", "algorithm.kl_coef=nan", "algorithm.kl_coef=nan must be >= 0"),
+    ("rl_finetune", "algorithm.clip_eps=inf", "algorithm.clip_eps=inf must be a finite number"),
+    ("rl_finetune", "trainer.max_grad_norm=nan", "trainer.max_grad_norm=nan must be > 0"),
+    ("rl_finetune", "trainer.min_lr_ratio=-1", "trainer.min_lr_ratio=-1.0 must be in [0.0, 1.0]"),
+    ("rl_finetune", "trainer.lr=nan", "trainer.lr=nan must be > 0"),
+    ("rl_finetune", "trainer.eps=-1e-8", "trainer.eps=-1e-08 must be > 0"),
+    ("rl_finetune", "trainer.weight_decay=-0.1", "trainer.weight_decay=-0.1 must be >= 0"),
+    ("rl_finetune", "trainer.betas=[0.9,1.5]", "trainer.betas=1.5 must be in [0.0, 1.0)"),
+    ("rl_finetune", "rewards=[{name: cer, weight: nan}]", "rewards[0].weight=nan must be a finite number"),
+    ("rl_finetune", "rewards=[{name: cer, weight: 0}, {name: wer, weight: 0}]", "every weight is 0"),
+    ("rl_finetune", "rewards=[{name: .fancy}]", "unknown reward name '.fancy'"),
+    ("train_ctc", "trainer.min_lr_ratio=2", "trainer.min_lr_ratio=2.0 must be in [0.0, 1.0]"),
+    ("train_reward_model", "trainer.lr=nan", "trainer.lr=nan must be > 0"),
+    ("train_reward_model", "augment.noise_snr_db=nan", "augment.noise_snr_db=nan must be a finite number"),
+])
+def test_bad_numbers_fail_at_config_time_naming_the_key(recipe, override, message, tmp_path, capsys):
+    required = {"rl_finetune": ["policy.path=/nonexistent/model.nemo"], "train_ctc": [], "train_reward_model": []}
+    config = {"rl_finetune": "rl/rloo", "train_ctc": "ctc/small", "train_reward_model": "reward/card"}[recipe]
+    code = main(["run", recipe, "--config", config, *required[recipe], "data.train_manifest=/nonexistent.json",
+                 f"output_dir={tmp_path / 'run'}", override])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_yaml_whose_top_level_is_a_list_is_refused(tmp_path, capsys):
+    config = tmp_path / "list.yaml"
+    config.write_text("- policy\n- data\n")
+    assert main(["run", "rl_finetune", "--config", str(config)]) == 2
+    assert "list.yaml: the top level must be a mapping" in capsys.readouterr().err
+
+
+def test_gradients_made_non_finite_by_clipping_are_reported_as_nan():
+    import torch
+
+    from rlnf.training import clip_gradients
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.full((3,), 2.0)
+    assert clip_gradients([weight], 1.0) == pytest.approx(12 ** 0.5)
+    weight.grad = torch.full((3,), 2.0)
+    assert math.isnan(clip_gradients([weight], float("nan")))  # the caller skips the update

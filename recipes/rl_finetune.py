@@ -90,7 +90,8 @@ class RLFinetuneRecipe:
         if cfg.resume and self.checkpoints.state_path.exists():
             state = self.checkpoints.load_state()
             self.step = resume_step = restore_policy_trainer_state(state, self.policy.model, self.optimizer,
-                                                                   self.scheduler, self.stream)
+                                                                   self.scheduler, self.stream,
+                                                                   source=self.checkpoints.state_path)
             self.skipped_steps = int(state.get("skipped_steps", 0))
             self.skipped_batches = int(state.get("skipped_batches", 0))
             self.kl_coef = float(state.get("kl_coef", self.kl_coef))

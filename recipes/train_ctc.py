@@ -86,7 +86,8 @@ class CTCTrainRecipe:
         if cfg.resume and self.checkpoints.state_path.exists():
             state = self.checkpoints.load_state()
             self.step = resume_step = restore_policy_trainer_state(state, self.policy.model, self.optimizer,
-                                                                   self.scheduler, self.stream)
+                                                                   self.scheduler, self.stream,
+                                                                   source=self.checkpoints.state_path)
             self.skipped_steps = int(state.get("skipped_steps", 0))
         self.logger = build_logger(self.run_dir, resume_step)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")

@@ -152,6 +152,8 @@ class CheckpointManager:
             state = torch.load(self.state_path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"cannot read trainer state {self.state_path}: {exc}") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"trainer state {self.state_path} holds a {type(state).__name__}, not a dict")
         if state.get("best_metric") == self.best_metric:
             self.best_value = state.get("best_value")
         return state

@@ -93,7 +93,7 @@ def quiet_nemo() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import contextlib
 
-    from rlnf.config import check_output_dir, load_config
+    from rlnf.config import check_output_dir, check_resume, load_config
     from rlnf.io import holding_rank, remove_stale_temporaries, run_lock
 
     recipe = load_recipe(args.recipe)
@@ -106,6 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.log_dir is not None and holding_rank():  # ours alone now: what a killed save left can go
             for folder in (args.log_dir, args.log_dir / "checkpoints"):
                 remove_stale_temporaries(folder)
+            if getattr(cfg, "resume", False):
+                check_resume(cfg, args.log_dir)
         quiet_nemo()
         result = recipe.main(cfg)
     if isinstance(result, dict) and result:  # empty on the processes other than rank 0

@@ -281,6 +281,15 @@ class AlgorithmConfig:
 # --------------------------------------------------------------------------------------------
 # Recipe configurations
 # --------------------------------------------------------------------------------------------
+# Keys (or sections, ending in '.') whose change on resume would change what the run is: the model
+# trained and its KL reference, the training data and its order, the algorithm, the rewards.
+RESUME_FIXED = ("policy.path", "model.", "data.train_manifest", "data.text_key", "data.lowercase", "data.oov",
+                "algorithm.", "rewards", "trainer.seed")
+RESUME_FORCE_HELP = ("With resume=true: accept changes to keys that change the run's meaning (policy.path, model.*, "
+                     "data.train_manifest, data.text_key/lowercase/oov, algorithm.*, rewards, trainer.seed), which "
+                     "are refused otherwise. Other changes (lr, max_steps, logging...) are allowed, warned about "
+                     "and recorded in resumes.jsonl.")
+
 @dataclass
 class RLFinetuneConfig:
     """`rlnf run rl_finetune`: RL fine-tuning of a CTC policy against one or more rewards."""
@@ -288,6 +297,7 @@ class RLFinetuneConfig:
     output_dir: str = opt(MISSING, "Run folder: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/, "
                                    "summary.json.")
     resume: bool = opt(False, "Continue the run in output_dir from its last trainer state.")
+    resume_force: bool = opt(False, RESUME_FORCE_HELP)
     policy: PolicyConfig = opt(factory=PolicyConfig, help="The policy to fine-tune.")
     data: DataConfig = opt(factory=DataConfig, help="Training and validation data.")
     trainer: TrainerConfig = opt(factory=TrainerConfig, help="Optimisation, logging and checkpointing.")
@@ -333,6 +343,7 @@ class CTCTrainConfig:
 
     output_dir: str = opt(MISSING, "Run folder (same layout as rl_finetune).")
     resume: bool = opt(False, "Continue the run in output_dir from its last trainer state.")
+    resume_force: bool = opt(False, RESUME_FORCE_HELP)
     model: CTCModelSection = opt(factory=CTCModelSection, help="The model to train.")
     data: DataConfig = opt(factory=DataConfig, help="Labelled training and validation data.")
     trainer: TrainerConfig = opt(factory=lambda: TrainerConfig(lr=2e-3, batch_size=16, warmup_steps=100),
@@ -594,6 +605,49 @@ def check_output_dir(output_dir: str, resume: bool | None) -> Path:
     except OSError as exc:
         raise ConfigError(f"output_dir={output_dir!r} is not writable: {exc.strerror}") from None
     return path
+
+
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    """{dotted key: value} of a nested dict; lists stay whole values."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def check_resume(config: Any, run_dir: Path) -> Dict[str, tuple]:
+    """On resume, compare ``config`` with the run's saved ``config.yaml``. A change to a key of
+    ``RESUME_FIXED`` is refused (naming the keys) unless ``resume_force``; every other change is
+    warned about and appended to ``resumes.jsonl``. Returns the changes, {key: (saved, new)}. Keys
+    the saved file lacks (added to rlnf since) are not compared."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return {}
+    try:
+        saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path)))
+    except Exception as exc:  # noqa: BLE001 - a damaged file: say which
+        raise ConfigError(f"resume: cannot read the run's saved config {saved_path}: {exc}") from None
+    new = _flatten(OmegaConf.to_container(OmegaConf.structured(config)))
+    changes = {key: (saved[key], value) for key, value in new.items()
+               if key in saved and saved[key] != value and key not in ("resume", "resume_force")}
+    fixed = [key for key in changes if key.startswith(RESUME_FIXED)]
+    if fixed and not getattr(config, "resume_force", False):
+        listed = "; ".join(f"{key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in fixed)
+        raise ConfigError(f"resume: these keys differ from the run's {saved_path} and would change what the run "
+                          f"is ({listed}). Restore them, start a new output_dir, or set resume_force=true")
+    if changes:
+        import json
+        import logging
+        import time
+
+        listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+        logging.getLogger("rlnf").warning("resume: changed since the run started: %s (recorded in resumes.jsonl)",
+                                          listed)
+        with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as record:
+            record.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changes}) + "\n")
+    return changes
 
 
 def as_dictconfig(config: Any) -> DictConfig:

@@ -56,11 +56,22 @@ def policy_trainer_state(step: int, model, optimizer, scheduler, stream, generat
     return state
 
 
-def restore_policy_trainer_state(state: dict, model, optimizer, scheduler, stream, generator=None) -> int:
-    """Load what ``policy_trainer_state`` saved; returns the step."""
+def restore_policy_trainer_state(state: dict, model, optimizer, scheduler, stream, generator=None,
+                                 source: object = "trainer state") -> int:
+    """Load what ``policy_trainer_state`` saved (read from ``source``, named in errors); returns the step."""
     from rlnf.checkpoint import set_rng_state
+    from rlnf.errors import CheckpointError
 
-    model.load_state_dict(state["model"])
+    missing = [key for key in ("step", "model", "optimizer", "scheduler", "data", "rng") if key not in state]
+    if missing:
+        raise CheckpointError(f"{source} lacks {', '.join(map(repr, missing))}: it was not written by this recipe, "
+                              "or is damaged")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # size mismatches, missing or unexpected tensors
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise CheckpointError(f"{source} holds weights of another architecture than the model being trained "
+                              f"({first})") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     stream.load_state_dict(state["data"])

@@ -168,3 +168,69 @@ def test_gradients_made_non_finite_by_clipping_are_reported_as_nan():
     assert clip_gradients([weight], 1.0) == pytest.approx(12 ** 0.5)
     weight.grad = torch.full((3,), 2.0)
     assert math.isnan(clip_gradients([weight], float("nan")))  # the caller skips the update
+
+
+# ------------------------------------------------------------------------------ defect 4: resume
+def _saved_run(tmp_path: Path, *overrides: str) -> tuple[Path, list[str]]:
+    """A run folder as rl_finetune leaves it (config.yaml, a trainer state) and its command line."""
+    from rlnf.config import RLFinetuneConfig, load_config, to_yaml
+
+    out = tmp_path / "run"
+    args = [*RL_REQUIRED, "data.train_manifest=/nonexistent.json", f"output_dir={out}", *overrides]
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.yaml").write_text(to_yaml(load_config(RLFinetuneConfig, "configs/rl/rloo.yaml", args[4:])))
+    (out / "checkpoints" / "trainer_state.pt").write_bytes(b"state")
+    return out, args
+
+
+@pytest.mark.parametrize("change, key", [
+    ("policy.path=/other/model.nemo", "policy.path"),
+    ("data.train_manifest=/other.json", "data.train_manifest"),
+    ("algorithm.num_samples=4", "algorithm.num_samples"),
+    ("rewards=[{name: wer}]", "rewards"),
+])
+def test_resume_refuses_a_change_of_meaning_naming_the_key(change, key, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out, args = _saved_run(tmp_path)
+    assert main([*args, "resume=true", change]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}:" in err and "resume_force=true" in err
+    # with the override the check lets it through (and the missing manifest stops the run next)
+    assert main([*args, "resume=true", "resume_force=true", change]) == 2
+    assert "resume_force" not in capsys.readouterr().err
+
+
+def test_resume_warns_about_and_records_allowed_changes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out, args = _saved_run(tmp_path)
+    main([*args, "resume=true", "trainer.lr=5e-5", "trainer.max_steps=2000"])
+    record = json.loads((out / "resumes.jsonl").read_text().splitlines()[-1])
+    assert record["changed"]["trainer.lr"] == [1e-5, 5e-5] and record["changed"]["trainer.max_steps"] == [1000, 2000]
+
+
+@pytest.mark.slow
+def test_resume_with_a_damaged_or_foreign_trainer_state_names_the_file(tmp_path, clip, tiny_nemo, capsys):
+    import torch
+
+    from rlnf.models import build_ctc_model
+
+    manifest = write_rows(tmp_path / "m.json", [{"audio_filepath": str(clip), "text": "a b"}] * 2)
+    out = tmp_path / "run"
+    args = ["run", "rl_finetune", "--config", "rl/rloo", f"policy.path={tiny_nemo}", f"data.train_manifest={manifest}",
+            f"output_dir={out}", "trainer.batch_size=2", "algorithm.num_samples=2", "trainer.max_steps=1",
+            "trainer.progress_bar=false", "trainer.samples_every=0"]
+    assert main(args) == 0
+    state_path = out / "checkpoints" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+
+    other = tmp_path / "other.nemo"  # another vocabulary: another output layer
+    build_ctc_model(list("abc '"), "tiny", seed=0).save_to(str(other))
+    forced = [a for a in args if not a.startswith("policy.path")] + [f"policy.path={other}", "resume=true",
+                                                                     "resume_force=true", "trainer.max_steps=2"]
+    assert main(forced) == 2
+    err = capsys.readouterr().err
+    assert f"{state_path} holds weights of another architecture" in err and "Traceback" not in err
+
+    torch.save({key: value for key, value in state.items() if key != "model"}, state_path)
+    assert main([*args, "resume=true", "trainer.max_steps=2"]) == 2
+    assert f"{state_path} lacks 'model'" in capsys.readouterr().err

@@ -59,8 +59,8 @@ def resolve_config_path(config: str | None) -> Path | None:
     """A YAML path, or a shipped config name such as ``rl/rloo``."""
     if config is None:
         return None
-    path = Path(config)
-    if path.is_file():
+    path = Path(config).expanduser()
+    if path.exists() or path.is_symlink():  # load_config says what is wrong with it, if anything
         return path
     shipped = CONFIGS_DIR / (config if config.endswith(".yaml") else f"{config}.yaml")
     if shipped.is_file():

@@ -24,7 +24,7 @@ def evaluate(model: str, manifest: str, reward: str | None = None, output: str |
     if output:  # refused now, not after every clip is transcribed
         for path in (Path(output), Path(output).with_suffix(".transcripts.jsonl")):
             check_output_file("--output", path, {"manifest": manifest, "model": model})
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, "--device")
     # The recipes' own reading: references lower-cased and whitespace-normalised (data.lowercase's
     # default), so this WER equals the val/wer a recipe logs for the same model and manifest.
     utterances, _ = load_utterances(DataConfig(train_manifest=manifest, text_key=text_key), manifest, False)

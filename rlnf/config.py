@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from rlnf.errors import ConfigError
+from rlnf.io import file_problem
 
 ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo")
 
@@ -511,8 +512,9 @@ def load_config(schema: type, config_path: str | os.PathLike | None, overrides: 
     layers = [base]
     if config_path is not None:
         config_path = Path(config_path)
-        if not config_path.is_file():
-            raise ConfigError(f"config file not found: {config_path}")
+        problem = file_problem(config_path)
+        if problem:
+            raise ConfigError(f"config file {problem}: {config_path}")
         try:
             loaded = OmegaConf.load(config_path)
         except Exception as exc:  # YAML syntax errors, bytes that are not UTF-8

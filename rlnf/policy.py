@@ -43,10 +43,13 @@ def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu")
 
     from rlnf.checkpoint import check_nemo_archive
 
+    from rlnf.io import file_problem
+
     candidate = Path(path_or_name).expanduser()
     if candidate.suffix == ".nemo" or candidate.exists():
-        if not candidate.is_file():
-            raise CheckpointError(f"policy checkpoint not found: {path_or_name}")
+        problem = file_problem(candidate)
+        if problem:
+            raise CheckpointError(f"policy checkpoint {problem}: {path_or_name}")
         check_nemo_archive(candidate)
         try:
             return ASRModel.restore_from(str(candidate), map_location=map_location)

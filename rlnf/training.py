@@ -12,11 +12,13 @@ import torch
 from rlnf.errors import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
+    """'auto', 'cpu' or 'cuda' as a device; ``key`` names the setting in the error when CUDA is missing."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is available (use auto or cpu)")
+        separator = " " if key.startswith("--") else "="
+        raise ConfigError(f"{key}{separator}cuda but no CUDA device is available (use auto or cpu)")
     return torch.device(name)
 
 

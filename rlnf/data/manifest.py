@@ -54,26 +54,76 @@ class ManifestStats:
         return "; ".join(parts)
 
 
-def iter_manifest_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8") as handle:
+def iter_manifest_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of each non-blank line; decoding is the caller's, so a line
+    that is not UTF-8 is reported with its number."""
+    with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if raw.strip():
                 yield number, raw
 
 
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a row naming a key twice is ambiguous (which value did the user mean?)."""
+    row: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in row:
+            raise DataError(f"duplicate key {key!r} in one JSON object")
+        row[key] = value
+    return row
+
+
+def decode_row(raw: bytes) -> Any:
+    """One manifest line -> its JSON value; DataError (without location) when it cannot be read."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text (byte {exc.start + 1} of the line)") from None
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON ({exc.msg}, column {exc.colno})") from None
+    except RecursionError:
+        raise DataError("malformed JSON (nested too deeply)") from None
+
+
 def _audio_info(path: str) -> tuple[int, int]:
-    """(frames, sample_rate) from the file header, raising DataError when unreadable."""
+    """(frames, sample_rate) from the file header, raising DataError when unreadable or truncated."""
     import soundfile
 
-    if not Path(path).is_file():
-        raise DataError(f"audio file not found: {path}")
+    from rlnf.io import file_problem
+
+    problem = file_problem(path)
+    if problem:
+        raise DataError(f"audio file {problem}: {path}")
     try:
         info = soundfile.info(path)
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError on corrupt files
         raise DataError(f"cannot read audio file {path}: {exc}") from None
     if info.frames <= 0:
         raise DataError(f"audio file has no samples: {path}")
+    _check_not_truncated(path, info)
     return info.frames, info.samplerate
+
+
+def _check_not_truncated(path: str, info) -> None:
+    """Refuse a WAV whose header promises more sample data than the file holds (a cut-off copy)."""
+    if info.format != "WAV":
+        return
+    import struct
+
+    with open(path, "rb") as handle:
+        header = handle.read(1 << 16)
+        size = handle.seek(0, 2)
+    offset = 12
+    while offset + 8 <= len(header):  # walk the RIFF chunks to 'data'
+        chunk, length = struct.unpack_from("<4sI", header, offset)
+        if chunk == b"data":
+            if length != 0xFFFFFFFF and offset + 8 + length > size:  # 0xFFFFFFFF: streamed, size unknown
+                raise DataError(f"audio file is truncated: its header promises {length} bytes of samples but the "
+                                f"file holds {size - offset - 8}: {path}")
+            return
+        offset += 8 + length + (length & 1)
 
 
 def parse_row(row: Any, manifest: Path, line: int, text_key: str, require_text: bool | str,
@@ -89,7 +139,10 @@ def parse_row(row: Any, manifest: Path, line: int, text_key: str, require_text: 
     audio_path = Path(audio).expanduser()
     if not audio_path.is_absolute():
         audio_path = manifest.parent / audio_path
-    audio = str(audio_path.resolve())
+    try:
+        audio = str(audio_path.resolve())
+    except (RuntimeError, OSError) as exc:  # a symlink loop
+        raise DataError(f"cannot resolve audio path {audio_path}: {exc}") from None
 
     text = row.get(text_key)
     if text is not None and not isinstance(text, str):
@@ -131,20 +184,19 @@ def read_manifest(
         DataError naming ``path:line`` for the first bad line (unless ``skip_bad``), and when no
         usable line remains.
     """
+    from rlnf.io import file_problem
+
+    problem = file_problem(Path(path).expanduser())
+    if problem:
+        raise DataError(f"manifest {problem}: {path}")
     manifest = Path(path).expanduser().resolve()
-    if not manifest.is_file():
-        raise DataError(f"manifest not found: {path}")
     stats = ManifestStats()
     utterances: list[Utterance] = []
     seen: set[str] = set()
     for line, raw in iter_manifest_lines(manifest):
         stats.lines += 1
         try:
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON ({exc.msg}, column {exc.colno})") from None
-            utterance = parse_row(row, manifest, line, text_key, require_text, check_audio)
+            utterance = parse_row(decode_row(raw), manifest, line, text_key, require_text, check_audio)
         except DataError as exc:
             if not skip_bad:
                 raise DataError(f"{manifest}:{line}: {exc}") from None

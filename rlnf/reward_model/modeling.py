@@ -331,16 +331,23 @@ def read_reward_config(folder: str | Path) -> RewardConfig:
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a reward checkpoint: no config.json")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {exc.start + 1})") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of settings, got a {type(raw).__name__}")
     model_type = raw.get("model_type")
-    if model_type == PublishedRewardConfig.model_type or "pretrained_config" in raw:
-        return PublishedRewardConfig(**{k: v for k, v in raw.items() if k != "model_type"})
-    if model_type != RewardConfig.model_type:
+    if model_type not in (PublishedRewardConfig.model_type, RewardConfig.model_type) and "pretrained_config" not in raw:
         raise CheckpointError(f"{path}: model_type {model_type!r} is not a reward model "
                               f"({RewardConfig.model_type!r} or {PublishedRewardConfig.model_type!r})")
-    return RewardConfig.from_dict(raw)
+    try:
+        if model_type == PublishedRewardConfig.model_type or "pretrained_config" in raw:
+            return PublishedRewardConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+        return RewardConfig.from_dict(raw)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: invalid settings ({type(exc).__name__}: {exc})") from None
 
 
 def load_reward_folder(folder: str | Path, model_class: type = RewardModel, **config_overrides: Any) -> RewardModel:
@@ -360,7 +367,10 @@ def load_reward_folder(folder: str | Path, model_class: type = RewardModel, **co
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own SafetensorError on corrupt headers
         raise CheckpointError(f"{weights}: cannot read safetensors: {exc}") from None
-    model = model_class(config)
+    try:
+        model = model_class(config)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:  # e.g. an unknown pooling
+        raise CheckpointError(f"{folder / 'config.json'}: invalid settings ({type(exc).__name__}: {exc})") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -116,9 +116,12 @@ def load_reward_checkpoint(folder: str | Path, device: torch.device | str = "cpu
     """(RewardModel in eval mode on ``device``, RewardProcessor) from a self-contained folder."""
     from rlnf.reward_model.modeling import RewardModel
 
+    from rlnf.io import file_problem
+
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise CheckpointError(f"reward checkpoint folder not found: {folder}")
+    problem = file_problem(folder, kind="folder")
+    if problem:
+        raise CheckpointError(f"reward checkpoint folder {problem}: {folder}")
     processor = RewardProcessor.from_pretrained(folder)
     model = RewardModel.from_pretrained(folder).to(device).eval()
     return model, processor

@@ -15,6 +15,7 @@ Built-ins: ``cer`` (1 - CER), ``wer`` (1 - WER), ``learned`` (a reward-model che
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -85,6 +86,12 @@ def import_object(dotted_path: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"rewards: cannot import module {module_name!r} for reward {dotted_path!r}: {exc}") from None
+    except SyntaxError as exc:
+        raise ConfigError(f"rewards: {exc.filename}:{exc.lineno}: syntax error in the module of reward "
+                          f"{dotted_path!r}: {exc.msg}") from None
+    except Exception as exc:  # the module's own code raised while it was imported
+        raise ConfigError(f"rewards: importing module {module_name!r} for reward {dotted_path!r} raised "
+                          f"{type(exc).__name__}: {exc}") from exc
     try:
         return getattr(module, attribute)
     except AttributeError:
@@ -97,13 +104,24 @@ class CallableReward:
     def __init__(self, dotted_path: str, kwargs: dict[str, Any]):
         target = import_object(dotted_path)
         self.name = dotted_path.rsplit(".", 1)[-1]
-        if isinstance(target, type):
-            self.function: Callable = target(**kwargs)
-            self.kwargs: dict[str, Any] = {}
-        elif callable(target):
-            self.function, self.kwargs = target, dict(kwargs)
-        else:
+        if not callable(target):
             raise ConfigError(f"rewards: {dotted_path!r} is not callable")
+        # kwargs that the class or function does not take fail here, naming them, not at the first call
+        leading = () if isinstance(target, type) else (None,)  # a function's first argument: the inputs
+        try:
+            inspect.signature(target).bind(*leading, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"rewards: kwargs {sorted(kwargs)} do not fit {dotted_path!r}: {exc}") from None
+        except ValueError:  # no signature to read (a builtin): the call itself will tell
+            pass
+        if isinstance(target, type):
+            try:
+                self.function: Callable = target(**kwargs)
+            except Exception as exc:
+                raise ConfigError(f"rewards: {dotted_path}(**kwargs) raised {type(exc).__name__}: {exc}") from exc
+            self.kwargs: dict[str, Any] = {}
+        else:
+            self.function, self.kwargs = target, dict(kwargs)
         self.needs_references = bool(getattr(self.function, "needs_references", False))
 
     def __call__(self, inputs: RewardInputs) -> Any:
@@ -165,7 +183,7 @@ def build_reward(spec: Any) -> Callable[[RewardInputs], Any]:
     if spec.name == "learned":
         from rlnf.rewards.learned import LearnedReward
 
-        return LearnedReward(spec.path, device=spec.device, batch_size=spec.batch_size)
+        return LearnedReward(spec.path, device=spec.device, batch_size=spec.batch_size, device_key="rewards[].device")
     return CallableReward(spec.name, dict(spec.kwargs))
 
 

@@ -21,11 +21,12 @@ log = logging.getLogger(__name__)
 class RewardScorer:
     """Scores groups of hypotheses against their audio with a reward checkpoint (frozen)."""
 
-    def __init__(self, checkpoint: str | Path, device: str | torch.device = "auto", batch_size: int = 64):
+    def __init__(self, checkpoint: str | Path, device: str | torch.device = "auto", batch_size: int = 64,
+                 device_key: str = "--device"):
         from rlnf.reward_model.processor import load_reward_checkpoint
         from rlnf.training import resolve_device
 
-        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.device = resolve_device(device, device_key) if isinstance(device, str) else device
         self.model, self.processor = load_reward_checkpoint(checkpoint, self.device)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -98,8 +99,8 @@ class LearnedReward:
     needs_references = False
     name = "learned"
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto", batch_size: int = 64):
-        self.scorer = RewardScorer(checkpoint, device=device, batch_size=batch_size)
+    def __init__(self, checkpoint: str | Path, device: str = "auto", batch_size: int = 64, device_key: str = "--device"):
+        self.scorer = RewardScorer(checkpoint, device=device, batch_size=batch_size, device_key=device_key)
 
     def __call__(self, inputs: RewardInputs) -> torch.Tensor:
         return self.scorer.score_groups(inputs.audio, inputs.audio_len, inputs.sample_rate, inputs.hypotheses)

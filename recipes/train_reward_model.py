@@ -123,6 +123,14 @@ class RewardTrainer:
             train = [p for p in train if p["audio_filepath"] not in held]
         if not train or not val:
             raise DataError("reward training needs both training and validation pairs (check data.val_split)")
+        if len({p["score"] for p in train}) == 1:
+            raise DataError(f"{cfg.data.train_manifest}: every training score is {train[0]['score']:.4g} (after "
+                            f"score_scale): a reward model learns nothing from constant targets; check "
+                            f"data.score_key={cfg.data.score_key!r}")
+        if len({p["score"] for p in val}) == 1 and cfg.trainer.best_metric not in ("val/mse", "val/rmse"):
+            raise DataError(f"every validation score is {val[0]['score']:.4g}: {cfg.trainer.best_metric} is undefined "
+                            "on constant targets, so no best checkpoint could be chosen; validate on varied scores "
+                            "or set trainer.best_metric=val/mse")
 
         if cfg.hard_negatives.enabled:
             references = {p["audio_filepath"]: p["reference"] for p in train if p["reference"]}
@@ -369,11 +377,14 @@ class RewardTrainer:
         from rlnf.metric_logging import read_metrics
 
         self.logger.close()
+        best = self.run_dir / "checkpoints" / "best"
+        if not best.exists():
+            log.warning("no best checkpoint was written: %s was never finite", self.cfg.trainer.best_metric)
         final: dict[str, Any] = {}
         for row in read_metrics(self.run_dir):
             final.update(row)
         summary = {"step": self.step, "best_metric": self.cfg.trainer.best_metric, "best_value": self.best_value,
-                   "best_checkpoint": str(self.run_dir / "checkpoints" / "best"),
+                   "best_checkpoint": str(best) if best.exists() else None,
                    "last_checkpoint": str(self.run_dir / "checkpoints" / "last"),
                    "train_pairs": len(self.train_pairs), "val_pairs": len(self.val_pairs),
                    "final_metrics": final}

@@ -338,3 +338,41 @@ def test_bad_user_rewards_and_paths_are_named_before_training(tmp_path, clip, ca
         assert main([*common, *policy, override]) == 2, override
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err, err
+
+
+# ------------------------------------------------------------------------------ defect 6: NaN scores
+def test_score_with_nan_reward_weights_refuses_and_writes_nothing(tmp_path, clip, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_reward_model import random_published_folder, tiny_tokenizer
+
+    folder = random_published_folder(tmp_path / "reward")
+    shutil.copyfile(tiny_tokenizer(tmp_path), folder / "tokenizer.model")
+    state = load_file(str(folder / "model.safetensors"))
+    state["head.3.weight"] = torch.full_like(state["head.3.weight"], float("nan"))
+    save_file(state, str(folder / "model.safetensors"))
+    manifest = write_rows(tmp_path / "m.json", [{"audio_filepath": str(clip), "text": "a"}])
+    output = tmp_path / "scored.jsonl"
+    assert main(["score", "--reward", str(folder), "--manifest", str(manifest), "--output", str(output)]) == 2
+    assert "NaN or infinite values in head.3.weight" in capsys.readouterr().err
+    assert not output.exists()
+
+
+# ------------------------------------------------------------------------------ defect 7: constant scores
+@pytest.mark.parametrize("constant, message", [
+    ("train", "every training score is 0.5 (after score_scale): a reward model learns nothing"),
+    ("val", "every validation score is 0.5: val/pearson is undefined on constant targets"),
+])
+def test_train_reward_model_refuses_constant_scores(constant, message, tmp_path, clip, capsys):
+    rows = [{"audio_filepath": str(clip), "text": "a b", "score": 0.5 if constant == "train" else 0.1 * i}
+            for i in range(4)]
+    train = write_rows(tmp_path / "train.json", rows)
+    val = write_rows(tmp_path / "val.json", [{"audio_filepath": str(clip), "text": "a", "score": 0.5}] * 2)
+    out = tmp_path / "run"
+    assert main(["run", "train_reward_model", "--config", "reward/card", f"data.train_manifest={train}",
+                 f"data.val_manifest={val}", f"output_dir={out}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "summary.json").exists()

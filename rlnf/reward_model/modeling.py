@@ -382,6 +382,10 @@ def load_reward_folder(folder: str | Path, model_class: type = RewardModel, **co
             hint = " (vocab_size in config.json disagrees with the weights)" if name == "embedding.weight" else ""
             raise CheckpointError(f"{weights}: tensor {name} has shape {tuple(tensor.shape)} but the config "
                                   f"expects {tuple(expected[name].shape)}{hint}")
+    damaged = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if damaged:  # a diverged training run: every score would be NaN
+        raise CheckpointError(f"{weights}: NaN or infinite values in {', '.join(damaged[:5])}"
+                              f"{' ...' if len(damaged) > 5 else ''}; the checkpoint cannot score")
     model.load_state_dict(state, strict=True)
     model.eval()
     return model

@@ -7,12 +7,13 @@ once for all of them, and a table of mean scores per system is printed.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from rlnf.errors import DataError
+from rlnf.errors import DataError, RewardError
 
 
 def score_manifest(reward: str, manifest: str, text_keys: Sequence[str] = ("text",), output: str | None = None,
@@ -37,6 +38,10 @@ def score_manifest(reward: str, manifest: str, text_keys: Sequence[str] = ("text
         values = scorer.score_groups(batch.audio, batch.audio_len, scorer.processor.sample_rate, groups)
         for utterance, row in zip(batch.utterances, values.tolist()):
             scores[utterance.audio_filepath + f"#{utterance.line}"] = row
+    bad = [key for key, row in scores.items() if not all(math.isfinite(value) for value in row)]
+    if bad:  # never write NaN into JSON (it is not valid JSON) nor report it as a mean
+        raise RewardError(f"reward checkpoint {reward} gave NaN or infinite scores for {len(bad)} of {len(scores)} "
+                          f"clips (first: {bad[0].rsplit('#', 1)[0]}); nothing was written")
     rows = []
     for utterance in utterances:
         row = dict(utterance.fields)

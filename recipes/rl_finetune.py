@@ -60,6 +60,7 @@ class RLFinetuneRecipe:
             self.val, _ = load_utterances(cfg.data, cfg.data.val_manifest, False, limit=cfg.data.max_val_samples)
 
         self.policy = CTCPolicy.load(cfg.policy.path, self.device)
+        self.warn_unreachable_references(train)
         self.reference = None
         self.reference_cache = None
         if cfg.algorithm.kl_coef > 0:
@@ -106,6 +107,19 @@ class RLFinetuneRecipe:
         else:
             self.logger = NullLogger()
         self._window_rewards: list[float] = []
+
+    def warn_unreachable_references(self, train: list) -> None:
+        """References the policy can never spell (digits, punctuation outside its vocabulary): a
+        reference-based reward cannot reach 1 on them. Counted and reported once (train_ctc's
+        data.oov decides the same question for CTC targets)."""
+        if not self.rewards.needs_references:
+            return
+        unreachable = [(u, bad) for u in train if u.text and (bad := self.policy.outside_vocabulary(u.text))]
+        if unreachable and self.dist.is_main:
+            first, bad = unreachable[0]
+            log.warning("%d of %d training references hold characters the policy cannot produce (first: %s: %r); "
+                        "reference-based rewards cannot reach 1 on them. Normalise the references to the policy's "
+                        "vocabulary for a reachable target", len(unreachable), len(train), first.where, bad)
 
     def _autocast(self):
         from rlnf.training import autocast

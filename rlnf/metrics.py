@@ -1,29 +1,34 @@
 """Error rates with rapidfuzz's Levenshtein distance (C++), on characters or on words.
 
-Texts are compared after whitespace normalisation (runs of spaces collapse, ends are trimmed).
+Texts are compared after ``normalize_text``: Unicode NFC, runs of spaces collapsed, ends trimmed.
 Corpus rates are total edits / total reference length, as NeMo and jiwer compute them.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Sequence
 
 from rapidfuzz.distance import Levenshtein
 
 
-def normalize_whitespace(text: str) -> str:
-    return " ".join(text.split())
+def normalize_text(text: str, lowercase: bool = False) -> str:
+    """Unicode NFC (so 'é' as one code point and as 'e' + accent compare equal), optionally lower
+    case, runs of whitespace collapsed and ends trimmed. The one normalisation of references,
+    CTC targets and error rates."""
+    text = unicodedata.normalize("NFC", text)
+    return " ".join((text.lower() if lowercase else text).split())
 
 
 def char_edits(reference: str, hypothesis: str) -> tuple[int, int]:
     """(edit distance over characters, reference length in characters)."""
-    reference, hypothesis = normalize_whitespace(reference), normalize_whitespace(hypothesis)
+    reference, hypothesis = normalize_text(reference), normalize_text(hypothesis)
     return Levenshtein.distance(reference, hypothesis), len(reference)
 
 
 def word_edits(reference: str, hypothesis: str) -> tuple[int, int]:
     """(edit distance over words, reference length in words)."""
-    reference_words, hypothesis_words = reference.split(), hypothesis.split()
+    reference_words, hypothesis_words = normalize_text(reference).split(), normalize_text(hypothesis).split()
     return Levenshtein.distance(reference_words, hypothesis_words), len(reference_words)
 
 

@@ -11,7 +11,6 @@ so the log-probs of the rollout, the update and the reference are comparable.
 from __future__ import annotations
 
 import logging
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +19,7 @@ import torch
 
 from rlnf import ctc
 from rlnf.errors import CheckpointError, DataError
+from rlnf.metrics import normalize_text
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,15 @@ class CTCPolicy:
         vocabulary = self.vocabulary
         return ["".join(vocabulary[i] for i in row[:n]) for row, n in zip(rows, lengths)]
 
-    def normalize_text(self, text: str, lowercase: bool = True) -> str:
-        text = unicodedata.normalize("NFC", text)
-        text = text.lower() if lowercase else text
-        return " ".join(text.split())
+    def outside_vocabulary(self, text: str) -> list[str]:
+        """The characters (words, for a BPE model) of a normalised ``text`` that this policy can never
+        produce; empty when it can produce all of it."""
+        if self.tokenizer is None:
+            return sorted({char for char in text if char not in self._char_to_id})
+        unk = getattr(self.tokenizer, "unk_id", None)
+        if unk is None or unk not in self.tokenizer.text_to_ids(text):
+            return []
+        return sorted({word for word in text.split() if unk in self.tokenizer.text_to_ids(word)})
 
     def encode_text(self, text: str, oov: str = "error", where: str = "", lowercase: bool = True) -> list[int] | None:
         """Reference text -> label ids for a CTC target.
@@ -170,17 +175,12 @@ class CTCPolicy:
         DataError naming ``where`` and the characters; 'skip' returns None (the caller counts it);
         'drop' removes them with a warning.
         """
-        text = self.normalize_text(text, lowercase)
-        if self.tokenizer is not None:
-            ids = list(self.tokenizer.text_to_ids(text))
-            unk = getattr(self.tokenizer, "unk_id", None)
-            if unk is None or unk not in ids:
-                return ids
-            bad = sorted({word for word in text.split() if unk in self.tokenizer.text_to_ids(word)})
-        else:
-            bad = sorted({char for char in text if char not in self._char_to_id})
-            if not bad:
-                return [self._char_to_id[char] for char in text]
+        text = normalize_text(text, lowercase)
+        bad = self.outside_vocabulary(text)
+        if not bad and self.tokenizer is not None:
+            return list(self.tokenizer.text_to_ids(text))
+        if not bad:
+            return [self._char_to_id[char] for char in text]
         if oov == "error":
             raise DataError(f"{where}: characters outside the policy's vocabulary: {bad!r} (set data.oov=skip or "
                             "data.oov=drop to handle them)")

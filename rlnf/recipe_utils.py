@@ -6,21 +6,20 @@ import logging
 
 from rlnf.data.manifest import Utterance, read_manifest
 from rlnf.errors import RlnfError, TrainingInterrupted
-from rlnf.metrics import normalize_whitespace
+from rlnf.metrics import normalize_text
 
 log = logging.getLogger(__name__)
 
 
 def load_utterances(data_cfg, manifest: str, require_text: bool | str, limit: int | None = None) -> tuple[list[Utterance], object]:
-    """Read ``manifest`` with the data section's keys; references are normalised (whitespace, and
-    lower case when ``data.lowercase``) so rewards and targets compare like with like."""
+    """Read ``manifest`` with the data section's keys; references are normalised (Unicode NFC,
+    whitespace, and lower case when ``data.lowercase``) so rewards and targets compare like with like."""
     utterances, stats = read_manifest(manifest, text_key=data_cfg.text_key, require_text=require_text,
                                       skip_bad=data_cfg.skip_bad_samples, min_duration=data_cfg.min_duration,
                                       max_duration=data_cfg.max_duration)
     for utterance in utterances:
         if utterance.text is not None:
-            text = utterance.text.lower() if data_cfg.lowercase else utterance.text
-            utterance.text = normalize_whitespace(text)
+            utterance.text = normalize_text(utterance.text, data_cfg.lowercase)
     if limit is not None:
         utterances = utterances[:limit]
     log.info("%s: %s", manifest, stats.summary())

@@ -95,3 +95,30 @@ def pretrained_tiny_nemo(tmp_path_factory, tiny_nemo, corpus) -> str:
     path = tmp_path_factory.mktemp("models") / "pretrained_tiny.nemo"
     policy.save(path)
     return str(path)
+
+
+@pytest.fixture()
+def warnings_of():
+    """``warnings_of(logger_name)`` -> a list that collects that logger's WARNING messages while the
+    test runs (NeMo's logging setup keeps such records from pytest's caplog)."""
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    attached: list[tuple[logging.Logger, Collect]] = []
+
+    def attach(name: str) -> list[str]:
+        collect = Collect()
+        logging.getLogger(name).addHandler(collect)
+        attached.append((logging.getLogger(name), collect))
+        return collect.messages
+
+    yield attach
+    for logger, collect in attached:
+        logger.removeHandler(collect)

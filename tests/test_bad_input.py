@@ -391,29 +391,14 @@ def test_cer_is_the_same_for_nfc_and_nfd_forms_of_a_text():
 
 
 @pytest.mark.slow
-def test_references_the_policy_cannot_spell_are_counted_and_warned_once(tmp_path, clip, tiny_nemo):
-    import logging
-
-    class Collect(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.WARNING)
-            self.messages: list[str] = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-
+def test_references_the_policy_cannot_spell_are_counted_and_warned_once(tmp_path, clip, tiny_nemo, warnings_of):
     rows = [{"audio_filepath": str(clip), "text": text} for text in ("a b", "room 101, please", "a-c", "b")]
     manifest = write_rows(tmp_path / "m.json", rows)
-    collect = Collect()
-    logger = logging.getLogger("rlnf.rl_finetune")  # NeMo's logging setup hides records from the root logger
-    logger.addHandler(collect)
-    try:
-        assert main(["run", "rl_finetune", "--config", "rl/rloo", f"policy.path={tiny_nemo}",
-                     f"data.train_manifest={manifest}", f"output_dir={tmp_path / 'run'}", "trainer.batch_size=2",
-                     "algorithm.num_samples=2", "trainer.max_steps=1", "trainer.progress_bar=false",
-                     "trainer.samples_every=0"]) == 0
-    finally:
-        logger.removeHandler(collect)
-    warnings = [message for message in collect.messages if "cannot produce" in message]
+    messages = warnings_of("rlnf.rl_finetune")
+    assert main(["run", "rl_finetune", "--config", "rl/rloo", f"policy.path={tiny_nemo}",
+                 f"data.train_manifest={manifest}", f"output_dir={tmp_path / 'run'}", "trainer.batch_size=2",
+                 "algorithm.num_samples=2", "trainer.max_steps=1", "trainer.progress_bar=false",
+                 "trainer.samples_every=0"]) == 0
+    warnings = [message for message in messages if "cannot produce" in message]
     assert len(warnings) == 1
     assert warnings[0].startswith("2 of 4 training references") and "m.json:2: [',', '0', '1']" in warnings[0]

@@ -466,39 +466,23 @@ def test_learned_reward_in_rl_finetune(trained_reward, corpus, pretrained_tiny_n
 
 
 @pytest.mark.slow
-def test_policy_and_reward_sample_rates_differ_through_the_rl_command(trained_reward, corpus, tmp_path):
+def test_policy_and_reward_sample_rates_differ_through_the_rl_command(trained_reward, corpus, tmp_path, warnings_of):
     """An 8 kHz policy with the 16 kHz reward model: the policy hears 8 kHz audio, the reward model
     gets it resampled to 16 kHz, with one warning."""
-    import logging
-
     from rlnf.cli import main
     from rlnf.metric_logging import read_metrics
     from rlnf.models import ENGLISH_LABELS, build_ctc_model
 
-    class Collect(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.WARNING)
-            self.messages: list[str] = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-
     policy = tmp_path / "policy_8k.nemo"
     build_ctc_model(ENGLISH_LABELS, "tiny", seed=0, sample_rate=8000).save_to(str(policy))
     checkpoint = trained_reward / "checkpoints" / "best"
-    collect = Collect()
-    logger = logging.getLogger("rlnf.rewards.learned")
-    logger.addHandler(collect)
-    try:
-        code = main(["run", "rl_finetune", "--config", "rl/rloo", f"policy.path={policy}",
-                     f"data.train_manifest={corpus['train']}", f"output_dir={tmp_path / 'run'}",
-                     "trainer.max_steps=2", "trainer.batch_size=2", "algorithm.num_samples=4",
-                     "trainer.progress_bar=false", f"rewards=[{{name: learned, path: '{checkpoint}', device: cpu}}]"])
-    finally:
-        logger.removeHandler(collect)
+    messages = warnings_of("rlnf.rewards.learned")
+    code = main(["run", "rl_finetune", "--config", "rl/rloo", f"policy.path={policy}",
+                 f"data.train_manifest={corpus['train']}", f"output_dir={tmp_path / 'run'}",
+                 "trainer.max_steps=2", "trainer.batch_size=2", "algorithm.num_samples=4",
+                 "trainer.progress_bar=false", f"rewards=[{{name: learned, path: '{checkpoint}', device: cpu}}]"])
     assert code == 0
-    assert collect.messages.count("resampling audio from 8000 Hz (policy) to 16000 Hz (reward model)") == 1, \
-        collect.messages
+    assert messages.count("resampling audio from 8000 Hz (policy) to 16000 Hz (reward model)") == 1, messages
     assert all(0.0 <= row["reward/learned/mean"] <= 1.0 for row in read_metrics(tmp_path / "run"))
 
 

@@ -254,7 +254,7 @@ class RLFinetuneRecipe:
 
     # ------------------------------------------------------------------------------ loop
     def train(self) -> None:
-        from rlnf.recipe_utils import interrupted, out_of_time, step_progress_bar, stopped_by_error
+        from rlnf.recipe_utils import interrupted, out_of_time, step_progress_bar
         from rlnf.training import StopSignal
 
         trainer = self.cfg.trainer
@@ -270,13 +270,10 @@ class RLFinetuneRecipe:
                     metrics, rollouts = self.train_step(micro_batches, weights)
                 except Exception as exc:
                     # Bad input, or a reward or data worker that raised, mid-run: keep the work done
-                    # so far (the failed step changed no weights) and say how to go on. In a process
-                    # group only errors every process raised together can be checkpointed.
+                    # so far (the failed step changed no weights) and say how to go on.
                     bar.close()
-                    if self.dist.world_size > 1 and not isinstance(exc, RlnfError):
-                        raise
                     self.stream.load_state_dict(position)
-                    raise stopped_by_error(exc, self.step, self.checkpoints, lambda: self.save_checkpoint(None))
+                    raise self.stopped(exc, together=isinstance(exc, RlnfError))
                 self.step += 1
                 utterances = sum(len(batch) for batch in micro_batches)
                 audio_seconds = sum(float(b.audio_len.sum()) for b in micro_batches) / self.policy.sample_rate
@@ -309,6 +306,16 @@ class RLFinetuneRecipe:
                 if last:
                     break
         bar.close()
+
+    def stopped(self, exc: Exception, together: bool) -> Exception:
+        """What to raise when ``exc`` stops training: an error whose checkpoint keeps the last
+        completed step. In a process group only an error every process raised (``together``) can
+        be checkpointed (the save is a collective); any other is raised as it is."""
+        from rlnf.recipe_utils import stopped_by_error
+
+        if self.dist.world_size > 1 and not together:
+            return exc
+        return stopped_by_error(exc, self.step, self.checkpoints, lambda: self.save_checkpoint(None))
 
     @property
     def algorithm(self):
@@ -365,8 +372,11 @@ class RLFinetuneRecipe:
         rows are pooled, so corpus WER is computed over the whole set on every process."""
         from rlnf.evaluation import evaluate_policy, summarize
 
-        result = evaluate_policy(self.policy, self.val_dataset, self.cfg.trainer.batch_size, self.device,
-                                 rewards=self.rewards, autocast=self._autocast)
+        try:
+            result = evaluate_policy(self.policy, self.val_dataset, self.cfg.trainer.batch_size, self.device,
+                                     rewards=self.rewards, autocast=self._autocast)
+        except Exception as exc:  # a reward that raised on validation: the step before it is complete
+            raise self.stopped(exc, together=False)
         metrics = result.metrics
         if self.dist.world_size > 1:
             metrics = summarize([row for rows in self.dist.all_gather_object(result.rows) for row in rows])

@@ -146,11 +146,12 @@ def stopped_by_error(exc: Exception, step: int, checkpoints, save_checkpoint) ->
 
 
 def run_recipe(recipe) -> dict:
-    """setup, train, cleanup; on a stop signal the logs are closed before the error propagates."""
+    """setup, train, cleanup; when training stops (a signal, an error) the logs are closed before the
+    error propagates."""
     recipe.setup()
     try:
         recipe.train()
-    except TrainingInterrupted:
+    except Exception:
         recipe.logger.close()
         raise
     return recipe.cleanup()

@@ -402,3 +402,21 @@ def test_references_the_policy_cannot_spell_are_counted_and_warned_once(tmp_path
     warnings = [message for message in messages if "cannot produce" in message]
     assert len(warnings) == 1
     assert warnings[0].startswith("2 of 4 training references") and "m.json:2: [',', '0', '1']" in warnings[0]
+
+
+@pytest.mark.slow
+def test_bad_audio_found_by_a_data_worker_names_the_line_without_its_traceback(tmp_path, clip, tiny_nemo, capsys):
+    speech = np.zeros(8000, dtype=np.float32) + 0.01
+    speech[100:200] = np.nan
+    soundfile.write(str(tmp_path / "nan.wav"), speech, 16000, subtype="FLOAT")
+    manifest = write_rows(tmp_path / "m.json", [{"audio_filepath": str(clip), "text": "a"},
+                                                {"audio_filepath": "nan.wav", "text": "a"}])
+    out = tmp_path / "run"
+    assert main(["run", "rl_finetune", "--config", "rl/rloo", f"policy.path={tiny_nemo}",
+                 f"data.train_manifest={manifest}", f"output_dir={out}", "trainer.batch_size=1",
+                 "algorithm.num_samples=2", "trainer.max_steps=4", "trainer.progress_bar=false",
+                 "trainer.samples_every=0", "data.num_workers=1", "data.shuffle=false"]) == 2
+    err = capsys.readouterr().err
+    assert "m.json:2: audio file holds NaN or infinite samples" in err and "resume=true" in err
+    assert "Traceback" not in err and "worker" not in err
+    assert (out / "checkpoints" / "trainer_state.pt").exists()

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from rlnf.data.audio import load_audio
 from rlnf.data.manifest import Utterance
-from rlnf.errors import DataError
+from rlnf.errors import DataError, RlnfError
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class TrainStream:
             batches = self._epoch_batches()[self.batch_in_epoch:]
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
                                                  num_workers=self.num_workers, pin_memory=self.pin_memory)
-            for indices, batch in zip(batches, loader):
+            for indices, batch in zip(batches, from_workers(loader)):
                 self.batch_in_epoch += 1
                 self.skipped_clips += len(indices) - (0 if batch is None else len(batch))
                 if batch is None:  # every utterance of the batch was unreadable and skip_bad is on
@@ -171,12 +171,30 @@ class TrainStream:
             self.batch_in_epoch = 0
 
 
+def from_workers(loader: Iterable) -> Iterator:
+    """The batches of a DataLoader. A worker process's DataError comes back as PyTorch re-raises it,
+    with the worker's whole traceback pasted into its message; it is raised again with the
+    original message alone (file and manifest line), as in a single process."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RlnfError as exc:
+            lines = str(exc).strip().splitlines()
+            if len(lines) > 1 and lines[1].startswith("Original Traceback"):
+                raise type(exc)(lines[-1].split(": ", 1)[-1]) from None
+            raise
+        yield batch
+
+
 def eval_batches(dataset: AudioDataset, batch_size: int, num_workers: int = 0) -> Iterator[AudioBatch]:
     """Validation batches in a fixed, duration-sorted order (no shuffling)."""
     durations = [u.duration for u in dataset.utterances]
     batches = bucketed_batches(durations, batch_size, bucket_size=max(1, len(durations)), shuffle=False)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                          num_workers=num_workers)
-    for batch in loader:
+    for batch in from_workers(loader):
         if batch is not None:
             yield batch

@@ -307,16 +307,6 @@ class RLFinetuneRecipe:
                     break
         bar.close()
 
-    def stopped(self, exc: Exception, together: bool) -> Exception:
-        """What to raise when ``exc`` stops training: an error whose checkpoint keeps the last
-        completed step. In a process group only an error every process raised (``together``) can
-        be checkpointed (the save is a collective); any other is raised as it is."""
-        from rlnf.recipe_utils import stopped_by_error
-
-        if self.dist.world_size > 1 and not together:
-            return exc
-        return stopped_by_error(exc, self.step, self.checkpoints, lambda: self.save_checkpoint(None))
-
     @property
     def algorithm(self):
         """The algorithm settings of this step: the config, with the current beta."""
@@ -366,6 +356,16 @@ class RLFinetuneRecipe:
         for b in range(min(2, len(batch))):
             clip = batch.audio[b, : int(batch.audio_len[b])].float().cpu().numpy()
             self.logger.log_audio(f"audio/{b}", clip, self.policy.sample_rate, self.step)
+
+    def stopped(self, exc: Exception, together: bool) -> Exception:
+        """What to raise when ``exc`` stops training: an error whose checkpoint keeps the last
+        completed step. In a process group only an error every process raised (``together``) can
+        be checkpointed (the save is a collective); any other is raised as it is."""
+        from rlnf.recipe_utils import stopped_by_error
+
+        if self.dist.world_size > 1 and not together:
+            return exc
+        return stopped_by_error(exc, self.step, self.checkpoints, lambda: self.save_checkpoint(None))
 
     def validate(self) -> dict[str, float]:
         """Greedy WER/CER/reward on the validation set; each process transcribes its shard and the

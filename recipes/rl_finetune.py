@@ -25,6 +25,11 @@ CONFIG_CLASS = RLFinetuneConfig
 log = logging.getLogger("rlnf.rl_finetune")
 
 
+def describe_error(error: Exception) -> str:
+    """An error's message as other processes report it: a user error's own, else with its type."""
+    return str(error) if isinstance(error, RlnfError) else f"{type(error).__name__}: {error}"
+
+
 class RLFinetuneRecipe:
     def __init__(self, cfg: RLFinetuneConfig):
         self.cfg = cfg
@@ -137,14 +142,14 @@ class RLFinetuneRecipe:
             error = None
             try:
                 batches = [next(iterator) for _ in range(accum)]
-            except DataError as exc:  # unreadable audio with skip_bad_samples off
+            except Exception as exc:  # unreadable audio with skip_bad_samples off, or a data worker that raised
                 if world == 1:
                     raise
                 error, batches = exc, [None] * accum
             counts = [0 if batch is None else len(batch) for batch in batches]
             if world == 1:
                 return batches, [1.0] * accum
-            every = self.dist.all_gather_object((counts, None if error is None else str(error)))
+            every = self.dist.all_gather_object((counts, None if error is None else describe_error(error)))
             self.raise_together([message for _, message in every], DataError)
             every = [rank_counts for rank_counts, _ in every]
             if all(count > 0 for rank_counts in every for count in rank_counts):
@@ -162,8 +167,9 @@ class RLFinetuneRecipe:
             raise error_class(message if rank == self.dist.rank or len(messages) == 1 else f"process {rank}: {message}")
 
     def rollout(self, batch, index: int, keep_graph: bool):
-        """make_rollout on one micro-batch; in a process group, a bad-input error on any process
-        (a reward returning NaN, say) is raised on all of them before anyone starts the update."""
+        """make_rollout on one micro-batch; in a process group, an error on any process (a reward
+        returning NaN, or raising) is raised on all of them before anyone starts the update, so they
+        stop together, with a checkpoint."""
         from rlnf.rl import make_rollout
 
         cfg = self.cfg
@@ -177,12 +183,13 @@ class RLFinetuneRecipe:
                                    all_reduce_sum=self.dist.all_reduce_sum if distributed else None,
                                    reference_cache=self.reference_cache)
             error = None
-        except RlnfError as exc:
+        except Exception as exc:  # bad input, or a reward that raised: every process must hear of it
             if not distributed:
                 raise
             rollout, error = None, exc
         if distributed and self.dist.any(error is not None):
-            messages = self.dist.all_gather_object(None if error is None else (type(error).__name__, str(error)))
+            messages = self.dist.all_gather_object(None if error is None else (type(error).__name__,
+                                                                               describe_error(error)))
             kinds = {name for name, _ in filter(None, messages)}
             self.raise_together([None if m is None else m[1] for m in messages],
                                 RewardError if kinds == {"RewardError"} else RlnfError)

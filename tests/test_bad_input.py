@@ -420,3 +420,31 @@ def test_bad_audio_found_by_a_data_worker_names_the_line_without_its_traceback(t
     assert "m.json:2: audio file holds NaN or infinite samples" in err and "resume=true" in err
     assert "Traceback" not in err and "worker" not in err
     assert (out / "checkpoints" / "trainer_state.pt").exists()
+
+
+CALLS_ON_THIS_PROCESS = {"count": 0}
+
+
+def fails_on_rank_one(inputs):
+    """A user reward whose scoring service goes away on process 1 only, at its third call."""
+    CALLS_ON_THIS_PROCESS["count"] += 1
+    if os.environ.get("LOCAL_RANK") == "1" and CALLS_ON_THIS_PROCESS["count"] >= 3:
+        raise ConnectionError("the scoring service went away")
+    return [[min(1.0, len(text) / 100) for text in group] for group in inputs.hypotheses]
+
+
+@pytest.mark.slow
+def test_a_reward_raising_on_one_process_stops_both_with_a_checkpoint(corpus, tiny_nemo, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "rlnf.cli", "run", "rl_finetune", "--config", "rl/grpo", f"policy.path={tiny_nemo}",
+         f"data.train_manifest={corpus['train']}", f"output_dir={out}", "trainer.batch_size=2",
+         "algorithm.num_samples=4", "trainer.progress_bar=false", "trainer.samples_every=0", "trainer.devices=2",
+         "trainer.max_steps=6", "trainer.save_every=100", "rewards=[{name: tests.test_bad_input.fails_on_rank_one}]"],
+        capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "process 1: ConnectionError: the scoring service went away" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)["step"] == 2

@@ -145,11 +145,11 @@ class RLFinetuneRecipe:
             except Exception as exc:  # unreadable audio with skip_bad_samples off, or a data worker that raised
                 if world == 1:
                     raise
-                error, batches = exc, [None] * accum
+                error, batches = describe_error(exc), [None] * accum
             counts = [0 if batch is None else len(batch) for batch in batches]
             if world == 1:
                 return batches, [1.0] * accum
-            every = self.dist.all_gather_object((counts, None if error is None else describe_error(error)))
+            every = self.dist.all_gather_object((counts, None if error is None else str(error)))
             self.raise_together([message for _, message in every], DataError)
             every = [rank_counts for rank_counts, _ in every]
             if all(count > 0 for rank_counts in every for count in rank_counts):

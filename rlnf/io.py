@@ -7,6 +7,8 @@ Atomic writes go to a temporary file in the same folder, then rename over the ta
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import stat
 import tempfile
@@ -81,7 +83,7 @@ def file_problem(path: str | os.PathLike, kind: str = "file") -> str | None:
     except FileNotFoundError:
         return "is a broken symlink" if path.is_symlink() else "not found"
     except OSError as exc:  # ELOOP, EACCES, ENAMETOOLONG, ...
-        return "is a symlink loop" if exc.errno == 40 else f"cannot be accessed ({exc.strerror})"
+        return "is a symlink loop" if exc.errno == errno.ELOOP else f"cannot be accessed ({exc.strerror})"
     if kind == "folder":
         return None if stat.S_ISDIR(mode) else "is not a folder"
     if stat.S_ISDIR(mode):
@@ -125,11 +127,14 @@ def run_lock(folder: str | os.PathLike) -> Iterator[None]:
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise RlnfError(f"output_dir {folder} is in use by another run (PID {holder}; lock file {path}): wait for "
                             "it to finish, or choose another output_dir") from None
+        except OSError as exc:  # a file system without locks (some network mounts)
+            logging.getLogger(__name__).warning("cannot lock %s (%s): two runs on this folder would not be stopped",
+                                                path, exc.strerror)
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

@@ -644,7 +644,7 @@ def check_resume(config: Any, run_dir: Path) -> Dict[str, tuple]:
         import logging
         import time
 
-        listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+        listed = ", ".join(f"{key}: {before!r} -> {after!r}" for key, (before, after) in changes.items())
         logging.getLogger("rlnf").warning("resume: changed since the run started: %s (recorded in resumes.jsonl)",
                                           listed)
         with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as record:

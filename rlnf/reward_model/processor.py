@@ -28,9 +28,12 @@ class RewardProcessor:
     def __init__(self, config: RewardConfig, tokenizer_file: str | Path):
         import sentencepiece
 
+        from rlnf.io import file_problem
+
         tokenizer_file = Path(tokenizer_file)
-        if not tokenizer_file.is_file():
-            raise CheckpointError(f"reward tokenizer not found: {tokenizer_file}")
+        problem = file_problem(tokenizer_file)
+        if problem:
+            raise CheckpointError(f"reward tokenizer {problem}: {tokenizer_file}")
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_file))
         except Exception as exc:

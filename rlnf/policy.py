@@ -46,7 +46,7 @@ def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu")
     from rlnf.io import file_problem
 
     candidate = Path(path_or_name).expanduser()
-    if candidate.suffix == ".nemo" or candidate.exists():
+    if candidate.suffix == ".nemo" or candidate.exists() or candidate.is_symlink():
         problem = file_problem(candidate)
         if problem:
             raise CheckpointError(f"policy checkpoint {problem}: {path_or_name}")

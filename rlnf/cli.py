@@ -93,21 +93,13 @@ def quiet_nemo() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import contextlib
 
-    from rlnf.config import check_output_dir, check_resume, load_config
-    from rlnf.io import holding_rank, remove_stale_temporaries, run_lock
+    from rlnf.config import load_config
+    from rlnf.run_folder import open_run_folder
 
     recipe = load_recipe(args.recipe)
     cfg = load_config(recipe.CONFIG_CLASS, resolve_config_path(args.config), args.overrides)
-    lock = contextlib.nullcontext()
-    if hasattr(cfg, "output_dir"):
-        args.log_dir = check_output_dir(cfg.output_dir, getattr(cfg, "resume", None))
-        lock = run_lock(args.log_dir)
-    with lock:
-        if args.log_dir is not None and holding_rank():  # ours alone now: what a killed save left can go
-            for folder in (args.log_dir, args.log_dir / "checkpoints"):
-                remove_stale_temporaries(folder)
-            if getattr(cfg, "resume", False):
-                check_resume(cfg, args.log_dir)
+    run_folder = open_run_folder(cfg) if hasattr(cfg, "output_dir") else contextlib.nullcontext()
+    with run_folder as args.log_dir:  # a crash's log goes into the run's folder
         quiet_nemo()
         result = recipe.main(cfg)
     if isinstance(result, dict) and result:  # empty on the processes other than rank 0

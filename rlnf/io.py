@@ -1,4 +1,4 @@
-"""Safe file handling: atomic writes, the run folder's lock, and checks of paths a user gives.
+"""Safe file handling: atomic writes, and checks of the paths a user gives.
 
 Atomic writes go to a temporary file in the same folder, then rename over the target: a reader
 (or a run resumed after SIGKILL) sees either the old file or the new one, never half of one.
@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from rlnf.errors import ConfigError, RlnfError
+from rlnf.errors import ConfigError
 
 TEMPORARY_MARK = ".tmp"  # in every temporary name written here: ".{stem}.{random}.tmp{suffix}"
-LOCK_FILE = ".rlnf.lock"
 
 
 def default_file_mode(folder: bool = False) -> int:
@@ -62,17 +60,6 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> None
         writer(tmp)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files and folders an interrupted atomic write left in ``folder``
-    (a run killed mid-save). Call it only while holding the run's lock. Returns what was removed."""
-    import shutil
-
-    removed = sorted(Path(folder).glob(f".*{TEMPORARY_MARK}*"))
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    return removed
-
-
 def file_problem(path: str | os.PathLike, kind: str = "file") -> str | None:
     """Why ``path`` cannot be read as a regular file, or None when it can: 'not found', 'is a
     directory', 'is not a regular file (a FIFO, socket or device)', 'is a symlink loop'.
@@ -104,41 +91,3 @@ def check_output_file(option: str, output: str | os.PathLike, inputs: Mapping[st
             raise ConfigError(f"{option} {output} is the {name}: writing it would destroy the input; choose "
                               "another file")
     return path
-
-
-def holding_rank() -> bool:
-    """Whether this process is the one that locks the run folder: the first of a process group
-    (torchrun, SLURM and Lightning's launcher set these), or a lone process."""
-    return all(int(os.environ.get(key) or 0) == 0 for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
-
-
-@contextlib.contextmanager
-def run_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder/.rlnf.lock`` while a run writes into ``folder``, so a
-    second run started on the same folder stops with a message naming the first one's PID. The
-    lock goes with the process (even after kill -9); the file stays, holding the last PID."""
-    import fcntl
-
-    if not holding_rank():
-        yield
-        return
-    path = Path(folder) / LOCK_FILE
-    handle = open(path, "a+", encoding="utf-8")
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise RlnfError(f"output_dir {folder} is in use by another run (PID {holder}; lock file {path}): wait for "
-                            "it to finish, or choose another output_dir") from None
-        except OSError as exc:  # a file system without locks (some network mounts)
-            logging.getLogger(__name__).warning("cannot lock %s (%s): two runs on this folder would not be stopped",
-                                                path, exc.strerror)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        yield
-    finally:
-        handle.close()

@@ -99,7 +99,7 @@ def test_an_empty_output_dir_is_refused(tmp_path, capsys):
 
 
 def test_a_second_run_on_a_locked_folder_stops_naming_the_first(tmp_path):
-    from rlnf.io import run_lock
+    from rlnf.run_folder import run_lock
 
     out = tmp_path / "run"
     out.mkdir()

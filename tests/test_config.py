@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from rlnf.cli import CONFIGS_DIR, list_configs, load_recipe, main
-from rlnf.config import RLFinetuneConfig, check_output_dir, iter_keys, load_config
+from rlnf.config import RLFinetuneConfig, iter_keys, load_config
+from rlnf.run_folder import check_output_dir
 from rlnf.errors import ConfigError
 
 REQUIRED = ["policy.path=m.nemo", "data.train_manifest=t.json", "output_dir=/tmp/x"]

@@ -180,7 +180,14 @@ class AlgorithmConfig:
     whiten_advantages: bool = opt(False, "Whiten advantages over the whole batch after the group baseline.")
     policy_loss: Optional[str] = opt(None, "reinforce (-A log pi) | clipped (PPO surrogate) (null: preset).")
     ppo_epochs: Optional[int] = opt(None, "Update passes over each rollout (null: preset; >1 needs 'clipped').")
-    clip_eps: float = opt(0.2, "PPO clipping epsilon.")
+    clip_eps: float = opt(0.2, "PPO clipping epsilon (the lower side, and the upper one unless clip_eps_high is set).")
+    clip_eps_high: Optional[float] = opt(None, "Upper clipping epsilon (DAPO's clip-higher, epsilon_high): the ratio is "
+                                               "clipped to [1 - clip_eps, 1 + clip_eps_high]. null: clip_eps.")
+    ratio: str = opt("sequence", "Importance ratio of the clipped loss: 'sequence' pi(y)/pi_old(y), or 'per_frame' "
+                                 "(pi(y)/pi_old(y))^(1/T), T the encoder frames (GSPO-style length normalisation; "
+                                 "use a clip_eps of about 1e-3 to 1e-2 with it).")
+    resample_zero_std: int = opt(0, "Dynamic resampling: a group whose K rewards are all equal (it teaches nothing) is "
+                                    "re-drawn from the same frame distributions up to this many times; 0 is off.")
     kl_coef: float = opt(0.01, "beta: weight of the KL to the frozen reference policy; 0 loads no reference.")
     kl_estimator: Optional[str] = opt(None, "exact (sum of per-frame KLs) | k1 | k3 (sequence-level, on sampled "
                                             "hypotheses) (null: preset).")
@@ -206,6 +213,9 @@ class AlgorithmConfig:
         _check_positive("algorithm.num_samples", self.num_samples)
         _check_positive("algorithm.temperature", self.temperature)
         _check_positive("algorithm.clip_eps", self.clip_eps)
+        if self.clip_eps_high is not None:
+            _check_positive("algorithm.clip_eps_high", self.clip_eps_high)
+        _check_positive("algorithm.resample_zero_std", self.resample_zero_std, allow_zero=True)
         for key in ("kl_coef", "entropy_coef", "supervised_coef"):
             _check_positive(f"algorithm.{key}", getattr(self, key), allow_zero=True)
         _check_positive("algorithm.kl_horizon", self.kl_horizon)
@@ -220,13 +230,14 @@ class AlgorithmConfig:
 
         Separate from ``__post_init__`` because OmegaConf instantiates the schema's defaults.
         """
-        from rlnf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PRESETS
+        from rlnf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PRESETS, RATIOS
 
         for key, value in PRESETS[self.name].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         _check_choice("algorithm.advantage", self.advantage, ADVANTAGE_ESTIMATORS)
         _check_choice("algorithm.policy_loss", self.policy_loss, POLICY_LOSSES)
+        _check_choice("algorithm.ratio", self.ratio, RATIOS)
         _check_choice("algorithm.kl_estimator", self.kl_estimator, ("exact", "k1", "k3"))
         _check_positive("algorithm.ppo_epochs", self.ppo_epochs)
         if self.advantage in ("rloo", "group") and self.num_samples < 2:
@@ -237,6 +248,11 @@ class AlgorithmConfig:
         if not self.kl_in_reward and self.kl_estimator == "k1" and self.kl_coef > 0:
             raise ConfigError("algorithm.kl_estimator=k1 as a loss term has zero expected gradient; use exact or k3 "
                               "in the loss, or set algorithm.kl_in_reward=true")
+        if self.kl_in_reward and self.kl_estimator == "k3" and self.kl_coef > 0:
+            raise ConfigError("algorithm.kl_in_reward=true with kl_estimator=k3 is refused: E[k3 * grad log pi] = "
+                              "grad KL(pi||ref) - grad KL(ref||pi), which cancels to first order, so it barely pulls "
+                              "towards the reference; use k1 in the reward, or k3 / exact in the loss "
+                              "(kl_in_reward=false)")
         if self.kl_in_reward and self.kl_estimator == "exact" and self.kl_coef > 0:
             raise ConfigError("algorithm.kl_in_reward=true needs kl_estimator k1 or k3: the exact KL is the same "
                               "for all K samples of an utterance, so it cancels in the group baseline")

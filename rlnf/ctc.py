@@ -23,7 +23,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Log-ratios of sequence probabilities (log pi_ref - log pi, log pi - log pi_old) are clamped to
+# +-MAX_LOG_RATIO before exp(): a sample whose probability moved by more than e^20 then contributes
+# no gradient instead of inf or NaN (which would skip the whole update).
+MAX_LOG_RATIO = 20.0
+
 __all__ = [
+    "MAX_LOG_RATIO",
     "apply_temperature",
     "frame_mask",
     "sample_alignments",
@@ -201,9 +207,11 @@ def kl_k1(seq_log_probs: torch.Tensor, ref_seq_log_probs: torch.Tensor) -> torch
 def kl_k3(seq_log_probs: torch.Tensor, ref_seq_log_probs: torch.Tensor) -> torch.Tensor:
     """k3 estimator (Schulman, "Approximating KL divergence"): (r - 1) - log r, r = pi_ref(y)/pi(y).
 
-    Unbiased and always >= 0. [B, K]. The log-ratio is clamped to avoid overflow in exp.
+    Unbiased for KL(pi || pi_ref) in value and always >= 0. [B, K]. The log-ratio is clamped to
+    +-MAX_LOG_RATIO. As a loss its gradient estimates grad KL(pi_ref || pi), not grad KL(pi || pi_ref):
+    use ``rlnf.algorithms.k3_loss_term``; folded into a reward it is refused (see the config).
     """
-    log_ratio = (ref_seq_log_probs - seq_log_probs).clamp(min=-20.0, max=20.0)
+    log_ratio = (ref_seq_log_probs - seq_log_probs).clamp(min=-MAX_LOG_RATIO, max=MAX_LOG_RATIO)
     return torch.expm1(log_ratio) - log_ratio
 
 

@@ -36,6 +36,19 @@ class Samples:
     texts: list[list[str]]
     blank_ratio: float = 0.0  # share of valid sampled frames that were blank
 
+    def with_rows(self, rows: Sequence[int], other: "Samples") -> "Samples":
+        """These samples with utterances ``rows`` replaced by ``other``'s (one row of ``other`` per
+        entry of ``rows``, same K); labels are re-padded to the longer of the two."""
+        length = max(self.labels.shape[2], other.labels.shape[2])
+        labels = torch.nn.functional.pad(self.labels, (0, length - self.labels.shape[2]))
+        labels[list(rows)] = torch.nn.functional.pad(other.labels, (0, length - other.labels.shape[2]))
+        label_len = self.label_len.clone()
+        label_len[list(rows)] = other.label_len
+        texts = list(self.texts)
+        for row, group in zip(rows, other.texts):
+            texts[row] = group
+        return Samples(labels=labels, label_len=label_len, texts=texts, blank_ratio=self.blank_ratio)
+
 
 def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu"):
     """Restore a NeMo ASR model from a .nemo file, or download a pretrained one by name."""

@@ -130,19 +130,27 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(corpus, pretrained_ti
 
 
 @pytest.mark.slow
-def test_adaptive_kl_moves_beta_by_the_logged_kl_and_resumes_with_it(corpus, pretrained_tiny_nemo, tmp_path):
+@pytest.mark.parametrize("preset, penalised", [("grpo", "kl"), ("rloo", "kl/k1")])
+def test_adaptive_kl_moves_beta_by_the_penalised_kl_and_resumes_with_it(preset, penalised, corpus,
+                                                                         pretrained_tiny_nemo, tmp_path):
+    """The controller steers the KL that is penalised: the exact alignment KL for grpo, the k1
+    estimate on the samples for rloo (k1 in the reward), not the exact KL in both."""
     from rlnf.algorithms import adaptive_kl_coef
 
     out = tmp_path / "adaptive"
-    extra = ["grpo", "algorithm.kl_coef=0.05", "algorithm.kl_target=0.5", "algorithm.kl_horizon=16",
+    extra = [preset, "algorithm.kl_coef=0.05", "algorithm.kl_target=0.5", "algorithm.kl_horizon=16",
              "trainer.samples_every=0", "trainer.val_every=0"]
     assert main(run_args(pretrained_tiny_nemo, corpus, out, *extra, "trainer.max_steps=3")) == 0
     assert main(run_args(pretrained_tiny_nemo, corpus, out, *extra, "trainer.max_steps=5", "resume=true")) == 0
     rows = read_metrics(out)
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
     assert rows[0]["kl/coef"] == 0.05 and rows[0]["kl"] == 0.0
+    for row in rows:
+        assert row["kl/penalised"] == pytest.approx(row[penalised], rel=1e-6, abs=1e-9)
+    if preset == "rloo":
+        assert any(abs(row["kl/k1"] - row["kl"]) > 1e-6 for row in rows[1:])  # the two KLs differ
     for before, after in zip(rows, rows[1:]):  # across the resume too: beta is in the trainer state
-        expected = adaptive_kl_coef(before["kl/coef"], before["kl"], 0.5, 16, 4)
+        expected = adaptive_kl_coef(before["kl/coef"], before["kl/penalised"], 0.5, 16, 4)
         assert after["kl/coef"] == pytest.approx(expected, rel=1e-9)
     assert rows[1]["kl/coef"] < 0.05  # KL 0 < target at step 1: beta went down
 

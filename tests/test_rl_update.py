@@ -127,12 +127,12 @@ def test_reference_cache_evicts_least_recently_used_beyond_its_budget():
     cache = ReferenceCache(max_bytes=3 * 40)  # room for three [10] float32 entries
     for key in "abc":
         cache.put(key, torch.full((10,), float(ord(key))))
-    assert cache.get("a") is not None  # "a" becomes the most recently used
+    assert cache.get("a", 10) is not None  # "a" becomes the most recently used
     cache.put("d", torch.zeros(10))  # evicts "b", the least recently used
-    assert cache.get("b") is None and len(cache) == 3 and cache.bytes == 120
-    assert cache.get("c") is not None and cache.get("d") is not None
+    assert cache.get("b", 10) is None and len(cache) == 3 and cache.bytes == 120
+    assert cache.get("c", 10) is not None and cache.get("d", 10) is not None
     cache.put("huge", torch.zeros(100))  # larger than the whole budget: not kept, nothing evicted
-    assert cache.get("huge") is None and len(cache) == 3
+    assert cache.get("huge", 100) is None and len(cache) == 3
     cache.put("a", torch.zeros(5))  # replacing an entry frees its old bytes
     assert cache.bytes == 100
     assert (cache.hits, cache.misses) == (3, 2)
@@ -152,7 +152,7 @@ def test_reference_cache_gives_the_reference_forward_and_runs_only_the_missing_u
 
     cfg = finalize_config(RLFinetuneConfig(output_dir="unused"))
     algo = cfg.algorithm
-    algo.kl_estimator, algo.kl_in_reward, algo.temperature = "k3", True, 1.3
+    algo.kl_estimator, algo.kl_in_reward, algo.temperature = "k1", True, 1.3
     utterances, _ = read_manifest(corpus["train"])
     dataset = AudioDataset(utterances, 16000)
     policy = CTCPolicy.load(pretrained_tiny_nemo)

@@ -167,3 +167,19 @@ def test_second_epoch_takes_reference_log_probs_from_the_cache(corpus, pretraine
     assert main(run_args(pretrained_tiny_nemo, corpus, off, "trainer.max_steps=1", "trainer.val_every=0",
                          "algorithm.reference_cache_mb=0")) == 0
     assert "perf/ref_cache_hit_rate" not in read_metrics(off)[0]
+
+
+@pytest.mark.slow
+def test_per_frame_ratio_clip_higher_and_dynamic_resampling_through_the_command(corpus, pretrained_tiny_nemo,
+                                                                                tmp_path):
+    out = tmp_path / "options"
+    assert main(run_args(pretrained_tiny_nemo, corpus, out, "ppo", "trainer.max_steps=2", "trainer.val_every=0",
+                         "trainer.samples_every=0", "algorithm.ratio=per_frame", "algorithm.clip_eps=0.005",
+                         "algorithm.clip_eps_high=0.01", "algorithm.resample_zero_std=2")) == 0
+    rows = read_metrics(out)
+    for row in rows:
+        for key in ("ppo/clip_ratio_low", "ppo/clip_ratio_high", "rollout/frac_zero_std_before",
+                    "rollout/frac_zero_std", "perf/resample_time", "kl/penalised"):
+            assert key in row and row[key] == row[key], key  # present and not NaN
+        assert row["rollout/frac_zero_std"] <= row["rollout/frac_zero_std_before"]
+    assert "ratio: per_frame" in (out / "config.yaml").read_text()

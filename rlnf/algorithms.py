@@ -17,6 +17,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "POLICY_LOSSES",
     "RATIOS",
+    "ROLLOUTS",
     "MIN_STD",
     "PRESETS",
     "rloo_advantages",
@@ -25,6 +26,7 @@ __all__ = [
     "compute_advantages",
     "whiten",
     "reinforce_loss",
+    "mwer_loss",
     "importance_ratio",
     "k3_loss_term",
     "clipped_surrogate_loss",
@@ -33,8 +35,9 @@ __all__ = [
 ]
 
 ADVANTAGE_ESTIMATORS = ("rloo", "group", "self_critical", "none")
-POLICY_LOSSES = ("reinforce", "clipped")
+POLICY_LOSSES = ("reinforce", "clipped", "mwer")
 RATIOS = ("sequence", "per_frame")
+ROLLOUTS = ("sample", "nbest", "mixed")
 
 # Below this spread a set of rewards is taken as constant: dividing by the std of float rounding
 # (1e-8 on rewards near 1) would turn noise into full-size advantages.
@@ -44,16 +47,20 @@ MIN_STD = 1e-6
 PRESETS: dict[str, dict] = {
     # REINFORCE with the self-critical baseline (SCST): A = r - r(greedy hypothesis).
     "reinforce": dict(advantage="self_critical", scale_by_std=False, policy_loss="reinforce",
-                      ppo_epochs=1, kl_estimator="exact", kl_in_reward=False),
+                      ppo_epochs=1, kl_estimator="exact", kl_in_reward=False, rollout="sample"),
     # RLOO (Ahmadian et al. 2024): leave-one-out baseline, KL folded into the reward per sample.
     "rloo": dict(advantage="rloo", scale_by_std=False, policy_loss="reinforce",
-                 ppo_epochs=1, kl_estimator="k1", kl_in_reward=True),
+                 ppo_epochs=1, kl_estimator="k1", kl_in_reward=True, rollout="sample"),
     # GRPO (Shao et al. 2024): group-normalised advantages, clipped ratio, KL as a loss term.
     "grpo": dict(advantage="group", scale_by_std=True, policy_loss="clipped",
-                 ppo_epochs=1, kl_estimator="exact", kl_in_reward=False),
+                 ppo_epochs=1, kl_estimator="exact", kl_in_reward=False, rollout="sample"),
     # PPO without a critic: leave-one-out baseline, several clipped epochs per rollout, KL in reward.
     "ppo": dict(advantage="rloo", scale_by_std=False, policy_loss="clipped",
-                ppo_epochs=2, kl_estimator="k1", kl_in_reward=True),
+                ppo_epochs=2, kl_estimator="k1", kl_in_reward=True, rollout="sample"),
+    # MWER (Prabhavalkar et al. 2018): the K-best list of a CTC prefix beam search, expected reward
+    # under the policy renormalised over the list, minus the list's mean; exact KL in the loss.
+    "mwer": dict(advantage="group", scale_by_std=False, policy_loss="mwer", ppo_epochs=1,
+                 kl_estimator="exact", kl_in_reward=False, rollout="nbest"),
 }
 
 
@@ -165,6 +172,19 @@ def k3_loss_term(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_p
     would estimate grad KL(pi_ref || pi), the forward KL, instead. On-policy rho = 1 in value, so the
     logged penalty is plain k3; in PPO epochs after the first rho corrects for the stale samples."""
     return importance_ratio(log_probs, old_log_probs) * kl_k3(log_probs, ref_log_probs)
+
+
+def mwer_loss(log_probs: torch.Tensor, advantages: torch.Tensor, distinct: torch.Tensor) -> torch.Tensor:
+    """Minimum (word) error rate training over a list of hypotheses (Prabhavalkar et al. 2018):
+
+        loss = -mean_b sum_i P_hat(y_i) * A_i,   P_hat(y_i) = pi(y_i) / sum_{j in list} pi(y_j)
+
+    the expected advantage under the policy renormalised over each utterance's distinct hypotheses
+    (``distinct`` [B, K] marks first occurrences; repeats get no weight). With A_i = r_i - mean(r)
+    this is MWER's risk with the list-mean baseline: the baseline does not change the gradient, since
+    P_hat sums to 1. log_probs [B, K] (requires grad), advantages [B, K] (constants) -> scalar."""
+    weights = torch.softmax(log_probs.masked_fill(~distinct, float("-inf")), dim=1)
+    return -(weights * advantages.detach()).sum(dim=1).mean()
 
 
 def clipped_surrogate_loss(

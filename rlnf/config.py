@@ -20,7 +20,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from rlnf.errors import ConfigError
 
-ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo")
+ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo", "mwer")
 
 
 def opt(default: Any = MISSING, help: str = "", factory: Any = None) -> Any:  # noqa: A002
@@ -171,14 +171,18 @@ class RewardSpec:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = opt("rloo", "Preset: reinforce | rloo | grpo | ppo. It fills every key below left at null.")
-    num_samples: int = opt(8, "K: hypotheses sampled per utterance from one encoder pass.")
+    name: str = opt("rloo", "Preset: reinforce | rloo | grpo | ppo | mwer. It fills every key below left at null.")
+    num_samples: int = opt(8, "K: hypotheses per utterance from one encoder pass (sampled, or the beam's K best).")
+    rollout: Optional[str] = opt(None, "Where the K hypotheses come from: 'sample' (the policy's samples), 'nbest' (the "
+                                       "K best of a CTC prefix beam search, NeMo's) or 'mixed' (K//2 best + the rest "
+                                       "sampled); nbest and mixed need policy_loss=mwer (null: preset).")
     temperature: float = opt(1.0, "Sampling temperature tau; the policy is softmax(logits / tau), for the "
                                   "rollout, the update and the reference alike.")
     advantage: Optional[str] = opt(None, "rloo | group | self_critical | none (null: the preset's).")
     scale_by_std: Optional[bool] = opt(None, "group advantage: divide by the group's reward std (null: preset).")
     whiten_advantages: bool = opt(False, "Whiten advantages over the whole batch after the group baseline.")
-    policy_loss: Optional[str] = opt(None, "reinforce (-A log pi) | clipped (PPO surrogate) (null: preset).")
+    policy_loss: Optional[str] = opt(None, "reinforce (-A log pi) | clipped (PPO surrogate) | mwer (expected advantage "
+                                           "under pi renormalised over the K hypotheses) (null: preset).")
     ppo_epochs: Optional[int] = opt(None, "Update passes over each rollout (null: preset; >1 needs 'clipped').")
     clip_eps: float = opt(0.2, "PPO clipping epsilon (the lower side, and the upper one unless clip_eps_high is set).")
     clip_eps_high: Optional[float] = opt(None, "Upper clipping epsilon (DAPO's clip-higher, epsilon_high): the ratio is "
@@ -230,7 +234,7 @@ class AlgorithmConfig:
 
         Separate from ``__post_init__`` because OmegaConf instantiates the schema's defaults.
         """
-        from rlnf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PRESETS, RATIOS
+        from rlnf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PRESETS, RATIOS, ROLLOUTS
 
         for key, value in PRESETS[self.name].items():
             if getattr(self, key) is None:
@@ -238,6 +242,18 @@ class AlgorithmConfig:
         _check_choice("algorithm.advantage", self.advantage, ADVANTAGE_ESTIMATORS)
         _check_choice("algorithm.policy_loss", self.policy_loss, POLICY_LOSSES)
         _check_choice("algorithm.ratio", self.ratio, RATIOS)
+        _check_choice("algorithm.rollout", self.rollout, ROLLOUTS)
+        if self.rollout != "sample":
+            if self.policy_loss != "mwer":
+                raise ConfigError(f"algorithm.rollout={self.rollout} needs algorithm.policy_loss=mwer: a beam's best "
+                                  "hypotheses are not samples of the policy, so REINFORCE or PPO on them is biased")
+            if self.kl_coef > 0 and self.kl_estimator != "exact":
+                raise ConfigError(f"algorithm.rollout={self.rollout} needs algorithm.kl_estimator=exact: k1 and k3 "
+                                  "estimate the KL from samples of the policy")
+            if self.resample_zero_std:
+                raise ConfigError("algorithm.resample_zero_std re-draws samples; it needs algorithm.rollout=sample")
+            if self.rollout == "mixed" and self.num_samples < 2:
+                raise ConfigError("algorithm.rollout=mixed needs algorithm.num_samples >= 2")
         _check_choice("algorithm.kl_estimator", self.kl_estimator, ("exact", "k1", "k3"))
         _check_positive("algorithm.ppo_epochs", self.ppo_epochs)
         if self.advantage in ("rloo", "group") and self.num_samples < 2:

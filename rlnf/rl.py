@@ -3,7 +3,8 @@
 
 Rollout (no update yet):
   1. one encoder pass: log-probs [B, T, V] of pi_tau = softmax(logits / tau)
-  2. sample K alignments per utterance, collapse them to hypotheses; greedy hypothesis too
+  2. sample K alignments per utterance, collapse them to hypotheses (or take a prefix beam search's K
+     best, or both: algorithm.rollout); greedy hypothesis too
   3. rewards of the K hypotheses (and of the greedy one for the self-critical baseline); groups
      whose K rewards are all equal are optionally re-drawn from the same frame distributions
   4. log pi(y) of each hypothesis (marginal over alignments) -> old log-probs
@@ -30,7 +31,7 @@ import torch
 
 from rlnf import algorithms, ctc
 from rlnf.data.loader import AudioBatch
-from rlnf.policy import CTCPolicy, Samples, labels_to_padded
+from rlnf.policy import CTCPolicy, Samples, first_occurrences, labels_to_padded
 from rlnf.rewards import RewardInputs, RewardSet
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Rollout:
     ref_frame_log_probs: torch.Tensor | None = None  # [B, T, V]
     ref_seq_log_probs: torch.Tensor | None = None  # log pi_ref(y)
     greedy_rewards: torch.Tensor | None = None  # [B]
+    distinct: torch.Tensor | None = None  # [B, K] first occurrence of each transcript (MWER's list)
     frame_log_probs: torch.Tensor | None = None  # [B, T, V] with graph, when the update re-uses the rollout pass
     seq_log_probs: torch.Tensor | None = None  # [B, K] with graph, likewise
     raw_log_probs: torch.Tensor | None = None  # [B, T, V] at tau = 1, with graph (supervised term)
@@ -267,12 +269,16 @@ def make_rollout(
     raw_log_probs = raw_log_probs.float()
     log_probs = ctc.apply_temperature(raw_log_probs, algo.temperature)
 
-    # 2. Sample K hypotheses per utterance (vectorised) and the greedy one.
+    # 2. K hypotheses per utterance: samples (vectorised), a beam's best, or both; and the greedy one.
     detached = log_probs.detach()
-    uniforms = None
-    if sample_keys is not None:
-        uniforms = sampling_uniforms(sample_keys, encoded_len, algo.num_samples, frames=detached.shape[1])
-    samples = policy.sample(detached, encoded_len, algo.num_samples, generator, uniforms)
+    best = algo.num_samples if algo.rollout == "nbest" else algo.num_samples // 2 if algo.rollout == "mixed" else 0
+    samples = policy.nbest(detached, encoded_len, best) if best else None
+    if best < algo.num_samples:
+        uniforms = None
+        if sample_keys is not None:
+            uniforms = sampling_uniforms(sample_keys, encoded_len, algo.num_samples - best, frames=detached.shape[1])
+        drawn = policy.sample(detached, encoded_len, algo.num_samples - best, generator, uniforms)
+        samples = drawn if samples is None else samples.concat(drawn)
     greedy = policy.greedy(detached, encoded_len)
 
     # 3. Rewards of every hypothesis. For the self-critical baseline the greedy transcript joins its
@@ -339,6 +345,12 @@ def make_rollout(
                                                scale_by_std=algo.scale_by_std, whiten_batch=algo.whiten_advantages,
                                                all_reduce_sum=all_reduce_sum)
 
+    distinct = None
+    if algo.policy_loss == "mwer":  # MWER renormalises pi over each utterance's distinct hypotheses
+        distinct = first_occurrences(samples.texts).to(seq_log_probs.device)
+        list_log_mass = torch.logsumexp(seq_log_probs.detach().masked_fill(~distinct, float("-inf")), dim=1)
+        metrics["mwer/list_mass"] = float(list_log_mass.exp().mean())
+
     metrics.update({
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
@@ -357,6 +369,7 @@ def make_rollout(
         old_log_probs=seq_log_probs.detach(), rewards=rewards, reward_components=components,
         advantages=advantages, ref_frame_log_probs=ref_frame_log_probs, ref_seq_log_probs=ref_seq_log_probs,
         greedy_rewards=greedy_rewards, metrics=metrics,
+        distinct=distinct,
         frame_log_probs=log_probs if keep_graph else None,
         seq_log_probs=seq_log_probs if keep_graph else None,
         raw_log_probs=raw_log_probs if keep_graph and need_raw else None,
@@ -413,6 +426,8 @@ def rl_loss(
         frames = encoded_len if algo.ratio == "per_frame" else None
         loss_policy, clip = algorithms.clipped_surrogate_loss(seq_log_probs, rollout.old_log_probs, rollout.advantages,
                                                               algo.clip_eps, algo.clip_eps_high, frames)
+    elif algo.policy_loss == "mwer":
+        loss_policy = algorithms.mwer_loss(seq_log_probs, rollout.advantages, rollout.distinct)
     else:
         loss_policy = algorithms.reinforce_loss(seq_log_probs, rollout.advantages)
     # KL penalty as a loss term.

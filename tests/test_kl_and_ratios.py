@@ -342,3 +342,73 @@ def test_a_cached_entry_of_another_length_is_recomputed_not_padded(caplog):
     fresh = reference.forward(longer.audio, longer.audio_len)[0]
     torch.testing.assert_close(second, fresh)
     assert (cache.hits, cache.misses) == (0, 2) and cache.get("m.json:1", 15) is not None
+
+
+# ------------------------------------------------------------------------------------- MWER
+@pytest.mark.parametrize("complete", [False, True])
+def test_mwer_gradient_is_the_gradient_of_the_renormalised_expected_reward(toy, complete):
+    """Against enumeration: for a list of distinct transcripts (repeats masked out) the MWER loss's
+    gradient is -grad sum_list pi(y) r(y) / sum_list pi(y); for the complete list, -grad E_pi[r]."""
+    frames, old_logits, _, _, hypotheses = toy
+    chosen = hypotheses if complete else [hypotheses[i] for i in (0, 3, 5, 8)]
+    listed = chosen + [chosen[1]]  # a repeat, as a short beam is padded
+    generator = torch.Generator().manual_seed(1)
+    reward_of = {y: float(torch.rand((), generator=generator)) for y in hypotheses}
+    rewards = torch.tensor([[reward_of[y] for y in listed]])
+    distinct = torch.tensor([[True] * len(chosen) + [False]])
+    logits = old_logits.clone().requires_grad_(True)
+    log_p = ctc_log_probs(torch.log_softmax(logits, -1), listed).unsqueeze(0)
+    advantages = algorithms.group_advantages(rewards, scale_by_std=False)
+    (grad,) = torch.autograd.grad(algorithms.mwer_loss(log_p, advantages, distinct), logits)
+    logits_bf = old_logits.clone().requires_grad_(True)
+    probabilities = brute_force_log_probs(torch.log_softmax(logits_bf, -1), chosen).exp()
+    risk = (probabilities * torch.tensor([reward_of[y] for y in chosen])).sum() / probabilities.sum()
+    (expected,) = torch.autograd.grad(-risk, logits_bf)
+    torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
+    assert expected.norm() > 1e-3
+    if complete:
+        assert float(probabilities.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_nbest_is_the_top_k_of_the_enumeration(tiny_nemo):
+    """NeMo's batched CTC prefix beam search, as the policy calls it, returns the K most likely
+    transcripts (exact here: few frames, a beam wider than the hypotheses that matter)."""
+    from rlnf.policy import CTCPolicy, first_occurrences
+
+    policy = CTCPolicy.load(tiny_nemo)
+    vocabulary = policy.blank_id + 1
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.full((1, 3, vocabulary), -30.0)
+    logits[0, :, [0, 1, policy.blank_id]] = torch.randn(3, 3, generator=generator)  # labels 0, 1 and blank
+    log_probs = torch.log_softmax(logits, -1)
+    best = policy.nbest(log_probs, torch.tensor([3]), 4)
+    assert first_occurrences(best.texts).all()
+    small = torch.log_softmax(logits[0][:, [0, 1, policy.blank_id]], -1)
+    everything = hypotheses_of(3)
+    exact = brute_force_log_probs(small, everything)
+    top = [everything[i] for i in exact.argsort(descending=True)[:4].tolist()]
+    found = [tuple(best.labels[0, k, : int(best.label_len[0, k])].tolist()) for k in range(4)]
+    assert found == top
+
+
+def test_first_occurrences_marks_repeats():
+    from rlnf.policy import first_occurrences
+
+    assert first_occurrences([["a", "b", "a"], ["c", "c", "c"]]).tolist() == [[True, True, False],
+                                                                              [True, False, False]]
+
+
+def test_beam_rollouts_need_the_mwer_loss_and_the_exact_kl():
+    from rlnf.config import RLFinetuneConfig, load_config
+    from rlnf.errors import ConfigError
+
+    required = ["policy.path=m.nemo", "data.train_manifest=t.json", "output_dir=o"]
+    cfg = load_config(RLFinetuneConfig, None, required + ["algorithm.name=mwer"])
+    assert (cfg.algorithm.rollout, cfg.algorithm.policy_loss, cfg.algorithm.kl_estimator) == ("nbest", "mwer", "exact")
+    for extra, message in [(["algorithm.name=grpo", "algorithm.rollout=nbest"], "policy_loss=mwer"),
+                           (["algorithm.name=mwer", "algorithm.kl_estimator=k3"], "kl_estimator=exact"),
+                           (["algorithm.name=mwer", "algorithm.resample_zero_std=2"], "rollout=sample")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(RLFinetuneConfig, None, required + extra)
+    mixed = load_config(RLFinetuneConfig, None, required + ["algorithm.name=mwer", "algorithm.rollout=mixed"])
+    assert mixed.algorithm.rollout == "mixed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -183,3 +184,17 @@ def test_per_frame_ratio_clip_higher_and_dynamic_resampling_through_the_command(
             assert key in row and row[key] == row[key], key  # present and not NaN
         assert row["rollout/frac_zero_std"] <= row["rollout/frac_zero_std_before"]
     assert "ratio: per_frame" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rollout", ["nbest", "mixed"])
+def test_mwer_on_beam_lists_through_the_command(rollout, corpus, pretrained_tiny_nemo, tmp_path):
+    out = tmp_path / rollout
+    assert main(run_args(pretrained_tiny_nemo, corpus, out, "mwer", "trainer.max_steps=2", "trainer.val_every=0",
+                         "trainer.samples_every=2", f"algorithm.rollout={rollout}")) == 0
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        assert 0 < row["mwer/list_mass"] <= 1 and math.isfinite(row["loss/total"])
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples  # the sample table holds the beam's hypotheses

@@ -36,7 +36,7 @@ def log_prob_of(policy, batch, texts_per_utterance):
                                   lengths.reshape(len(rows), n), policy.blank_id)
 
 
-@pytest.mark.parametrize("preset", ["reinforce", "rloo", "grpo", "ppo"])
+@pytest.mark.parametrize("preset", ["reinforce", "rloo", "grpo", "ppo", "mwer"])
 def test_updates_raise_the_preferred_hypothesis_and_lower_the_others(preset, corpus, pretrained_tiny_nemo, tmp_path):
     from recipes.rl_finetune import RLFinetuneRecipe
     from rlnf.config import RLFinetuneConfig, load_config

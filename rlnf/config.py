@@ -199,10 +199,11 @@ class AlgorithmConfig:
                                              "adding beta*KL to the loss (null: preset).")
     kl_reduction: str = opt("sum", "'sum': KL summed over frames; 'mean': divided by the number of frames "
                                    "(a gentler, length-independent penalty).")
-    kl_target: Optional[float] = opt(None, "Adaptive KL (Ziegler et al. 2019; TRL's adaptive controller): the KL to "
-                                           "hold (logged 'kl', or 'kl/per_frame' with kl_reduction=mean). beta starts "
-                                           "at kl_coef and after each step is multiplied by 1 + clip(KL/target - 1, "
-                                           "-0.2, 0.2) * utterances / kl_horizon. null: beta stays kl_coef.")
+    kl_target: Optional[float] = opt(None, "Adaptive KL (Ziegler et al. 2019; TRL's adaptive controller): the penalised KL "
+                                           "to hold (logged 'kl/penalised': exact, k1 or k3 as penalised, per frame with "
+                                           "kl_reduction=mean). beta starts at kl_coef and after each step is multiplied "
+                                           "by 1 + clip(KL/target - 1, -0.2, 0.2) * utterances / kl_horizon. null: beta "
+                                           "stays kl_coef.")
     kl_horizon: int = opt(10000, "Adaptive KL: utterances over which beta may change by a factor of about e^0.2.")
     reference_cache_mb: float = opt(1024.0, "Keep the frozen reference's log-probs of each training utterance (CPU "
                                             "memory, least recently used out beyond this many MB), so utterances "

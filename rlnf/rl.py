@@ -7,7 +7,7 @@ Rollout (no update yet):
      best, or both: algorithm.rollout); greedy hypothesis too
   3. rewards of the K hypotheses (and of the greedy one for the self-critical baseline); groups
      whose K rewards are all equal are optionally re-drawn from the same frame distributions
-  4. log pi(y) of each hypothesis (marginal over alignments) -> old log-probs
+  4. log pi(y) of each distinct hypothesis (marginal over alignments) -> old log-probs
   5. reference policy (frozen) log-probs, when the KL coefficient is > 0 (from a per-utterance
      cache when the utterance was seen before: the reference is frozen and deterministic)
   6. optionally fold -beta * k1 into each sample's reward
@@ -303,9 +303,9 @@ def make_rollout(
                                                             generator, sample_keys)
         metrics["perf/resample_time"] = time.perf_counter() - started
 
-    # 4. log pi(y), the marginal over alignments, for the B*K hypotheses in one CTC call.
-    seq_log_probs = ctc.sequence_log_probs(log_probs if keep_graph else detached, encoded_len,
-                                           samples.labels, samples.label_len, policy.blank_id)
+    # 4. log pi(y), the marginal over alignments, for the distinct hypotheses in one CTC call.
+    seq_log_probs = ctc.distinct_sequence_log_probs(log_probs if keep_graph else detached, encoded_len,
+                                                    samples.labels, samples.label_len, policy.blank_id)
 
     # 5. Frozen reference (no_grad rather than inference_mode: its tensors enter the KL loss), and the
     #    KL that is penalised ('kl/penalised', what the adaptive controller steers).
@@ -322,8 +322,8 @@ def make_rollout(
             kl_exact = ctc.exact_kl(detached, ref_frame_log_probs, encoded_len)
             penalised = kl_exact
             if algo.kl_estimator in ("k1", "k3"):  # sequence-level estimators need log pi_ref(y)
-                ref_seq_log_probs = ctc.sequence_log_probs(ref_frame_log_probs, encoded_len, samples.labels,
-                                                           samples.label_len, policy.blank_id)
+                ref_seq_log_probs = ctc.distinct_sequence_log_probs(ref_frame_log_probs, encoded_len,
+                                                                    samples.labels, samples.label_len, policy.blank_id)
                 k1 = ctc.kl_k1(seq_log_probs.detach(), ref_seq_log_probs)
                 metrics["kl/k1"] = float(k1.mean())
                 penalised = k1
@@ -418,8 +418,8 @@ def rl_loss(
             raw_log_probs, encoded_len = policy.forward(rollout.batch.audio, rollout.batch.audio_len)
         raw_log_probs = raw_log_probs.float()
         log_probs = ctc.apply_temperature(raw_log_probs, algo.temperature)
-        seq_log_probs = ctc.sequence_log_probs(log_probs, encoded_len, rollout.samples.labels,
-                                               rollout.samples.label_len, policy.blank_id)
+        seq_log_probs = ctc.distinct_sequence_log_probs(log_probs, encoded_len, rollout.samples.labels,
+                                                        rollout.samples.label_len, policy.blank_id)
     # Policy-gradient term.
     clip = {"low": torch.zeros(()), "high": torch.zeros(())}
     if algo.policy_loss == "clipped":

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rlnf.errors import ConfigError
 from rlnf.io import atomic_write_text
 
 
@@ -212,15 +213,14 @@ class WandbLogger(MetricLogger):
         self.run.finish()
 
 
-# trainer.loggers: name -> back end, and how to install the package an optional one needs.
+# trainer.loggers: name -> back end, each built as cls(run_dir, resume_step, config); and how to
+# install the package an optional one needs.
 TRACKERS: dict[str, type[MetricLogger]] = {"tensorboard": TensorBoardLogger, "csv": CsvLogger, "wandb": WandbLogger}
 OPTIONAL_TRACKERS = {"wandb": "pip install 'rlnf[wandb]'"}
 
 
 def check_trackers(names: Sequence[str], key: str = "trainer.loggers") -> None:
     """Fail before any model loads when a tracker is unknown or its package is not installed."""
-    from rlnf.errors import ConfigError
-
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(f"{key}: unknown logger {name!r}; choose from {', '.join(TRACKERS)} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,26 +29,38 @@ def wandb_offline(tmp_path, monkeypatch):
 
 
 def wandb_records(run_dir: Path) -> list:
-    """Every record of the run's offline .wandb files. They are LevelDB-style logs (a 7-byte ':W&B'
-    header, then 32 KiB blocks of chunks with a 7-byte header: CRC, length, type) of protobuf
-    Records; wandb 0.31 ships no Python reader for them."""
+    """Every record of the run's offline .wandb files, once each file holds its run's exit record:
+    wandb's service process may still be writing after run.finish() returns. The files are
+    LevelDB-style logs (a 7-byte ':W&B' header, then 32 KiB blocks of chunks with a 7-byte header:
+    CRC, length, type) of protobuf Records; wandb 0.31 ships no Python reader for them."""
+    paths = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + 30
+    while True:
+        per_file = [read_wandb_file(path) for path in paths]
+        if all(records and records[-1].WhichOneof("record_type") == "exit" for records in per_file) \
+                or time.monotonic() > deadline:
+            return [record for records in per_file for record in records]
+        time.sleep(0.2)
+
+
+def read_wandb_file(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
-    records = []
-    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        data, position, pending = path.read_bytes(), 7, b""
-        while position + 7 <= len(data):
-            if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
-                position += 32768 - position % 32768
-                continue
-            length, kind = struct.unpack_from("<HB", data, position + 4)
-            pending += data[position + 7: position + 7 + length]
-            position += 7 + length
-            if kind in (1, 4):  # FULL, or LAST of a FIRST/MIDDLE/LAST sequence
-                record = wandb_internal_pb2.Record()
-                record.ParseFromString(pending)
-                records.append(record)
-                pending = b""
+    records, data, position, pending = [], path.read_bytes(), 7, b""
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        length, kind = struct.unpack_from("<HB", data, position + 4)
+        if position + 7 + length > len(data):
+            break  # a chunk still being written
+        pending += data[position + 7: position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # FULL, or LAST of a FIRST/MIDDLE/LAST sequence
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
     return records
 
 

@@ -15,7 +15,7 @@
 # flite, espeak-ng and sox for the synthesised speech. PYTHON picks the interpreter (default
 # .venv/bin/python, else python3); BENCH_ARGS adds arguments to bench.py. RLNF_GPU_CHECK_DEVICE=cpu
 # runs stages 2 and 3 on the CPU in fp32 with fewer steps: it checks this script's plumbing, not the
-# GPU, and takes ~15 min on 2 cores (BENCH_ARGS="--sizes tiny --repeats 2" shortens stage 3).
+# GPU (7 min on 2 busy cores with BENCH_ARGS="--sizes tiny --repeats 2", measured).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -102,7 +102,7 @@ class RLFinetuneRecipe:
         # Gradient-carrying forwards run through DDP in a process group (identity otherwise).
         self.policy.train_module = dist.wrap(self.policy.model)
         if dist.is_main:  # only rank 0 writes
-            self.logger = build_logger(self.run_dir, resume_step)
+            self.logger = build_logger(self.run_dir, cfg, resume_step)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         else:
             self.logger = NullLogger()
@@ -318,8 +318,6 @@ class RLFinetuneRecipe:
                 any(p[4] for p in parts))
 
     def log_samples(self, rollout) -> None:
-        from rlnf.metric_logging import markdown_table
-
         rows = []
         for b, utterance in enumerate(rollout.batch.utterances[:4]):
             rows.append([b, "reference", utterance.text or "(none)", ""])
@@ -327,7 +325,7 @@ class RLFinetuneRecipe:
                          "" if rollout.greedy_rewards is None else float(rollout.greedy_rewards[b])])
             for k, text in enumerate(rollout.samples.texts[b]):
                 rows.append([b, f"sample {k}", text, float(rollout.rewards[b, k])])
-        self.logger.log_text("samples", markdown_table(["utt", "kind", "text", "reward"], rows), self.step)
+        self.logger.log_table("samples", ["utt", "kind", "text", "reward"], rows, self.step)
         batch = rollout.batch
         for b in range(min(2, len(batch))):
             clip = batch.audio[b, : int(batch.audio_len[b])].float().cpu().numpy()

@@ -88,7 +88,7 @@ class CTCTrainRecipe:
             self.step = resume_step = restore_policy_trainer_state(state, self.policy.model, self.optimizer,
                                                                    self.scheduler, self.stream)
             self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.logger = build_logger(self.run_dir, resume_step)
+        self.logger = build_logger(self.run_dir, cfg, resume_step)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         self._window_losses: list[float] = []
         log.info("train_ctc: %d parameters, %d training utterances",

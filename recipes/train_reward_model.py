@@ -145,7 +145,7 @@ class RewardTrainer:
         self.total_steps = self.steps_per_epoch * cfg.trainer.epochs
         self.optimizer = build_optimizer(self.model.parameters(), cfg.trainer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.trainer)
-        self.logger = build_logger(self.run_dir)
+        self.logger = build_logger(self.run_dir, cfg)
         self.best_value: float | None = None
         self.generator = torch.Generator().manual_seed(cfg.trainer.seed)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")

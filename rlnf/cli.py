@@ -23,26 +23,24 @@ from types import ModuleType
 from typing import Sequence
 
 from rlnf.errors import RlnfError, TrainingInterrupted
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPES_DIR = REPO_ROOT / "recipes"
-CONFIGS_DIR = REPO_ROOT / "configs"
+from rlnf.resources import configs_dir, recipes_dir
 
 
 # ------------------------------------------------------------------------------------------ recipes
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.name.startswith("_"))
+    return sorted(p.stem for p in recipes_dir().glob("*.py") if not p.name.startswith("_"))
 
 
 def list_configs() -> list[str]:
-    return sorted(str(p.relative_to(CONFIGS_DIR).with_suffix("")) for p in CONFIGS_DIR.rglob("*.yaml"))
+    folder = configs_dir()
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
 
 
 def load_recipe(name_or_path: str) -> ModuleType:
     """A recipe by name (``recipes/NAME.py``) or by path to a .py file of yours."""
     path = Path(name_or_path)
     if path.suffix != ".py":
-        path = RECIPES_DIR / f"{name_or_path}.py"
+        path = recipes_dir() / f"{name_or_path}.py"
     if not path.is_file():
         raise RlnfError(f"unknown recipe {name_or_path!r}; available: {', '.join(list_recipes())} "
                         "(or give a path to a recipe .py file)")
@@ -62,7 +60,7 @@ def resolve_config_path(config: str | None) -> Path | None:
     path = Path(config)
     if path.is_file():
         return path
-    shipped = CONFIGS_DIR / (config if config.endswith(".yaml") else f"{config}.yaml")
+    shipped = configs_dir() / (config if config.endswith(".yaml") else f"{config}.yaml")
     if shipped.is_file():
         return shipped
     raise RlnfError(f"config file not found: {config} (shipped configs: {', '.join(list_configs())})")
@@ -108,7 +106,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print("RECIPES")
     for name in list_recipes():
         print(f"  {name}")
-    print("CONFIGS (pass to --config by name or path)")
+    print(f"CONFIGS in {configs_dir()} (pass to --config by name, or copy one and pass its path)")
     for name in list_configs():
         print(f"  {name}")
     return 0

@@ -85,6 +85,19 @@ class DataConfig:
             _check_positive("data.max_duration", self.max_duration)
 
 
+def loggers_option() -> Any:
+    """trainer.loggers, shared by every recipe's trainer section (checked by _check_loggers)."""
+    return opt(factory=lambda: ["tensorboard"],
+               help="Trackers besides metrics.jsonl (always written): any of 'tensorboard', 'csv' (metrics.csv), "
+                    "'wandb' (pip install 'rlnf[wandb]'; WANDB_MODE=offline needs no network). [] for JSONL only.")
+
+
+def _check_loggers(loggers: List[str]) -> None:
+    from rlnf.metric_logging import check_trackers  # light: numpy, no torch
+
+    check_trackers(loggers, "trainer.loggers")
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = opt(1000, "Number of optimizer steps.")
@@ -120,8 +133,10 @@ class TrainerConfig:
                                    "the validation manifest has references, else val/reward.")
     best_mode: str = opt("auto", "'min', 'max' or 'auto' (min for wer/cer/loss metrics, max otherwise).")
     progress_bar: bool = opt(True, "Show a tqdm progress bar.")
+    loggers: List[str] = loggers_option()
 
     def __post_init__(self) -> None:
+        _check_loggers(self.loggers)
         for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every"):
             _check_positive(f"trainer.{key}", getattr(self, key))
         for key in ("val_every", "save_every", "samples_every", "warmup_steps", "keep_last"):
@@ -443,8 +458,10 @@ class RewardTrainerConfig:
     best_metric: str = opt("val/pearson", "Metric selecting checkpoints/best: val/mse, val/rmse, val/r2, val/pearson, "
                                           "val/spearman or val/group_spearman (mean within-clip rank correlation).")
     progress_bar: bool = opt(True, "Show a tqdm progress bar.")
+    loggers: List[str] = loggers_option()
 
     def __post_init__(self) -> None:
+        _check_loggers(self.loggers)
         for key in ("epochs", "batch_size", "log_every"):
             _check_positive(f"trainer.{key}", getattr(self, key))
         _check_positive("trainer.lr", self.lr)

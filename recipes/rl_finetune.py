@@ -182,11 +182,9 @@ class RLFinetuneRecipe:
         by utterance count)."""
         import torch
 
-        from rlnf.distributed import pool_metrics
+        from rlnf.distributed import micro_batch_weights, pool_metrics
         from rlnf.rl import reference_targets, rl_loss
         from rlnf.training import clip_gradients
-
-        from rlnf.distributed import micro_batch_weights
 
         cfg, algo = self.cfg, self.cfg.algorithm
         # The rollout's graph can serve the update when the update is on-policy and its modules

@@ -315,18 +315,12 @@ def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any])
     return {**reward, "heldout": heldout}
 
 
-def trained_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
-                 reward: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Stages 5-8: RL with the learned reward (no transcripts), RL with 1 - CER (the oracle),
-    continued supervised training and self-training, each for ``rl_minutes`` (seeded by ``run_seed``)."""
-    data, policy, seed = base["data"], base["policy"], settings["run_seed"]
-
-    def ctc_overrides(folder: Path, train_manifest: str) -> list[str]:
-        return [f"output_dir={folder}", f"model.path={policy}", f"data.train_manifest={train_manifest}",
-                f"data.val_manifest={data['heldout_val']}", "trainer.max_steps=100000",
-                f"trainer.max_minutes={settings['rl_minutes']}", f"trainer.lr={settings['supervised_lr']}",
-                "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.batch_size=16",
-                "trainer.val_every=40", "trainer.save_every=0", "trainer.log_every=10", f"trainer.seed={seed}"]
+def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], reward: dict[str, Any],
+            suffix: str = "") -> dict[str, dict[str, Any]]:
+    """Stages 5-6: RL with the learned reward (no transcripts) and RL with 1 - CER (the oracle), with
+    ``settings['rl_algorithm']`` for ``rl_minutes`` each, seeded by ``run_seed``; stage names end in
+    ``suffix`` (scripts/quality.py compares presets this way)."""
+    data, policy = base["data"], base["policy"]
 
     def rl(train_manifest: str, rewards: str) -> Callable[[Path], dict[str, Any]]:
         return lambda folder: _run_recipe("rl_finetune", [
@@ -336,19 +330,39 @@ def trained_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
             f"trainer.batch_size={settings['rl_batch_size']}", f"trainer.lr={settings['rl_lr']}",
             "trainer.lr_schedule=constant", "trainer.warmup_steps=10", "trainer.max_steps=100000",
             f"trainer.max_minutes={settings['rl_minutes']}", "trainer.val_every=40", "trainer.save_every=0",
-            "trainer.samples_every=40", "trainer.best_metric=val/reward", f"trainer.seed={seed}",
+            "trainer.samples_every=40", "trainer.best_metric=val/reward", f"trainer.seed={settings['run_seed']}",
             f"rewards={rewards}"])
 
-    rl_keys = {k: settings[k] for k in ("rl_algorithm", "rl_minutes", "rl_lr", "rl_num_samples", "rl_batch_size",
-                                        "rl_kl_coef", "run_seed")}
-    ctc_keys = {"policy": base["pretrain"], "minutes": settings["rl_minutes"], "lr": settings["supervised_lr"],
-                "seed": seed}
+    keys = {k: settings[k] for k in ("rl_algorithm", "rl_minutes", "rl_lr", "rl_num_samples", "rl_batch_size",
+                                     "rl_kl_coef", "run_seed")}
     checkpoint = reward["best_checkpoint"]
     return {
-        "rl_learned_reward": stages.run("rl_learned_reward", {"policy": base["pretrain"], "reward": reward, **rl_keys},
-                                        rl(data["heldout_unlabelled"], f"[{{name: learned, path: '{checkpoint}'}}]")),
-        "rl_cer_reward": stages.run("rl_cer_reward", {"policy": base["pretrain"], **rl_keys},
-                                    rl(data["heldout_train"], "[{name: cer}]")),
+        f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}",
+                                                 {"policy": base["pretrain"], "reward": reward, **keys},
+                                                 rl(data["heldout_unlabelled"],
+                                                    f"[{{name: learned, path: '{checkpoint}'}}]")),
+        f"rl_cer_reward{suffix}": stages.run(f"rl_cer_reward{suffix}", {"policy": base["pretrain"], **keys},
+                                             rl(data["heldout_train"], "[{name: cer}]")),
+    }
+
+
+def trained_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
+                 reward: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Stages 5-8: the two RL runs (``rl_runs``), continued supervised training and self-training, each
+    for ``rl_minutes`` (seeded by ``run_seed``)."""
+    data, policy, seed = base["data"], base["policy"], settings["run_seed"]
+
+    def ctc_overrides(folder: Path, train_manifest: str) -> list[str]:
+        return [f"output_dir={folder}", f"model.path={policy}", f"data.train_manifest={train_manifest}",
+                f"data.val_manifest={data['heldout_val']}", "trainer.max_steps=100000",
+                f"trainer.max_minutes={settings['rl_minutes']}", f"trainer.lr={settings['supervised_lr']}",
+                "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.batch_size=16",
+                "trainer.val_every=40", "trainer.save_every=0", "trainer.log_every=10", f"trainer.seed={seed}"]
+
+    ctc_keys = {"policy": base["pretrain"], "minutes": settings["rl_minutes"], "lr": settings["supervised_lr"],
+                "seed": seed}
+    return {
+        **rl_runs(stages, settings, base, reward),
         "supervised_continued": stages.run("supervised_continued", ctc_keys,
                                            lambda folder: _run_recipe("train_ctc", ctc_overrides(folder, data["train"]))),
         "self_training": stages.run("self_training", {**ctc_keys, "labels": base["pseudo_labels"]},
@@ -358,25 +372,25 @@ def trained_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
 
 
 def evaluate_runs(stages: Stages, base: dict[str, Any], reward: dict[str, Any], runs: dict[str, dict[str, Any]],
-                  device: str) -> dict[str, Any]:
-    """Stage 9: greedy WER / CER / mean learned reward of every model on the held-out voice's test
-    sentences (the only stage that reads them), and the pretrained model on its validation ones."""
+                  device: str, name: str = "evaluate") -> dict[str, Any]:
+    """Stage 9: greedy WER / CER / mean learned reward on the held-out voice's test sentences (the
+    only stage that reads them) of the pretrained model and every run in ``runs``, and the pretrained
+    model on its validation sentences."""
     data, policy = base["data"], base["policy"]
-    models = {"pretrained": policy, **{name: runs[name]["last_checkpoint"] for name in TRAINED_RUNS}}
+    models = {"pretrained": policy, **{run: result["last_checkpoint"] for run, result in runs.items()}}
 
     def evaluate(folder: Path) -> dict[str, Any]:
         from rlnf.commands import evaluate as evaluate_command
 
-        results = {name: evaluate_command(path, data["heldout_test"], reward=reward["best_checkpoint"],
-                                          output=str(folder / f"{name}.json"), device=device)
-                   for name, path in models.items()}
+        results = {run: evaluate_command(path, data["heldout_test"], reward=reward["best_checkpoint"],
+                                         output=str(folder / f"{run}.json"), device=device)
+                   for run, path in models.items()}
         # The starting point of the validation curves (the runs validate on heldout_val).
         results["pretrained_val"] = evaluate_command(policy, data["heldout_val"], device=device)
         return {"models": models, **results}
 
     # The key holds the upstream stages' results (not just paths, which stay the same when they rerun).
-    return stages.run("evaluate", {"runs": [base["pretrain"], *[runs[n] for n in TRAINED_RUNS]], "reward": reward,
-                                   "val": True}, evaluate)
+    return stages.run(name, {"runs": [base["pretrain"], *runs.values()], "reward": reward, "val": True}, evaluate)
 
 
 def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fresh: bool = False,

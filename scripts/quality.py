@@ -3,6 +3,7 @@
 
     python scripts/quality.py                       # 3 seeds, in the demo's folder (demo_output/)
     python scripts/quality.py --seeds 5 --json quality.json --png quality.png
+    python scripts/quality.py --presets grpo,rloo,reinforce,ppo,mwer   # compare RL presets too
 
 It re-uses the demo's folder: the corpus, the starting policy, the scored pairs and the pseudo-labels
 (stages it finds missing run first, exactly as `rlnf demo` runs them). Seed i (trainer.seed 42 + i;
@@ -18,6 +19,9 @@ they fall), mean +- std over seeds; the oracle-gap fraction (WER_pre - WER_run) 
 for the reward model, the within-clip Spearman on the held-out voice's own policy hypotheses and its
 audio gain (the same with every clip's transcripts scored against another clip's audio); and, for the
 learned-reward run, the largest rise of its validation WER while its validation reward rose.
+
+--presets adds, per seed, the two RL runs (learned reward, 1 - CER) of every other preset named,
+against the same reward model: runs "rl_learned_reward-PRESET" and "rl_cer_reward-PRESET".
 """
 
 from __future__ import annotations
@@ -159,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", help="write the plot here (default: OUTPUT/quality/quality.png)")
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="the demo's budget (scales every run)")
     parser.add_argument("--settings", default="{}", help="JSON overrides of rlnf.demo.SETTINGS (e.g. smaller runs)")
+    parser.add_argument("--presets", default="", help="also run RL with these presets, comma-separated (e.g. "
+                                                      "rloo,reinforce,ppo,mwer); the demo's grpo always runs")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -166,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from rlnf.cli import quiet_nemo, setup_logging
-    from rlnf.demo import TRAINED_RUNS, Stages, evaluate_runs, prepare, scaled_settings, train_reward, trained_runs
+    from rlnf.config import ALGORITHM_NAMES
+    from rlnf.demo import TRAINED_RUNS, Stages, evaluate_runs, prepare, rl_runs, scaled_settings, train_reward, trained_runs
     from rlnf.metric_logging import read_metrics
 
     setup_logging()
@@ -175,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.output).expanduser().resolve()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = scaled_settings(args.budget_minutes, json.loads(args.settings))
+    presets = [name for name in args.presets.split(",") if name and name != settings["rl_algorithm"]]
+    unknown = sorted(set(presets) - set(ALGORITHM_NAMES))
+    if unknown:
+        parser.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHM_NAMES)}")
+    run_names = (*TRAINED_RUNS, *[f"{run}-{preset}" for preset in presets
+                                  for run in ("rl_learned_reward", "rl_cer_reward")])
     shared = Stages(root, fresh=False)
     base = prepare(shared, settings)
     per_seed, curves, timings = [], {}, [shared.timings]
@@ -188,18 +201,23 @@ def main(argv: list[str] | None = None) -> int:
         reward = train_reward(stages, seeded, base)
         runs = trained_runs(stages, seeded, base, reward)
         results = evaluate_runs(stages, base, reward, runs, device)
+        if presets:
+            others = {}
+            for preset in presets:
+                others.update(rl_runs(stages, {**seeded, "rl_algorithm": preset}, base, reward, suffix=f"-{preset}"))
+            results.update(evaluate_runs(stages, base, reward, others, device, name="evaluate_presets"))
         rows = read_metrics(folder / "rl_learned_reward")
         curves[seed] = [(row["step"], row["val/wer"]) for row in rows if "val/wer" in row]
         per_seed.append({
             "seed": seed,
-            "wer": {name: results[name]["wer"] for name in ("pretrained", *TRAINED_RUNS)},
-            "cer": {name: results[name]["cer"] for name in ("pretrained", *TRAINED_RUNS)},
+            "wer": {name: results[name]["wer"] for name in ("pretrained", *run_names)},
+            "cer": {name: results[name]["cer"] for name in ("pretrained", *run_names)},
             "reward_heldout": reward["heldout"],
             "reward_val": {k: v for k, v in reward["final_metrics"].items() if k.startswith("val/")},
             "wer_rise": largest_wer_rise_while_reward_rose(rows),
             "final_val_wer": curves[seed][-1][1] if curves[seed] else float("nan"),
         })
-    summary = summarise(per_seed, TRAINED_RUNS)
+    summary = summarise(per_seed, run_names)
     summary["per_seed"] = per_seed
     summary["seconds"] = round(time.perf_counter() - started, 1)  # this invocation (cached stages are free)
     # Every stage's own time as it ran, cached or not: the cost of the whole benchmark from scratch.

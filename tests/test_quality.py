@@ -73,11 +73,11 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
                 "rl_batch_size": 4}
     out, figures = tmp_path / "demo", tmp_path / "quality.json"
     quality = load_quality()
-    assert quality.main(["--output", str(out), "--seeds", "2", "--json", str(figures),
+    assert quality.main(["--output", str(out), "--seeds", "2", "--json", str(figures), "--presets", "rloo",
                          "--settings", json.dumps(settings)]) == 0
     summary = json.loads(figures.read_text())
     assert summary["seeds"] == 2 and summary["seconds"] > 0 and summary["stage_seconds"] >= summary["seconds"] * 0.5
-    for name in RUNS:
+    for name in (*RUNS, "rl_learned_reward-rloo", "rl_cer_reward-rloo"):
         run = summary["runs"][name]
         assert {"wer_change_mean", "wer_change_std", "wer_change_per_seed"} <= set(run)
         assert len(run["wer_change_per_seed"]) == 2

@@ -12,58 +12,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
 import signal
 import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Sequence
 
 from rlnf.errors import RlnfError, TrainingInterrupted
-from rlnf.resources import configs_dir, recipes_dir
-
-
-# ------------------------------------------------------------------------------------------ recipes
-def list_recipes() -> list[str]:
-    return sorted(p.stem for p in recipes_dir().glob("*.py") if not p.name.startswith("_"))
-
-
-def list_configs() -> list[str]:
-    folder = configs_dir()
-    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
-
-
-def load_recipe(name_or_path: str) -> ModuleType:
-    """A recipe by name (``recipes/NAME.py``) or by path to a .py file of yours."""
-    path = Path(name_or_path)
-    if path.suffix != ".py":
-        path = recipes_dir() / f"{name_or_path}.py"
-    if not path.is_file():
-        raise RlnfError(f"unknown recipe {name_or_path!r}; available: {', '.join(list_recipes())} "
-                        "(or give a path to a recipe .py file)")
-    spec = importlib.util.spec_from_file_location(f"rlnf_recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for attribute in ("CONFIG_CLASS", "main"):
-        if not hasattr(module, attribute):
-            raise RlnfError(f"{path} is not a recipe: it defines no {attribute}")
-    return module
-
-
-def resolve_config_path(config: str | None) -> Path | None:
-    """A YAML path, or a shipped config name such as ``rl/rloo``."""
-    if config is None:
-        return None
-    path = Path(config)
-    if path.is_file():
-        return path
-    shipped = configs_dir() / (config if config.endswith(".yaml") else f"{config}.yaml")
-    if shipped.is_file():
-        return shipped
-    raise RlnfError(f"config file not found: {config} (shipped configs: {', '.join(list_configs())})")
+from rlnf.launcher import list_configs, list_recipes, load_recipe, resolve
+from rlnf.resources import configs_dir
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -89,12 +47,7 @@ def quiet_nemo() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rlnf.config import check_output_dir, load_config
-
-    recipe = load_recipe(args.recipe)
-    cfg = load_config(recipe.CONFIG_CLASS, resolve_config_path(args.config), args.overrides)
-    if hasattr(cfg, "output_dir"):
-        check_output_dir(cfg.output_dir, getattr(cfg, "resume", False))
+    recipe, cfg = resolve(args.recipe, args.config, args.overrides)  # config errors before any heavy import
     quiet_nemo()
     result = recipe.main(cfg)
     if isinstance(result, dict) and result:  # empty on the processes other than rank 0

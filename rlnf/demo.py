@@ -102,11 +102,9 @@ class Stages:
 
 
 def _run_recipe(recipe: str, overrides: list[str]) -> dict[str, Any]:
-    from rlnf.cli import load_recipe
-    from rlnf.config import load_config
+    from rlnf.launcher import launch
 
-    module = load_recipe(recipe)
-    return module.main(load_config(module.CONFIG_CLASS, None, overrides))
+    return launch(recipe, None, overrides)
 
 
 def _pseudo_labels(policy_path: str, manifest: str, out: Path, min_confidence: float) -> dict[str, Any]:

@@ -97,10 +97,10 @@ K_VALUES = (1, 4, 8, 16, 32)
 def build_rl_recipe(folder: Path, manifest: Path, nemo: Path, reward: Path, device_name: str, *extra: str):
     """Figure 1's RL recipe (rloo, K = 8, learned reward, KL on with the reference run every step),
     set up, with ``extra`` overrides."""
-    from recipes.rl_finetune import RLFinetuneRecipe
     from rlnf.config import RLFinetuneConfig, load_config
+    from rlnf.launcher import load_recipe
 
-    rl = RLFinetuneRecipe(load_config(RLFinetuneConfig, None, COMMON + [
+    rl = load_recipe("rl_finetune").RLFinetuneRecipe(load_config(RLFinetuneConfig, None, COMMON + [
         f"data.train_manifest={manifest}", f"trainer.device={device_name}", f"policy.path={nemo}",
         f"output_dir={folder}", "algorithm.name=rloo", "algorithm.num_samples=8", "algorithm.kl_coef=0.01",
         "algorithm.reference_cache_mb=0", f"rewards=[{{name: learned, path: '{reward}', device: {device_name}}}]",
@@ -110,11 +110,11 @@ def build_rl_recipe(folder: Path, manifest: Path, nemo: Path, reward: Path, devi
 
 
 def build_recipes(folder: Path, manifest: Path, nemo: Path, reward: Path, device_name: str):
-    from recipes.train_ctc import CTCTrainRecipe
     from rlnf.config import CTCTrainConfig, load_config
+    from rlnf.launcher import load_recipe
 
     rl = build_rl_recipe(folder / "rl", manifest, nemo, reward, device_name)
-    sl = CTCTrainRecipe(load_config(CTCTrainConfig, None, COMMON + [
+    sl = load_recipe("train_ctc").CTCTrainRecipe(load_config(CTCTrainConfig, None, COMMON + [
         f"data.train_manifest={manifest}", f"trainer.device={device_name}", f"model.path={nemo}",
         f"output_dir={folder / 'sl'}"]))
     sl.setup()

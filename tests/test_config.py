@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rlnf.cli import list_configs, load_recipe, main
+from rlnf.cli import main
+from rlnf.launcher import list_configs, load_recipe
 from rlnf.config import RLFinetuneConfig, check_output_dir, iter_keys, load_config
 from rlnf.errors import ConfigError
 from rlnf.resources import configs_dir

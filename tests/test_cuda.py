@@ -45,7 +45,7 @@ def test_policy_log_probs_under_bf16_match_fp32(pretrained_tiny_nemo, corpus):
 
 
 def test_learned_reward_under_bf16_matches_fp32(trained_reward, corpus):  # noqa: F811
-    from rlnf.rewards.learned import RewardScorer
+    from rlnf.reward_model.scorer import RewardScorer
 
     best = trained_reward / "checkpoints" / "best"
     batch = val_batch(corpus, 4)

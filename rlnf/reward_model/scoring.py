@@ -20,7 +20,7 @@ def score_manifest(reward: str, manifest: str, text_keys: Sequence[str] = ("text
     from rlnf.data.loader import AudioDataset, eval_batches
     from rlnf.data.manifest import read_manifest
     from rlnf.io import atomic_write_text
-    from rlnf.rewards.learned import RewardScorer
+    from rlnf.reward_model.scorer import RewardScorer
 
     utterances, _ = read_manifest(manifest)
     for utterance in utterances:

@@ -10,21 +10,12 @@ import pytest
 import torch
 
 from rlnf import algorithms, ctc
-
-BLANK = 2  # V = 3: labels 0, 1 and the blank
+from tests.test_ctc import BLANK, collapse_reference  # V = 3: labels 0, 1 and the blank (2)
 
 
 def hypotheses_of(frames: int, vocabulary: int = 3) -> list[tuple[int, ...]]:
     """Every transcript that T frames can emit (each alignment collapses to exactly one)."""
-    found = set()
-    for alignment in itertools.product(range(vocabulary), repeat=frames):
-        collapsed, previous = [], None
-        for label in alignment:
-            if label != BLANK and label != previous:
-                collapsed.append(label)
-            previous = label
-        found.add(tuple(collapsed))
-    return sorted(found)
+    return sorted({collapse_reference(alignment) for alignment in itertools.product(range(vocabulary), repeat=frames)})
 
 
 def brute_force_log_probs(log_probs: torch.Tensor, hypotheses: list[tuple[int, ...]]) -> torch.Tensor:
@@ -32,12 +23,7 @@ def brute_force_log_probs(log_probs: torch.Tensor, hypotheses: list[tuple[int, .
     frames, vocabulary = log_probs.shape
     per_hypothesis: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for alignment in itertools.product(range(vocabulary), repeat=frames):
-        collapsed, previous = [], None
-        for label in alignment:
-            if label != BLANK and label != previous:
-                collapsed.append(label)
-            previous = label
-        per_hypothesis.setdefault(tuple(collapsed), []).append(
+        per_hypothesis.setdefault(collapse_reference(alignment), []).append(
             log_probs[torch.arange(frames), torch.tensor(alignment)].sum())
     return torch.stack([torch.logsumexp(torch.stack(per_hypothesis[y]), 0) for y in hypotheses])
 

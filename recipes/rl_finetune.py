@@ -38,6 +38,7 @@ class RLFinetuneRecipe:
 
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
+        from rlnf.algorithms import KLController
         from rlnf.checkpoint import CheckpointManager, seed_everything
         from rlnf.data.loader import AudioDataset, TrainStream
         from rlnf.distributed import Distributed
@@ -68,7 +69,9 @@ class RLFinetuneRecipe:
         self.warn_unreachable_references(train)
         self.reference = None
         self.reference_cache = None
-        if cfg.algorithm.kl_coef > 0:
+        algo = cfg.algorithm
+        self.kl = KLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)  # the one owner of beta
+        if self.kl.enabled:
             from rlnf.rl import ReferenceCache
 
             self.reference = CTCPolicy.load(cfg.policy.path, self.device).freeze()
@@ -91,7 +94,6 @@ class RLFinetuneRecipe:
         self.checkpoints = CheckpointManager(self.run_dir, metric, mode, keep_last=trainer.keep_last)
         self.skipped_steps = 0
         self.skipped_batches = 0
-        self.kl_coef = cfg.algorithm.kl_coef  # beta; moves when algorithm.kl_target is set
         resume_step = None
         if cfg.resume and self.checkpoints.state_path.exists():
             state = self.checkpoints.load_state()
@@ -100,14 +102,14 @@ class RLFinetuneRecipe:
                                                                    source=self.checkpoints.state_path)
             self.skipped_steps = int(state.get("skipped_steps", 0))
             self.skipped_batches = int(state.get("skipped_batches", 0))
-            self.kl_coef = float(state.get("kl_coef", self.kl_coef))
+            self.kl.load_state_dict(state)
             log.info("resumed from step %d", self.step)
         elif cfg.resume:
             log.warning("resume=true but %s has no trainer state: starting a new run", self.checkpoints.state_path)
         # Gradient-carrying forwards run through DDP in a process group (identity otherwise).
         self.policy.train_module = dist.wrap(self.policy.model)
         if dist.is_main:  # only rank 0 writes
-            self.logger = build_logger(self.run_dir, resume_step)
+            self.logger = build_logger(self.run_dir, cfg, resume_step)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         else:
             self.logger = NullLogger()
@@ -133,10 +135,12 @@ class RLFinetuneRecipe:
 
     # ------------------------------------------------------------------------------ one step
     def next_micro_batches(self, iterator) -> tuple[list, list[float]]:
-        """``grad_accum_steps`` micro-batches, and each one's loss weight: this process's share of the
-        global micro-batch times the number of processes (1.0 in a single process), so that DDP's
-        gradient average is the gradient of the global per-utterance mean whatever the shard sizes.
-        When a process's shard is all unreadable audio (skip_bad_samples), every process skips it."""
+        """``grad_accum_steps`` micro-batches, and each one's loss weight (``micro_batch_weights``), so
+        that the accumulated (and DDP-averaged) gradient is that of the per-utterance mean over the
+        whole step, whatever the micro-batch and shard sizes. When a process's shard is all unreadable
+        audio (skip_bad_samples), every process skips it."""
+        from rlnf.distributed import micro_batch_weights
+
         accum, world = self.cfg.trainer.grad_accum_steps, self.dist.world_size
         while True:
             error = None
@@ -148,13 +152,12 @@ class RLFinetuneRecipe:
                 error, batches = describe_error(exc), [None] * accum
             counts = [0 if batch is None else len(batch) for batch in batches]
             if world == 1:
-                return batches, [1.0] * accum
+                return batches, micro_batch_weights([counts], 0)
             every = self.dist.all_gather_object((counts, None if error is None else str(error)))
             self.raise_together([message for _, message in every], DataError)
             every = [rank_counts for rank_counts, _ in every]
             if all(count > 0 for rank_counts in every for count in rank_counts):
-                totals = [sum(rank_counts[i] for rank_counts in every) for i in range(accum)]
-                return batches, [counts[i] * world / totals[i] for i in range(accum)]
+                return batches, micro_batch_weights(every, self.dist.rank)
             self.skipped_batches += 1
             log.warning("step %d: a process has no readable audio in its shard; every process skips these batches",
                         self.step + 1)
@@ -178,10 +181,10 @@ class RLFinetuneRecipe:
         keys = [(cfg.trainer.seed, self.step, index, u.line) for u in batch.utterances]
         distributed = self.dist.world_size > 1
         try:
-            rollout = make_rollout(self.policy, self.reference, self.rewards, batch.to(self.device), self.algorithm,
+            rollout = make_rollout(self.policy, self.reference, self.rewards, batch.to(self.device), cfg.algorithm,
                                    keep_graph=keep_graph, autocast=self._autocast, sample_keys=keys,
                                    all_reduce_sum=self.dist.all_reduce_sum if distributed else None,
-                                   reference_cache=self.reference_cache)
+                                   reference_cache=self.reference_cache, kl_coef=self.kl.value)
             error = None
         except Exception as exc:  # bad input, or a reward that raised: every process must hear of it
             if not distributed:
@@ -197,14 +200,15 @@ class RLFinetuneRecipe:
 
     def train_step(self, micro_batches: list, weights: list[float] | None = None) -> tuple[dict[str, float], list]:
         """Rollout and update(s) on ``grad_accum_steps`` micro-batches; returns this process's metrics
-        and rollouts. ``weights``: per micro-batch loss weights (see ``next_micro_batches``)."""
+        and rollouts. ``weights``: per micro-batch loss weights (see ``next_micro_batches``; default:
+        by utterance count)."""
         import torch
 
-        from rlnf.distributed import pool_metrics
+        from rlnf.distributed import micro_batch_weights, pool_metrics
         from rlnf.rl import reference_targets, rl_loss
         from rlnf.training import clip_gradients
 
-        cfg, algo = self.cfg, self.algorithm
+        cfg, algo = self.cfg, self.cfg.algorithm
         # The rollout's graph can serve the update when the update is on-policy and its modules
         # behave exactly as in the rollout (frozen BatchNorm, no dropout).
         reuse_graph = algo.ppo_epochs == 1 and cfg.policy.batchnorm == "frozen" and not cfg.policy.dropout
@@ -217,7 +221,7 @@ class RLFinetuneRecipe:
 
         rollouts = []
         accum = len(micro_batches)
-        weights = weights or [1.0] * accum
+        weights = weights or micro_batch_weights([[len(batch) for batch in micro_batches]], 0)
         distributed = self.dist.world_size > 1
         for epoch in range(algo.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
@@ -234,7 +238,8 @@ class RLFinetuneRecipe:
                     targets = None
                     if algo.supervised_coef > 0:
                         targets = reference_targets(self.policy, rollout.batch, cfg.data.oov, cfg.data.lowercase)
-                    loss, loss_metrics = rl_loss(self.policy, rollout, algo, targets, autocast=self._autocast)
+                    loss, loss_metrics = rl_loss(self.policy, rollout, algo, targets, autocast=self._autocast,
+                                                 kl_coef=self.kl.value)
                     record(loss_metrics, len(batch))
                     if not torch.isfinite(loss):
                         finite = False
@@ -242,7 +247,7 @@ class RLFinetuneRecipe:
                             continue
                         # Every process must take part in the gradient all-reduce: back-propagate
                         # anyway (the gradients are discarded: the update is skipped everywhere).
-                    (loss * weights[index] / accum).backward()
+                    (loss * weights[index]).backward()
             finite = not self.dist.any(not finite)
             grad_norm = clip_gradients(self.policy.model.parameters(), cfg.trainer.max_grad_norm)
             if finite and math.isfinite(grad_norm):
@@ -290,7 +295,9 @@ class RLFinetuneRecipe:
                 if self.dist.world_size > 1:
                     metrics, utterances, audio_seconds, stopping, timed_out = self.pool(
                         metrics, utterances, audio_seconds, stopping, timed_out)
-                self.adapt_kl_coef(metrics, utterances)
+                if self.kl.enabled:  # beta of this step, then one controller step on the pooled penalised KL
+                    metrics["kl/coef"] = self.kl.value
+                    self.kl.update(metrics["kl/penalised"], utterances)
                 elapsed = time.perf_counter() - started
                 metrics.update({"perf/step_time": elapsed, "perf/utterances_per_s": utterances / elapsed,
                                 "perf/audio_seconds_per_s": audio_seconds / elapsed})
@@ -314,27 +321,6 @@ class RLFinetuneRecipe:
                     break
         bar.close()
 
-    @property
-    def algorithm(self):
-        """The algorithm settings of this step: the config, with the current beta."""
-        import dataclasses
-
-        algo = self.cfg.algorithm
-        return algo if self.kl_coef == algo.kl_coef else dataclasses.replace(algo, kl_coef=self.kl_coef)
-
-    def adapt_kl_coef(self, metrics: dict[str, float], utterances: int) -> None:
-        """Log this step's beta (``kl/coef``) and, with algorithm.kl_target, move it towards the target
-        (the same on every process: the KL is the pooled one)."""
-        from rlnf.algorithms import adaptive_kl_coef
-
-        algo = self.cfg.algorithm
-        if self.reference is None:
-            return
-        metrics["kl/coef"] = self.kl_coef
-        if algo.kl_target is not None:
-            measured = metrics["kl/per_frame" if algo.kl_reduction == "mean" else "kl"]
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, measured, algo.kl_target, algo.kl_horizon, utterances)
-
     def pool(self, metrics: dict[str, float], utterances: int, audio_seconds: float, stopping: bool,
              timed_out: bool) -> tuple[dict[str, float], int, float, bool, bool]:
         """One collective per step: the global batch's metrics (weighted by utterances; pooled stds),
@@ -349,8 +335,6 @@ class RLFinetuneRecipe:
                 any(p[4] for p in parts))
 
     def log_samples(self, rollout) -> None:
-        from rlnf.metric_logging import markdown_table
-
         rows = []
         for b, utterance in enumerate(rollout.batch.utterances[:4]):
             rows.append([b, "reference", utterance.text or "(none)", ""])
@@ -358,7 +342,7 @@ class RLFinetuneRecipe:
                          "" if rollout.greedy_rewards is None else float(rollout.greedy_rewards[b])])
             for k, text in enumerate(rollout.samples.texts[b]):
                 rows.append([b, f"sample {k}", text, float(rollout.rewards[b, k])])
-        self.logger.log_text("samples", markdown_table(["utt", "kind", "text", "reward"], rows), self.step)
+        self.logger.log_table("samples", ["utt", "kind", "text", "reward"], rows, self.step)
         batch = rollout.batch
         for b in range(min(2, len(batch))):
             clip = batch.audio[b, : int(batch.audio_len[b])].float().cpu().numpy()
@@ -404,7 +388,7 @@ class RLFinetuneRecipe:
             log.info("step %d: new best %s = %.4f", self.step, self.checkpoints.best_metric, best)
         self.checkpoints.save_last(save_model, policy_trainer_state(
             self.step, self.policy.model, self.optimizer, self.scheduler, self.stream,
-            skipped_steps=self.skipped_steps, skipped_batches=self.skipped_batches, kl_coef=self.kl_coef))
+            skipped_steps=self.skipped_steps, skipped_batches=self.skipped_batches, **self.kl.state_dict()))
 
     def cleanup(self) -> dict[str, Any]:
         from rlnf.recipe_utils import write_summary

@@ -89,7 +89,7 @@ class CTCTrainRecipe:
                                                                    self.scheduler, self.stream,
                                                                    source=self.checkpoints.state_path)
             self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.logger = build_logger(self.run_dir, resume_step)
+        self.logger = build_logger(self.run_dir, cfg, resume_step)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         self._window_losses: list[float] = []
         log.info("train_ctc: %d parameters, %d training utterances",

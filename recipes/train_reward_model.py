@@ -68,26 +68,6 @@ def within_clip_rank_loss(scores, targets, clip_index):
     return torch.relu(true_difference.abs() - torch.sign(true_difference) * predicted_difference)[mask].mean()
 
 
-def within_group_spearman(predictions, targets, groups) -> float:
-    """Mean Spearman correlation within each clip's transcripts (clips with >= 3 distinct targets)."""
-    import math
-
-    from scipy import stats
-
-    by_group: dict = {}
-    for prediction, target, group in zip(predictions, targets, groups):
-        by_group.setdefault(group, ([], []))
-        by_group[group][0].append(prediction)
-        by_group[group][1].append(target)
-    values = []
-    for predicted, true in by_group.values():
-        if len(set(true)) >= 3 and len(set(predicted)) > 1:
-            value = stats.spearmanr(predicted, true)[0]
-            if math.isfinite(value):
-                values.append(value)
-    return sum(values) / len(values) if values else float("nan")
-
-
 class RewardTrainer:
     def __init__(self, cfg: RewardTrainConfig):
         self.cfg = cfg
@@ -173,7 +153,7 @@ class RewardTrainer:
         self.total_steps = self.steps_per_epoch * cfg.trainer.epochs
         self.optimizer = build_optimizer(self.model.parameters(), cfg.trainer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.trainer)
-        self.logger = build_logger(self.run_dir)
+        self.logger = build_logger(self.run_dir, cfg)
         self.best_value: float | None = None
         self.skipped_steps = 0
         self.generator = torch.Generator().manual_seed(cfg.trainer.seed)
@@ -341,7 +321,7 @@ class RewardTrainer:
         (about 0 for a model that ranks a clip's transcripts by their text alone)."""
         import torch
 
-        from rlnf.metrics import regression_metrics
+        from rlnf.metrics import regression_metrics, within_group_spearman
         from rlnf.training import autocast
 
         self.model.eval()

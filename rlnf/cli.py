@@ -12,60 +12,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Sequence
 
 from rlnf.errors import RlnfError, TrainingInterrupted
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPES_DIR = REPO_ROOT / "recipes"
-CONFIGS_DIR = REPO_ROOT / "configs"
-
-
-# ------------------------------------------------------------------------------------------ recipes
-def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.name.startswith("_"))
-
-
-def list_configs() -> list[str]:
-    return sorted(str(p.relative_to(CONFIGS_DIR).with_suffix("")) for p in CONFIGS_DIR.rglob("*.yaml"))
-
-
-def load_recipe(name_or_path: str) -> ModuleType:
-    """A recipe by name (``recipes/NAME.py``) or by path to a .py file of yours."""
-    path = Path(name_or_path)
-    if path.suffix != ".py":
-        path = RECIPES_DIR / f"{name_or_path}.py"
-    if not path.is_file():
-        raise RlnfError(f"unknown recipe {name_or_path!r}; available: {', '.join(list_recipes())} "
-                        "(or give a path to a recipe .py file)")
-    spec = importlib.util.spec_from_file_location(f"rlnf_recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for attribute in ("CONFIG_CLASS", "main"):
-        if not hasattr(module, attribute):
-            raise RlnfError(f"{path} is not a recipe: it defines no {attribute}")
-    return module
-
-
-def resolve_config_path(config: str | None) -> Path | None:
-    """A YAML path, or a shipped config name such as ``rl/rloo``."""
-    if config is None:
-        return None
-    path = Path(config).expanduser()
-    if path.exists() or path.is_symlink():  # load_config says what is wrong with it, if anything
-        return path
-    shipped = CONFIGS_DIR / (config if config.endswith(".yaml") else f"{config}.yaml")
-    if shipped.is_file():
-        return shipped
-    raise RlnfError(f"config file not found: {config} (shipped configs: {', '.join(list_configs())})")
+from rlnf.launcher import list_configs, list_recipes, load_recipe, resolve
+from rlnf.resources import configs_dir
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -91,15 +48,10 @@ def quiet_nemo() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import contextlib
-
-    from rlnf.config import load_config
     from rlnf.run_folder import open_run_folder
 
-    recipe = load_recipe(args.recipe)
-    cfg = load_config(recipe.CONFIG_CLASS, resolve_config_path(args.config), args.overrides)
-    run_folder = open_run_folder(cfg) if hasattr(cfg, "output_dir") else contextlib.nullcontext()
-    with run_folder as args.log_dir:  # a crash's log goes into the run's folder
+    recipe, cfg = resolve(args.recipe, args.config, args.overrides)  # config errors before any heavy import
+    with open_run_folder(cfg) as args.log_dir:  # a crash's log goes into the run's folder
         quiet_nemo()
         result = recipe.main(cfg)
     if isinstance(result, dict) and result:  # empty on the processes other than rank 0
@@ -111,7 +63,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print("RECIPES")
     for name in list_recipes():
         print(f"  {name}")
-    print("CONFIGS (pass to --config by name or path)")
+    print(f"CONFIGS in {configs_dir()} (pass to --config by name, or copy one and pass its path)")
     for name in list_configs():
         print(f"  {name}")
     return 0

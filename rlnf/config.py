@@ -21,7 +21,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from rlnf.errors import ConfigError
 from rlnf.io import file_problem
 
-ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo")
+ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo", "mwer")
 
 
 def opt(default: Any = MISSING, help: str = "", factory: Any = None) -> Any:  # noqa: A002
@@ -126,6 +126,19 @@ class DataConfig:
             _check_positive("data.max_duration", self.max_duration)
 
 
+def loggers_option() -> Any:
+    """trainer.loggers, shared by every recipe's trainer section (checked by _check_loggers)."""
+    return opt(factory=lambda: ["tensorboard"],
+               help="Trackers besides metrics.jsonl (always written): any of 'tensorboard', 'csv' (metrics.csv), "
+                    "'wandb' (pip install 'rlnf[wandb]'; WANDB_MODE=offline needs no network). [] for JSONL only.")
+
+
+def _check_loggers(loggers: List[str]) -> None:
+    from rlnf.metric_logging import check_trackers  # light: numpy, no torch
+
+    check_trackers(loggers, "trainer.loggers")
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = opt(1000, "Number of optimizer steps.")
@@ -161,8 +174,10 @@ class TrainerConfig:
                                    "the validation manifest has references, else val/reward.")
     best_mode: str = opt("auto", "'min', 'max' or 'auto' (min for wer/cer/loss metrics, max otherwise).")
     progress_bar: bool = opt(True, "Show a tqdm progress bar.")
+    loggers: List[str] = loggers_option()
 
     def __post_init__(self) -> None:
+        _check_loggers(self.loggers)
         for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every"):
             _check_positive(f"trainer.{key}", getattr(self, key))
         for key in ("val_every", "save_every", "samples_every", "keep_last"):
@@ -208,16 +223,27 @@ class RewardSpec:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = opt("rloo", "Preset: reinforce | rloo | grpo | ppo. It fills every key below left at null.")
-    num_samples: int = opt(8, "K: hypotheses sampled per utterance from one encoder pass.")
+    name: str = opt("rloo", "Preset: reinforce | rloo | grpo | ppo | mwer. It fills every key below left at null.")
+    num_samples: int = opt(8, "K: hypotheses per utterance from one encoder pass (sampled, or the beam's K best).")
+    rollout: Optional[str] = opt(None, "Where the K hypotheses come from: 'sample' (the policy's samples), 'nbest' (the "
+                                       "K best of a CTC prefix beam search, NeMo's) or 'mixed' (K//2 best + the rest "
+                                       "sampled); nbest and mixed need policy_loss=mwer (null: preset).")
     temperature: float = opt(1.0, "Sampling temperature tau; the policy is softmax(logits / tau), for the "
                                   "rollout, the update and the reference alike.")
     advantage: Optional[str] = opt(None, "rloo | group | self_critical | none (null: the preset's).")
     scale_by_std: Optional[bool] = opt(None, "group advantage: divide by the group's reward std (null: preset).")
     whiten_advantages: bool = opt(False, "Whiten advantages over the whole batch after the group baseline.")
-    policy_loss: Optional[str] = opt(None, "reinforce (-A log pi) | clipped (PPO surrogate) (null: preset).")
+    policy_loss: Optional[str] = opt(None, "reinforce (-A log pi) | clipped (PPO surrogate) | mwer (expected advantage "
+                                           "under pi renormalised over the K hypotheses) (null: preset).")
     ppo_epochs: Optional[int] = opt(None, "Update passes over each rollout (null: preset; >1 needs 'clipped').")
-    clip_eps: float = opt(0.2, "PPO clipping epsilon.")
+    clip_eps: float = opt(0.2, "PPO clipping epsilon (the lower side, and the upper one unless clip_eps_high is set).")
+    clip_eps_high: Optional[float] = opt(None, "Upper clipping epsilon (DAPO's clip-higher, epsilon_high): the ratio is "
+                                               "clipped to [1 - clip_eps, 1 + clip_eps_high]. null: clip_eps.")
+    ratio: str = opt("sequence", "Importance ratio of the clipped loss: 'sequence' pi(y)/pi_old(y), or 'per_frame' "
+                                 "(pi(y)/pi_old(y))^(1/T), T the encoder frames (GSPO-style length normalisation; "
+                                 "use a clip_eps of about 1e-3 to 1e-2 with it).")
+    resample_zero_std: int = opt(0, "Dynamic resampling: a group whose K rewards are all equal (it teaches nothing) is "
+                                    "re-drawn from the same frame distributions up to this many times; 0 is off.")
     kl_coef: float = opt(0.01, "beta: weight of the KL to the frozen reference policy; 0 loads no reference.")
     kl_estimator: Optional[str] = opt(None, "exact (sum of per-frame KLs) | k1 | k3 (sequence-level, on sampled "
                                             "hypotheses) (null: preset).")
@@ -225,10 +251,11 @@ class AlgorithmConfig:
                                              "adding beta*KL to the loss (null: preset).")
     kl_reduction: str = opt("sum", "'sum': KL summed over frames; 'mean': divided by the number of frames "
                                    "(a gentler, length-independent penalty).")
-    kl_target: Optional[float] = opt(None, "Adaptive KL (Ziegler et al. 2019; TRL's adaptive controller): the KL to "
-                                           "hold (logged 'kl', or 'kl/per_frame' with kl_reduction=mean). beta starts "
-                                           "at kl_coef and after each step is multiplied by 1 + clip(KL/target - 1, "
-                                           "-0.2, 0.2) * utterances / kl_horizon. null: beta stays kl_coef.")
+    kl_target: Optional[float] = opt(None, "Adaptive KL (Ziegler et al. 2019; TRL's adaptive controller): the penalised KL "
+                                           "to hold (logged 'kl/penalised': exact, k1 or k3 as penalised, per frame with "
+                                           "kl_reduction=mean). beta starts at kl_coef and after each step is multiplied "
+                                           "by 1 + clip(KL/target - 1, -0.2, 0.2) * utterances / kl_horizon. null: beta "
+                                           "stays kl_coef.")
     kl_horizon: int = opt(10000, "Adaptive KL: utterances over which beta may change by a factor of about e^0.2.")
     reference_cache_mb: float = opt(1024.0, "Keep the frozen reference's log-probs of each training utterance (CPU "
                                             "memory, least recently used out beyond this many MB), so utterances "
@@ -243,6 +270,9 @@ class AlgorithmConfig:
         _check_positive("algorithm.num_samples", self.num_samples)
         _check_positive("algorithm.temperature", self.temperature)
         _check_positive("algorithm.clip_eps", self.clip_eps)
+        if self.clip_eps_high is not None:
+            _check_positive("algorithm.clip_eps_high", self.clip_eps_high)
+        _check_positive("algorithm.resample_zero_std", self.resample_zero_std, allow_zero=True)
         for key in ("kl_coef", "entropy_coef", "supervised_coef"):
             _check_positive(f"algorithm.{key}", getattr(self, key), allow_zero=True)
         _check_positive("algorithm.kl_horizon", self.kl_horizon)
@@ -257,13 +287,26 @@ class AlgorithmConfig:
 
         Separate from ``__post_init__`` because OmegaConf instantiates the schema's defaults.
         """
-        from rlnf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PRESETS
+        from rlnf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PRESETS, RATIOS, ROLLOUTS
 
         for key, value in PRESETS[self.name].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         _check_choice("algorithm.advantage", self.advantage, ADVANTAGE_ESTIMATORS)
         _check_choice("algorithm.policy_loss", self.policy_loss, POLICY_LOSSES)
+        _check_choice("algorithm.ratio", self.ratio, RATIOS)
+        _check_choice("algorithm.rollout", self.rollout, ROLLOUTS)
+        if self.rollout != "sample":
+            if self.policy_loss != "mwer":
+                raise ConfigError(f"algorithm.rollout={self.rollout} needs algorithm.policy_loss=mwer: a beam's best "
+                                  "hypotheses are not samples of the policy, so REINFORCE or PPO on them is biased")
+            if self.kl_coef > 0 and self.kl_estimator != "exact":
+                raise ConfigError(f"algorithm.rollout={self.rollout} needs algorithm.kl_estimator=exact: k1 and k3 "
+                                  "estimate the KL from samples of the policy")
+            if self.resample_zero_std:
+                raise ConfigError("algorithm.resample_zero_std re-draws samples; it needs algorithm.rollout=sample")
+            if self.rollout == "mixed" and self.num_samples < 2:
+                raise ConfigError("algorithm.rollout=mixed needs algorithm.num_samples >= 2")
         _check_choice("algorithm.kl_estimator", self.kl_estimator, ("exact", "k1", "k3"))
         _check_positive("algorithm.ppo_epochs", self.ppo_epochs)
         if self.advantage in ("rloo", "group") and self.num_samples < 2:
@@ -274,6 +317,11 @@ class AlgorithmConfig:
         if not self.kl_in_reward and self.kl_estimator == "k1" and self.kl_coef > 0:
             raise ConfigError("algorithm.kl_estimator=k1 as a loss term has zero expected gradient; use exact or k3 "
                               "in the loss, or set algorithm.kl_in_reward=true")
+        if self.kl_in_reward and self.kl_estimator == "k3" and self.kl_coef > 0:
+            raise ConfigError("algorithm.kl_in_reward=true with kl_estimator=k3 is refused: E[k3 * grad log pi] = "
+                              "grad KL(pi||ref) - grad KL(ref||pi), which cancels to first order, so it barely pulls "
+                              "towards the reference; use k1 in the reward, or k3 / exact in the loss "
+                              "(kl_in_reward=false)")
         if self.kl_in_reward and self.kl_estimator == "exact" and self.kl_coef > 0:
             raise ConfigError("algorithm.kl_in_reward=true needs kl_estimator k1 or k3: the exact KL is the same "
                               "for all K samples of an utterance, so it cancels in the group baseline")
@@ -464,8 +512,10 @@ class RewardTrainerConfig:
     best_metric: str = opt("val/pearson", "Metric selecting checkpoints/best: val/mse, val/rmse, val/r2, val/pearson, "
                                           "val/spearman or val/group_spearman (mean within-clip rank correlation).")
     progress_bar: bool = opt(True, "Show a tqdm progress bar.")
+    loggers: List[str] = loggers_option()
 
     def __post_init__(self) -> None:
+        _check_loggers(self.loggers)
         for key in ("epochs", "batch_size", "log_every"):
             _check_positive(f"trainer.{key}", getattr(self, key))
         _check_positive("trainer.eval_every", self.eval_every, allow_zero=True)

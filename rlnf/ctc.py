@@ -23,13 +23,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Log-ratios of sequence probabilities (log pi_ref - log pi, log pi - log pi_old) are clamped to
+# +-MAX_LOG_RATIO before exp(): a sample whose probability moved by more than e^20 then contributes
+# no gradient instead of inf or NaN (which would skip the whole update).
+MAX_LOG_RATIO = 20.0
+
 __all__ = [
+    "MAX_LOG_RATIO",
     "apply_temperature",
     "frame_mask",
     "sample_alignments",
     "greedy_alignments",
     "collapse_alignments",
     "sequence_log_probs",
+    "distinct_sequence_log_probs",
     "exact_kl",
     "kl_k1",
     "kl_k3",
@@ -169,6 +176,48 @@ def sequence_log_probs(
     return -nll.reshape(batch, num_samples)
 
 
+def distinct_sequence_log_probs(
+    log_probs: torch.Tensor,
+    encoded_len: torch.Tensor,
+    labels: torch.Tensor,
+    label_len: torch.Tensor,
+    blank_id: int,
+) -> torch.Tensor:
+    """``sequence_log_probs`` with each distinct hypothesis of an utterance computed once.
+
+    A peaked policy draws the same transcript many times among its K samples; the CTC forward and
+    backward (and the [T, N, V] copy they need) then run over the N distinct (utterance, hypothesis)
+    pairs only, and the values are gathered back to [B, K] (gradients of repeats add up, exactly as
+    before). Same arguments, shapes and result as ``sequence_log_probs``.
+    """
+    batch, num_samples = label_len.shape
+    lengths = label_len.tolist()
+    rows = labels.tolist()
+    index: dict[tuple, int] = {}
+    owner: list[int] = []  # utterance of each distinct pair
+    position = []  # [B * K] -> distinct pair
+    for b in range(batch):
+        for k in range(num_samples):
+            key = (b, *rows[b][k][: lengths[b][k]])
+            if key not in index:
+                index[key] = len(owner)
+                owner.append(b)
+            position.append(index[key])
+    if len(owner) == batch * num_samples:
+        return sequence_log_probs(log_probs, encoded_len, labels, label_len, blank_id)
+    device = log_probs.device
+    first = {}
+    for flat, pair in enumerate(position):
+        first.setdefault(pair, flat)
+    chosen = torch.tensor([first[pair] for pair in range(len(owner))], device=labels.device)
+    owners = torch.tensor(owner, device=device)
+    flat_labels = labels.reshape(batch * num_samples, -1)[chosen]
+    flat_len = label_len.reshape(-1)[chosen]
+    distinct = sequence_log_probs(log_probs.index_select(0, owners), encoded_len.index_select(0, owners.to(
+        encoded_len.device)), flat_labels.unsqueeze(1), flat_len.unsqueeze(1), blank_id)[:, 0]
+    return distinct[torch.tensor(position, device=distinct.device)].reshape(batch, num_samples)
+
+
 def exact_kl(
     log_probs: torch.Tensor,
     ref_log_probs: torch.Tensor,
@@ -201,9 +250,11 @@ def kl_k1(seq_log_probs: torch.Tensor, ref_seq_log_probs: torch.Tensor) -> torch
 def kl_k3(seq_log_probs: torch.Tensor, ref_seq_log_probs: torch.Tensor) -> torch.Tensor:
     """k3 estimator (Schulman, "Approximating KL divergence"): (r - 1) - log r, r = pi_ref(y)/pi(y).
 
-    Unbiased and always >= 0. [B, K]. The log-ratio is clamped to avoid overflow in exp.
+    Unbiased for KL(pi || pi_ref) in value and always >= 0. [B, K]. The log-ratio is clamped to
+    +-MAX_LOG_RATIO. As a loss its gradient estimates grad KL(pi_ref || pi), not grad KL(pi || pi_ref):
+    use ``rlnf.algorithms.k3_loss_term``; folded into a reward it is refused (see the config).
     """
-    log_ratio = (ref_seq_log_probs - seq_log_probs).clamp(min=-20.0, max=20.0)
+    log_ratio = (ref_seq_log_probs - seq_log_probs).clamp(min=-MAX_LOG_RATIO, max=MAX_LOG_RATIO)
     return torch.expm1(log_ratio) - log_ratio
 
 

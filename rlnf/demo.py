@@ -8,7 +8,12 @@
 5. rl_learned     RL on the held-out voice's audio WITHOUT transcripts, learned reward only
 6. rl_cer         the same RL budget with the 1 - CER reward (transcripts given), for comparison
 7. supervised     the same wall-clock of continued supervised training on the labelled voices
-8. evaluate       greedy WER / CER / mean learned reward on the held-out voice's test sentences
+8. self_training  the same wall-clock of supervised training on the starting policy's own greedy
+                  transcripts of the held-out voice's untranscribed audio (pseudo-labels)
+9. evaluate       greedy WER / CER / mean learned reward on the held-out voice's test sentences
+
+The stages are functions (``prepare``, ``train_reward``, ``rl_run``, ...) that ``scripts/quality.py``
+also runs, once per seed, to judge the same comparison over several seeds.
 
 Every stage is cached in its folder (``stage.json`` records its parameters); a second run re-uses
 finished stages. Everything lands under one output folder; TensorBoard logs of every stage too.
@@ -51,8 +56,11 @@ SETTINGS: dict[str, Any] = {
     "rl_batch_size": 8,
     "rl_kl_coef": 0.05,
     "supervised_lr": 5e-4,
+    "self_training_min_confidence": 0.0,  # keep pseudo-labels whose mean per-frame max probability is >= this
+    "run_seed": 42,  # trainer.seed of the reward model and of every run (scripts/quality.py varies it)
 }
-RUN_NAMES = ("pretrained", "rl_learned_reward", "rl_cer_reward", "supervised_continued")
+RUN_NAMES = ("pretrained", "rl_learned_reward", "rl_cer_reward", "supervised_continued", "self_training")
+TRAINED_RUNS = RUN_NAMES[1:]
 
 
 def _fingerprint(params: dict[str, Any]) -> str:
@@ -94,11 +102,39 @@ class Stages:
 
 
 def _run_recipe(recipe: str, overrides: list[str]) -> dict[str, Any]:
-    from rlnf.cli import load_recipe
-    from rlnf.config import load_config
+    from rlnf.launcher import launch
 
-    module = load_recipe(recipe)
-    return module.main(load_config(module.CONFIG_CLASS, None, overrides))
+    return launch(recipe, None, overrides)
+
+
+def _pseudo_labels(policy_path: str, manifest: str, out: Path, min_confidence: float) -> dict[str, Any]:
+    """The starting policy's greedy transcripts of ``manifest``'s audio as a labelled manifest. A
+    transcript is kept when it is not empty and its confidence (mean over frames of the most likely
+    label's probability) is at least ``min_confidence``."""
+    import torch
+
+    from rlnf.data.loader import AudioDataset, eval_batches
+    from rlnf.data.manifest import read_manifest, write_manifest
+    from rlnf.policy import CTCPolicy
+
+    utterances, _ = read_manifest(manifest)
+    policy = CTCPolicy.load(policy_path, "cpu")
+    policy.set_mode("eval")
+    rows, dropped = [], 0
+    with torch.inference_mode():
+        for batch in eval_batches(AudioDataset(utterances, policy.sample_rate), batch_size=16):
+            log_probs, encoded_len = policy.forward(batch.audio, batch.audio_len)
+            texts = [group[0] for group in policy.greedy(log_probs, encoded_len).texts]
+            best = log_probs.float().exp().max(dim=-1).values  # [B, T]
+            for b, (utterance, text) in enumerate(zip(batch.utterances, texts)):
+                confidence = float(best[b, : int(encoded_len[b])].mean())
+                if not text.strip() or confidence < min_confidence:
+                    dropped += 1
+                    continue
+                rows.append({"audio_filepath": utterance.audio_filepath, "duration": utterance.duration,
+                             "text": text, "confidence": round(confidence, 4)})
+    write_manifest(out, rows)
+    return {"manifest": str(out), "kept": len(rows), "dropped": dropped}
 
 
 def _scored_pairs(policy_path: str, manifest: str, out: Path, limit: int, settings: dict, seed: int) -> int:
@@ -147,6 +183,31 @@ def _scored_pairs(policy_path: str, manifest: str, out: Path, limit: int, settin
     return len(rows)
 
 
+def reward_listening(checkpoint: str, pairs_manifest: str, folder: Path) -> dict[str, float]:
+    """Does the reward model listen? On scored pairs (the policy's own hypotheses of clips it never
+    trained on): the mean within-clip Spearman of its scores against 1 - CER, the same with every
+    clip's transcripts scored against the next clip's audio, and their gap, the audio gain."""
+    from rlnf.data.manifest import read_manifest, write_manifest
+    from rlnf.metrics import within_group_spearman
+    from rlnf.reward_model.scoring import score_manifest
+
+    utterances, _ = read_manifest(pairs_manifest)
+    clips = sorted({u.audio_filepath for u in utterances})
+    next_clip = {clip: clips[(i + 1) % len(clips)] for i, clip in enumerate(clips)}
+    rows = [dict(u.fields, audio_filepath=u.audio_filepath, clip=u.audio_filepath, target=u.fields["score"])
+            for u in utterances]
+    result = {}
+    for name, audio in (("right", lambda clip: clip), ("wrong", next_clip.get)):
+        pairs, out = folder / f"pairs_{name}_audio.json", folder / f"scores_{name}_audio.json"
+        write_manifest(pairs, [dict(row, audio_filepath=audio(row["clip"])) for row in rows])
+        score_manifest(checkpoint, str(pairs), output=str(out), print_table=False)
+        scored = [u.fields for u in read_manifest(str(out))[0]]
+        result[name] = within_group_spearman([row["score"] for row in scored], [row["target"] for row in scored],
+                                             [row["clip"] for row in scored])
+    return {"group_spearman": result["right"], "group_spearman_wrong_audio": result["wrong"],
+            "audio_gain": result["right"] - result["wrong"], "pairs": len(rows), "clips": len(clips)}
+
+
 def _plot(report: dict[str, Any], runs_dirs: dict[str, Path], path: Path) -> None:
     import matplotlib
 
@@ -181,25 +242,9 @@ def _plot(report: dict[str, Any], runs_dirs: dict[str, Path], path: Path) -> Non
     plt.close(figure)
 
 
-def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fresh: bool = False,
-             settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    settings = {**SETTINGS, **(settings or {})}
-    # The time-boxed stages (pretraining, the RL runs and continued supervised training) scale with
-    # the budget; the defaults fill ~14 of 15 minutes on 2 CPU cores.
-    scale = budget_minutes / 15.0
-    settings["pretrain_minutes"] = round(settings["pretrain_minutes"] * scale, 3)
-    settings["rl_minutes"] = round(settings["rl_minutes"] * scale, 3)
-    started = time.perf_counter()
-    root = Path(output_dir).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    stages = Stages(root, fresh)
-
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"[demo] output folder: {root} (device: {device}, budget {budget_minutes:.0f} min)")
-
-    # 1. Corpus -------------------------------------------------------------------------------
+def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
+    """Stages 1-3, shared by every seed: corpus, starting policy, scored pairs, and the starting
+    policy's pseudo-labels of the held-out voice's untranscribed audio (for self-training)."""
     def corpus(folder: Path) -> dict[str, Any]:
         from rlnf.data.manifest import write_manifest
         from rlnf.synth import synthesize_corpus
@@ -217,8 +262,6 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
     data = stages.run("corpus", {k: settings[k] for k in ("sentences", "split", "voices", "voices_per_sentence",
                                                           "heldout_voice", "seed")},
                       corpus)
-
-    # 2. Starting policy ----------------------------------------------------------------------------
     pretrain = stages.run("pretrain", {"data": data["train"], **{k: settings[k] for k in (
         "policy_size", "pretrain_minutes", "pretrain_lr", "seed")}}, lambda folder: _run_recipe("train_ctc", [
             f"output_dir={folder}", f"data.train_manifest={data['train']}", f"data.val_manifest={data['val']}",
@@ -228,7 +271,6 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
             "trainer.log_every=10", f"trainer.seed={settings['seed']}", "trainer.lr_schedule=constant"]))
     policy = pretrain["last_checkpoint"]
 
-    # 3-4. Reward model ------------------------------------------------------------------------------
     def scored(folder: Path) -> dict[str, Any]:
         train_pairs = _scored_pairs(policy, data["train"], folder / "scored_train.json",
                                     settings["scored_utterances"], settings, seed=1)
@@ -238,20 +280,46 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
 
     pairs = stages.run("scored_pairs", {"policy": pretrain, **{k: settings[k] for k in (
         "scored_utterances", "scored_temperatures", "scored_samples_per_temperature")}}, scored)
-    reward = stages.run("reward_model", {"pairs": pairs, "epochs": settings["reward_epochs"],
-                                         "vocab": settings["reward_vocab_size"], "augment": "masks-only", "batches": "by clip",
-                                         "rank": settings["reward_rank_loss_weight"]},
-                        lambda folder: _run_recipe("train_reward_model", [
-                            f"output_dir={folder}", f"data.train_manifest={pairs['train']}",
-                            f"data.val_manifest={pairs['val']}", f"model.vocab_size={settings['reward_vocab_size']}",
-                            f"trainer.epochs={settings['reward_epochs']}", "trainer.batch_size=32", "trainer.lr=1e-3",
-                            "trainer.group_by_clip=true", "trainer.best_metric=val/group_spearman",
-                            f"trainer.rank_loss_weight={settings['reward_rank_loss_weight']}",
-                            "hard_negatives.enabled=false", "augment.prob=0.3", "augment.gain_db=0",
-                            "augment.noise_snr_db=null", "trainer.log_every=20"]))
-    reward_checkpoint = reward["best_checkpoint"]
+    heldout_pairs = stages.run("heldout_pairs", {"policy": pretrain, **{k: settings[k] for k in (
+        "scored_temperatures", "scored_samples_per_temperature")}}, lambda folder: {
+            "val": str(folder / "scored_heldout_val.json"),
+            "pairs": _scored_pairs(policy, data["heldout_val"], folder / "scored_heldout_val.json", 10_000, settings,
+                                   seed=3)})
+    labels = stages.run("pseudo_labels", {"policy": pretrain, "min_confidence": settings["self_training_min_confidence"]},
+                        lambda folder: _pseudo_labels(policy, data["heldout_unlabelled"], folder / "pseudo_labels.json",
+                                                      settings["self_training_min_confidence"]))
+    return {"data": data, "pretrain": pretrain, "policy": policy, "pairs": pairs, "heldout_pairs": heldout_pairs,
+            "pseudo_labels": labels}
 
-    # 5-7. RL with each reward, and continued supervised training --------------------------------------
+
+def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Stage 4: the reward model on the scored pairs (seeded by ``run_seed``), and whether it listens
+    on the held-out voice (``reward_listening`` on that voice's validation clips: its key "heldout")."""
+    pairs = base["pairs"]
+    reward = stages.run("reward_model", {"pairs": pairs, "epochs": settings["reward_epochs"],
+                                       "vocab": settings["reward_vocab_size"], "augment": "masks-only",
+                                       "batches": "by clip", "rank": settings["reward_rank_loss_weight"],
+                                       "seed": settings["run_seed"]},
+                      lambda folder: _run_recipe("train_reward_model", [
+                          f"output_dir={folder}", f"data.train_manifest={pairs['train']}",
+                          f"data.val_manifest={pairs['val']}", f"model.vocab_size={settings['reward_vocab_size']}",
+                          f"trainer.epochs={settings['reward_epochs']}", "trainer.batch_size=32", "trainer.lr=1e-3",
+                          "trainer.group_by_clip=true", "trainer.best_metric=val/group_spearman",
+                          f"trainer.rank_loss_weight={settings['reward_rank_loss_weight']}",
+                          "hard_negatives.enabled=false", "augment.prob=0.3", "augment.gain_db=0",
+                          "augment.noise_snr_db=null", "trainer.log_every=20", f"trainer.seed={settings['run_seed']}"]))
+    heldout = stages.run("reward_heldout", {"reward": reward, "pairs": base["heldout_pairs"]},
+                         lambda folder: reward_listening(reward["best_checkpoint"], base["heldout_pairs"]["val"], folder))
+    return {**reward, "heldout": heldout}
+
+
+def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], reward: dict[str, Any],
+            suffix: str = "") -> dict[str, dict[str, Any]]:
+    """Stages 5-6: RL with the learned reward (no transcripts) and RL with 1 - CER (the oracle), with
+    ``settings['rl_algorithm']`` for ``rl_minutes`` each, seeded by ``run_seed``; stage names end in
+    ``suffix`` (scripts/quality.py compares presets this way)."""
+    data, policy = base["data"], base["policy"]
+
     def rl(train_manifest: str, rewards: str) -> Callable[[Path], dict[str, Any]]:
         return lambda folder: _run_recipe("rl_finetune", [
             f"output_dir={folder}", f"policy.path={policy}", f"data.train_manifest={train_manifest}",
@@ -260,46 +328,91 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
             f"trainer.batch_size={settings['rl_batch_size']}", f"trainer.lr={settings['rl_lr']}",
             "trainer.lr_schedule=constant", "trainer.warmup_steps=10", "trainer.max_steps=100000",
             f"trainer.max_minutes={settings['rl_minutes']}", "trainer.val_every=40", "trainer.save_every=0",
-            "trainer.samples_every=40", "trainer.best_metric=val/reward", f"rewards={rewards}"])
+            "trainer.samples_every=40", "trainer.best_metric=val/reward", f"trainer.seed={settings['run_seed']}",
+            f"rewards={rewards}"])
 
-    rl_keys = {k: settings[k] for k in ("rl_algorithm", "rl_minutes", "rl_lr", "rl_num_samples", "rl_batch_size",
-                                        "rl_kl_coef")}
-    learned = stages.run("rl_learned_reward", {"policy": pretrain, "reward": reward, **rl_keys},
-                         rl(data["heldout_unlabelled"], f"[{{name: learned, path: '{reward_checkpoint}'}}]"))
-    cer = stages.run("rl_cer_reward", {"policy": pretrain, **rl_keys}, rl(data["heldout_train"], "[{name: cer}]"))
-    supervised = stages.run("supervised_continued", {"policy": pretrain, "minutes": settings["rl_minutes"],
-                                                     "lr": settings["supervised_lr"]},
-                            lambda folder: _run_recipe("train_ctc", [
-                                f"output_dir={folder}", f"model.path={policy}", f"data.train_manifest={data['train']}",
-                                f"data.val_manifest={data['heldout_val']}", "trainer.max_steps=100000",
-                                f"trainer.max_minutes={settings['rl_minutes']}", f"trainer.lr={settings['supervised_lr']}",
-                                "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.batch_size=16",
-                                "trainer.val_every=40", "trainer.save_every=0", "trainer.log_every=10"]))
+    keys = {k: settings[k] for k in ("rl_algorithm", "rl_minutes", "rl_lr", "rl_num_samples", "rl_batch_size",
+                                     "rl_kl_coef", "run_seed")}
+    checkpoint = reward["best_checkpoint"]
+    return {
+        f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}",
+                                                 {"policy": base["pretrain"], "reward": reward, **keys},
+                                                 rl(data["heldout_unlabelled"],
+                                                    f"[{{name: learned, path: '{checkpoint}'}}]")),
+        f"rl_cer_reward{suffix}": stages.run(f"rl_cer_reward{suffix}", {"policy": base["pretrain"], **keys},
+                                             rl(data["heldout_train"], "[{name: cer}]")),
+    }
 
-    # 8. Evaluation on the held-out voice's test sentences ------------------------------------------------
-    models = {"pretrained": policy, "rl_learned_reward": learned["last_checkpoint"],
-              "rl_cer_reward": cer["last_checkpoint"], "supervised_continued": supervised["last_checkpoint"]}
-    seconds = {"pretrained": stages.timings["pretrain"], "rl_learned_reward": stages.timings["rl_learned_reward"],
-               "rl_cer_reward": stages.timings["rl_cer_reward"],
-               "supervised_continued": stages.timings["supervised_continued"]}
+
+def trained_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
+                 reward: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Stages 5-8: the two RL runs (``rl_runs``), continued supervised training and self-training, each
+    for ``rl_minutes`` (seeded by ``run_seed``)."""
+    data, policy, seed = base["data"], base["policy"], settings["run_seed"]
+
+    def ctc_overrides(folder: Path, train_manifest: str) -> list[str]:
+        return [f"output_dir={folder}", f"model.path={policy}", f"data.train_manifest={train_manifest}",
+                f"data.val_manifest={data['heldout_val']}", "trainer.max_steps=100000",
+                f"trainer.max_minutes={settings['rl_minutes']}", f"trainer.lr={settings['supervised_lr']}",
+                "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.batch_size=16",
+                "trainer.val_every=40", "trainer.save_every=0", "trainer.log_every=10", f"trainer.seed={seed}"]
+
+    ctc_keys = {"policy": base["pretrain"], "minutes": settings["rl_minutes"], "lr": settings["supervised_lr"],
+                "seed": seed}
+    return {
+        **rl_runs(stages, settings, base, reward),
+        "supervised_continued": stages.run("supervised_continued", ctc_keys,
+                                           lambda folder: _run_recipe("train_ctc", ctc_overrides(folder, data["train"]))),
+        "self_training": stages.run("self_training", {**ctc_keys, "labels": base["pseudo_labels"]},
+                                    lambda folder: _run_recipe("train_ctc", ctc_overrides(
+                                        folder, base["pseudo_labels"]["manifest"]))),
+    }
+
+
+def evaluate_runs(stages: Stages, base: dict[str, Any], reward: dict[str, Any], runs: dict[str, dict[str, Any]],
+                  device: str, name: str = "evaluate") -> dict[str, Any]:
+    """Stage 9: greedy WER / CER / mean learned reward on the held-out voice's test sentences (the
+    only stage that reads them) of the pretrained model and every run in ``runs``, and the pretrained
+    model on its validation sentences."""
+    data, policy = base["data"], base["policy"]
+    models = {"pretrained": policy, **{run: result["last_checkpoint"] for run, result in runs.items()}}
 
     def evaluate(folder: Path) -> dict[str, Any]:
         from rlnf.commands import evaluate as evaluate_command
 
-        results = {name: evaluate_command(path, data["heldout_test"], reward=reward_checkpoint,
-                                          output=str(folder / f"{name}.json"), device=device)
-                   for name, path in models.items()}
+        results = {run: evaluate_command(path, data["heldout_test"], reward=reward["best_checkpoint"],
+                                         output=str(folder / f"{run}.json"), device=device)
+                   for run, path in models.items()}
         # The starting point of the validation curves (the runs validate on heldout_val).
         results["pretrained_val"] = evaluate_command(policy, data["heldout_val"], device=device)
-        return results
+        return {"models": models, **results}
 
     # The key holds the upstream stages' results (not just paths, which stay the same when they rerun).
-    results = stages.run("evaluate", {"runs": [pretrain, learned, cer, supervised], "reward": reward,
-                                      "val": True}, evaluate)
+    return stages.run(name, {"runs": [base["pretrain"], *runs.values()], "reward": reward, "val": True}, evaluate)
+
+
+def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fresh: bool = False,
+             settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    settings = scaled_settings(budget_minutes, settings)
+    started = time.perf_counter()
+    root = Path(output_dir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    stages = Stages(root, fresh)
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"[demo] output folder: {root} (device: {device}, budget {budget_minutes:.0f} min)")
+    base = prepare(stages, settings)
+    reward = train_reward(stages, settings, base)
+    runs = trained_runs(stages, settings, base, reward)
+    results = evaluate_runs(stages, base, reward, runs, device)
+    seconds = {"pretrained": stages.timings["pretrain"], **{name: stages.timings[name] for name in TRAINED_RUNS}}
+    models = results["models"]
 
     report = {
         "heldout_voice": settings["heldout_voice"],
-        "test_manifest": data["heldout_test"],
+        "test_manifest": base["data"]["heldout_test"],
         "device": device,
         "runs": [{"name": name, "model": models[name], "wer": results[name]["wer"], "cer": results[name]["cer"],
                   "reward": results[name]["reward"], "seconds": round(seconds[name], 1)} for name in RUN_NAMES],
@@ -307,16 +420,17 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
         "total_seconds": round(sum(stages.timings.values()), 1),  # every stage, cached ones as they ran
         "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
         "pretrained_val_wer": results["pretrained_val"]["wer"],
-        "reward_model": {"checkpoint": reward_checkpoint,
-                         "val": {k: v for k, v in reward["final_metrics"].items() if k.startswith("val/")}},
+        "self_training_labels": {k: base["pseudo_labels"][k] for k in ("kept", "dropped")},
+        "reward_model": {"checkpoint": reward["best_checkpoint"],
+                         "val": {k: v for k, v in reward["final_metrics"].items() if k.startswith("val/")},
+                         "heldout_voice": reward["heldout"]},
         "settings": settings,
     }
-    base = report["runs"][0]["wer"]
+    base_wer = report["runs"][0]["wer"]
     for run in report["runs"]:
-        run["wer_relative_change"] = round((run["wer"] - base) / base, 4) if base else None
+        run["wer_relative_change"] = round((run["wer"] - base_wer) / base_wer, 4) if base_wer else None
     atomic_write_text(root / "report.json", json.dumps(report, indent=2))
-    _plot(report, {"rl_learned_reward": root / "rl_learned_reward", "rl_cer_reward": root / "rl_cer_reward",
-                   "supervised_continued": root / "supervised_continued"}, root / "report.png")
+    _plot(report, {name: root / name for name in TRAINED_RUNS}, root / "report.png")
 
     print()
     print(f"Held-out voice {report['heldout_voice']}: {results['pretrained']['n']} test utterances, greedy decoding")
@@ -328,8 +442,19 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
     quality = report["reward_model"]["val"]
     print(f"\nreward model (validation pairs): Pearson {quality.get('val/pearson', float('nan')):.3f}, within-clip "
           f"Spearman {quality.get('val/group_spearman', float('nan')):.3f} (audio gain "
-          f"{quality.get('val/audio_gain', float('nan')):+.3f}); total {report['total_seconds'] / 60:.1f} "
-          f"min (budget {budget_minutes:.0f} min)")
+          f"{quality.get('val/audio_gain', float('nan')):+.3f}); on the held-out voice's own hypotheses: "
+          f"Spearman {reward['heldout']['group_spearman']:.3f} (audio gain {reward['heldout']['audio_gain']:+.3f})")
+    print(f"total {report['total_seconds'] / 60:.1f} min (budget {budget_minutes:.0f} min)")
     print(f"report: {root / 'report.json'} and {root / 'report.png'}")
     print(f"TensorBoard: tensorboard --logdir {root}")
     return report
+
+
+def scaled_settings(budget_minutes: float = 15.0, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """SETTINGS with overrides; the time-boxed stages (pretraining, the RL runs, continued supervised
+    training and self-training) scale with the budget; the defaults fill ~15 of 15 minutes on 2 CPU cores."""
+    settings = {**SETTINGS, **(settings or {})}
+    scale = budget_minutes / 15.0
+    settings["pretrain_minutes"] = round(settings["pretrain_minutes"] * scale, 3)
+    settings["rl_minutes"] = round(settings["rl_minutes"] * scale, 3)
+    return settings

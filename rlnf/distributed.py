@@ -78,6 +78,16 @@ def pool_metrics(per_rank: Sequence[tuple[dict[str, float], float]], std_scale: 
     return pooled
 
 
+def micro_batch_weights(counts_by_rank: Sequence[Sequence[int]], rank: int) -> list[float]:
+    """Loss weight of each of this process's micro-batches: world * n[rank][i] / N, N the utterances
+    of the whole step (every process, every micro-batch). Each micro-batch's loss is a per-utterance
+    mean, and DDP averages gradients over processes, so the accumulated gradient is that of the
+    per-utterance mean over the step: a short last micro-batch counts for its utterances, no more.
+    counts_by_rank [world][accum] -> [accum]."""
+    total = sum(sum(counts) for counts in counts_by_rank)
+    return [len(counts_by_rank) * count / total for count in counts_by_rank[rank]]
+
+
 def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
     """Contiguous slice [lo, hi) of a global batch of ``count`` items for ``rank``; sizes differ by <= 1."""
     return count * rank // world_size, count * (rank + 1) // world_size

@@ -70,3 +70,23 @@ def regression_metrics(predictions: Sequence[float], targets: Sequence[float]) -
         "pearson": float("nan") if constant else float(stats.pearsonr(pred, true)[0]),
         "spearman": float("nan") if constant else float(stats.spearmanr(pred, true)[0]),
     }
+
+
+def within_group_spearman(predictions, targets, groups) -> float:
+    """Mean Spearman correlation within each clip's transcripts (clips with >= 3 distinct targets)."""
+    import math
+
+    from scipy import stats
+
+    by_group: dict = {}
+    for prediction, target, group in zip(predictions, targets, groups):
+        by_group.setdefault(group, ([], []))
+        by_group[group][0].append(prediction)
+        by_group[group][1].append(target)
+    values = []
+    for predicted, true in by_group.values():
+        if len(set(true)) >= 3 and len(set(predicted)) > 1:
+            value = stats.spearmanr(predicted, true)[0]
+            if math.isfinite(value):
+                values.append(value)
+    return sum(values) / len(values) if values else float("nan")

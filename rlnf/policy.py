@@ -36,6 +36,29 @@ class Samples:
     texts: list[list[str]]
     blank_ratio: float = 0.0  # share of valid sampled frames that were blank
 
+    def with_rows(self, rows: Sequence[int], other: "Samples") -> "Samples":
+        """These samples with utterances ``rows`` replaced by ``other``'s (one row of ``other`` per
+        entry of ``rows``, same K); labels are re-padded to the longer of the two."""
+        length = max(self.labels.shape[2], other.labels.shape[2])
+        labels = torch.nn.functional.pad(self.labels, (0, length - self.labels.shape[2]))
+        labels[list(rows)] = torch.nn.functional.pad(other.labels, (0, length - other.labels.shape[2]))
+        label_len = self.label_len.clone()
+        label_len[list(rows)] = other.label_len
+        texts = list(self.texts)
+        for row, group in zip(rows, other.texts):
+            texts[row] = group
+        return Samples(labels=labels, label_len=label_len, texts=texts, blank_ratio=self.blank_ratio)
+
+    def concat(self, other: "Samples") -> "Samples":
+        """Each utterance's hypotheses followed by ``other``'s: K1 + K2 per utterance."""
+        length = max(self.labels.shape[2], other.labels.shape[2])
+        pad = torch.nn.functional.pad
+        labels = torch.cat([pad(self.labels, (0, length - self.labels.shape[2])),
+                            pad(other.labels, (0, length - other.labels.shape[2]))], dim=1)
+        return Samples(labels=labels, label_len=torch.cat([self.label_len, other.label_len], dim=1),
+                       texts=[mine + theirs for mine, theirs in zip(self.texts, other.texts)],
+                       blank_ratio=other.blank_ratio)
+
 
 def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu"):
     """Restore a NeMo ASR model from a .nemo file, or download a pretrained one by name."""
@@ -135,6 +158,39 @@ class CTCPolicy:
                        texts=[texts[b * num_samples:(b + 1) * num_samples] for b in range(batch)],
                        blank_ratio=blank_ratio)
 
+    def nbest(self, log_probs: torch.Tensor, encoded_len: torch.Tensor, beam_size: int) -> Samples:
+        """The ``beam_size`` most likely distinct transcripts per utterance, best first.
+
+        Candidates come from NeMo's batched CTC beam search (no language model) run twice as wide:
+        its beams can hold one transcript twice and its scores only approximate the marginal, so the
+        candidates are de-duplicated and ranked by their exact log pi(y) (``ctc.sequence_log_probs``).
+        A list with fewer distinct transcripts is padded by repeating its best one (see
+        ``first_occurrences``)."""
+        from nemo.collections.asr.parts.submodules.ctc_beam_decoding import BeamBatchedCTCInfer
+
+        decoder = BeamBatchedCTCInfer(blank_index=self.blank_id, beam_size=2 * beam_size,
+                                      return_best_hypothesis=False, allow_cuda_graphs=False)
+        log_probs = log_probs.detach().float()
+        (beams,) = decoder(decoder_output=log_probs, decoder_lengths=encoded_len)
+        candidates = [list(dict.fromkeys(tuple(int(i) for i in hypothesis.y_sequence)
+                                         for hypothesis in beam.n_best_hypotheses)) or [()] for beam in beams]
+        width = max(len(group) for group in candidates)
+        labels, label_len = labels_to_padded([list(group[k]) if k < len(group) else [] for group in candidates
+                                              for k in range(width)], device=log_probs.device)
+        batch = log_probs.shape[0]
+        scores = ctc.sequence_log_probs(log_probs, encoded_len, labels.reshape(batch, width, -1),
+                                        label_len.reshape(batch, width), self.blank_id)
+        present = torch.tensor([[k < len(group) for k in range(width)] for group in candidates], device=scores.device)
+        order = scores.masked_fill(~present, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        sequences = []
+        for b, group in enumerate(candidates):
+            ranked = [group[k] for k in order[b, : min(beam_size, len(group))].tolist()]
+            sequences.extend(list(y) for y in ranked + [ranked[0]] * (beam_size - len(ranked)))
+        labels, label_len = labels_to_padded(sequences, device=log_probs.device)
+        texts = self.decode(labels, label_len)
+        return Samples(labels=labels.reshape(batch, beam_size, -1), label_len=label_len.reshape(batch, beam_size),
+                       texts=[texts[b * beam_size:(b + 1) * beam_size] for b in range(batch)])
+
     def greedy(self, log_probs: torch.Tensor, encoded_len: torch.Tensor) -> Samples:
         """The most likely alignment's transcript per utterance (K = 1)."""
         alignments = ctc.greedy_alignments(log_probs, encoded_len, self.blank_id)
@@ -196,6 +252,15 @@ class CTCPolicy:
         from rlnf.io import atomic_save
 
         atomic_save(path, lambda tmp: self.model.save_to(str(tmp)))
+
+
+def first_occurrences(texts: Sequence[Sequence[str]]) -> torch.Tensor:
+    """[B, K] bool: True for the first occurrence of each transcript within its utterance's group."""
+    rows = []
+    for group in texts:
+        seen: set[str] = set()
+        rows.append([not (text in seen or seen.add(text)) for text in group])
+    return torch.tensor(rows, dtype=torch.bool)
 
 
 def labels_to_padded(sequences: Sequence[Sequence[int]], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

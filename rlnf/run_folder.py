@@ -137,11 +137,14 @@ def check_resume(config: Any, run_dir: Path) -> Dict[str, tuple]:
 
 
 @contextlib.contextmanager
-def open_run_folder(config: Any) -> Iterator[Path]:
-    """Everything before a recipe writes into ``config.output_dir``: check the folder (named,
-    writable, holding no other run unless resuming), lock it for this run, remove what a killed
-    save left there, and on resume check the config against the run's own. Yields the folder."""
-    folder = check_output_dir(config.output_dir, getattr(config, "resume", None))
+def open_run_folder(config: Any) -> Iterator[Path | None]:
+    """Hold ``config.output_dir`` (checked by ``check_output_dir``) for one run: lock it, remove
+    what a killed save left there, and on resume check the config against the run's own. Yields
+    the folder (None for a recipe without one)."""
+    if not hasattr(config, "output_dir"):
+        yield None
+        return
+    folder = Path(config.output_dir).expanduser().resolve()
     with run_lock(folder):
         if holding_rank():  # the folder is ours alone now
             for path in (folder, folder / "checkpoints"):

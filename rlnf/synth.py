@@ -27,8 +27,8 @@ from typing import Sequence
 import numpy as np
 
 from rlnf.errors import RlnfError
+from rlnf.resources import sentences_file
 
-SENTENCES_FILE = Path(__file__).parent / "data" / "sentences.txt"
 SAMPLE_RATE = 16000
 
 
@@ -106,8 +106,9 @@ def synthesize(text: str, voice: Voice, path: str | Path, noise_snr: float | Non
         soundfile.write(str(path), audio, SAMPLE_RATE, subtype="PCM_16")
 
 
-def load_sentences(count: int, seed: int = 0, source: str | Path = SENTENCES_FILE) -> list[str]:
-    """``count`` distinct sentences from the shipped public-domain list, in a seeded order."""
+def load_sentences(count: int, seed: int = 0, source: str | Path | None = None) -> list[str]:
+    """``count`` distinct sentences from ``source`` (default: the shipped public-domain list), in a seeded order."""
+    source = source or sentences_file()
     lines = [line.strip() for line in Path(source).read_text(encoding="utf-8").splitlines()
              if line.strip() and not line.startswith("#")]
     if count > len(lines):
@@ -149,7 +150,7 @@ def synthesize_corpus(
     all_voices = train_voices + ([heldout] if heldout else [])
     params = {"num_sentences": num_sentences, "voices": [v.tag for v in train_voices],
               "heldout_voice": heldout.tag if heldout else None, "seed": seed, "noise_snr": noise_snr,
-              "split": list(split), "sentences_sha256": file_sha256(SENTENCES_FILE),
+              "split": list(split), "sentences_sha256": file_sha256(sentences_file()),
               "voices_per_sentence": voices_per_sentence}
     index_path = output / "corpus.json"
     if index_path.exists():

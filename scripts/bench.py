@@ -17,6 +17,8 @@ the reference forward every step, as a first epoch does).
   4. peak memory of the RL step / the supervised step (CPU: peak RSS of separate processes, also
      net of the memory both hold before their first step; CUDA: max_memory_allocated)
   5. reward-model throughput (pairs/s) and RL throughput (utterances/s, audio-seconds/s)
+  6. how the RL step grows with K: its time at K = 1, 4, 8, 16, 32 as a ratio to K = 1 (advantage
+     'none' so that K = 1 is valid; otherwise figure 1's step), every size; --k-repeats rounds
 On CUDA the policy runs under bf16 autocast. Policies are built from config (no download).
 """
 
@@ -88,23 +90,54 @@ def fixture(folder: Path, size: str, device_name: str):
     return manifest, nemo, reward
 
 
-def build_recipes(folder: Path, manifest: Path, nemo: Path, reward: Path, device_name: str):
-    from recipes.rl_finetune import RLFinetuneRecipe
-    from recipes.train_ctc import CTCTrainRecipe
-    from rlnf.config import CTCTrainConfig, RLFinetuneConfig, load_config
+COMMON = ["trainer.batch_size=8", "trainer.progress_bar=false", "data.shuffle=false", "trainer.lr=1e-5"]
+K_VALUES = (1, 4, 8, 16, 32)
 
-    common = [f"data.train_manifest={manifest}", "trainer.batch_size=8", "trainer.progress_bar=false",
-              "data.shuffle=false", f"trainer.device={device_name}", "trainer.lr=1e-5"]
-    rl_cfg = load_config(RLFinetuneConfig, None, common + [
-        f"policy.path={nemo}", f"output_dir={folder / 'rl'}", "algorithm.name=rloo", "algorithm.num_samples=8",
-        "algorithm.kl_coef=0.01", "algorithm.reference_cache_mb=0",  # figure 1: the reference runs every step
-        f"rewards=[{{name: learned, path: '{reward}', device: {device_name}}}]"])
-    sl_cfg = load_config(CTCTrainConfig, None, common + [f"model.path={nemo}", f"output_dir={folder / 'sl'}"])
-    rl, sl = RLFinetuneRecipe(rl_cfg), CTCTrainRecipe(sl_cfg)
+
+def build_rl_recipe(folder: Path, manifest: Path, nemo: Path, reward: Path, device_name: str, *extra: str):
+    """Figure 1's RL recipe (rloo, K = 8, learned reward, KL on with the reference run every step),
+    set up, with ``extra`` overrides."""
+    from rlnf.config import RLFinetuneConfig, load_config
+    from rlnf.launcher import load_recipe
+
+    rl = load_recipe("rl_finetune").RLFinetuneRecipe(load_config(RLFinetuneConfig, None, COMMON + [
+        f"data.train_manifest={manifest}", f"trainer.device={device_name}", f"policy.path={nemo}",
+        f"output_dir={folder}", "algorithm.name=rloo", "algorithm.num_samples=8", "algorithm.kl_coef=0.01",
+        "algorithm.reference_cache_mb=0", f"rewards=[{{name: learned, path: '{reward}', device: {device_name}}}]",
+        *extra]))
     rl.setup()
+    return rl
+
+
+def build_recipes(folder: Path, manifest: Path, nemo: Path, reward: Path, device_name: str):
+    from rlnf.config import CTCTrainConfig, load_config
+    from rlnf.launcher import load_recipe
+
+    rl = build_rl_recipe(folder / "rl", manifest, nemo, reward, device_name)
+    sl = load_recipe("train_ctc").CTCTrainRecipe(load_config(CTCTrainConfig, None, COMMON + [
+        f"data.train_manifest={manifest}", f"trainer.device={device_name}", f"model.path={nemo}",
+        f"output_dir={folder / 'sl'}"]))
     sl.setup()
     batch = next(iter(rl.stream))
     return rl, sl, batch
+
+
+def measure_k_sweep(size: str, device_name: str, repeats: int, folder: Path) -> dict:
+    """RL step seconds at every K of K_VALUES, timed in alternation on the same batch, and each as a
+    ratio to K = 1."""
+    from rlnf.training import resolve_device
+
+    device = resolve_device(device_name)
+    manifest, nemo, reward = fixture(folder, size, device_name)
+    with tempfile.TemporaryDirectory(dir=folder) as runs:
+        recipes = [build_rl_recipe(Path(runs) / f"k{k}", manifest, nemo, reward, device_name,
+                                   f"algorithm.num_samples={k}", "algorithm.advantage=none") for k in K_VALUES]
+        batch = next(iter(recipes[0].stream)).to(device)
+        times = alternate(*[lambda recipe=recipe: recipe.train_step([batch]) for recipe in recipes], device=device,
+                          repeats=repeats)
+    return {"k_step_s": dict(zip(map(str, K_VALUES), times)),
+            "k_over_k1_step_time": {str(k): t / times[0] for k, t in zip(K_VALUES, times)},
+            "k32_over_k8_step_time": times[K_VALUES.index(32)] / times[K_VALUES.index(8)]}
 
 
 @contextlib.contextmanager
@@ -329,6 +362,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="measure the rollout and reward figures on every size")
     parser.add_argument("--floor", action="store_true",
                         help="also time the reference forward: the floor of the RL / supervised ratio")
+    parser.add_argument("--k-repeats", type=int, default=3,
+                        help="rounds of the K sweep (figure 6; median); 0 skips it")
     parser.add_argument("--memory-probe", choices=["rl", "sl"], help=argparse.SUPPRESS)
     parser.add_argument("--fixture", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -361,6 +396,9 @@ def main() -> None:
         results = {size: measure_size(size, args.device, args.repeats, folders[size],
                                       rollout_and_reward=args.full or index == 0, floor=args.floor)
                    for index, size in enumerate(sizes)}
+        if args.k_repeats > 0:
+            for size in sizes:
+                results[size].update(measure_k_sweep(size, args.device, args.k_repeats, folders[size]))
         memory = measure_memory(sizes[-1], args.device, folders[sizes[-1]])
     device = results[sizes[0]]["device"]
     print(f"\nrlnf benchmark on {device} ({torch.get_num_threads()} threads), batch 8 x ~3 s, K = 8, "
@@ -379,12 +417,17 @@ def main() -> None:
             ("  distinct hypotheses of 64", "distinct_hypotheses", "{:.0f}", ""),
             ("reward-model throughput (pairs/s)", "reward_pairs_per_s", "{:.0f}", ""),
             ("RL throughput (utterances/s)", "rl_utterances_per_s", "{:.1f}", ""),
-            ("RL throughput (audio-seconds/s)", "rl_audio_seconds_per_s", "{:.1f}", "")]
+            ("RL throughput (audio-seconds/s)", "rl_audio_seconds_per_s", "{:.1f}", ""),
+            ("RL step at K = 32 / K = 8 (time)", "k32_over_k8_step_time", "{:.2f}x", "<= 1.5x (15x5)")]
     for label, key, fmt, target in rows:
         if not any(key in results[s] for s in sizes):
             continue
         cells = "".join(f"{fmt.format(results[s][key]) if key in results[s] else '-':>12}" for s in sizes)
         print(f"{label:<52}{cells}   {target}")
+    if any("k_over_k1_step_time" in results[s] for s in sizes):
+        for k in map(str, K_VALUES):
+            cells = "".join(f"{results[s]['k_over_k1_step_time'][k]:>11.2f}x" for s in sizes)
+            print(f"{'  RL step at K = ' + k + ' / K = 1 (time)':<52}{cells}")
     print(f"{'RL step / supervised step (peak RSS, ' + sizes[-1] + ')':<52}{memory['rl_over_sl_peak_memory']:>12.2f}x"
           f"   <= 1.5x")
     print(f"{'  the same, net of the RSS held before the steps':<52}{memory['rl_over_sl_peak_memory_net']:>12.2f}x")
@@ -392,6 +435,8 @@ def main() -> None:
         "rl_over_sl_step_time_15x5": results.get("15x5", {}).get("rl_over_sl_step_time"),
         "rl_over_sl_step_time_small": results.get("small", {}).get("rl_over_sl_step_time"),
         "rl_over_sl_step_time_15x5_ref_cached": results.get("15x5", {}).get("rl_over_sl_step_time_ref_cached"),
+        "k32_over_k8_step_time_15x5": results.get("15x5", {}).get("k32_over_k8_step_time"),
+        "k32_over_k8_step_time_small": results.get("small", {}).get("k32_over_k8_step_time"),
         "rollout_speedup_shared_vs_naive": results[sizes[0]]["rollout_speedup_shared_vs_naive"],
         "reward_speedup_reuse_vs_per_pair": results[sizes[0]]["reward_speedup_reuse_vs_per_pair"],
         "rl_over_sl_peak_memory": memory["rl_over_sl_peak_memory"],

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlnf.cli import load_recipe  # noqa: E402
+from rlnf.launcher import load_recipe  # noqa: E402
 from rlnf.config import iter_keys  # noqa: E402
 
 RECIPES = ("rl_finetune", "train_reward_model", "train_ctc")

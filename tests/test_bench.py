@@ -22,9 +22,11 @@ def test_bench_script_smoke(tmp_path):
     figures = json.loads(out.read_text())
     for key in ("rl_over_sl_step_time_15x5", "rl_over_sl_step_time_small", "rollout_speedup_shared_vs_naive",
                 "reward_speedup_reuse_vs_per_pair", "rl_over_sl_peak_memory", "reward_pairs_per_s",
-                "rl_utterances_per_s", "device", "K"):
+                "rl_utterances_per_s", "device", "K", "k32_over_k8_step_time_15x5"):
         assert key in figures, key
     tiny = figures["per_size"]["tiny"]
     assert figures["K"] == 8 and tiny["rl_over_sl_step_time"] > 0
     assert tiny["rl_over_sl_floor"] > 1 and tiny["rl_over_sl_step_time_ref_cached"] > 0  # --floor figures
     assert "RL step / supervised step" in result.stdout
+    assert set(tiny["k_over_k1_step_time"]) == {"1", "4", "8", "16", "32"} and tiny["k32_over_k8_step_time"] > 0
+    assert "RL step at K = 32 / K = 1" in result.stdout

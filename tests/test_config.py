@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from rlnf.cli import CONFIGS_DIR, list_configs, load_recipe, main
+from rlnf.cli import main
+from rlnf.launcher import list_configs, load_recipe
 from rlnf.config import RLFinetuneConfig, iter_keys, load_config
 from rlnf.run_folder import check_output_dir
 from rlnf.errors import ConfigError
+from rlnf.resources import configs_dir
 
 REQUIRED = ["policy.path=m.nemo", "data.train_manifest=t.json", "output_dir=/tmp/x"]
 
@@ -68,7 +70,7 @@ def test_cross_key_rules():
 
 @pytest.mark.parametrize("name", ["reinforce", "rloo", "grpo", "ppo"])
 def test_presets(name):
-    cfg = load_config(RLFinetuneConfig, CONFIGS_DIR / "rl" / f"{name}.yaml", REQUIRED)
+    cfg = load_config(RLFinetuneConfig, configs_dir() / "rl" / f"{name}.yaml", REQUIRED)
     assert cfg.algorithm.name == name
     expected = {"reinforce": ("self_critical", "reinforce"), "rloo": ("rloo", "reinforce"),
                 "grpo": ("group", "clipped"), "ppo": ("rloo", "clipped")}[name]
@@ -83,7 +85,7 @@ def test_user_value_beats_preset():
 def test_every_shipped_config_parses():
     for name in list_configs():
         recipe = load_recipe(_recipe_for(name))
-        cfg_path = CONFIGS_DIR / f"{name}.yaml"
+        cfg_path = configs_dir() / f"{name}.yaml"
         overrides = [f"{key}=x" for key, default, _ in iter_keys(recipe.CONFIG_CLASS) if default == "(required)"]
         load_config(recipe.CONFIG_CLASS, cfg_path, overrides)
 

@@ -192,3 +192,24 @@ def test_min_frames_decides_feasibility_like_the_ctc_loss():
                                                        torch.tensor([[length]]), BLANK)).item()
         needed = ctc.min_frames(labels[0], torch.tensor([length])).item()
         assert finite == (needed <= frames), (labels, length, frames)
+
+
+def test_distinct_sequence_log_probs_equal_the_full_computation_in_value_and_gradient():
+    """Repeated hypotheses (a peaked policy) are computed once and gathered back."""
+    torch.manual_seed(0)
+    batch, frames, vocabulary, num_samples = 3, 12, 4, 16
+    logits = (torch.randn(batch, frames, vocabulary) * 4).requires_grad_(True)
+    log_probs = torch.log_softmax(logits, -1)
+    encoded_len = torch.tensor([12, 9, 5])
+    alignments = ctc.sample_alignments(log_probs, encoded_len, num_samples, vocabulary - 1)
+    labels, label_len = ctc.collapse_alignments(alignments.reshape(batch * num_samples, -1), vocabulary - 1)
+    labels, label_len = labels.reshape(batch, num_samples, -1), label_len.reshape(batch, num_samples)
+    distinct = {(b, tuple(labels[b, k, : label_len[b, k]].tolist())) for b in range(batch) for k in range(num_samples)}
+    assert len(distinct) < batch * num_samples  # repeats present: the dedup path runs
+    full = ctc.sequence_log_probs(log_probs, encoded_len, labels, label_len, vocabulary - 1)
+    deduped = ctc.distinct_sequence_log_probs(log_probs, encoded_len, labels, label_len, vocabulary - 1)
+    torch.testing.assert_close(deduped, full)
+    weights = torch.randn(batch, num_samples)
+    (expected,) = torch.autograd.grad((full * weights).sum(), logits, retain_graph=True)
+    (got,) = torch.autograd.grad((deduped * weights).sum(), logits)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -249,7 +249,7 @@ def test_attention_reward_reuse_matches_every_pair_alone(tmp_path):
     from rlnf.reward_model.checkpoint import save_reward_folder
     from rlnf.reward_model.processor import RewardProcessor
     from rlnf import RewardConfig, RewardModel
-    from rlnf.rewards.learned import RewardScorer
+    from rlnf.reward_model.scorer import RewardScorer
 
     torch.manual_seed(3)
     config = RewardConfig(vocab_size=200, lstm_hidden=32, fusion="attention", attention_dim=16)
@@ -416,7 +416,7 @@ def test_audio_gain_is_zero_for_a_model_that_ignores_the_audio(trained_reward, t
 def test_reuse_of_audio_embedding_gives_the_same_scores(trained_reward, corpus):
     from rlnf.data.loader import AudioDataset, collate
     from rlnf.data.manifest import read_manifest
-    from rlnf.rewards.learned import RewardScorer
+    from rlnf.reward_model.scorer import RewardScorer
 
     scorer = RewardScorer(trained_reward / "checkpoints" / "best", device="cpu", batch_size=5)
     utterances, _ = read_manifest(corpus["val"])
@@ -476,7 +476,7 @@ def test_policy_and_reward_sample_rates_differ_through_the_rl_command(trained_re
     policy = tmp_path / "policy_8k.nemo"
     build_ctc_model(ENGLISH_LABELS, "tiny", seed=0, sample_rate=8000).save_to(str(policy))
     checkpoint = trained_reward / "checkpoints" / "best"
-    messages = warnings_of("rlnf.rewards.learned")
+    messages = warnings_of("rlnf.reward_model.scorer")
     code = main(["run", "rl_finetune", "--config", "rl/rloo", f"policy.path={policy}",
                  f"data.train_manifest={corpus['train']}", f"output_dir={tmp_path / 'run'}",
                  "trainer.max_steps=2", "trainer.batch_size=2", "algorithm.num_samples=4",

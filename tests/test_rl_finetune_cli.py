@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -130,19 +131,27 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(corpus, pretrained_ti
 
 
 @pytest.mark.slow
-def test_adaptive_kl_moves_beta_by_the_logged_kl_and_resumes_with_it(corpus, pretrained_tiny_nemo, tmp_path):
+@pytest.mark.parametrize("preset, penalised", [("grpo", "kl"), ("rloo", "kl/k1")])
+def test_adaptive_kl_moves_beta_by_the_penalised_kl_and_resumes_with_it(preset, penalised, corpus,
+                                                                         pretrained_tiny_nemo, tmp_path):
+    """The controller steers the KL that is penalised: the exact alignment KL for grpo, the k1
+    estimate on the samples for rloo (k1 in the reward), not the exact KL in both."""
     from rlnf.algorithms import adaptive_kl_coef
 
     out = tmp_path / "adaptive"
-    extra = ["grpo", "algorithm.kl_coef=0.05", "algorithm.kl_target=0.5", "algorithm.kl_horizon=16",
+    extra = [preset, "algorithm.kl_coef=0.05", "algorithm.kl_target=0.5", "algorithm.kl_horizon=16",
              "trainer.samples_every=0", "trainer.val_every=0"]
     assert main(run_args(pretrained_tiny_nemo, corpus, out, *extra, "trainer.max_steps=3")) == 0
     assert main(run_args(pretrained_tiny_nemo, corpus, out, *extra, "trainer.max_steps=5", "resume=true")) == 0
     rows = read_metrics(out)
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
     assert rows[0]["kl/coef"] == 0.05 and rows[0]["kl"] == 0.0
+    for row in rows:
+        assert row["kl/penalised"] == pytest.approx(row[penalised], rel=1e-6, abs=1e-9)
+    if preset == "rloo":
+        assert any(abs(row["kl/k1"] - row["kl"]) > 1e-6 for row in rows[1:])  # the two KLs differ
     for before, after in zip(rows, rows[1:]):  # across the resume too: beta is in the trainer state
-        expected = adaptive_kl_coef(before["kl/coef"], before["kl"], 0.5, 16, 4)
+        expected = adaptive_kl_coef(before["kl/coef"], before["kl/penalised"], 0.5, 16, 4)
         assert after["kl/coef"] == pytest.approx(expected, rel=1e-9)
     assert rows[1]["kl/coef"] < 0.05  # KL 0 < target at step 1: beta went down
 
@@ -159,3 +168,33 @@ def test_second_epoch_takes_reference_log_probs_from_the_cache(corpus, pretraine
     assert main(run_args(pretrained_tiny_nemo, corpus, off, "trainer.max_steps=1", "trainer.val_every=0",
                          "algorithm.reference_cache_mb=0")) == 0
     assert "perf/ref_cache_hit_rate" not in read_metrics(off)[0]
+
+
+@pytest.mark.slow
+def test_per_frame_ratio_clip_higher_and_dynamic_resampling_through_the_command(corpus, pretrained_tiny_nemo,
+                                                                                tmp_path):
+    out = tmp_path / "options"
+    assert main(run_args(pretrained_tiny_nemo, corpus, out, "ppo", "trainer.max_steps=2", "trainer.val_every=0",
+                         "trainer.samples_every=0", "algorithm.ratio=per_frame", "algorithm.clip_eps=0.005",
+                         "algorithm.clip_eps_high=0.01", "algorithm.resample_zero_std=2")) == 0
+    rows = read_metrics(out)
+    for row in rows:
+        for key in ("ppo/clip_ratio_low", "ppo/clip_ratio_high", "rollout/frac_zero_std_before",
+                    "rollout/frac_zero_std", "perf/resample_time", "kl/penalised"):
+            assert key in row and row[key] == row[key], key  # present and not NaN
+        assert row["rollout/frac_zero_std"] <= row["rollout/frac_zero_std_before"]
+    assert "ratio: per_frame" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rollout", ["nbest", "mixed"])
+def test_mwer_on_beam_lists_through_the_command(rollout, corpus, pretrained_tiny_nemo, tmp_path):
+    out = tmp_path / rollout
+    assert main(run_args(pretrained_tiny_nemo, corpus, out, "mwer", "trainer.max_steps=2", "trainer.val_every=0",
+                         "trainer.samples_every=2", f"algorithm.rollout={rollout}")) == 0
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        assert 0 < row["mwer/list_mass"] <= 1 and math.isfinite(row["loss/total"])
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples  # the sample table holds the beam's hypotheses

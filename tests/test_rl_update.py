@@ -36,7 +36,7 @@ def log_prob_of(policy, batch, texts_per_utterance):
                                   lengths.reshape(len(rows), n), policy.blank_id)
 
 
-@pytest.mark.parametrize("preset", ["reinforce", "rloo", "grpo", "ppo"])
+@pytest.mark.parametrize("preset", ["reinforce", "rloo", "grpo", "ppo", "mwer"])
 def test_updates_raise_the_preferred_hypothesis_and_lower_the_others(preset, corpus, pretrained_tiny_nemo, tmp_path):
     from recipes.rl_finetune import RLFinetuneRecipe
     from rlnf.config import RLFinetuneConfig, load_config
@@ -127,12 +127,12 @@ def test_reference_cache_evicts_least_recently_used_beyond_its_budget():
     cache = ReferenceCache(max_bytes=3 * 40)  # room for three [10] float32 entries
     for key in "abc":
         cache.put(key, torch.full((10,), float(ord(key))))
-    assert cache.get("a") is not None  # "a" becomes the most recently used
+    assert cache.get("a", 10) is not None  # "a" becomes the most recently used
     cache.put("d", torch.zeros(10))  # evicts "b", the least recently used
-    assert cache.get("b") is None and len(cache) == 3 and cache.bytes == 120
-    assert cache.get("c") is not None and cache.get("d") is not None
+    assert cache.get("b", 10) is None and len(cache) == 3 and cache.bytes == 120
+    assert cache.get("c", 10) is not None and cache.get("d", 10) is not None
     cache.put("huge", torch.zeros(100))  # larger than the whole budget: not kept, nothing evicted
-    assert cache.get("huge") is None and len(cache) == 3
+    assert cache.get("huge", 100) is None and len(cache) == 3
     cache.put("a", torch.zeros(5))  # replacing an entry frees its old bytes
     assert cache.bytes == 100
     assert (cache.hits, cache.misses) == (3, 2)
@@ -152,7 +152,7 @@ def test_reference_cache_gives_the_reference_forward_and_runs_only_the_missing_u
 
     cfg = finalize_config(RLFinetuneConfig(output_dir="unused"))
     algo = cfg.algorithm
-    algo.kl_estimator, algo.kl_in_reward, algo.temperature = "k3", True, 1.3
+    algo.kl_estimator, algo.kl_in_reward, algo.temperature = "k1", True, 1.3
     utterances, _ = read_manifest(corpus["train"])
     dataset = AudioDataset(utterances, 16000)
     policy = CTCPolicy.load(pretrained_tiny_nemo)
@@ -181,3 +181,57 @@ def test_reference_cache_gives_the_reference_forward_and_runs_only_the_missing_u
     assert cached.metrics["kl"] == pytest.approx(plain.metrics["kl"], rel=1e-5, abs=1e-6)
     again = make_rollout(policy, reference, rewards, mixed, algo, sample_keys=keys, reference_cache=cache)
     assert calls == [2, 2, 4] and again.metrics["perf/ref_cache_hit_rate"] == 1.0  # no forward at all
+
+
+class ParityReward:
+    """1 for a transcript of odd length, else 0: many groups of K = 2 get equal rewards."""
+
+    def __call__(self, batch):
+        return [[float(len(h) % 2) for h in group] for group in batch.hypotheses]
+
+
+def test_dynamic_resampling_redraws_zero_spread_groups_from_the_tempered_policy(pretrained_tiny_nemo, corpus):
+    """Groups whose K rewards are all equal are re-drawn from the same tempered frame distributions
+    (draw n of utterance b keyed by key_b + (n,)), other groups are untouched, and the old log-probs
+    are those of the final samples under pi_tau: they count as samples of the policy the loss uses."""
+    from rlnf.config import RLFinetuneConfig, RewardSpec, finalize_config
+    from rlnf.data.loader import AudioDataset, collate
+    from rlnf.data.manifest import read_manifest
+    from rlnf.policy import CTCPolicy
+    from rlnf.rewards import build_rewards
+    from rlnf.rl import make_rollout, sampling_uniforms, zero_spread
+
+    cfg = finalize_config(RLFinetuneConfig(output_dir="unused"))
+    algo = cfg.algorithm
+    algo.num_samples, algo.temperature, tries = 2, 1.3, 4
+    utterances, _ = read_manifest(corpus["train"])
+    batch = collate([AudioDataset(utterances, 16000)[i] for i in range(8)])
+    keys = [(0, 0, 0, u.line) for u in batch.utterances]
+    policy = CTCPolicy.load(pretrained_tiny_nemo)
+    rewards = build_rewards([RewardSpec(name="tests.test_rl_update.ParityReward")])
+    plain = make_rollout(policy, None, rewards, batch, algo, sample_keys=keys)
+    algo.resample_zero_std = tries
+    resampled = make_rollout(policy, None, rewards, batch, algo, sample_keys=keys)
+
+    degenerate = zero_spread(plain.rewards).tolist()
+    assert any(degenerate) and not all(degenerate)
+    with torch.no_grad():
+        raw, encoded_len = policy.forward(batch.audio, batch.audio_len)
+    log_probs = ctc.apply_temperature(raw.float(), algo.temperature)
+    for b, was_degenerate in enumerate(degenerate):
+        if not was_degenerate:
+            assert resampled.samples.texts[b] == plain.samples.texts[b]
+            continue
+        for attempt in range(1, tries + 1):  # replay the draws
+            uniforms = sampling_uniforms([(*keys[b], attempt)], encoded_len[b:b + 1], 2, frames=log_probs.shape[1])
+            texts = policy.sample(log_probs[b:b + 1], encoded_len[b:b + 1], 2, None, uniforms).texts[0]
+            if len({len(text) % 2 for text in texts}) > 1:
+                break
+        assert resampled.samples.texts[b] == texts
+    assert resampled.metrics["rollout/frac_zero_std_before"] == plain.metrics["rollout/frac_zero_std"]
+    assert resampled.metrics["rollout/frac_zero_std"] < plain.metrics["rollout/frac_zero_std"]
+    assert resampled.metrics["perf/resample_time"] > 0
+    expected = torch.tensor([[float(len(t) % 2) for t in group] for group in resampled.samples.texts])
+    torch.testing.assert_close(resampled.rewards, expected)
+    torch.testing.assert_close(resampled.old_log_probs, ctc.sequence_log_probs(
+        log_probs, encoded_len, resampled.samples.labels, resampled.samples.label_len, policy.blank_id))

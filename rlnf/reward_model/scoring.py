@@ -21,7 +21,7 @@ def score_manifest(reward: str, manifest: str, text_keys: Sequence[str] = ("text
     from rlnf.data.loader import AudioDataset, eval_batches
     from rlnf.data.manifest import read_manifest
     from rlnf.io import atomic_write_text, check_output_file
-    from rlnf.rewards.learned import RewardScorer
+    from rlnf.reward_model.scorer import RewardScorer
 
     if output:  # refused now, not after every pair is scored
         check_output_file("--output", output, {"manifest": manifest})

@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Seeded learning-quality benchmark: the demo's comparison over several seeds, as mean +- std.
+
+    python scripts/quality.py                       # 3 seeds, in the demo's folder (demo_output/)
+    python scripts/quality.py --seeds 5 --json quality.json --png quality.png
+    python scripts/quality.py --presets grpo,rloo,reinforce,ppo,mwer   # compare RL presets too
+
+It re-uses the demo's folder: the corpus, the starting policy, the scored pairs and the pseudo-labels
+(stages it finds missing run first, exactly as `rlnf demo` runs them). Seed i (trainer.seed 42 + i;
+the first one is the demo's own runs, re-used when cached) retrains the reward model and reruns RL
+with the learned reward (no transcripts), RL with 1 - CER (the oracle), continued supervised
+training and self-training (the starting policy's greedy transcripts of the same untranscribed audio
+the learned-reward run sees, as labels). Every run has the demo's wall-clock budget, so run it on an
+otherwise idle machine. The test set is read by the final evaluation of each seed only: nothing is
+chosen on it.
+
+Reported per run: the relative change of test WER and CER against the starting policy (negative when
+they fall), mean +- std over seeds; the oracle-gap fraction (WER_pre - WER_run) / (WER_pre - WER_cer);
+for the reward model, the within-clip Spearman on the held-out voice's own policy hypotheses and its
+audio gain (the same with every clip's transcripts scored against another clip's audio); and, for the
+learned-reward run, the largest rise of its validation WER while its validation reward rose.
+
+--presets adds, per seed, the two RL runs (learned reward, 1 - CER) of every other preset named,
+against the same reward model: runs "rl_learned_reward-PRESET" and "rl_cer_reward-PRESET".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BASE_SEED = 42  # the demo's run_seed
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for one value; NaN when a value is NaN, e.g. an undefined fraction)."""
+    if any(math.isnan(value) for value in values):
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def finite_or_null(value: Any) -> Any:
+    """NaN and infinities as null, so the JSON is valid for every reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def largest_wer_rise_while_reward_rose(rows: list[dict[str, Any]]) -> float:
+    """Over consecutive validations of one run: the largest increase of val/wer between two
+    validations where val/reward increased (0 when WER never rose with the reward)."""
+    points = [(row["val/wer"], row["val/reward"]) for row in rows if "val/wer" in row and "val/reward" in row]
+    rises = [wer - previous_wer for (previous_wer, previous_reward), (wer, reward) in zip(points, points[1:])
+             if reward > previous_reward and wer > previous_wer]
+    return max(rises, default=0.0)
+
+
+def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dict[str, Any]:
+    """The benchmark's figures from each seed's results.
+
+    per_seed[i]: {"seed", "wer": {run: WER}, "cer": {run: CER}, "reward_heldout": {"group_spearman",
+    "audio_gain"}, "reward_val": {...}, "wer_rise": float, "final_val_wer": float}; "pretrained" is
+    one of the runs. Changes are relative: (x_run - x_pre) / x_pre."""
+    runs: dict[str, Any] = {}
+    for name in run_names:
+        entry: dict[str, Any] = {}
+        for metric in ("wer", "cer"):
+            changes = [(seed[metric][name] - seed[metric]["pretrained"]) / seed[metric]["pretrained"]
+                       for seed in per_seed]
+            mean, std = mean_std(changes)
+            entry.update({f"{metric}_change_mean": mean, f"{metric}_change_std": std,
+                          f"{metric}_change_per_seed": changes,
+                          f"{metric}_mean": statistics.fmean(seed[metric][name] for seed in per_seed)})
+        runs[name] = entry
+    fractions = [(seed["wer"]["pretrained"] - seed["wer"]["rl_learned_reward"])
+                 / (seed["wer"]["pretrained"] - seed["wer"]["rl_cer_reward"])
+                 if seed["wer"]["pretrained"] != seed["wer"]["rl_cer_reward"] else float("nan") for seed in per_seed]
+    fraction_mean, fraction_std = mean_std(fractions)
+    gains = mean_std([seed["reward_heldout"]["audio_gain"] for seed in per_seed])
+    spearman = mean_std([seed["reward_heldout"]["group_spearman"] for seed in per_seed])
+    final_val = mean_std([seed["final_val_wer"] for seed in per_seed])
+    return {
+        "seeds": len(per_seed),
+        "seed_values": [seed["seed"] for seed in per_seed],
+        "runs": runs,
+        "oracle_fraction_mean": fraction_mean,
+        "oracle_fraction_std": fraction_std,
+        "oracle_fraction_per_seed": fractions,
+        "learned_beats_self_training_every_seed": all(
+            seed["wer"]["rl_learned_reward"] < seed["wer"]["self_training"] for seed in per_seed),
+        "reward_model": {"audio_gain_mean": gains[0], "audio_gain_std": gains[1],
+                         "heldout_group_spearman_mean": spearman[0], "heldout_group_spearman_std": spearman[1],
+                         "val_group_spearman_mean": statistics.fmean(
+                             seed["reward_val"].get("val/group_spearman", float("nan")) for seed in per_seed)},
+        "learned_validation": {"largest_wer_rise_while_reward_rose": [seed["wer_rise"] for seed in per_seed],
+                               "final_val_wer_mean": final_val[0], "final_val_wer_std": final_val[1]},
+    }
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(f"\n{summary['seeds']} seeds {summary['seed_values']}; held-out voice test set; changes relative to the "
+          "starting policy, mean +- std")
+    print(f"{'run':<22} {'WER':>7} {'WER change':>18} {'CER change':>18}")
+    for name, run in summary["runs"].items():
+        print(f"{name:<22} {run['wer_mean']:7.3f} {100 * run['wer_change_mean']:+8.1f} +- {100 * run['wer_change_std']:4.1f} % "
+              f"{100 * run['cer_change_mean']:+8.1f} +- {100 * run['cer_change_std']:4.1f} %")
+    reward = summary["reward_model"]
+    print(f"oracle-gap fraction of rl_learned_reward: {summary['oracle_fraction_mean']:.2f} +- "
+          f"{summary['oracle_fraction_std']:.2f}; beats self-training on every seed: "
+          f"{summary['learned_beats_self_training_every_seed']}")
+    print(f"reward model on the held-out voice's hypotheses: within-clip Spearman "
+          f"{reward['heldout_group_spearman_mean']:.3f} +- {reward['heldout_group_spearman_std']:.3f}, audio gain "
+          f"{reward['audio_gain_mean']:+.3f} +- {reward['audio_gain_std']:.3f}")
+    validation = summary["learned_validation"]
+    print(f"rl_learned_reward validation: largest WER rise while the reward rose per seed "
+          f"{[round(x, 3) for x in validation['largest_wer_rise_while_reward_rose']]}; final val WER "
+          f"{validation['final_val_wer_mean']:.3f} +- {validation['final_val_wer_std']:.3f} across seeds")
+
+
+def plot(summary: dict[str, Any], curves: dict[int, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    names = list(summary["runs"])
+    for x, name in enumerate(names):
+        run = summary["runs"][name]
+        left.bar(x, 100 * run["wer_change_mean"], yerr=100 * run["wer_change_std"], capsize=4, alpha=0.6)
+        left.scatter([x] * len(run["wer_change_per_seed"]), [100 * c for c in run["wer_change_per_seed"]],
+                     color="black", s=12, zorder=3)
+    left.axhline(0, color="grey", linewidth=0.8)
+    left.set_xticks(range(len(names)), names, rotation=20, fontsize="small")
+    left.set(title=f"Test WER change over {summary['seeds']} seeds (mean +- std, dots: seeds)", ylabel="%")
+    for seed, points in curves.items():
+        if points:
+            right.plot(*zip(*points), marker="o", label=f"seed {seed}")
+    right.set(title="rl_learned_reward: validation WER", xlabel="step", ylabel="WER")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    right.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="demo_output", help="the demo's folder (default: demo_output)")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    parser.add_argument("--json", help="write the figures to this JSON file")
+    parser.add_argument("--png", help="write the plot here (default: OUTPUT/quality/quality.png)")
+    parser.add_argument("--budget-minutes", type=float, default=15.0, help="the demo's budget (scales every run)")
+    parser.add_argument("--settings", default="{}", help="JSON overrides of rlnf.demo.SETTINGS (e.g. smaller runs)")
+    parser.add_argument("--presets", default="", help="also run RL with these presets, comma-separated (e.g. "
+                                                      "rloo,reinforce,ppo,mwer); the demo's grpo always runs")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+
+    import torch
+
+    from rlnf.cli import quiet_nemo, setup_logging
+    from rlnf.config import ALGORITHM_NAMES
+    from rlnf.demo import TRAINED_RUNS, Stages, evaluate_runs, prepare, rl_runs, scaled_settings, train_reward, trained_runs
+    from rlnf.metric_logging import read_metrics
+
+    setup_logging()
+    quiet_nemo()
+    started = time.perf_counter()
+    root = Path(args.output).expanduser().resolve()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = scaled_settings(args.budget_minutes, json.loads(args.settings))
+    presets = [name for name in args.presets.split(",") if name and name != settings["rl_algorithm"]]
+    unknown = sorted(set(presets) - set(ALGORITHM_NAMES))
+    if unknown:
+        parser.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHM_NAMES)}")
+    run_names = (*TRAINED_RUNS, *[f"{run}-{preset}" for preset in presets
+                                  for run in ("rl_learned_reward", "rl_cer_reward")])
+    shared = Stages(root, fresh=False)
+    base = prepare(shared, settings)
+    per_seed, curves, timings = [], {}, [shared.timings]
+    for index in range(args.seeds):
+        seed = BASE_SEED + index
+        folder = root if index == 0 else root / "quality" / f"seed_{seed}"  # seed 42: the demo's own runs
+        stages = Stages(folder, fresh=False)
+        timings.append(stages.timings)
+        seeded = {**settings, "run_seed": seed}
+        print(f"[quality] seed {seed} ({index + 1}/{args.seeds}) in {folder}", flush=True)
+        reward = train_reward(stages, seeded, base)
+        runs = trained_runs(stages, seeded, base, reward)
+        results = evaluate_runs(stages, base, reward, runs, device)
+        if presets:
+            others = {}
+            for preset in presets:
+                others.update(rl_runs(stages, {**seeded, "rl_algorithm": preset}, base, reward, suffix=f"-{preset}"))
+            results.update(evaluate_runs(stages, base, reward, others, device, name="evaluate_presets"))
+        rows = read_metrics(folder / "rl_learned_reward")
+        curves[seed] = [(row["step"], row["val/wer"]) for row in rows if "val/wer" in row]
+        per_seed.append({
+            "seed": seed,
+            "wer": {name: results[name]["wer"] for name in ("pretrained", *run_names)},
+            "cer": {name: results[name]["cer"] for name in ("pretrained", *run_names)},
+            "reward_heldout": reward["heldout"],
+            "reward_val": {k: v for k, v in reward["final_metrics"].items() if k.startswith("val/")},
+            "wer_rise": largest_wer_rise_while_reward_rose(rows),
+            "final_val_wer": curves[seed][-1][1] if curves[seed] else float("nan"),
+        })
+    summary = summarise(per_seed, run_names)
+    summary["per_seed"] = per_seed
+    summary["seconds"] = round(time.perf_counter() - started, 1)  # this invocation (cached stages are free)
+    # Every stage's own time as it ran, cached or not: the cost of the whole benchmark from scratch.
+    summary["stage_seconds"] = round(sum(sum(t.values()) for t in timings), 1)
+    summary["device"] = device
+    print_table(summary)
+    png = Path(args.png) if args.png else root / "quality" / "quality.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(summary, curves, png)
+    print(f"plot: {png}; {summary['seconds'] / 60:.1f} min this time, {summary['stage_seconds'] / 60:.1f} min of "
+          "stages in all")
+    if args.json:
+        Path(args.json).write_text(json.dumps(finite_or_null(summary), indent=2))
+        print(f"figures: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

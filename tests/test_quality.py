@@ -1,0 +1,91 @@
+"""scripts/quality.py: the figures from per-seed results (hand values) and a tiny run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_quality():
+    spec = importlib.util.spec_from_file_location("quality_script", ROOT / "scripts" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RUNS = ("rl_learned_reward", "rl_cer_reward", "supervised_continued", "self_training")
+
+
+def seed_result(seed, learned, cer, supervised, self_training, gain, spearman, rise=0.0):
+    wer = {"pretrained": 0.8, "rl_learned_reward": learned, "rl_cer_reward": cer,
+           "supervised_continued": supervised, "self_training": self_training}
+    return {"seed": seed, "wer": wer, "cer": {k: v / 2 for k, v in wer.items()},
+            "reward_heldout": {"audio_gain": gain, "group_spearman": spearman},
+            "reward_val": {"val/group_spearman": 0.5}, "wer_rise": rise, "final_val_wer": learned}
+
+
+def test_summary_against_hand_values():
+    quality = load_quality()
+    per_seed = [seed_result(42, 0.72, 0.60, 0.76, 0.74, 0.1, 0.6, rise=0.01),
+                seed_result(43, 0.68, 0.60, 0.76, 0.78, 0.2, 0.7)]
+    summary = quality.summarise(per_seed, RUNS)
+    learned = summary["runs"]["rl_learned_reward"]
+    assert learned["wer_change_per_seed"] == pytest.approx([-0.1, -0.15])
+    assert learned["wer_change_mean"] == pytest.approx(-0.125)
+    assert learned["wer_change_std"] == pytest.approx((2 * 0.025 ** 2) ** 0.5)  # sample std of two values
+    assert learned["cer_change_mean"] == pytest.approx(-0.125)
+    assert summary["oracle_fraction_per_seed"] == pytest.approx([0.4, 0.6])
+    assert summary["oracle_fraction_mean"] == pytest.approx(0.5)
+    assert summary["learned_beats_self_training_every_seed"] is True
+    assert summary["reward_model"]["audio_gain_mean"] == pytest.approx(0.15)
+    assert summary["reward_model"]["heldout_group_spearman_mean"] == pytest.approx(0.65)
+    per_seed[1]["wer"]["self_training"] = 0.66
+    assert quality.summarise(per_seed, RUNS)["learned_beats_self_training_every_seed"] is False
+
+
+def test_largest_wer_rise_counts_rises_while_the_reward_rose():
+    quality = load_quality()
+    rows = [{"val/wer": 0.70, "val/reward": 0.80}, {"val/wer": 0.72, "val/reward": 0.81},  # +0.02 with reward up
+            {"step": 3}, {"val/wer": 0.75, "val/reward": 0.79},  # +0.03 with reward down: not counted
+            {"val/wer": 0.70, "val/reward": 0.85}]
+    assert quality.largest_wer_rise_while_reward_rose(rows) == pytest.approx(0.02)
+    assert quality.finite_or_null({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
+
+
+@pytest.mark.slow
+def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
+    """Two seeds of the whole pipeline at toy size: the JSON has the documented keys, and the seeds
+    change both the reward model's training and the RL runs."""
+    from tests.conftest import require_tool
+
+    require_tool("flite", "espeak-ng", "sox")
+    from rlnf.metric_logging import read_metrics
+
+    settings = {"sentences": 16, "split": [0.5, 0.25], "voices": ["flite:kal16", "espeak:en+m3"],
+                "voices_per_sentence": 2, "heldout_voice": "flite:rms", "policy_size": "tiny",
+                "pretrain_minutes": 0.1, "scored_utterances": 8, "scored_temperatures": [1.0],
+                "reward_epochs": 1, "reward_vocab_size": 40, "rl_minutes": 0.03, "rl_num_samples": 2,
+                "rl_batch_size": 4}
+    out, figures = tmp_path / "demo", tmp_path / "quality.json"
+    quality = load_quality()
+    assert quality.main(["--output", str(out), "--seeds", "2", "--json", str(figures), "--presets", "rloo",
+                         "--settings", json.dumps(settings)]) == 0
+    summary = json.loads(figures.read_text())
+    assert summary["seeds"] == 2 and summary["seconds"] > 0 and summary["stage_seconds"] >= summary["seconds"] * 0.5
+    for name in (*RUNS, "rl_learned_reward-rloo", "rl_cer_reward-rloo"):
+        run = summary["runs"][name]
+        assert {"wer_change_mean", "wer_change_std", "wer_change_per_seed"} <= set(run)
+        assert len(run["wer_change_per_seed"]) == 2
+    assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model"])
+    assert "oracle_fraction_mean" in summary
+    first, second = summary["per_seed"]
+    assert first["reward_val"] != second["reward_val"]  # the reward model's training changed
+    sampled = [read_metrics(folder / "rl_learned_reward")[0]["rollout/log_prob"]
+               for folder in (out, out / "quality" / "seed_43")]
+    assert sampled[0] != sampled[1]  # RL sampling changed
+    assert (out / "quality" / "quality.png").stat().st_size > 10_000

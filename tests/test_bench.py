@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_script_smoke(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--sizes", "tiny", "--repeats", "2",
-                             "--device", "cpu", "--floor", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
+                             "--device", "cpu", "--floor", "--k-repeats", "1", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())

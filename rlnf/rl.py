@@ -152,17 +152,13 @@ def reference_log_probs(reference: CTCPolicy, batch: AudioBatch, encoded_len: to
     ``encoded_len`` hold log(1/V) and are never read). With a cache, only the utterances it lacks go
     through the reference, as one smaller batch; their outputs are stored under ``keys``."""
     cached = [None] * len(batch) if cache is None else [
-        cache.get(key, frames) for key, frames in zip(keys, encoded_len.tolist())]
+        cache.get(key, length) for key, length in zip(keys, encoded_len.tolist())]
     missing = [b for b, entry in enumerate(cached) if entry is None]
     if missing:
-        audio, audio_len = batch.audio, batch.audio_len
-        index = torch.tensor(missing, device=audio.device)
-        if len(missing) < len(batch):
-            audio_len = audio_len[index]
-            audio = audio[index, : int(audio_len.max())]
+        sub = batch if len(missing) == len(batch) else batch.subset(missing)
         with torch.no_grad(), autocast():
-            computed, computed_len = reference.forward(audio, audio_len)
-        expected = encoded_len[index.to(encoded_len.device)]
+            computed, computed_len = reference.forward(sub.audio, sub.audio_len)
+        expected = encoded_len[torch.tensor(missing, device=encoded_len.device)]
         if not torch.equal(computed_len.to(expected.device), expected):
             raise RuntimeError(f"reference and policy disagree on frame counts ({computed_len.tolist()} vs "
                                f"{expected.tolist()}): different front ends?")
@@ -189,15 +185,10 @@ def score(reward_set: RewardSet, batch: AudioBatch, sample_rate: int, groups: li
           rows: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rewards [B', K'] of ``groups`` (one list of hypotheses per utterance of ``rows``, or of the
     whole batch): references reach only the rewards that need them."""
-    utterances = batch.utterances if rows is None else [batch.utterances[b] for b in rows]
-    audio, audio_len = batch.audio, batch.audio_len
     if rows is not None:
-        index = torch.tensor(list(rows), device=audio.device)
-        audio_len = audio_len[index]
-        audio = audio[index, : int(audio_len.max())]
-    inputs = RewardInputs(audio=audio, audio_len=audio_len, sample_rate=sample_rate, hypotheses=groups,
-                          references=[u.text for u in utterances],
-                          metadata=[u.fields for u in utterances])
+        batch = batch.subset(rows)
+    inputs = RewardInputs(audio=batch.audio, audio_len=batch.audio_len, sample_rate=sample_rate, hypotheses=groups,
+                          references=batch.references, metadata=[u.fields for u in batch.utterances])
     return reward_set(inputs)
 
 
@@ -422,8 +413,8 @@ def rl_loss(
                                                         rollout.samples.label_len, policy.blank_id)
     # Policy-gradient term.
     clip = {"low": torch.zeros(()), "high": torch.zeros(())}
+    frames = encoded_len if algo.ratio == "per_frame" else None  # the ratio's length normalisation
     if algo.policy_loss == "clipped":
-        frames = encoded_len if algo.ratio == "per_frame" else None
         loss_policy, clip = algorithms.clipped_surrogate_loss(seq_log_probs, rollout.old_log_probs, rollout.advantages,
                                                               algo.clip_eps, algo.clip_eps_high, frames)
     elif algo.policy_loss == "mwer":
@@ -441,8 +432,7 @@ def rl_loss(
     # Entropy bonus and supervised term.
     entropy = ctc.frame_entropy(log_probs, encoded_len).mean()
     loss = loss_policy + loss_kl - algo.entropy_coef * entropy
-    ratio = algorithms.importance_ratio(seq_log_probs.detach(), rollout.old_log_probs,
-                                        encoded_len if algo.ratio == "per_frame" else None)
+    ratio = algorithms.importance_ratio(seq_log_probs.detach(), rollout.old_log_probs, frames)
     metrics = {"loss/policy": float(loss_policy.detach()), "loss/kl": float(loss_kl.detach()),
                "ppo/clip_ratio": float(clip["low"] + clip["high"]), "ppo/clip_ratio_low": float(clip["low"]),
                "ppo/clip_ratio_high": float(clip["high"]), "ppo/ratio_mean": float(ratio.mean())}

@@ -40,6 +40,12 @@ class AudioBatch:
     def __len__(self) -> int:
         return len(self.utterances)
 
+    def subset(self, rows: Sequence[int]) -> "AudioBatch":
+        """The utterances ``rows`` as a batch of their own, padded to the longest of them."""
+        index = torch.tensor(list(rows), device=self.audio.device)
+        audio_len = self.audio_len[index]
+        return AudioBatch(self.audio[index, : int(audio_len.max())], audio_len, [self.utterances[b] for b in rows])
+
 
 def bucketed_batches(
     durations: Sequence[float],

@@ -434,8 +434,6 @@ def fails_on_rank_one(inputs):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="passed on rel16 before the merge of main (issue 12/13 changes); after it the two processes "
-                         "hang at the failing step: to investigate before enabling")
 def test_a_reward_raising_on_one_process_stops_both_with_a_checkpoint(corpus, tiny_nemo, tmp_path):
     import torch
 

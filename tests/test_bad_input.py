@@ -448,3 +448,27 @@ def test_a_reward_raising_on_one_process_stops_both_with_a_checkpoint(corpus, ti
     assert "process 1: ConnectionError: the scoring service went away" in result.stderr
     assert "Traceback" not in result.stderr
     assert torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.slow
+def test_bad_audio_on_one_process_stops_both_with_a_checkpoint(tmp_path, clip, tiny_nemo):
+    """A data worker on process 1 meets a clip of NaN samples at step 2: both processes stop (none
+    waits on a collective), the message names the manifest line, and step 1 is kept."""
+    import torch
+
+    speech = np.zeros(8000, dtype=np.float32) + 0.01
+    speech[100:200] = np.nan
+    soundfile.write(str(tmp_path / "nan.wav"), speech, 16000, subtype="FLOAT")
+    manifest = write_rows(tmp_path / "m.json", [{"audio_filepath": str(clip), "text": text} for text in "abc"]
+                          + [{"audio_filepath": "nan.wav", "text": "d"}])
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "rlnf.cli", "run", "rl_finetune", "--config", "rl/rloo", f"policy.path={tiny_nemo}",
+         f"data.train_manifest={manifest}", f"output_dir={out}", "trainer.batch_size=1", "algorithm.num_samples=2",
+         "trainer.progress_bar=false", "trainer.samples_every=0", "trainer.devices=2", "trainer.max_steps=4",
+         "trainer.save_every=100", "data.num_workers=1", "data.shuffle=false"],
+        capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "m.json:4: audio file holds NaN or infinite samples" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)["step"] == 1

@@ -158,6 +158,13 @@ def test_a_yaml_whose_top_level_is_a_list_is_refused(tmp_path, capsys):
     assert "list.yaml: the top level must be a mapping" in capsys.readouterr().err
 
 
+def test_a_yaml_nested_too_deeply_is_refused_naming_the_file(tmp_path, capsys):
+    config = tmp_path / "deep.yaml"
+    config.write_text("policy: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert main(["run", "rl_finetune", "--config", str(config)]) == 2
+    assert "deep.yaml: cannot parse YAML: nested too deeply" in capsys.readouterr().err
+
+
 def test_gradients_made_non_finite_by_clipping_are_reported_as_nan():
     import torch
 

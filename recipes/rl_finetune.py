@@ -135,10 +135,10 @@ class RLFinetuneRecipe:
 
     # ------------------------------------------------------------------------------ one step
     def next_micro_batches(self, iterator) -> tuple[list, list[float]]:
-        """``grad_accum_steps`` micro-batches, and each one's loss weight (``micro_batch_weights``): the
-        accumulated (and DDP-averaged) gradient is the mean over the step's micro-batches of each global
-        micro-batch's per-utterance mean, whatever the shard sizes. When a process's shard is all
-        unreadable audio (skip_bad_samples), every process skips it."""
+        """``grad_accum_steps`` micro-batches, and each one's loss weight (``micro_batch_weights``), so
+        that the accumulated (and DDP-averaged) gradient is that of the per-utterance mean over the
+        whole step, whatever the micro-batch and shard sizes. When a process's shard is all unreadable
+        audio (skip_bad_samples), every process skips it."""
         from rlnf.distributed import micro_batch_weights
 
         accum, world = self.cfg.trainer.grad_accum_steps, self.dist.world_size

@@ -79,15 +79,13 @@ def pool_metrics(per_rank: Sequence[tuple[dict[str, float], float]], std_scale: 
 
 
 def micro_batch_weights(counts_by_rank: Sequence[Sequence[int]], rank: int) -> list[float]:
-    """Loss weight of each of this process's micro-batches: world * n[rank][i] / N_i / accum, N_i the
-    utterances of global micro-batch i over every process. Each micro-batch's loss is a per-utterance
-    mean and DDP averages gradients over processes, so each global micro-batch contributes the mean
-    over its utterances, and the micro-batches of a step count equally (a short last micro-batch
-    therefore weighs more per utterance; weighting by utterance count made the two-process run drift
-    from the one-process run, see the README). counts_by_rank [world][accum] -> [accum]."""
-    accum = len(counts_by_rank[rank])
-    totals = [sum(counts[i] for counts in counts_by_rank) for i in range(accum)]
-    return [len(counts_by_rank) * count / totals[i] / accum for i, count in enumerate(counts_by_rank[rank])]
+    """Loss weight of each of this process's micro-batches: world * n[rank][i] / N, N the utterances
+    of the whole step (every process, every micro-batch). Each micro-batch's loss is a per-utterance
+    mean, and DDP averages gradients over processes, so the accumulated gradient is that of the
+    per-utterance mean over the step: an epoch's short last micro-batch counts for its utterances, no
+    more. counts_by_rank [world][accum] -> [accum]."""
+    total = sum(sum(counts) for counts in counts_by_rank)
+    return [len(counts_by_rank) * count / total for count in counts_by_rank[rank]]
 
 
 def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -254,20 +254,21 @@ def test_whitening_and_std_scaling_give_zero_on_rounding_noise():
 
 
 # ------------------------------------------------------------------------------------- accumulation
-def test_micro_batch_weights_make_each_global_micro_batch_a_mean():
+def test_micro_batch_weights_make_the_step_a_per_utterance_mean():
     from rlnf.distributed import micro_batch_weights
 
-    assert micro_batch_weights([[3, 1]], 0) == [0.5, 0.5]
-    # Two processes, two micro-batches each: world * n / N_i / accum, so the DDP average of each
-    # global micro-batch is the mean over its utterances.
+    assert micro_batch_weights([[3, 1]], 0) == [0.75, 0.25]
+    # Two processes, two micro-batches each: world * n / N, so the DDP average of the accumulated
+    # gradients weighs every utterance of the step by 1 / N.
     every = [[2, 1], [1, 2]]
-    assert micro_batch_weights(every, 0) == pytest.approx([2 * 2 / 3 / 2, 2 * 1 / 3 / 2])
-    assert sum(micro_batch_weights(every, rank)[0] for rank in range(2)) / 2 == pytest.approx(0.5)
+    assert micro_batch_weights(every, 0) == pytest.approx([2 * 2 / 6, 2 * 1 / 6])
+    per_utterance = [[w / n for w, n in zip(micro_batch_weights(every, rank), every[rank])] for rank in range(2)]
+    assert all(weight / 2 == pytest.approx(1 / 6) for row in per_utterance for weight in row)
 
 
 def test_accumulated_micro_batches_are_averaged_as_documented(corpus, pretrained_tiny_nemo, tmp_path, monkeypatch):
-    """Through the recipe's step: micro-batches of 3 and 1 utterances each count a half (each the mean
-    over its utterances): the README's rule, which keeps one and two processes equal."""
+    """Through the recipe's step: micro-batches of 3 and 1 utterances count 3/4 and 1/4 (each the mean
+    over its utterances), so the step's gradient is that of the mean over its 4 utterances."""
     import rlnf.rl as rl_module
     import rlnf.training as training
     from recipes.rl_finetune import RLFinetuneRecipe
@@ -291,7 +292,7 @@ def test_accumulated_micro_batches_are_averaged_as_documented(corpus, pretrained
     monkeypatch.setattr(training, "clip_gradients", lambda params, norm: captured.append(parameter.grad.clone()) or 0.0)
     recipe.train_step([collate(items[:3]), collate(items[3:])])
     lines = [utterance.line for _, utterance in items]
-    expected = 0.5 * sum(lines[:3]) / 3 + 0.5 * lines[3]
+    expected = sum(lines) / 4
     torch.testing.assert_close(captured[0], torch.full_like(parameter, float(expected)))
 
 

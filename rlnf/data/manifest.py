@@ -204,10 +204,31 @@ class UtteranceTable(Sequence[Utterance]):
     def where(self, row: int) -> str:
         return f"{self.manifest}:{int(self.lines[row])}"
 
+    @property
+    def wheres(self) -> Sequence[str]:
+        """``manifest:line`` of every row, each made when asked for (for error messages)."""
+        return _Locations(self)
+
+    def rows_with_text(self, predicate: Callable[[str], Any]) -> np.ndarray:
+        """Rows [M] (in order) whose transcript satisfies ``predicate``, asked once per distinct text."""
+        hits = np.array([bool(predicate(text)) for text in self.distinct_texts] + [False])  # last: no text (-1)
+        return np.flatnonzero(hits[self.text_index])
+
     def with_texts(self, transform: Callable[[str], str]) -> "UtteranceTable":
         """The same rows with ``transform`` applied to every transcript (once per distinct text)."""
         return UtteranceTable(self.manifest, self.paths, [transform(text) for text in self.distinct_texts],
                               self.columns())
+
+
+class _Locations(Sequence[str]):
+    def __init__(self, table: UtteranceTable):
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, row):
+        return self.table.where(row)
 
 
 def durations_of(utterances: Sequence[Utterance]) -> np.ndarray:

@@ -42,6 +42,15 @@ def corpus_rows(tmp_path) -> list:
     ]
 
 
+@pytest.fixture()
+def checked_clips(monkeypatch) -> list[str]:
+    """The audio paths whose clip check runs (resolution and header read), as they run."""
+    checked: list[str] = []
+    original = clips._check_clip
+    monkeypatch.setattr(clips, "_check_clip", lambda audio, *args: checked.append(audio) or original(audio, *args))
+    return checked
+
+
 def per_line_reading(path: Path) -> list[dict]:
     """What the reader kept before the table existed, worked out line by line: min_duration 0.3 and
     skip_bad; header durations; paths resolved against the manifest's folder."""
@@ -87,15 +96,13 @@ def test_the_compact_table_gives_the_same_utterances_as_reading_line_by_line(tmp
     assert table.with_texts(str.upper).texts == [t and t.upper() for t in table.texts]
 
 
-def test_cache_hits_misses_and_is_invalidated_by_a_new_mtime_or_option(tmp_path, corpus_rows, monkeypatch, caplog):
+def test_cache_hits_misses_and_is_invalidated_by_a_new_mtime_or_option(tmp_path, corpus_rows, checked_clips, caplog):
     path = manifest(tmp_path / "m.json", corpus_rows)
     cache = tmp_path / "cache"
     first, first_stats = read_manifest(path, skip_bad=True, cache_dir=cache)
     assert len(list((cache / "manifests").glob("*.npz"))) == 1
-
-    checked = []
-    original = clips._check_clip
-    monkeypatch.setattr(clips, "_check_clip", lambda audio, *args: checked.append(audio) or original(audio, *args))
+    checked = checked_clips
+    checked.clear()
     with caplog.at_level(logging.INFO, logger="rlnf"):
         second, second_stats = read_manifest(path, skip_bad=True, cache_dir=cache)
     assert not checked and "read from the cache" in caplog.text  # a hit reads no header
@@ -176,40 +183,44 @@ class ThreadGroup:
             return gathered
         return gather
 
+    def run(self, work) -> list:
+        """``work(rank, gather)`` in one thread per rank; the results in rank order."""
+        results: list = [None] * len(self.slots)
+        errors: list = []
+
+        def process(rank: int) -> None:
+            try:
+                results[rank] = work(rank, self.gather_for(rank))
+            except Exception as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=process, args=(rank,)) for rank in range(len(self.slots))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        if errors:
+            raise errors[0]
+        return results
+
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_each_process_checks_only_its_share_of_the_clips(tmp_path, corpus_rows, monkeypatch, world_size):
+def test_each_process_checks_only_its_share_of_the_clips(tmp_path, corpus_rows, checked_clips, world_size):
     path = manifest(tmp_path / "m.json", corpus_rows)
     single = as_dicts(read_manifest(path, skip_bad=True)[0])
-    checked: list[str] = []
-    original = clips._check_clip
-    monkeypatch.setattr(clips, "_check_clip", lambda audio, *args: checked.append(audio) or original(audio, *args))
-    group, results, errors = ThreadGroup(world_size), {}, []
+    checked_clips.clear()
 
-    def process(rank: int) -> None:
-        try:
-            results[rank] = as_dicts(read_manifest(path, skip_bad=True, cache_dir=tmp_path / "cache", rank=rank,
-                                                   world_size=world_size, gather=group.gather_for(rank))[0])
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+    def process(rank: int, gather) -> list[dict]:
+        return as_dicts(read_manifest(path, skip_bad=True, cache_dir=tmp_path / "cache", rank=rank,
+                                      world_size=world_size, gather=gather)[0])
 
-    threads = [threading.Thread(target=process, args=(rank,)) for rank in range(world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors and all(results[rank] == single for rank in range(world_size))
+    assert ThreadGroup(world_size).run(process) == [single] * world_size
     distinct = {json.loads(line)["audio_filepath"] for line in path.read_text().splitlines() if line.startswith("{")
                 and line.endswith("}")}
-    assert sorted(checked) == sorted(distinct)  # every distinct clip once over all processes, none twice
-    checked.clear()
-    group = ThreadGroup(world_size)
-    threads = [threading.Thread(target=process, args=(rank,)) for rank in range(world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors and not checked and all(results[rank] == single for rank in range(world_size))  # cached
+    assert sorted(checked_clips) == sorted(distinct)  # every distinct clip once over all processes, none twice
+    checked_clips.clear()
+    assert ThreadGroup(world_size).run(process) == [single] * world_size
+    assert not checked_clips  # the second run: every process hit the cache
 
 
 def test_data_validate_is_checked_by_the_config():

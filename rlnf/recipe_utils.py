@@ -11,7 +11,8 @@ from rlnf.metrics import normalize_text
 log = logging.getLogger(__name__)
 
 
-def load_utterances(data_cfg, manifest: str, require_text: bool | str, limit: int | None = None) -> tuple[UtteranceTable, object]:
+def load_utterances(data_cfg, manifest: str, require_text: bool | str,
+                    limit: int | None = None) -> tuple[UtteranceTable, object]:
     """Read ``manifest`` with the data section's keys (validation mode and cache included); references
     are normalised (Unicode NFC, whitespace, and lower case when ``data.lowercase``) so rewards and
     targets compare like with like. In a process group each process checks only its share of the clips."""

@@ -36,7 +36,8 @@ def generate_manifest(folder: Path, lines: int, clips: int) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         soundfile.write(str(path), rng.normal(0, 0.05, int(16000 * seconds)).astype(np.float32), 16000)
         text = " ".join(words[j] for j in rng.integers(0, len(words), 6))
-        rows.append(f'{{"audio_filepath": "{path.relative_to(folder)}", "duration": {seconds:.4f}, "text": "{text}"}}\n')
+        row = {"audio_filepath": str(path.relative_to(folder)), "duration": round(seconds, 4), "text": text}
+        rows.append(json.dumps(row) + "\n")
     manifest = folder / f"startup_{lines}.json"
     with open(manifest, "w", encoding="utf-8") as handle:
         for line in range(lines):
@@ -69,7 +70,8 @@ def probe(manifest: Path, policy: Path, output_dir: Path, cache: Path, overrides
     rlnf.policy.CTCPolicy.load = classmethod(timed_load)
     recipe_class = load_recipe("rl_finetune").RLFinetuneRecipe
     # (--startup-code may point at a checkout from before the cache existed, for the "before" figures)
-    cache_key = [f"data.cache_dir={cache}"] if any(f.name == "cache_dir" for f in dataclasses.fields(DataConfig)) else []
+    has_cache = any(f.name == "cache_dir" for f in dataclasses.fields(DataConfig))
+    cache_key = [f"data.cache_dir={cache}"] if has_cache else []
     cfg = load_config(RLFinetuneConfig, None, [
         f"data.train_manifest={manifest}", f"policy.path={policy}", f"output_dir={output_dir}", "trainer.device=cpu",
         "trainer.max_steps=1", "trainer.batch_size=8", "trainer.progress_bar=false", "trainer.loggers=[]",

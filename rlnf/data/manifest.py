@@ -284,7 +284,8 @@ def read_manifest(
             entry = None
     if entry is not None:
         columns, meta = entry
-        table, stats = UtteranceTable(str(manifest), meta["paths"], meta["texts"], columns), ManifestStats.from_dict(meta["stats"])
+        table = UtteranceTable(str(manifest), meta["paths"], meta["texts"], columns)
+        stats = ManifestStats.from_dict(meta["stats"])
         log.info("%s: validated table read from the cache (%d rows)", manifest, len(table))
     else:
         table, stats = _validate(manifest, text_key, require_text, skip_bad, min_duration, max_duration,
@@ -353,11 +354,13 @@ def _validate(manifest: Path, text_key: str, require_text: bool | str, skip_bad:
         raise first_error
 
     # 4. Durations (the header's when read), the duration limits, and the distinct resolved paths.
-    clip_seconds = np.array([math.nan if seconds is None else seconds for _, seconds, _ in results], dtype=np.float64)
+    clip_seconds = np.array([math.nan if seconds is None else seconds for _, seconds, _ in results],
+                            dtype=np.float64)
     header_seconds = clip_seconds[raw_index]
     seconds = np.where(np.isnan(header_seconds), manifest_seconds, header_seconds)
+    longest = math.inf if max_duration is None else max_duration
     for reason, outside in (("shorter than min_duration", seconds < min_duration),
-                            ("longer than max_duration", seconds > (math.inf if max_duration is None else max_duration))):
+                            ("longer than max_duration", seconds > longest)):
         outside &= keep
         if outside.any():
             stats.skipped[reason] += int(outside.sum())

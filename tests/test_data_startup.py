@@ -228,3 +228,38 @@ def test_data_validate_is_checked_by_the_config():
 
     with pytest.raises(ConfigError, match="data.validate='sometimes'"):
         DataConfig(train_manifest="m.json", validate="sometimes")
+
+
+def _gloo_process(rank: int, world_size: int, store: str, path: str, cache: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from rlnf.distributed import running_group
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        group_rank, group_size, gather = running_group()
+        table, _ = read_manifest(path, skip_bad=True, cache_dir=Path(cache), rank=group_rank, world_size=group_size,
+                                 gather=gather)
+        Path(out).write_text(json.dumps([group_rank, group_size, as_dicts(table)]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_read_the_same_table_through_the_process_group(tmp_path, corpus_rows):
+    """The real collective: running_group() inside a gloo process group of two processes."""
+    import multiprocessing
+
+    path = manifest(tmp_path / "m.json", corpus_rows)
+    single = as_dicts(read_manifest(path, skip_bad=True)[0])
+    context = multiprocessing.get_context("fork")
+    outputs = [tmp_path / f"rank{rank}.json" for rank in range(2)]
+    processes = [context.Process(target=_gloo_process, args=(rank, 2, str(tmp_path / "store"), str(path),
+                                                              str(tmp_path / "cache"), str(outputs[rank])))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0, 0]
+    for rank, output in enumerate(outputs):
+        assert json.loads(output.read_text()) == [rank, 2, json.loads(json.dumps(single))]

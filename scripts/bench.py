@@ -371,7 +371,8 @@ def main() -> None:
     parser.add_argument("--startup", metavar="MANIFEST", help="measure start-up to step 1 on this manifest")
     parser.add_argument("--startup-lines", type=int, help="measure start-up on a generated manifest of this many lines")
     parser.add_argument("--startup-clips", type=int, default=3200, help="distinct clips of the generated manifest")
-    parser.add_argument("--startup-code", type=Path, help=argparse.SUPPRESS)  # another checkout: "before" figures
+    parser.add_argument("--startup-code", type=Path,
+                        help="measure --startup with the rlnf of this checkout (e.g. an older one, for 'before' figures)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for --startup (key=value)")
     parser.add_argument("--memory-probe", choices=["rl", "sl"], help=argparse.SUPPRESS)
     parser.add_argument("--fixture", type=Path, help=argparse.SUPPRESS)

@@ -60,7 +60,7 @@ class RLFinetuneRecipe:
         needing = [item.label for item in self.rewards.rewards if item.needs_references]
         reason = f"reward '{needing[0]}' needs a reference transcript" if needing else False
         train, self.train_stats = load_utterances(cfg.data, cfg.data.train_manifest, reason)
-        self.rewards.check_references([u.text for u in train], [u.where for u in train])
+        self.rewards.check_references(train.texts, train.wheres)
         self.val = None
         if cfg.data.val_manifest:
             self.val, _ = load_utterances(cfg.data, cfg.data.val_manifest, False, limit=cfg.data.max_val_samples)
@@ -121,12 +121,13 @@ class RLFinetuneRecipe:
         data.oov decides the same question for CTC targets)."""
         if not self.rewards.needs_references:
             return
-        unreachable = [(u, bad) for u in train if u.text and (bad := self.policy.outside_vocabulary(u.text))]
-        if unreachable and self.dist.is_main:
-            first, bad = unreachable[0]
+        unreachable = train.rows_with_text(self.policy.outside_vocabulary)
+        if len(unreachable) and self.dist.is_main:
+            first = train[unreachable[0]]
             log.warning("%d of %d training references hold characters the policy cannot produce (first: %s: %r); "
                         "reference-based rewards cannot reach 1 on them. Normalise the references to the policy's "
-                        "vocabulary for a reachable target", len(unreachable), len(train), first.where, bad)
+                        "vocabulary for a reachable target", len(unreachable), len(train), first.where,
+                        self.policy.outside_vocabulary(first.text))
 
     def _autocast(self):
         from rlnf.training import autocast

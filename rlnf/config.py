@@ -116,9 +116,16 @@ class DataConfig:
     shuffle: bool = opt(True, "Shuffle training batches every epoch (seeded).")
     num_workers: int = opt(0, "DataLoader worker processes for audio loading.")
     max_val_samples: Optional[int] = opt(None, "Validate on at most this many utterances (the first ones).")
+    validate: str = opt("full", "When audio files are checked: 'full' reads every distinct clip's header before "
+                                "step 1 (a bad file stops the run at once, naming manifest:line); 'lazy' checks a "
+                                "clip when it is first loaded (same message), trusting the manifest's durations.")
+    cache_dir: Optional[str] = opt("auto", "Where validated manifests are cached (keyed by manifest path, size, "
+                                           "mtime and these data keys) so a second run or a resume starts at once: "
+                                           "'auto' = $RLNF_CACHE, else ~/.cache/rlnf; null disables the cache.")
 
     def __post_init__(self) -> None:
         _check_choice("data.oov", self.oov, ("error", "skip", "drop"))
+        _check_choice("data.validate", self.validate, ("full", "lazy"))
         _check_positive("data.bucket_size", self.bucket_size)
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
         _check_positive("data.min_duration", self.min_duration, allow_zero=True)

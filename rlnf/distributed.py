@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -93,6 +93,26 @@ def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
     return count * rank // world_size, count * (rank + 1) // world_size
 
 
+def running_group() -> tuple[int, int, Callable[[Any], list[Any]] | None]:
+    """(rank, world size, all-gather of Python objects) of the process group this process has joined
+    (``Distributed`` starts it), or (0, 1, None) outside one: for code below the recipes, such as
+    manifest validation, that must share work without being handed the recipe's ``Distributed``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0, 1, None
+    return dist.get_rank(), dist.get_world_size(), gather_objects
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every process of the initialised group, in rank order."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 class Distributed:
     """The process group of a run (or its absence). Build it before loading models."""
 
@@ -157,11 +177,7 @@ class Distributed:
     def all_gather_object(self, obj: Any) -> list[Any]:
         if self.fabric is None:
             return [obj]
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
-        return gathered
+        return gather_objects(obj)
 
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is true on any (stop signals, time budgets)."""

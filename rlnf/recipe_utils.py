@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import logging
 
-from rlnf.data.manifest import Utterance, read_manifest
+from rlnf.data.manifest import Utterance, UtteranceTable, read_manifest
 from rlnf.errors import RlnfError, TrainingInterrupted
 from rlnf.metrics import normalize_text
 
 log = logging.getLogger(__name__)
 
 
-def load_utterances(data_cfg, manifest: str, require_text: bool | str, limit: int | None = None) -> tuple[list[Utterance], object]:
-    """Read ``manifest`` with the data section's keys; references are normalised (Unicode NFC,
-    whitespace, and lower case when ``data.lowercase``) so rewards and targets compare like with like."""
+def load_utterances(data_cfg, manifest: str, require_text: bool | str,
+                    limit: int | None = None) -> tuple[UtteranceTable, object]:
+    """Read ``manifest`` with the data section's keys (validation mode and cache included); references
+    are normalised (Unicode NFC, whitespace, and lower case when ``data.lowercase``) so rewards and
+    targets compare like with like. In a process group each process checks only its share of the clips."""
+    from rlnf.data.cache import cache_folder
+    from rlnf.distributed import running_group
+
+    rank, world_size, gather = running_group()
     utterances, stats = read_manifest(manifest, text_key=data_cfg.text_key, require_text=require_text,
                                       skip_bad=data_cfg.skip_bad_samples, min_duration=data_cfg.min_duration,
-                                      max_duration=data_cfg.max_duration)
-    for utterance in utterances:
-        if utterance.text is not None:
-            utterance.text = normalize_text(utterance.text, data_cfg.lowercase)
+                                      max_duration=data_cfg.max_duration, validate=data_cfg.validate,
+                                      cache_dir=cache_folder(data_cfg.cache_dir), rank=rank, world_size=world_size,
+                                      gather=gather)
+    utterances = utterances.with_texts(lambda text: normalize_text(text, data_cfg.lowercase))
     if limit is not None:
         utterances = utterances[:limit]
     log.info("%s: %s", manifest, stats.summary())

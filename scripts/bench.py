@@ -2,6 +2,7 @@
 """Benchmark: what an RL step costs next to a supervised CTC step, measured side by side.
 
     python scripts/bench.py [--json bench.json] [--repeats 10] [--sizes small,15x5] [--full] [--floor]
+    python scripts/bench.py --startup MANIFEST | --startup-lines 1000000 [--json startup.json] [key=value ...]
 
 Every ratio compares two things timed ALTERNATELY in the same process (median of --repeats steps
 after a warm-up step), on the same batch: 8 utterances of ~3 s speech, K = 8 samples each.
@@ -19,6 +20,9 @@ the reference forward every step, as a first epoch does).
   5. reward-model throughput (pairs/s) and RL throughput (utterances/s, audio-seconds/s)
   6. how the RL step grows with K: its time at K = 1, 4, 8, 16, 32 as a ratio to K = 1 (advantage
      'none' so that K = 1 is valid; otherwise figure 1's step), every size; --k-repeats rounds
+  7. (--startup, scripts/bench_startup.py) seconds from an RL run's setup to its first step on a
+     large manifest, cold and warm (manifest cache empty / filled), and the peak RSS; key=value
+     arguments are recipe overrides (e.g. data.validate=lazy)
 On CUDA the policy runs under bf16 autocast. Policies are built from config (no download).
 """
 
@@ -364,9 +368,23 @@ def main() -> None:
                         help="also time the reference forward: the floor of the RL / supervised ratio")
     parser.add_argument("--k-repeats", type=int, default=3,
                         help="rounds of the K sweep (figure 6; median); 0 skips it")
+    parser.add_argument("--startup", metavar="MANIFEST", help="measure start-up to step 1 on this manifest")
+    parser.add_argument("--startup-lines", type=int, help="measure start-up on a generated manifest of this many lines")
+    parser.add_argument("--startup-clips", type=int, default=3200, help="distinct clips of the generated manifest")
+    parser.add_argument("--startup-code", type=Path,
+                        help="measure --startup with the rlnf of this checkout (e.g. an older one, for 'before' figures)")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for --startup (key=value)")
     parser.add_argument("--memory-probe", choices=["rl", "sl"], help=argparse.SUPPRESS)
     parser.add_argument("--fixture", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.startup or args.startup_lines:
+        from bench_startup import ROOT, measure_startup
+
+        figures = measure_startup(args.startup, args.startup_lines, args.startup_clips, args.overrides,
+                                  args.startup_code or ROOT)
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+        return
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from rlnf.cli import quiet_nemo
 

@@ -18,6 +18,20 @@ warnings.filterwarnings("ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def manifest_cache(tmp_path_factory):
+    """Validated-manifest cache entries go to a temporary folder, never to the user's ~/.cache.
+    The environment variable reaches the CLI runs that tests start as subprocesses too."""
+    folder = tmp_path_factory.mktemp("rlnf-cache")
+    previous = os.environ.get("RLNF_CACHE")
+    os.environ["RLNF_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("RLNF_CACHE", None)
+    else:
+        os.environ["RLNF_CACHE"] = previous
+
+
 def require_tool(*tools: str) -> None:
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:

@@ -30,3 +30,18 @@ def test_bench_script_smoke(tmp_path):
     assert "RL step / supervised step" in result.stdout
     assert set(tiny["k_over_k1_step_time"]) == {"1", "4", "8", "16", "32"} and tiny["k32_over_k8_step_time"] > 0
     assert "RL step at K = 32 / K = 1" in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_startup_reports_cold_and_warm_seconds_and_peak_rss(tmp_path):
+    out = tmp_path / "startup.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--startup-lines", "2000",
+                             "--startup-clips", "20", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["lines"] == 2000
+    for run in ("cold", "warm"):
+        assert 0 < figures[run]["ready_s"] <= figures[run]["step1_s"]
+        assert figures[run]["peak_rss_gb"] >= figures[run]["rss_before_gb"] > 0
+    assert "to step 1" in result.stdout and "warm" in result.stdout

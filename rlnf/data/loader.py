@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from rlnf.data.audio import load_audio
-from rlnf.data.manifest import Utterance
+from rlnf.data.manifest import Utterance, durations_of
 from rlnf.errors import DataError, RlnfError
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ def bucketed_batches(
     ``batch_size * bucket_size``, each bucket is sorted by duration and cut into batches, and the
     batch order is shuffled. The last batch may be smaller.
     """
+    durations = np.asarray(durations, dtype=np.float64)
     count = len(durations)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(count) if shuffle else np.arange(count)
@@ -69,7 +70,7 @@ def bucketed_batches(
     for start in range(0, count, chunk):
         bucket = order[start:start + chunk]
         if bucket_size > 1:
-            bucket = bucket[np.argsort([durations[i] for i in bucket], kind="stable")]
+            bucket = bucket[np.argsort(durations[bucket], kind="stable")]
         batches.extend(bucket[i:i + batch_size].tolist() for i in range(0, len(bucket), batch_size))
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
@@ -77,9 +78,12 @@ def bucketed_batches(
 
 
 class AudioDataset(torch.utils.data.Dataset):
-    """Loads utterances as mono float32 at ``sample_rate``. Bad audio -> DataError or None (skip)."""
+    """Loads utterances as mono float32 at ``sample_rate``. Bad audio -> DataError naming
+    ``manifest:line``, or None (skip). Every clip's header is checked before it is decoded (missing,
+    empty, cut off), as full validation does at start-up: this is the check of ``data.validate=lazy``,
+    and it catches a clip changed after a cached validation."""
 
-    def __init__(self, utterances: list[Utterance], sample_rate: int, skip_bad: bool = False):
+    def __init__(self, utterances: Sequence[Utterance], sample_rate: int, skip_bad: bool = False):
         self.utterances = utterances
         self.sample_rate = sample_rate
         self.skip_bad = skip_bad
@@ -88,8 +92,11 @@ class AudioDataset(torch.utils.data.Dataset):
         return len(self.utterances)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, Utterance] | None:
+        from rlnf.data.clips import audio_info
+
         utterance = self.utterances[index]
         try:
+            audio_info(utterance.audio_filepath)
             return load_audio(utterance.audio_filepath, self.sample_rate), utterance
         except DataError as exc:
             if self.skip_bad:
@@ -149,7 +156,7 @@ class TrainStream:
     def _epoch_batches(self) -> list[list[int]]:
         from rlnf.distributed import shard_bounds
 
-        durations = [u.duration for u in self.dataset.utterances]
+        durations = durations_of(self.dataset.utterances)
         batches = bucketed_batches(durations, self.batch_size * self.world_size, self.bucket_size, self.shuffle,
                                    self.seed, self.epoch)
         if self.world_size == 1:
@@ -197,7 +204,7 @@ def from_workers(loader: Iterable) -> Iterator:
 
 def eval_batches(dataset: AudioDataset, batch_size: int, num_workers: int = 0) -> Iterator[AudioBatch]:
     """Validation batches in a fixed, duration-sorted order (no shuffling)."""
-    durations = [u.duration for u in dataset.utterances]
+    durations = durations_of(dataset.utterances)
     batches = bucketed_batches(durations, batch_size, bucket_size=max(1, len(durations)), shuffle=False)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                          num_workers=num_workers)

@@ -3,6 +3,11 @@
 
 Every problem is reported with the manifest path and line number. With ``skip_bad=True`` a bad
 line is skipped and counted in ``ManifestStats`` instead (reported by the recipes).
+
+A manifest of a million lines is read into an ``UtteranceTable``: a few numpy columns plus each
+distinct path and transcript once (about 32 bytes a line), not an object per line. Each distinct
+clip is checked once, on a thread pool (``rlnf.data.clips``); the table can be cached
+(``rlnf.data.cache``), so a second run or a resume over the same manifest skips all of it.
 """
 
 from __future__ import annotations
@@ -10,30 +15,47 @@ from __future__ import annotations
 import json
 import logging
 import math
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
 
 from rlnf.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
+VALIDATE_MODES = ("full", "lazy")
+
+
 @dataclass
 class Utterance:
-    """One manifest row, validated. ``audio_filepath`` is absolute; ``line`` is 1-based."""
+    """One manifest row, validated. ``audio_filepath`` is absolute; ``line`` is 1-based.
+
+    ``fields`` is the row as written (every key, references not normalised). Read from a table, it is
+    decoded from the manifest's line at byte ``offset`` on first use, so rows nobody asks about cost
+    nothing."""
 
     audio_filepath: str
     duration: float
     text: str | None
     manifest: str
     line: int
-    fields: dict[str, Any] = field(default_factory=dict)
+    row: dict[str, Any] | None = field(default=None, repr=False)
+    offset: int = -1
 
     @property
     def where(self) -> str:
         return f"{self.manifest}:{self.line}"
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        if self.row is None:
+            self.row = read_row(self.manifest, self.offset, self.line) if self.offset >= 0 else {}
+        return self.row
 
 
 @dataclass
@@ -53,14 +75,37 @@ class ManifestStats:
             parts.append(f"{self.duplicates} repeated audio_filepath entries (kept)")
         return "; ".join(parts)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"lines": self.lines, "kept": self.kept, "skipped": dict(self.skipped), "duplicates": self.duplicates}
 
-def iter_manifest_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of each non-blank line; decoding is the caller's, so a line
-    that is not UTF-8 is reported with its number."""
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "ManifestStats":
+        return cls(saved["lines"], saved["kept"], Counter(saved["skipped"]), saved["duplicates"])
+
+
+def iter_manifest_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(1-based line number, byte offset, raw bytes) of each non-blank line; decoding is the caller's,
+    so a line that is not UTF-8 is reported with its number."""
+    offset = 0
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if raw.strip():
-                yield number, raw
+                yield number, offset, raw
+            offset += len(raw)
+
+
+def read_row(manifest: str, offset: int, line: int) -> dict[str, Any]:
+    """The JSON object on ``line`` of ``manifest``, which starts at byte ``offset``."""
+    with open(manifest, "rb") as handle:
+        handle.seek(offset)
+        raw = handle.readline()
+    try:
+        row = decode_row(raw)
+    except DataError as exc:
+        raise DataError(f"{manifest}:{line}: {exc} (was the manifest changed while training?)") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{manifest}:{line}: expected a JSON object (was the manifest changed while training?)")
+    return row
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -87,48 +132,9 @@ def decode_row(raw: bytes) -> Any:
         raise DataError("malformed JSON (nested too deeply)") from None
 
 
-def _audio_info(path: str) -> tuple[int, int]:
-    """(frames, sample_rate) from the file header, raising DataError when unreadable or truncated."""
-    import soundfile
-
-    from rlnf.io import file_problem
-
-    problem = file_problem(path)
-    if problem:
-        raise DataError(f"audio file {problem}: {path}")
-    try:
-        info = soundfile.info(path)
-    except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError on corrupt files
-        raise DataError(f"cannot read audio file {path}: {exc}") from None
-    if info.frames <= 0:
-        raise DataError(f"audio file has no samples: {path}")
-    _check_not_truncated(path, info)
-    return info.frames, info.samplerate
-
-
-def _check_not_truncated(path: str, info) -> None:
-    """Refuse a WAV whose header promises more sample data than the file holds (a cut-off copy)."""
-    if info.format != "WAV":
-        return
-    import struct
-
-    with open(path, "rb") as handle:
-        header = handle.read(1 << 16)
-        size = handle.seek(0, 2)
-    offset = 12
-    while offset + 8 <= len(header):  # walk the RIFF chunks to 'data'
-        chunk, length = struct.unpack_from("<4sI", header, offset)
-        if chunk == b"data":
-            if length != 0xFFFFFFFF and offset + 8 + length > size:  # 0xFFFFFFFF: streamed, size unknown
-                raise DataError(f"audio file is truncated: its header promises {length} bytes of samples but the "
-                                f"file holds {size - offset - 8}: {path}")
-            return
-        offset += 8 + length + (length & 1)
-
-
-def parse_row(row: Any, manifest: Path, line: int, text_key: str, require_text: bool | str,
-              check_audio: bool) -> Utterance:
-    """Validate one decoded JSON row; raise DataError (without location) when it is unusable."""
+def check_row(row: Any, text_key: str, require_text: bool | str) -> tuple[str, str | None, float | None]:
+    """(audio_filepath as written, text, duration or None) of one decoded JSON row; DataError
+    (without location) when it is unusable. The audio file itself is checked by ``rlnf.data.clips``."""
     if not isinstance(row, dict):
         raise DataError(f"expected a JSON object, got {type(row).__name__}")
     audio = row.get("audio_filepath")
@@ -136,32 +142,100 @@ def parse_row(row: Any, manifest: Path, line: int, text_key: str, require_text: 
         raise DataError("missing key 'audio_filepath'")
     if not isinstance(audio, str) or not audio:
         raise DataError(f"'audio_filepath' must be a non-empty string, got {audio!r}")
-    audio_path = Path(audio).expanduser()
-    if not audio_path.is_absolute():
-        audio_path = manifest.parent / audio_path
-    try:
-        audio = str(audio_path.resolve())
-    except (RuntimeError, OSError) as exc:  # a symlink loop
-        raise DataError(f"cannot resolve audio path {audio_path}: {exc}") from None
-
     text = row.get(text_key)
     if text is not None and not isinstance(text, str):
         raise DataError(f"'{text_key}' must be a string, got {type(text).__name__}")
     if require_text and text is None:
         reason = require_text if isinstance(require_text, str) else "a reference is required here"
         raise DataError(f"missing key '{text_key}' ({reason})")
-
     duration = row.get("duration")
     if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
                                  or not math.isfinite(duration) or duration < 0):
         raise DataError(f"'duration' must be a non-negative number, got {duration!r}")
-    if check_audio:
-        frames, sample_rate = _audio_info(audio)
-        duration = frames / sample_rate
-    elif duration is None:
-        raise DataError("missing 'duration' (and audio checks are off)")
-    return Utterance(audio_filepath=audio, duration=float(duration), text=text, manifest=str(manifest),
-                     line=line, fields=row)
+    return audio, text, None if duration is None else float(duration)
+
+
+class UtteranceTable(Sequence[Utterance]):
+    """The validated rows of one manifest, column by column.
+
+    Columns [N]: ``path_index`` and ``text_index`` (int32, into ``paths`` and ``texts``, which hold
+    each distinct audio path and transcript once; text index -1: no transcript), ``durations``
+    (float64 seconds), ``lines`` (1-based) and ``offsets`` (byte offset of the line, for ``fields``).
+    ``table[i]`` is an ``Utterance``; ``table[a:b]``, ``table[::k]`` or ``table[index_array]`` a table
+    of those rows sharing the string lists.
+    """
+
+    def __init__(self, manifest: str, paths: list[str], texts: list[str], columns: dict[str, np.ndarray]):
+        self.manifest = manifest
+        self.paths = paths
+        self.distinct_texts = texts
+        self.path_index = columns["path_index"]
+        self.text_index = columns["text_index"]
+        self.durations = columns["durations"]
+        self.lines = columns["lines"]
+        self.offsets = columns["offsets"]
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {"path_index": self.path_index, "text_index": self.text_index, "durations": self.durations,
+                "lines": self.lines, "offsets": self.offsets}
+
+    def __len__(self) -> int:
+        return len(self.durations)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            row = int(index)
+            text = int(self.text_index[row])
+            return Utterance(self.paths[self.path_index[row]], float(self.durations[row]),
+                             self.distinct_texts[text] if text >= 0 else None, self.manifest,
+                             int(self.lines[row]), offset=int(self.offsets[row]))
+        return UtteranceTable(self.manifest, self.paths, self.distinct_texts,
+                              {name: column[index] for name, column in self.columns().items()})
+
+    def __iter__(self) -> Iterator[Utterance]:
+        return (self[row] for row in range(len(self)))
+
+    @property
+    def texts(self) -> list[str | None]:
+        """The transcript of every row (None where the row has none)."""
+        texts = self.distinct_texts + [None]  # index -1 lands on None
+        return [texts[index] for index in self.text_index.tolist()]
+
+    def where(self, row: int) -> str:
+        return f"{self.manifest}:{int(self.lines[row])}"
+
+    @property
+    def wheres(self) -> Sequence[str]:
+        """``manifest:line`` of every row, each made when asked for (for error messages)."""
+        return _Locations(self)
+
+    def rows_with_text(self, predicate: Callable[[str], Any]) -> np.ndarray:
+        """Rows [M] (in order) whose transcript satisfies ``predicate``, asked once per distinct text."""
+        hits = np.array([bool(predicate(text)) for text in self.distinct_texts] + [False])  # last: no text (-1)
+        return np.flatnonzero(hits[self.text_index])
+
+    def with_texts(self, transform: Callable[[str], str]) -> "UtteranceTable":
+        """The same rows with ``transform`` applied to every transcript (once per distinct text)."""
+        return UtteranceTable(self.manifest, self.paths, [transform(text) for text in self.distinct_texts],
+                              self.columns())
+
+
+class _Locations(Sequence[str]):
+    def __init__(self, table: UtteranceTable):
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, row):
+        return self.table.where(row)
+
+
+def durations_of(utterances: Sequence[Utterance]) -> np.ndarray:
+    """Seconds of every utterance [N]: a table's column, or gathered from a list."""
+    if isinstance(utterances, UtteranceTable):
+        return utterances.durations
+    return np.array([u.duration for u in utterances], dtype=np.float64)
 
 
 def read_manifest(
@@ -171,57 +245,139 @@ def read_manifest(
     skip_bad: bool = False,
     min_duration: float = 0.0,
     max_duration: float | None = None,
-    check_audio: bool = True,
+    validate: str = "full",
     warn_duplicates: bool = True,
-) -> tuple[list[Utterance], ManifestStats]:
+    cache_dir: Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[Any], list[Any]] | None = None,
+) -> tuple[UtteranceTable, ManifestStats]:
     """Read and validate a manifest. ``require_text`` may be a string: the reason shown when a row lacks text.
 
-    With ``check_audio`` every audio file's header is read now (fast), so a missing or corrupt
-    file is reported before training starts rather than hours into it; the real duration from
-    the header replaces the manifest's ``duration``.
+    ``validate='full'`` reads every distinct audio file's header now (fast, parallel), so a missing
+    or corrupt file is reported before training starts rather than hours into it; the real duration
+    from the header replaces the manifest's ``duration``. ``'lazy'`` reads only the headers of rows
+    without a ``duration``; the others are checked when first loaded (``AudioDataset``), with the
+    same message. ``cache_dir``: where the validated table is cached (``rlnf.data.cache``), None for
+    no cache. In a run of ``world_size`` processes each checks its share of the clips and ``gather``
+    (an all-gather of Python objects) pools them; every process gets the whole table.
 
     Raises:
         DataError naming ``path:line`` for the first bad line (unless ``skip_bad``), and when no
         usable line remains.
     """
+    from rlnf.data.cache import cache_key, load_entry, save_entry
     from rlnf.io import file_problem
 
+    if validate not in VALIDATE_MODES:
+        raise ValueError(f"validate={validate!r}: choose one of {', '.join(VALIDATE_MODES)}")
     problem = file_problem(Path(path).expanduser())
     if problem:
         raise DataError(f"manifest {problem}: {path}")
     manifest = Path(path).expanduser().resolve()
-    stats = ManifestStats()
-    utterances: list[Utterance] = []
-    seen: set[str] = set()
-    for line, raw in iter_manifest_lines(manifest):
-        stats.lines += 1
-        try:
-            utterance = parse_row(decode_row(raw), manifest, line, text_key, require_text, check_audio)
-        except DataError as exc:
-            if not skip_bad:
-                raise DataError(f"{manifest}:{line}: {exc}") from None
-            reason = str(exc).split(":")[0]
-            stats.skipped[reason] += 1
-            log.warning("skipping %s:%d: %s", manifest, line, exc)
-            continue
-        if utterance.duration < min_duration:
-            stats.skipped["shorter than min_duration"] += 1
-            continue
-        if max_duration is not None and utterance.duration > max_duration:
-            stats.skipped["longer than max_duration"] += 1
-            continue
-        if utterance.audio_filepath in seen:
-            stats.duplicates += 1
-        seen.add(utterance.audio_filepath)
-        utterances.append(utterance)
-    stats.kept = len(utterances)
-    if not utterances:
-        detail = f" ({stats.summary()})" if stats.lines else ""
-        raise DataError(f"{manifest}: no usable utterances{detail}")
+    key = entry = None
+    if cache_dir is not None:
+        key = cache_key(manifest, {"text_key": text_key, "require_text": require_text, "skip_bad": skip_bad,
+                                   "min_duration": min_duration, "max_duration": max_duration, "validate": validate})
+        entry = load_entry(cache_dir, key)
+        if world_size > 1 and not all(gather(entry is not None)):  # one process missing: all rebuild together
+            entry = None
+    if entry is not None:
+        columns, meta = entry
+        table = UtteranceTable(str(manifest), meta["paths"], meta["texts"], columns)
+        stats = ManifestStats.from_dict(meta["stats"])
+        log.info("%s: validated table read from the cache (%d rows)", manifest, len(table))
+    else:
+        table, stats = _validate(manifest, text_key, require_text, skip_bad, min_duration, max_duration,
+                                 validate, rank, world_size, gather)
+        if key is not None:
+            save_entry(cache_dir, key, table.columns(), {"paths": table.paths, "texts": table.distinct_texts,
+                                                         "stats": stats.to_dict()})
     if stats.duplicates and warn_duplicates:
         log.warning("%s: %d entries repeat an audio_filepath seen earlier", manifest, stats.duplicates)
-    return utterances, stats
+    return table, stats
 
+
+def _skip(stats: ManifestStats, manifest: Path, line: int, problem: str) -> None:
+    stats.skipped[problem.split(":")[0]] += 1
+    log.warning("skipping %s:%d: %s", manifest, line, problem)
+
+
+def _validate(manifest: Path, text_key: str, require_text: bool | str, skip_bad: bool, min_duration: float,
+              max_duration: float | None, validate: str, rank: int, world_size: int,
+              gather: Callable[[Any], list[Any]] | None) -> tuple[UtteranceTable, ManifestStats]:
+    """Read every line, check each distinct clip once, and build the table (see ``read_manifest``)."""
+    from rlnf.data.clips import check_clips
+
+    stats = ManifestStats()
+    # 1. Parse the lines into compact columns; each distinct audio string and text gets one index.
+    raw_paths: dict[str, int] = {}
+    texts: dict[str, int] = {}
+    raw_index, text_index, lines, offsets = array("i"), array("i"), array("q"), array("q")
+    manifest_seconds = array("d")
+    first_error = None  # a bad row stops the scan: no later line can change the error reported
+    for line, offset, raw in iter_manifest_lines(manifest):
+        stats.lines += 1
+        try:
+            audio, text, duration = check_row(decode_row(raw), text_key, require_text)
+        except DataError as exc:
+            if not skip_bad:
+                first_error = DataError(f"{manifest}:{line}: {exc}")
+                break
+            _skip(stats, manifest, line, str(exc))
+            continue
+        raw_index.append(raw_paths.setdefault(audio, len(raw_paths)))
+        text_index.append(-1 if text is None else texts.setdefault(text, len(texts)))
+        lines.append(line)
+        offsets.append(offset)
+        manifest_seconds.append(math.nan if duration is None else duration)
+    raw_index, lines, manifest_seconds = np.asarray(raw_index), np.asarray(lines), np.asarray(manifest_seconds)
+
+    # 2. Resolve each distinct path, reading its header when validating in full or when a row lacks a duration.
+    if validate == "full":
+        read_header = [True] * len(raw_paths)
+    else:
+        read_header = np.zeros(len(raw_paths), dtype=bool)
+        read_header[raw_index[np.isnan(manifest_seconds)]] = True
+        read_header = read_header.tolist()
+    results = check_clips(list(raw_paths), read_header, manifest.parent, rank, world_size, gather)
+
+    # 3. Bad clips, in line order: the first is the error (it precedes any bad row found in step 1).
+    clip_bad = np.array([problem is not None for _, _, problem in results], dtype=bool).reshape(-1)
+    keep = ~clip_bad[raw_index]
+    for row in np.flatnonzero(~keep):
+        problem = results[raw_index[row]][2]
+        if not skip_bad:
+            raise DataError(f"{manifest}:{lines[row]}: {problem}")
+        _skip(stats, manifest, int(lines[row]), problem)
+    if first_error is not None:
+        raise first_error
+
+    # 4. Durations (the header's when read), the duration limits, and the distinct resolved paths.
+    clip_seconds = np.array([math.nan if seconds is None else seconds for _, seconds, _ in results],
+                            dtype=np.float64)
+    header_seconds = clip_seconds[raw_index]
+    seconds = np.where(np.isnan(header_seconds), manifest_seconds, header_seconds)
+    longest = math.inf if max_duration is None else max_duration
+    for reason, outside in (("shorter than min_duration", seconds < min_duration),
+                            ("longer than max_duration", seconds > longest)):
+        outside &= keep
+        if outside.any():
+            stats.skipped[reason] += int(outside.sum())
+            keep &= ~outside
+    paths: dict[str, int] = {}
+    path_of_raw = np.array([-1 if path is None else paths.setdefault(path, len(paths)) for path, _, _ in results],
+                           dtype=np.int32)
+    rows = np.flatnonzero(keep)
+    path_index = path_of_raw[raw_index[rows]]
+    stats.kept = len(rows)
+    stats.duplicates = int(len(rows) - len(np.unique(path_index)))
+    if not len(rows):
+        detail = f" ({stats.summary()})" if stats.lines else ""
+        raise DataError(f"{manifest}: no usable utterances{detail}")
+    columns = {"path_index": path_index, "text_index": np.asarray(text_index)[rows], "durations": seconds[rows],
+               "lines": lines[rows], "offsets": np.asarray(offsets)[rows]}
+    return UtteranceTable(str(manifest), list(paths), list(texts), columns), stats
 
 def write_manifest(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write rows as JSONL atomically (temp file + rename)."""

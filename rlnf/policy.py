@@ -85,29 +85,59 @@ def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu")
                               f"network access): {exc}") from exc
 
 
+def ctc_head(model, decoder: str = "auto") -> tuple[torch.nn.Module, bool]:
+    """The CTC decoder of a NeMo ASR model, and whether the model is a hybrid RNNT/TDT-CTC model.
+
+    A CTC model (``EncDecCTCModel``, its BPE class: QuartzNet, Citrinet, Conformer-CTC,
+    FastConformer-CTC) has one head, ``model.decoder``. A hybrid (``EncDecHybridRNNTCTCModel``, its BPE
+    class) has two on one encoder; the policy is its CTC head, ``model.ctc_decoder``. Any other model
+    has no CTC head and is refused, naming the key."""
+    from nemo.collections.asr.models import EncDecCTCModel, EncDecHybridRNNTCTCModel
+
+    from rlnf.config import POLICY_DECODERS
+
+    if decoder not in POLICY_DECODERS:
+        raise CheckpointError(f"policy.decoder={decoder!r} is not valid; choose one of {', '.join(POLICY_DECODERS)}")
+    if isinstance(model, EncDecCTCModel):
+        return model.decoder, False
+    if isinstance(model, EncDecHybridRNNTCTCModel):
+        return model.ctc_decoder, True
+    raise CheckpointError(f"{type(model).__name__} has no CTC head, so policy.decoder={decoder} has nothing to train: "
+                          "rlnf fine-tunes CTC models (EncDecCTCModel, EncDecCTCModelBPE) and the CTC head of hybrid "
+                          "RNNT/TDT-CTC models (EncDecHybridRNNTCTCModel, EncDecHybridRNNTCTCBPEModel)")
+
+
 class CTCPolicy:
-    """Wraps a NeMo ``EncDecCTCModel`` or ``EncDecCTCModelBPE``."""
+    """Wraps a NeMo CTC model (``EncDecCTCModel``, ``EncDecCTCModelBPE``) or the CTC head of a hybrid
+    RNNT/TDT-CTC model (``EncDecHybridRNNTCTCModel``, its BPE class), chosen by ``decoder``
+    (``policy.decoder``: 'auto' or 'ctc', see ``ctc_head``).
 
-    def __init__(self, model):
-        from nemo.collections.asr.models import EncDecCTCModel
+    For a hybrid, the RNNT/TDT decoder and joint are frozen here (``requires_grad`` off): they get no
+    gradient, no optimizer state, and DDP leaves them out; export writes them back unchanged."""
 
-        if not isinstance(model, EncDecCTCModel):
-            raise CheckpointError(f"{type(model).__name__} is not a CTC model (EncDecCTCModel or "
-                                  "EncDecCTCModelBPE)")
+    def __init__(self, model, decoder: str = "auto"):
+        self.head, self.hybrid = ctc_head(model, decoder)
+        if self.hybrid:
+            for module in (model.decoder, model.joint):
+                module.requires_grad_(False)
+            log.log(logging.WARNING if decoder == "auto" else logging.INFO,
+                    "%s is a hybrid RNNT/TDT-CTC model: policy.decoder=%s trains its CTC head and the shared encoder; "
+                    "the RNNT/TDT decoder and joint stay frozen but see the changed encoder (set policy.decoder=ctc "
+                    "to choose the CTC head explicitly)", type(model).__name__, decoder)
         self.model = model
         # What ``forward`` runs when gradients are on: the model itself, or its DistributedDataParallel
         # wrapper in a multi-process run (gradient-free passes always run the bare model, so
         # rank-local inference such as sharded validation never waits on a collective).
         self.train_module = model
         self.tokenizer = getattr(model, "tokenizer", None)
-        self.blank_id = int(model.decoder.num_classes_with_blank) - 1
+        self.blank_id = int(self.head.num_classes_with_blank) - 1
         self.sample_rate = int(model.cfg.preprocessor.sample_rate)
-        self.vocabulary: list[str] = list(model.decoder.vocabulary)
+        self.vocabulary: list[str] = list(self.head.vocabulary)
         self._char_to_id = {char: index for index, char in enumerate(self.vocabulary)}
 
     @classmethod
-    def load(cls, path_or_name: str, device: torch.device | str = "cpu") -> "CTCPolicy":
-        policy = cls(load_nemo_model(path_or_name, map_location=device))
+    def load(cls, path_or_name: str, device: torch.device | str = "cpu", decoder: str = "auto") -> "CTCPolicy":
+        policy = cls(load_nemo_model(path_or_name, map_location=device), decoder)
         policy.model.to(device)
         return policy
 
@@ -141,7 +171,11 @@ class CTCPolicy:
     def forward(self, audio: torch.Tensor, audio_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One encoder pass. Returns log_probs [B, T, V] (T = max encoded_len) and encoded_len [B]."""
         module = self.train_module if torch.is_grad_enabled() else self.model
-        log_probs, encoded_len, _ = module(input_signal=audio, input_signal_length=audio_len)
+        if self.hybrid:  # a hybrid's forward stops at the encoder; its CTC head runs here
+            encoded, encoded_len = module(input_signal=audio, input_signal_length=audio_len)
+            log_probs = self.head(encoder_output=encoded)
+        else:
+            log_probs, encoded_len, _ = module(input_signal=audio, input_signal_length=audio_len)
         # The decoder may emit padding frames past encoded_len (pad_to); they are never used.
         return log_probs[:, : int(encoded_len.max())], encoded_len
 
@@ -252,6 +286,30 @@ class CTCPolicy:
         from rlnf.io import atomic_save
 
         atomic_save(path, lambda tmp: self.model.save_to(str(tmp)))
+
+
+@torch.no_grad()
+def batch_dependence(policy: CTCPolicy, clips: Sequence[torch.Tensor]) -> float:
+    """How much a clip's log-probs depend on the rest of its batch: the largest absolute difference
+    (nats) between log_probs [T, V] of each clip run alone and the same clip's valid frames
+    (``encoded_len``) in one zero-padded batch of all ``clips`` (1-D waveforms). The batch also holds
+    the longest clip twice over, so every clip given is padded. Runs in float32 in the policy's
+    current mode (a frozen reference: eval). Infinite when a clip's frame count changes."""
+    longest = max(clips, key=len)
+    batch = [*clips, torch.cat([longest, longest])]
+    audio_len = torch.tensor([len(clip) for clip in batch], device=policy.device)
+    audio = torch.zeros(len(batch), int(audio_len.max()), device=policy.device)
+    for row, clip in enumerate(batch):
+        audio[row, : len(clip)] = clip.to(policy.device)
+    batched, encoded_len = policy.forward(audio, audio_len)
+    largest = 0.0
+    for row, clip in enumerate(clips):
+        alone, alone_len = policy.forward(audio[row: row + 1, : len(clip)], audio_len[row: row + 1])
+        frames = int(encoded_len[row])
+        if int(alone_len[0]) != frames:
+            return float("inf")
+        largest = max(largest, float((alone[0, :frames].float() - batched[row, :frames].float()).abs().max()))
+    return largest
 
 
 def first_occurrences(texts: Sequence[Sequence[str]]) -> torch.Tensor:

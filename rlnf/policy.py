@@ -293,10 +293,10 @@ def batch_dependence(policy: CTCPolicy, clips: Sequence[torch.Tensor]) -> float:
     """How much a clip's log-probs depend on the rest of its batch: the largest absolute difference
     (nats) between log_probs [T, V] of each clip run alone and the same clip's valid frames
     (``encoded_len``) in one zero-padded batch of all ``clips`` (1-D waveforms). The batch also holds
-    the longest clip twice over, so every clip given is padded. Runs in float32 in the policy's
-    current mode (a frozen reference: eval). Infinite when a clip's frame count changes."""
+    the longest clip and half of it again, so every clip given is padded. Runs in float32 in the
+    policy's current mode (a frozen reference: eval). Infinite when a clip's frame count changes."""
     longest = max(clips, key=len)
-    batch = [*clips, torch.cat([longest, longest])]
+    batch = [*clips, torch.cat([longest, longest[: len(longest) // 2]])]
     audio_len = torch.tensor([len(clip) for clip in batch], device=policy.device)
     audio = torch.zeros(len(batch), int(audio_len.max()), device=policy.device)
     for row, clip in enumerate(batch):

@@ -152,7 +152,7 @@ class ReferenceCache:
 CACHE_TOLERANCE = 1e-3
 
 
-def checked_reference_cache(reference: CTCPolicy, dataset, max_bytes: int, clips: int = 4) -> ReferenceCache | None:
+def checked_reference_cache(reference: CTCPolicy, dataset, max_bytes: int, clips: int = 2) -> ReferenceCache | None:
     """A ``ReferenceCache`` of ``max_bytes`` when the reference's log-probs of a clip do not depend on the
     rest of its batch, measured with ``batch_dependence`` on the first ``clips`` readable items of
     ``dataset`` (an ``AudioDataset``); None, with a warning, when they do (the cache would serve a

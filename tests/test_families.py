@@ -15,6 +15,8 @@ from rlnf.metric_logging import read_metrics
 CASES = [("quartznet", "chars"), ("citrinet", "bpe"), ("conformer", "bpe"), ("fastconformer", "bpe"),
          ("hybrid", "bpe"), ("hybrid", "chars")]
 IDS = [f"{family}-{tokens}" for family, tokens in CASES]
+# QuartzNet (characters) runs RL through the CLI and restores its export in test_rl_finetune_cli.
+RL_CASES, RL_IDS = CASES[1:], IDS[1:]
 
 
 def build(family: str, tokens: str, tokenizer_dir: str, **kwargs):
@@ -128,10 +130,10 @@ def test_a_model_without_a_ctc_head_is_refused_naming_the_key(nemo_quiet):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("family", "tokens"), CASES, ids=IDS)
+@pytest.mark.parametrize(("family", "tokens"), RL_CASES, ids=RL_IDS)
 def test_family_runs_rl_and_its_export_restores_and_decodes(family, tokens, bpe_tokenizer_dir, corpus,
                                                              tmp_path, nemo_quiet):
-    """Two GRPO steps (KL on, reference cache checked) through `rlnf run`; last.nemo restores as the
+    """One GRPO step (KL on, reference cache checked) through `rlnf run`; last.nemo restores as the
     same class and transcribes with NeMo's own transcribe; a hybrid's RNNT decoder and joint are
     bit-identical after RL while its encoder and CTC head moved."""
     from nemo.collections.asr.models import ASRModel
@@ -143,10 +145,10 @@ def test_family_runs_rl_and_its_export_restores_and_decodes(family, tokens, bpe_
     model.save_to(str(start))
     out = tmp_path / "run"
     assert main(["run", "rl_finetune", "--config", "rl/grpo", f"policy.path={start}", "policy.decoder=ctc",
-                 f"data.train_manifest={corpus['train']}", f"output_dir={out}", "trainer.max_steps=2",
+                 f"data.train_manifest={corpus['train']}", f"output_dir={out}", "trainer.max_steps=1",
                  "trainer.batch_size=2", "algorithm.num_samples=3", "trainer.progress_bar=false",
                  "trainer.lr=1e-3"]) == 0
-    assert [row["step"] for row in read_metrics(out)] == [1, 2]
+    assert [row["step"] for row in read_metrics(out)] == [1]
 
     restored = ASRModel.restore_from(str(out / "checkpoints" / "last.nemo"), map_location="cpu")
     assert type(restored) is type(model)

@@ -65,7 +65,7 @@ class RLFinetuneRecipe:
         if cfg.data.val_manifest:
             self.val, _ = load_utterances(cfg.data, cfg.data.val_manifest, False, limit=cfg.data.max_val_samples)
 
-        self.policy = CTCPolicy.load(cfg.policy.path, self.device, cfg.policy.decoder)
+        self.policy = CTCPolicy.load(cfg.policy.path, self.device, cfg.policy.decoder, cfg.policy.adapters)
         self.warn_unreachable_references(train)
         self.reference = None
         self.reference_cache = None
@@ -75,7 +75,7 @@ class RLFinetuneRecipe:
         if self.kl.enabled:
             from rlnf.rl import checked_reference_cache
 
-            self.reference = CTCPolicy.load(cfg.policy.path, self.device, cfg.policy.decoder).freeze()
+            self.reference = self.policy.frozen_reference(cfg.policy.path)
             if cfg.algorithm.reference_cache_mb > 0:
                 self.reference_cache = checked_reference_cache(self.reference, train_dataset,
                                                                int(cfg.algorithm.reference_cache_mb * 2**20))

@@ -97,9 +97,17 @@ class PolicyConfig:
                                "explicitly. A hybrid's RNNT/TDT decoder and joint stay frozen; a model with no "
                                "CTC head is refused.")
 
+    adapters: int = opt(0, "Train only LoRA-style linear adapters (NeMo LinearAdapter) of this bottleneck size, "
+                           "one per encoder layer (ConformerEncoder, ConvASREncoder); the reference is the same "
+                           "module with them switched off. 0 fine-tunes the whole model.")
+
     def __post_init__(self) -> None:
         _check_choice("policy.batchnorm", self.batchnorm, ("frozen", "train"))
         _check_choice("policy.decoder", self.decoder, POLICY_DECODERS)
+        _check_positive("policy.adapters", self.adapters, allow_zero=True)
+        if self.adapters and self.batchnorm == "train":
+            raise ConfigError("policy.adapters needs policy.batchnorm=frozen: BatchNorm statistics updated in training "
+                              "would change the model the adapters-off reference stands for")
 
 
 @dataclass

@@ -10,6 +10,7 @@ so the log-probs of the rollout, the update and the reference are comparable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,29 @@ class Samples:
                        blank_ratio=other.blank_ratio)
 
 
-def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu"):
-    """Restore a NeMo ASR model from a .nemo file, or download a pretrained one by name."""
+ADAPTER_NAME = "rlnf"  # the adapters policy.adapters adds, in every encoder layer
+
+
+def adapter_ready_config(config):
+    """A restored model's config with its encoder swapped for NeMo's adapter-taking subclass of it
+    (``ConformerEncoderAdapter``, ``ConvASREncoderAdapter``; weights load unchanged). An encoder with no
+    registered adapter class is refused, naming policy.adapters."""
+    from nemo.core import adapter_mixins
+    from omegaconf import open_dict
+
+    registered = adapter_mixins.get_registered_adapter(config.encoder._target_)
+    if registered is None:
+        raise CheckpointError(f"policy.adapters: the encoder {config.encoder._target_} takes no adapters (NeMo "
+                              "registers adapter classes for ConformerEncoder and ConvASREncoder); set "
+                              "policy.adapters=0 to fine-tune the whole model")
+    with open_dict(config):
+        config.encoder._target_ = registered.adapter_class_path
+    return config
+
+
+def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu", adapter_ready: bool = False):
+    """Restore a NeMo ASR model from a .nemo file, or download a pretrained one by name; with
+    ``adapter_ready``, built with its encoder's adapter class (``adapter_ready_config``)."""
     from nemo.collections.asr.models import ASRModel
 
     from rlnf.checkpoint import check_nemo_archive
@@ -69,18 +91,21 @@ def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu")
     from rlnf.io import file_problem
 
     candidate = Path(path_or_name).expanduser()
-    if candidate.suffix == ".nemo" or candidate.exists() or candidate.is_symlink():
+    local = candidate.suffix == ".nemo" or candidate.exists() or candidate.is_symlink()
+    if local:
         problem = file_problem(candidate)
         if problem:
             raise CheckpointError(f"policy checkpoint {problem}: {path_or_name}")
         check_nemo_archive(candidate)
-        try:
-            return ASRModel.restore_from(str(candidate), map_location=map_location)
-        except Exception as exc:
-            raise CheckpointError(f"cannot restore NeMo model from {candidate}: {exc}") from exc
+    restore, source = (ASRModel.restore_from, str(candidate)) if local else (ASRModel.from_pretrained, path_or_name)
     try:
-        return ASRModel.from_pretrained(path_or_name, map_location=map_location)
+        override = adapter_ready_config(restore(source, return_config=True)) if adapter_ready else None
+        return restore(source, map_location=map_location, override_config_path=override)
+    except CheckpointError:
+        raise
     except Exception as exc:
+        if local:
+            raise CheckpointError(f"cannot restore NeMo model from {candidate}: {exc}") from exc
         raise CheckpointError(f"cannot load pretrained model {path_or_name!r} (is it a local path? a name needs "
                               f"network access): {exc}") from exc
 
@@ -116,6 +141,8 @@ class CTCPolicy:
     gradient, no optimizer state, and DDP leaves them out; export writes them back unchanged."""
 
     def __init__(self, model, decoder: str = "auto"):
+        self.decoder = decoder
+        self.adapter_dim = 0  # > 0 once add_adapters made only adapters trainable
         self.head, self.hybrid = ctc_head(model, decoder)
         if self.hybrid:
             for module in (model.decoder, model.joint):
@@ -136,10 +163,54 @@ class CTCPolicy:
         self._char_to_id = {char: index for index, char in enumerate(self.vocabulary)}
 
     @classmethod
-    def load(cls, path_or_name: str, device: torch.device | str = "cpu", decoder: str = "auto") -> "CTCPolicy":
-        policy = cls(load_nemo_model(path_or_name, map_location=device), decoder)
+    def load(cls, path_or_name: str, device: torch.device | str = "cpu", decoder: str = "auto",
+             adapters: int = 0) -> "CTCPolicy":
+        """Restore a policy; ``adapters`` > 0 adds and trains only adapters of that size (``add_adapters``)."""
+        policy = cls(load_nemo_model(path_or_name, map_location=device, adapter_ready=adapters > 0), decoder)
+        if adapters:
+            policy.add_adapters(adapters)
         policy.model.to(device)
         return policy
+
+    def add_adapters(self, dim: int) -> None:
+        """Give every encoder layer a NeMo ``LinearAdapter`` (LayerNorm, d -> dim -> d, added to the layer's
+        output; its last projection starts at zero, so the model's outputs start unchanged), enable only
+        those, and make them the only trainable parameters. Adapters of that name already in the model
+        (a .nemo exported by an adapter run) are kept and trained on. The model must have been restored
+        adapter-ready (``load_nemo_model``)."""
+        from nemo.collections.common.parts.adapter_modules import LinearAdapterConfig
+        from nemo.core import adapter_mixins
+
+        if not isinstance(self.model.encoder, adapter_mixins.AdapterModuleMixin):
+            raise CheckpointError(f"policy.adapters: {type(self.model.encoder).__name__} takes no adapters")
+        if ADAPTER_NAME in self.model.encoder.get_enabled_adapters():
+            log.info("policy.adapters: training the %r adapters the checkpoint holds", ADAPTER_NAME)
+        else:  # in_features: NeMo sets each layer's own width
+            self.model.add_adapter(ADAPTER_NAME, cfg=LinearAdapterConfig(in_features=self.model.encoder._feat_out,
+                                                                         dim=dim))
+        self.model.set_enabled_adapters(enabled=False)
+        self.model.set_enabled_adapters(ADAPTER_NAME, enabled=True)
+        self.model.requires_grad_(False)
+        for module in self.model.modules():
+            if hasattr(module, "adapter_layer") and ADAPTER_NAME in module.adapter_layer:
+                module.adapter_layer[ADAPTER_NAME].requires_grad_(True)
+        self.adapter_dim = dim
+
+    @contextlib.contextmanager
+    def adapters_off(self):
+        """The base model for the duration: this policy's adapters switched off, then on again."""
+        self.model.set_enabled_adapters(ADAPTER_NAME, enabled=False)
+        try:
+            yield
+        finally:
+            self.model.set_enabled_adapters(ADAPTER_NAME, enabled=True)
+
+    def frozen_reference(self, path_or_name: str) -> "CTCPolicy | AdaptersOff":
+        """The KL reference: this module with its adapters off when it trains adapters (no second copy of
+        the model), else a second, frozen restore of ``path_or_name``."""
+        if self.adapter_dim:
+            return AdaptersOff(self)
+        return CTCPolicy.load(path_or_name, self.device, self.decoder).freeze()
 
     # ------------------------------------------------------------------ modes and parameters
     @property
@@ -288,8 +359,28 @@ class CTCPolicy:
         atomic_save(path, lambda tmp: self.model.save_to(str(tmp)))
 
 
+class AdaptersOff:
+    """The frozen reference of a policy that trains adapters: the policy's own module run with its
+    adapters switched off. It offers what a reference is asked for (``forward``, ``device``); the
+    adapters start at zero output, so at step 0 it equals the policy."""
+
+    def __init__(self, policy: CTCPolicy):
+        self.policy = policy
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    def forward(self, audio: torch.Tensor, audio_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log_probs [B, T, V] and encoded_len [B] of the base model, without gradients, in eval mode (as the
+        rollout that asks for them has already set)."""
+        self.policy.set_mode("rollout")
+        with torch.no_grad(), self.policy.adapters_off():
+            return self.policy.forward(audio, audio_len)
+
+
 @torch.no_grad()
-def batch_dependence(policy: CTCPolicy, clips: Sequence[torch.Tensor]) -> float:
+def batch_dependence(policy: CTCPolicy | AdaptersOff, clips: Sequence[torch.Tensor]) -> float:
     """How much a clip's log-probs depend on the rest of its batch: the largest absolute difference
     (nats) between log_probs [T, V] of each clip run alone and the same clip's valid frames
     (``encoded_len``) in one zero-padded batch of all ``clips`` (1-D waveforms). The batch also holds

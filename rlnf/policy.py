@@ -210,7 +210,8 @@ class CTCPolicy:
         the model), else a second, frozen restore of ``path_or_name``."""
         if self.adapter_dim:
             return AdaptersOff(self)
-        return CTCPolicy.load(path_or_name, self.device, self.decoder).freeze()
+        # 'ctc': the policy has already said (and warned, for a hybrid under 'auto') which head it trains.
+        return CTCPolicy.load(path_or_name, self.device, "ctc").freeze()
 
     # ------------------------------------------------------------------ modes and parameters
     @property

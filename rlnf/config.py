@@ -581,6 +581,8 @@ def load_config(schema: type, config_path: str | os.PathLike | None, overrides: 
             raise ConfigError(f"config file {problem}: {config_path}")
         try:
             loaded = OmegaConf.load(config_path)
+        except RecursionError:
+            raise ConfigError(f"{config_path}: cannot parse YAML: nested too deeply") from None
         except Exception as exc:  # YAML syntax errors, bytes that are not UTF-8
             raise ConfigError(f"{config_path}: cannot parse YAML: {exc}") from None
         if not isinstance(loaded, DictConfig):

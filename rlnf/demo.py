@@ -50,6 +50,7 @@ SETTINGS: dict[str, Any] = {
     "reward_vocab_size": 384,
     "reward_rank_loss_weight": 1.0,
     "rl_minutes": 1.6,
+    "rl_steps": None,  # when set, the RL runs stop after this many steps, not rl_minutes (scripts/quality.py)
     "rl_algorithm": "grpo",
     "rl_lr": 1e-4,
     "rl_num_samples": 8,
@@ -316,7 +317,7 @@ def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any])
 def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], reward: dict[str, Any],
             suffix: str = "") -> dict[str, dict[str, Any]]:
     """Stages 5-6: RL with the learned reward (no transcripts) and RL with 1 - CER (the oracle), with
-    ``settings['rl_algorithm']`` for ``rl_minutes`` each, seeded by ``run_seed``; stage names end in
+    ``settings['rl_algorithm']`` for ``rl_minutes`` (or ``rl_steps``) each, seeded by ``run_seed``; stage names end in
     ``suffix`` (scripts/quality.py compares presets this way)."""
     data, policy = base["data"], base["policy"]
 
@@ -326,13 +327,16 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
             f"data.val_manifest={data['heldout_val']}", f"algorithm.name={settings['rl_algorithm']}",
             f"algorithm.num_samples={settings['rl_num_samples']}", f"algorithm.kl_coef={settings['rl_kl_coef']}",
             f"trainer.batch_size={settings['rl_batch_size']}", f"trainer.lr={settings['rl_lr']}",
-            "trainer.lr_schedule=constant", "trainer.warmup_steps=10", "trainer.max_steps=100000",
-            f"trainer.max_minutes={settings['rl_minutes']}", "trainer.val_every=40", "trainer.save_every=0",
-            "trainer.samples_every=40", "trainer.best_metric=val/reward", f"trainer.seed={settings['run_seed']}",
-            f"rewards={rewards}"])
+            "trainer.lr_schedule=constant", "trainer.warmup_steps=10", *budget, "trainer.val_every=40",
+            "trainer.save_every=0", "trainer.samples_every=40", "trainer.best_metric=val/reward",
+            f"trainer.seed={settings['run_seed']}", f"rewards={rewards}"])
 
-    keys = {k: settings[k] for k in ("rl_algorithm", "rl_minutes", "rl_lr", "rl_num_samples", "rl_batch_size",
-                                     "rl_kl_coef", "run_seed")}
+    # A step budget makes a run the same on a busy machine; a time budget fits the demo's 15 minutes.
+    steps = settings.get("rl_steps")
+    budget = [f"trainer.max_steps={steps}", "trainer.max_minutes=null"] if steps else \
+        ["trainer.max_steps=100000", f"trainer.max_minutes={settings['rl_minutes']}"]
+    keys = {k: settings[k] for k in ("rl_algorithm", "rl_steps" if steps else "rl_minutes", "rl_lr", "rl_num_samples",
+                                     "rl_batch_size", "rl_kl_coef", "run_seed")}
     checkpoint = reward["best_checkpoint"]
     return {
         f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}",

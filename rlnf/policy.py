@@ -132,6 +132,46 @@ def ctc_head(model, decoder: str = "auto") -> tuple[torch.nn.Module, bool]:
                           "RNNT/TDT-CTC models (EncDecHybridRNNTCTCModel, EncDecHybridRNNTCTCBPEModel)")
 
 
+def keep_encoder_passes_local(model) -> None:
+    """Take the hidden collective out of NeMo's encoder forward.
+
+    In a process group, NeMo's ``ConvASREncoder`` (QuartzNet, Citrinet) all-reduces the batch's
+    length on every forward, and ``ConformerEncoder`` does so while ``sync_max_audio_length`` is
+    on, only to size a length buffer alike on every process. A forward that runs on one process and
+    not on another (a reference-cache hit, a shorter validation shard, a reward that raised before
+    the reference pass) then waits forever on the others. The buffer's size never changes the
+    outputs, so here each process sizes it from its own batches."""
+    from nemo.collections.asr.parts.submodules.jasper import MaskedConv1d, SqueezeExcite
+
+    for module in model.modules():
+        if hasattr(module, "sync_max_audio_length"):  # ConformerEncoder and its descendants
+            module.sync_max_audio_length = False
+        elif callable(getattr(module, "update_max_sequence_length", None)) and hasattr(module, "max_audio_length"):
+            module.update_max_sequence_length = _local_length_update(module, MaskedConv1d, SqueezeExcite)
+
+
+def _local_length_update(encoder, masked_conv, squeeze_excite):
+    """``encoder.update_max_sequence_length`` with NeMo's sizing rule but no all-reduce."""
+
+    def update(seq_length: int, device) -> None:
+        if seq_length <= encoder.max_audio_length:
+            return
+        length = seq_length * 2 if seq_length < 5000 else int(seq_length * 1.5) if seq_length < 10000 else seq_length
+        encoder.max_audio_length = length
+        seq_range = torch.arange(0, length, device=next(encoder.parameters()).device)
+        if hasattr(encoder, "seq_range"):
+            encoder.seq_range = seq_range
+        else:
+            encoder.register_buffer("seq_range", seq_range, persistent=False)
+        for module in encoder.modules():
+            if isinstance(module, masked_conv):
+                module.update_masked_length(length, seq_range=seq_range)
+            elif isinstance(module, squeeze_excite):
+                module.set_max_len(length, seq_range=seq_range)
+
+    return update
+
+
 class CTCPolicy:
     """Wraps a NeMo CTC model (``EncDecCTCModel``, ``EncDecCTCModelBPE``) or the CTC head of a hybrid
     RNNT/TDT-CTC model (``EncDecHybridRNNTCTCModel``, its BPE class), chosen by ``decoder``
@@ -152,9 +192,11 @@ class CTCPolicy:
                     "the RNNT/TDT decoder and joint stay frozen but see the changed encoder (set policy.decoder=ctc "
                     "to choose the CTC head explicitly)", type(model).__name__, decoder)
         self.model = model
+        keep_encoder_passes_local(model)
         # What ``forward`` runs when gradients are on: the model itself, or its DistributedDataParallel
         # wrapper in a multi-process run (gradient-free passes always run the bare model, so
-        # rank-local inference such as sharded validation never waits on a collective).
+        # rank-local inference such as sharded validation never waits on a collective; see
+        # ``keep_encoder_passes_local`` for the encoder's own).
         self.train_module = model
         self.tokenizer = getattr(model, "tokenizer", None)
         self.blank_id = int(self.head.num_classes_with_blank) - 1

@@ -11,7 +11,8 @@ the first one is the demo's own runs, re-used when cached) retrains the reward m
 with the learned reward (no transcripts), RL with 1 - CER (the oracle), continued supervised
 training and self-training (the starting policy's greedy transcripts of the same untranscribed audio
 the learned-reward run sees, as labels). Every run has the demo's wall-clock budget, so run it on an
-otherwise idle machine. The test set is read by the final evaluation of each seed only: nothing is
+otherwise idle machine, or give --rl-steps (the RL runs then stop after that many steps, whatever
+the machine's load; the supervised baselines keep their minutes). The test set is read by the final evaluation of each seed only: nothing is
 chosen on it.
 
 Reported per run: the relative change of test WER and CER against the starting policy (negative when
@@ -81,6 +82,10 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
             entry.update({f"{metric}_change_mean": mean, f"{metric}_change_std": std,
                           f"{metric}_change_per_seed": changes,
                           f"{metric}_mean": statistics.fmean(seed[metric][name] for seed in per_seed)})
+        if name in per_seed[0].get("val_wer", {}):  # RL runs: their last validation, and the steps they made
+            val = mean_std([seed["val_wer"][name] for seed in per_seed])
+            entry.update({"final_val_wer_mean": val[0], "final_val_wer_std": val[1],
+                          "steps_per_seed": [seed["steps"][name] for seed in per_seed]})
         runs[name] = entry
     fractions = [(seed["wer"]["pretrained"] - seed["wer"]["rl_learned_reward"])
                  / (seed["wer"]["pretrained"] - seed["wer"]["rl_cer_reward"])
@@ -110,10 +115,12 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
 def print_table(summary: dict[str, Any]) -> None:
     print(f"\n{summary['seeds']} seeds {summary['seed_values']}; held-out voice test set; changes relative to the "
           "starting policy, mean +- std")
-    print(f"{'run':<22} {'WER':>7} {'WER change':>18} {'CER change':>18}")
+    print(f"{'run':<30} {'WER':>7} {'WER change':>18} {'CER change':>18} {'final val WER':>16}  steps")
     for name, run in summary["runs"].items():
-        print(f"{name:<22} {run['wer_mean']:7.3f} {100 * run['wer_change_mean']:+8.1f} +- {100 * run['wer_change_std']:4.1f} % "
-              f"{100 * run['cer_change_mean']:+8.1f} +- {100 * run['cer_change_std']:4.1f} %")
+        val = f"{run['final_val_wer_mean']:.3f} +- {run['final_val_wer_std']:.3f}" if "final_val_wer_mean" in run else ""
+        print(f"{name:<30} {run['wer_mean']:7.3f} {100 * run['wer_change_mean']:+8.1f} +- {100 * run['wer_change_std']:4.1f} % "
+              f"{100 * run['cer_change_mean']:+8.1f} +- {100 * run['cer_change_std']:4.1f} % {val:>16}  "
+              f"{run.get('steps_per_seed', '')}")
     reward = summary["reward_model"]
     print(f"oracle-gap fraction of rl_learned_reward: {summary['oracle_fraction_mean']:.2f} +- "
           f"{summary['oracle_fraction_std']:.2f}; beats self-training on every seed: "
@@ -163,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", help="write the plot here (default: OUTPUT/quality/quality.png)")
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="the demo's budget (scales every run)")
     parser.add_argument("--settings", default="{}", help="JSON overrides of rlnf.demo.SETTINGS (e.g. smaller runs)")
+    parser.add_argument("--rl-steps", type=int, help="RL runs stop after this many steps rather than the demo's "
+                                                      "minutes: figures a busy machine cannot change")
     parser.add_argument("--presets", default="", help="also run RL with these presets, comma-separated (e.g. "
                                                       "rloo,reinforce,ppo,mwer); the demo's grpo always runs")
     args = parser.parse_args(argv)
@@ -182,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.output).expanduser().resolve()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = scaled_settings(args.budget_minutes, json.loads(args.settings))
+    if args.rl_steps:
+        settings["rl_steps"] = args.rl_steps
     presets = [name for name in args.presets.split(",") if name and name != settings["rl_algorithm"]]
     unknown = sorted(set(presets) - set(ALGORITHM_NAMES))
     if unknown:
@@ -208,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
             results.update(evaluate_runs(stages, base, reward, others, device, name="evaluate_presets"))
         rows = read_metrics(folder / "rl_learned_reward")
         curves[seed] = [(row["step"], row["val/wer"]) for row in rows if "val/wer" in row]
+        rl_rows = {name: read_metrics(folder / name) for name in run_names if name.startswith("rl_")}
         per_seed.append({
+            "steps": {name: max((row["step"] for row in rows_), default=0) for name, rows_ in rl_rows.items()},
+            "val_wer": {name: next((row["val/wer"] for row in reversed(rows_) if "val/wer" in row), float("nan"))
+                        for name, rows_ in rl_rows.items()},
             "seed": seed,
             "wer": {name: results[name]["wer"] for name in ("pretrained", *run_names)},
             "cer": {name: results[name]["cer"] for name in ("pretrained", *run_names)},

@@ -158,6 +158,13 @@ def test_a_yaml_whose_top_level_is_a_list_is_refused(tmp_path, capsys):
     assert "list.yaml: the top level must be a mapping" in capsys.readouterr().err
 
 
+def test_a_yaml_nested_too_deeply_is_refused_naming_the_file(tmp_path, capsys):
+    config = tmp_path / "deep.yaml"
+    config.write_text("policy: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert main(["run", "rl_finetune", "--config", str(config)]) == 2
+    assert "deep.yaml: cannot parse YAML: nested too deeply" in capsys.readouterr().err
+
+
 def test_gradients_made_non_finite_by_clipping_are_reported_as_nan():
     import torch
 
@@ -434,8 +441,6 @@ def fails_on_rank_one(inputs):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="passed on rel16 before the merge of main (issue 12/13 changes); after it the two processes "
-                         "hang at the failing step: to investigate before enabling")
 def test_a_reward_raising_on_one_process_stops_both_with_a_checkpoint(corpus, tiny_nemo, tmp_path):
     import torch
 
@@ -450,3 +455,27 @@ def test_a_reward_raising_on_one_process_stops_both_with_a_checkpoint(corpus, ti
     assert "process 1: ConnectionError: the scoring service went away" in result.stderr
     assert "Traceback" not in result.stderr
     assert torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.slow
+def test_bad_audio_on_one_process_stops_both_with_a_checkpoint(tmp_path, clip, tiny_nemo):
+    """A data worker on process 1 meets a clip of NaN samples at step 2: both processes stop (none
+    waits on a collective), the message names the manifest line, and step 1 is kept."""
+    import torch
+
+    speech = np.zeros(8000, dtype=np.float32) + 0.01
+    speech[100:200] = np.nan
+    soundfile.write(str(tmp_path / "nan.wav"), speech, 16000, subtype="FLOAT")
+    manifest = write_rows(tmp_path / "m.json", [{"audio_filepath": str(clip), "text": text} for text in "abc"]
+                          + [{"audio_filepath": "nan.wav", "text": "d"}])
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "rlnf.cli", "run", "rl_finetune", "--config", "rl/rloo", f"policy.path={tiny_nemo}",
+         f"data.train_manifest={manifest}", f"output_dir={out}", "trainer.batch_size=1", "algorithm.num_samples=2",
+         "trainer.progress_bar=false", "trainer.samples_every=0", "trainer.devices=2", "trainer.max_steps=4",
+         "trainer.save_every=100", "data.num_workers=1", "data.shuffle=false"],
+        capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "m.json:4: audio file holds NaN or infinite samples" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)["step"] == 1

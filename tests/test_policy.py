@@ -87,3 +87,34 @@ def test_load_errors(tmp_path):
     bad.write_bytes(b"not a tar")
     with pytest.raises(CheckpointError, match="not a readable .nemo"):
         CTCPolicy.load(str(bad))
+
+
+def test_encoder_passes_wait_on_no_other_process(tiny_nemo, monkeypatch):
+    """NeMo's encoders all-reduce the batch length on every forward in a process group; a policy's
+    passes must not (a pass on one process only would hang), and must give the same outputs."""
+    from nemo.collections.asr.modules import ConformerEncoder
+
+    from rlnf.policy import load_nemo_model
+
+    policy, untouched = CTCPolicy.load(tiny_nemo), load_nemo_model(tiny_nemo)
+    policy.set_mode("rollout")
+    untouched.eval()
+    lengths_seen = []
+    for seconds in ((0.5, 0.3), (1.0, 0.6), (2.2, 0.4)):  # the last one grows the length buffers again
+        audio, lengths = batch_of(seconds)
+        with torch.no_grad():
+            expected, expected_len, _ = untouched(input_signal=audio, input_signal_length=lengths)
+            with monkeypatch.context() as patched:
+                patched.setattr(torch.distributed, "is_initialized", lambda: True)
+                patched.setattr(torch.distributed, "all_reduce", lambda *a, **k: pytest.fail("collective in forward"))
+                got, got_len = policy.forward(audio, lengths)
+        assert torch.equal(got, expected[:, : int(expected_len.max())]) and torch.equal(got_len, expected_len)
+        lengths_seen.append(policy.model.encoder.max_audio_length)
+    assert lengths_seen == sorted(lengths_seen) and lengths_seen[-1] > lengths_seen[0]
+    assert lengths_seen[-1] == untouched.encoder.max_audio_length  # NeMo's own sizing rule
+
+    conformer = ConformerEncoder(feat_in=16, n_layers=1, d_model=16, n_heads=2)
+    from rlnf.policy import keep_encoder_passes_local
+
+    keep_encoder_passes_local(conformer)
+    assert conformer.sync_max_audio_length is False

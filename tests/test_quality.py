@@ -26,7 +26,9 @@ def seed_result(seed, learned, cer, supervised, self_training, gain, spearman, r
            "supervised_continued": supervised, "self_training": self_training}
     return {"seed": seed, "wer": wer, "cer": {k: v / 2 for k, v in wer.items()},
             "reward_heldout": {"audio_gain": gain, "group_spearman": spearman},
-            "reward_val": {"val/group_spearman": 0.5}, "wer_rise": rise, "final_val_wer": learned}
+            "reward_val": {"val/group_spearman": 0.5}, "wer_rise": rise, "final_val_wer": learned,
+            "val_wer": {"rl_learned_reward": learned + 0.01, "rl_cer_reward": cer + 0.01},
+            "steps": {"rl_learned_reward": 300, "rl_cer_reward": 300}}
 
 
 def test_summary_against_hand_values():
@@ -44,6 +46,8 @@ def test_summary_against_hand_values():
     assert summary["learned_beats_self_training_every_seed"] is True
     assert summary["reward_model"]["audio_gain_mean"] == pytest.approx(0.15)
     assert summary["reward_model"]["heldout_group_spearman_mean"] == pytest.approx(0.65)
+    assert learned["final_val_wer_mean"] == pytest.approx(0.71) and learned["steps_per_seed"] == [300, 300]
+    assert "final_val_wer_mean" not in summary["runs"]["self_training"]  # RL runs only
     per_seed[1]["wer"]["self_training"] = 0.66
     assert quality.summarise(per_seed, RUNS)["learned_beats_self_training_every_seed"] is False
 
@@ -74,13 +78,15 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
     out, figures = tmp_path / "demo", tmp_path / "quality.json"
     quality = load_quality()
     assert quality.main(["--output", str(out), "--seeds", "2", "--json", str(figures), "--presets", "rloo",
-                         "--settings", json.dumps(settings)]) == 0
+                         "--rl-steps", "3", "--settings", json.dumps(settings)]) == 0
     summary = json.loads(figures.read_text())
     assert summary["seeds"] == 2 and summary["seconds"] > 0 and summary["stage_seconds"] >= summary["seconds"] * 0.5
     for name in (*RUNS, "rl_learned_reward-rloo", "rl_cer_reward-rloo"):
         run = summary["runs"][name]
         assert {"wer_change_mean", "wer_change_std", "wer_change_per_seed"} <= set(run)
         assert len(run["wer_change_per_seed"]) == 2
+        if name.startswith("rl_"):  # step-boxed by --rl-steps, whatever the machine's load
+            assert run["steps_per_seed"] == [3, 3]
     assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model"])
     assert "oracle_fraction_mean" in summary
     first, second = summary["per_seed"]

@@ -153,9 +153,10 @@ def family_config(family: str, labels: list[str] | None = None, tokenizer_dir: s
         config["encoder"] = _conformer_encoder(n_mels, width, "striding", 4)
     elif family in ("fastconformer", "hybrid"):
         config["encoder"] = _conformer_encoder(n_mels, width, "dw_striding", 8)
-    decoder = {"_target_": "nemo.collections.asr.modules.ConvASRDecoder", "feat_in": width if family != "quartznet"
-               else config["decoder"]["feat_in"], "num_classes": len(labels) if labels else -1,
-               "vocabulary": list(labels or [])}
+    encoder_out = config["decoder"]["feat_in"] if family == "quartznet" else width
+    # num_classes -1 and no vocabulary: NeMo's BPE classes take both from the tokenizer.
+    decoder = {"_target_": "nemo.collections.asr.modules.ConvASRDecoder", "feat_in": encoder_out,
+               "num_classes": len(labels) if labels else -1, "vocabulary": list(labels or [])}
     config["decoder"] = decoder
     if tokenizer_dir is not None:
         config.pop("labels")

@@ -19,12 +19,13 @@ IDS = [f"{family}-{tokens}" for family, tokens in CASES]
 RL_CASES, RL_IDS = CASES[1:], IDS[1:]
 
 
-def build(family: str, tokens: str, tokenizer_dir: str, **kwargs):
+def build(family: str, tokens: str, tokenizer_dir: str):
+    """A tiny ``family`` model (seed 0): characters, or BPE with the tokenizer in ``tokenizer_dir``."""
     from rlnf.models import ENGLISH_LABELS, build_family_model
 
     if tokens == "bpe":
-        return build_family_model(family, tokenizer_dir=tokenizer_dir, seed=0, **kwargs)
-    return build_family_model(family, labels=ENGLISH_LABELS, seed=0, **kwargs)
+        return build_family_model(family, tokenizer_dir=tokenizer_dir, seed=0)
+    return build_family_model(family, labels=ENGLISH_LABELS, seed=0)
 
 
 def as_if_trained(model):

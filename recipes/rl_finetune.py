@@ -65,19 +65,21 @@ class RLFinetuneRecipe:
         if cfg.data.val_manifest:
             self.val, _ = load_utterances(cfg.data, cfg.data.val_manifest, False, limit=cfg.data.max_val_samples)
 
-        self.policy = CTCPolicy.load(cfg.policy.path, self.device)
+        self.policy = CTCPolicy.load(cfg.policy.path, self.device, cfg.policy.decoder, cfg.policy.adapters)
         self.warn_unreachable_references(train)
         self.reference = None
         self.reference_cache = None
         algo = cfg.algorithm
         self.kl = KLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)  # the one owner of beta
+        train_dataset = AudioDataset(train, self.policy.sample_rate, cfg.data.skip_bad_samples)
         if self.kl.enabled:
-            from rlnf.rl import ReferenceCache
+            from rlnf.rl import checked_reference_cache
 
-            self.reference = CTCPolicy.load(cfg.policy.path, self.device).freeze()
+            self.reference = self.policy.frozen_reference(cfg.policy.path)
             if cfg.algorithm.reference_cache_mb > 0:
-                self.reference_cache = ReferenceCache(int(cfg.algorithm.reference_cache_mb * 2**20))
-        self.stream = TrainStream(AudioDataset(train, self.policy.sample_rate, cfg.data.skip_bad_samples),
+                self.reference_cache = checked_reference_cache(self.reference, train_dataset,
+                                                               int(cfg.algorithm.reference_cache_mb * 2**20))
+        self.stream = TrainStream(train_dataset,
                                   trainer.batch_size, cfg.data.bucket_size, cfg.data.shuffle, trainer.seed,
                                   cfg.data.num_workers, pin_memory=self.device.type == "cuda",
                                   rank=dist.rank, world_size=dist.world_size)

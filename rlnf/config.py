@@ -22,6 +22,7 @@ from rlnf.errors import ConfigError
 from rlnf.io import file_problem
 
 ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo", "mwer")
+POLICY_DECODERS = ("auto", "ctc")  # rlnf.policy.ctc_head
 
 
 def opt(default: Any = MISSING, help: str = "", factory: Any = None) -> Any:  # noqa: A002
@@ -91,9 +92,22 @@ class PolicyConfig:
                                    "(old, new and reference log-probs stay comparable); 'train' updates them "
                                    "from each batch in the update.")
     dropout: bool = opt(False, "Keep dropout active in the policy update (rollouts never use dropout).")
+    decoder: str = opt("auto", "Which head is the policy: 'auto' takes a CTC model's decoder, and a hybrid "
+                               "RNNT/TDT-CTC model's CTC head with a warning; 'ctc' asks for the CTC head "
+                               "explicitly. A hybrid's RNNT/TDT decoder and joint stay frozen; a model with no "
+                               "CTC head is refused.")
+
+    adapters: int = opt(0, "Train only LoRA-style linear adapters (NeMo LinearAdapter) of this bottleneck size, "
+                           "one per encoder layer (ConformerEncoder, ConvASREncoder); the reference is the same "
+                           "module with them switched off. 0 fine-tunes the whole model.")
 
     def __post_init__(self) -> None:
         _check_choice("policy.batchnorm", self.batchnorm, ("frozen", "train"))
+        _check_choice("policy.decoder", self.decoder, POLICY_DECODERS)
+        _check_positive("policy.adapters", self.adapters, allow_zero=True)
+        if self.adapters and self.batchnorm == "train":
+            raise ConfigError("policy.adapters needs policy.batchnorm=frozen: BatchNorm statistics updated in training "
+                              "would change the model the adapters-off reference stands for")
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""QuartzNet-style NeMo CTC model configurations, from a tiny test model to QuartzNet 15x5.
+"""NeMo CTC model configurations built from config, no download: QuartzNet from a tiny test model to
+QuartzNet 15x5, and tiny models of the other families rlnf fine-tunes (``family_config``).
 
-The architecture follows Kriman et al. 2020 ("QuartzNet"): a strided separable prologue C1,
+The QuartzNet architecture follows Kriman et al. 2020 ("QuartzNet"): a strided separable prologue C1,
 groups of blocks B1..B5 (each block ``repeat`` time-channel separable convolutions), epilogues
-C2 (dilated), C3 (1x1) and a 1x1 decoder to the vocabulary plus blank. Built from config, no download.
+C2 (dilated), C3 (1x1) and a 1x1 decoder to the vocabulary plus blank.
 """
 
 from __future__ import annotations
@@ -98,3 +99,96 @@ def build_ctc_model(labels: list[str], size: str = "small", seed: int | None = N
     if seed is not None:
         torch.manual_seed(seed)
     return EncDecCTCModel(cfg=OmegaConf.create(quartznet_config(labels, size=size, **kwargs)))
+
+
+# family -> NeMo model class (characters, BPE). The hybrid's policy is its CTC head (policy.decoder).
+FAMILIES: dict[str, tuple[str, str]] = {
+    "quartznet": ("EncDecCTCModel", "EncDecCTCModelBPE"),
+    "citrinet": ("EncDecCTCModel", "EncDecCTCModelBPE"),
+    "conformer": ("EncDecCTCModel", "EncDecCTCModelBPE"),
+    "fastconformer": ("EncDecCTCModel", "EncDecCTCModelBPE"),
+    "hybrid": ("EncDecHybridRNNTCTCModel", "EncDecHybridRNNTCTCBPEModel"),
+}
+
+
+def _conformer_encoder(n_mels: int, d_model: int, subsampling: str, factor: int) -> dict[str, Any]:
+    """A one-layer ConformerEncoder: 'striding' x4 is Conformer-CTC's, 'dw_striding' x8 FastConformer's."""
+    return {
+        "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+        "feat_in": n_mels, "n_layers": 1, "d_model": d_model, "subsampling": subsampling,
+        "subsampling_factor": factor, "subsampling_conv_channels": d_model, "ff_expansion_factor": 2,
+        "self_attention_model": "rel_pos", "n_heads": 2, "conv_kernel_size": 9, "dropout": 0.0,
+        "dropout_pre_encoder": 0.0, "dropout_emb": 0.0, "dropout_att": 0.0,
+    }
+
+
+def _citrinet_encoder(n_mels: int, channels: int) -> dict[str, Any]:
+    """Citrinet's shape at toy size: separable 1D convolutions with squeeze-and-excitation over the
+    whole utterance (se_context_size -1), stride 2 twice (x4)."""
+    def block(kernel: int, stride: int = 1, repeat: int = 1, residual: bool = True) -> dict[str, Any]:
+        return {"filters": channels, "repeat": repeat, "kernel": [kernel], "stride": [stride], "dilation": [1],
+                "dropout": 0.0, "residual": residual, "separable": True, "se": True, "se_context_size": -1,
+                "se_reduction_ratio": 8, "residual_mode": "stride_add", "stride_last": True}
+
+    return {"_target_": "nemo.collections.asr.modules.ConvASREncoder", "feat_in": n_mels, "activation": "relu",
+            "conv_mask": True,
+            "jasper": [block(5, residual=False), block(11, stride=2, repeat=2), block(13, stride=2, repeat=2),
+                       block(1, residual=False)]}
+
+
+def family_config(family: str, labels: list[str] | None = None, tokenizer_dir: str | None = None,
+                  n_mels: int = 64, width: int = 32) -> dict[str, Any]:
+    """A tiny config (plain dict) of ``family`` (see ``FAMILIES``): characters ``labels``, or a
+    SentencePiece tokenizer folder ``tokenizer_dir`` (NeMo's ``tokenizer.dir``, type bpe) for the
+    BPE class. The preprocessor is ``quartznet_config``'s (16 kHz, 64 mel, dither and pad_to as
+    there); ``width`` is the encoder's channels / d_model."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if (labels is None) == (tokenizer_dir is None):
+        raise ValueError("give either labels (a character model) or tokenizer_dir (a BPE model)")
+    config = quartznet_config(labels or ["x"], size="tiny", n_mels=n_mels, spec_augment=False)
+    if family == "citrinet":
+        config["encoder"] = _citrinet_encoder(n_mels, width)
+    elif family == "conformer":
+        config["encoder"] = _conformer_encoder(n_mels, width, "striding", 4)
+    elif family in ("fastconformer", "hybrid"):
+        config["encoder"] = _conformer_encoder(n_mels, width, "dw_striding", 8)
+    encoder_out = config["decoder"]["feat_in"] if family == "quartznet" else width
+    # num_classes -1 and no vocabulary: NeMo's BPE classes take both from the tokenizer.
+    decoder = {"_target_": "nemo.collections.asr.modules.ConvASRDecoder", "feat_in": encoder_out,
+               "num_classes": len(labels) if labels else -1, "vocabulary": list(labels or [])}
+    config["decoder"] = decoder
+    if tokenizer_dir is not None:
+        config.pop("labels")
+        config["tokenizer"] = {"dir": str(tokenizer_dir), "type": "bpe"}
+        # NeMo's BPE ``transcribe`` reads validation_ds.use_start_end_token (pretrained models carry the section).
+        config["validation_ds"] = {"manifest_filepath": None, "sample_rate": 16000, "batch_size": 1,
+                                   "shuffle": False, "use_start_end_token": False}
+    if family == "hybrid":
+        vocabulary = len(labels) if labels else -1
+        config["model_defaults"] = {"enc_hidden": width, "pred_hidden": width}
+        config["decoder"] = {"_target_": "nemo.collections.asr.modules.RNNTDecoder", "normalization_mode": None,
+                             "random_state_sampling": False, "blank_as_pad": True, "vocab_size": vocabulary,
+                             "prednet": {"pred_hidden": width, "pred_rnn_layers": 1, "dropout": 0.0}}
+        config["joint"] = {"_target_": "nemo.collections.asr.modules.RNNTJoint", "num_classes": vocabulary,
+                           "vocabulary": list(labels or []), "log_softmax": None, "preserve_memory": False,
+                           "fuse_loss_wer": False,
+                           "jointnet": {"joint_hidden": width, "activation": "relu", "dropout": 0.0,
+                                        "encoder_hidden": width, "pred_hidden": width}}
+        config["decoding"] = {"strategy": "greedy_batch", "greedy": {"max_symbols": 5}}
+        config["loss"] = {"loss_name": "default"}
+        config["aux_ctc"] = {"ctc_loss_weight": 0.3, "decoder": decoder}
+    return config
+
+
+def build_family_model(family: str, labels: list[str] | None = None, tokenizer_dir: str | None = None,
+                       seed: int | None = None, **kwargs: Any):
+    """Instantiate ``family_config``'s model (random weights) with its NeMo class."""
+    import torch
+    from nemo.collections.asr import models
+    from omegaconf import OmegaConf
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    model_class = getattr(models, FAMILIES[family][tokenizer_dir is not None])
+    return model_class(cfg=OmegaConf.create(family_config(family, labels, tokenizer_dir, **kwargs)))

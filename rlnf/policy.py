@@ -10,6 +10,7 @@ so the log-probs of the rollout, the update and the reference are comparable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,29 @@ class Samples:
                        blank_ratio=other.blank_ratio)
 
 
-def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu"):
-    """Restore a NeMo ASR model from a .nemo file, or download a pretrained one by name."""
+ADAPTER_NAME = "rlnf"  # the adapters policy.adapters adds, in every encoder layer
+
+
+def adapter_ready_config(config):
+    """A restored model's config with its encoder swapped for NeMo's adapter-taking subclass of it
+    (``ConformerEncoderAdapter``, ``ConvASREncoderAdapter``; weights load unchanged). An encoder with no
+    registered adapter class is refused, naming policy.adapters."""
+    from nemo.core import adapter_mixins
+    from omegaconf import open_dict
+
+    registered = adapter_mixins.get_registered_adapter(config.encoder._target_)
+    if registered is None:
+        raise CheckpointError(f"policy.adapters: the encoder {config.encoder._target_} takes no adapters (NeMo "
+                              "registers adapter classes for ConformerEncoder and ConvASREncoder); set "
+                              "policy.adapters=0 to fine-tune the whole model")
+    with open_dict(config):
+        config.encoder._target_ = registered.adapter_class_path
+    return config
+
+
+def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu", adapter_ready: bool = False):
+    """Restore a NeMo ASR model from a .nemo file, or download a pretrained one by name; with
+    ``adapter_ready``, built with its encoder's adapter class (``adapter_ready_config``)."""
     from nemo.collections.asr.models import ASRModel
 
     from rlnf.checkpoint import check_nemo_archive
@@ -69,20 +91,45 @@ def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu")
     from rlnf.io import file_problem
 
     candidate = Path(path_or_name).expanduser()
-    if candidate.suffix == ".nemo" or candidate.exists() or candidate.is_symlink():
+    local = candidate.suffix == ".nemo" or candidate.exists() or candidate.is_symlink()
+    if local:
         problem = file_problem(candidate)
         if problem:
             raise CheckpointError(f"policy checkpoint {problem}: {path_or_name}")
         check_nemo_archive(candidate)
-        try:
-            return ASRModel.restore_from(str(candidate), map_location=map_location)
-        except Exception as exc:
-            raise CheckpointError(f"cannot restore NeMo model from {candidate}: {exc}") from exc
+    restore, source = (ASRModel.restore_from, str(candidate)) if local else (ASRModel.from_pretrained, path_or_name)
     try:
-        return ASRModel.from_pretrained(path_or_name, map_location=map_location)
+        override = adapter_ready_config(restore(source, return_config=True)) if adapter_ready else None
+        return restore(source, map_location=map_location, override_config_path=override)
+    except CheckpointError:
+        raise
     except Exception as exc:
+        if local:
+            raise CheckpointError(f"cannot restore NeMo model from {candidate}: {exc}") from exc
         raise CheckpointError(f"cannot load pretrained model {path_or_name!r} (is it a local path? a name needs "
                               f"network access): {exc}") from exc
+
+
+def ctc_head(model, decoder: str = "auto") -> tuple[torch.nn.Module, bool]:
+    """The CTC decoder of a NeMo ASR model, and whether the model is a hybrid RNNT/TDT-CTC model.
+
+    A CTC model (``EncDecCTCModel``, its BPE class: QuartzNet, Citrinet, Conformer-CTC,
+    FastConformer-CTC) has one head, ``model.decoder``. A hybrid (``EncDecHybridRNNTCTCModel``, its BPE
+    class) has two on one encoder; the policy is its CTC head, ``model.ctc_decoder``. Any other model
+    has no CTC head and is refused, naming the key."""
+    from nemo.collections.asr.models import EncDecCTCModel, EncDecHybridRNNTCTCModel
+
+    from rlnf.config import POLICY_DECODERS
+
+    if decoder not in POLICY_DECODERS:
+        raise CheckpointError(f"policy.decoder={decoder!r} is not valid; choose one of {', '.join(POLICY_DECODERS)}")
+    if isinstance(model, EncDecCTCModel):
+        return model.decoder, False
+    if isinstance(model, EncDecHybridRNNTCTCModel):
+        return model.ctc_decoder, True
+    raise CheckpointError(f"{type(model).__name__} has no CTC head, so policy.decoder={decoder} has nothing to train: "
+                          "rlnf fine-tunes CTC models (EncDecCTCModel, EncDecCTCModelBPE) and the CTC head of hybrid "
+                          "RNNT/TDT-CTC models (EncDecHybridRNNTCTCModel, EncDecHybridRNNTCTCBPEModel)")
 
 
 def keep_encoder_passes_local(model) -> None:
@@ -126,14 +173,24 @@ def _local_length_update(encoder, masked_conv, squeeze_excite):
 
 
 class CTCPolicy:
-    """Wraps a NeMo ``EncDecCTCModel`` or ``EncDecCTCModelBPE``."""
+    """Wraps a NeMo CTC model (``EncDecCTCModel``, ``EncDecCTCModelBPE``) or the CTC head of a hybrid
+    RNNT/TDT-CTC model (``EncDecHybridRNNTCTCModel``, its BPE class), chosen by ``decoder``
+    (``policy.decoder``: 'auto' or 'ctc', see ``ctc_head``).
 
-    def __init__(self, model):
-        from nemo.collections.asr.models import EncDecCTCModel
+    For a hybrid, the RNNT/TDT decoder and joint are frozen here (``requires_grad`` off): they get no
+    gradient, no optimizer state, and DDP leaves them out; export writes them back unchanged."""
 
-        if not isinstance(model, EncDecCTCModel):
-            raise CheckpointError(f"{type(model).__name__} is not a CTC model (EncDecCTCModel or "
-                                  "EncDecCTCModelBPE)")
+    def __init__(self, model, decoder: str = "auto"):
+        self.decoder = decoder
+        self.adapter_dim = 0  # > 0 once add_adapters made only adapters trainable
+        self.head, self.hybrid = ctc_head(model, decoder)
+        if self.hybrid:
+            for module in (model.decoder, model.joint):
+                module.requires_grad_(False)
+            log.log(logging.WARNING if decoder == "auto" else logging.INFO,
+                    "%s is a hybrid RNNT/TDT-CTC model: policy.decoder=%s trains its CTC head and the shared encoder; "
+                    "the RNNT/TDT decoder and joint stay frozen but see the changed encoder (set policy.decoder=ctc "
+                    "to choose the CTC head explicitly)", type(model).__name__, decoder)
         self.model = model
         keep_encoder_passes_local(model)
         # What ``forward`` runs when gradients are on: the model itself, or its DistributedDataParallel
@@ -142,16 +199,61 @@ class CTCPolicy:
         # ``keep_encoder_passes_local`` for the encoder's own).
         self.train_module = model
         self.tokenizer = getattr(model, "tokenizer", None)
-        self.blank_id = int(model.decoder.num_classes_with_blank) - 1
+        self.blank_id = int(self.head.num_classes_with_blank) - 1
         self.sample_rate = int(model.cfg.preprocessor.sample_rate)
-        self.vocabulary: list[str] = list(model.decoder.vocabulary)
+        self.vocabulary: list[str] = list(self.head.vocabulary)
         self._char_to_id = {char: index for index, char in enumerate(self.vocabulary)}
 
     @classmethod
-    def load(cls, path_or_name: str, device: torch.device | str = "cpu") -> "CTCPolicy":
-        policy = cls(load_nemo_model(path_or_name, map_location=device))
+    def load(cls, path_or_name: str, device: torch.device | str = "cpu", decoder: str = "auto",
+             adapters: int = 0) -> "CTCPolicy":
+        """Restore a policy; ``adapters`` > 0 adds and trains only adapters of that size (``add_adapters``)."""
+        policy = cls(load_nemo_model(path_or_name, map_location=device, adapter_ready=adapters > 0), decoder)
+        if adapters:
+            policy.add_adapters(adapters)
         policy.model.to(device)
         return policy
+
+    def add_adapters(self, dim: int) -> None:
+        """Give every encoder layer a NeMo ``LinearAdapter`` (LayerNorm, d -> dim -> d, added to the layer's
+        output; its last projection starts at zero, so the model's outputs start unchanged), enable only
+        those, and make them the only trainable parameters. Adapters of that name already in the model
+        (a .nemo exported by an adapter run) are kept and trained on. The model must have been restored
+        adapter-ready (``load_nemo_model``)."""
+        from nemo.collections.common.parts.adapter_modules import LinearAdapterConfig
+        from nemo.core import adapter_mixins
+
+        if not isinstance(self.model.encoder, adapter_mixins.AdapterModuleMixin):
+            raise CheckpointError(f"policy.adapters: {type(self.model.encoder).__name__} takes no adapters")
+        if ADAPTER_NAME in self.model.encoder.get_enabled_adapters():
+            log.info("policy.adapters: training the %r adapters the checkpoint holds", ADAPTER_NAME)
+        else:  # in_features: NeMo sets each layer's own width
+            self.model.add_adapter(ADAPTER_NAME, cfg=LinearAdapterConfig(in_features=self.model.encoder._feat_out,
+                                                                         dim=dim))
+        self.model.set_enabled_adapters(enabled=False)
+        self.model.set_enabled_adapters(ADAPTER_NAME, enabled=True)
+        self.model.requires_grad_(False)
+        for module in self.model.modules():
+            if hasattr(module, "adapter_layer") and ADAPTER_NAME in module.adapter_layer:
+                module.adapter_layer[ADAPTER_NAME].requires_grad_(True)
+        self.adapter_dim = dim
+
+    @contextlib.contextmanager
+    def adapters_off(self):
+        """The base model for the duration: this policy's adapters switched off, then on again."""
+        self.model.set_enabled_adapters(ADAPTER_NAME, enabled=False)
+        try:
+            yield
+        finally:
+            self.model.set_enabled_adapters(ADAPTER_NAME, enabled=True)
+
+    def frozen_reference(self, path_or_name: str) -> "CTCPolicy | AdaptersOff":
+        """The KL reference: this module with its adapters off when it trains adapters (no second copy of
+        the model), else a second, frozen restore of ``path_or_name``."""
+        if self.adapter_dim:
+            return AdaptersOff(self)
+        # 'ctc': the policy has already said (and warned, for a hybrid under 'auto') which head it trains.
+        return CTCPolicy.load(path_or_name, self.device, "ctc").freeze()
 
     # ------------------------------------------------------------------ modes and parameters
     @property
@@ -183,7 +285,11 @@ class CTCPolicy:
     def forward(self, audio: torch.Tensor, audio_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One encoder pass. Returns log_probs [B, T, V] (T = max encoded_len) and encoded_len [B]."""
         module = self.train_module if torch.is_grad_enabled() else self.model
-        log_probs, encoded_len, _ = module(input_signal=audio, input_signal_length=audio_len)
+        if self.hybrid:  # a hybrid's forward stops at the encoder; its CTC head runs here
+            encoded, encoded_len = module(input_signal=audio, input_signal_length=audio_len)
+            log_probs = self.head(encoder_output=encoded)
+        else:
+            log_probs, encoded_len, _ = module(input_signal=audio, input_signal_length=audio_len)
         # The decoder may emit padding frames past encoded_len (pad_to); they are never used.
         return log_probs[:, : int(encoded_len.max())], encoded_len
 
@@ -294,6 +400,50 @@ class CTCPolicy:
         from rlnf.io import atomic_save
 
         atomic_save(path, lambda tmp: self.model.save_to(str(tmp)))
+
+
+class AdaptersOff:
+    """The frozen reference of a policy that trains adapters: the policy's own module run with its
+    adapters switched off. It offers what a reference is asked for (``forward``, ``device``); the
+    adapters start at zero output, so at step 0 it equals the policy."""
+
+    def __init__(self, policy: CTCPolicy):
+        self.policy = policy
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    def forward(self, audio: torch.Tensor, audio_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log_probs [B, T, V] and encoded_len [B] of the base model, without gradients, in eval mode (as the
+        rollout that asks for them has already set)."""
+        self.policy.set_mode("rollout")
+        with torch.no_grad(), self.policy.adapters_off():
+            return self.policy.forward(audio, audio_len)
+
+
+@torch.no_grad()
+def batch_dependence(policy: CTCPolicy | AdaptersOff, clips: Sequence[torch.Tensor]) -> float:
+    """How much a clip's log-probs depend on the rest of its batch: the largest absolute difference
+    (nats) between log_probs [T, V] of each clip run alone and the same clip's valid frames
+    (``encoded_len``) in one zero-padded batch of all ``clips`` (1-D waveforms). The batch also holds
+    the longest clip and half of it again, so every clip given is padded. Runs in float32 in the
+    policy's current mode (a frozen reference: eval). Infinite when a clip's frame count changes."""
+    longest = max(clips, key=len)
+    batch = [*clips, torch.cat([longest, longest[: len(longest) // 2]])]
+    audio_len = torch.tensor([len(clip) for clip in batch], device=policy.device)
+    audio = torch.zeros(len(batch), int(audio_len.max()), device=policy.device)
+    for row, clip in enumerate(batch):
+        audio[row, : len(clip)] = clip.to(policy.device)
+    batched, encoded_len = policy.forward(audio, audio_len)
+    largest = 0.0
+    for row, clip in enumerate(clips):
+        alone, alone_len = policy.forward(audio[row: row + 1, : len(clip)], audio_len[row: row + 1])
+        frames = int(encoded_len[row])
+        if int(alone_len[0]) != frames:
+            return float("inf")
+        largest = max(largest, float((alone[0, :frames].float() - batched[row, :frames].float()).abs().max()))
+    return largest
 
 
 def first_occurrences(texts: Sequence[Sequence[str]]) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 
 from rlnf import algorithms, ctc
 from rlnf.data.loader import AudioBatch
-from rlnf.policy import CTCPolicy, Samples, first_occurrences, labels_to_padded
+from rlnf.policy import CTCPolicy, Samples, batch_dependence, first_occurrences, labels_to_padded
 from rlnf.rewards import RewardInputs, RewardSet
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,9 @@ class ReferenceCache:
     least recently used first out beyond ``max_bytes``.
 
     The reference runs in eval mode on the same audio every time it meets an utterance, so from the
-    second epoch on its forward can be skipped (as TRL's ``precompute_ref_log_probs``). Outputs for an
-    utterance do not depend on the rest of its batch beyond float rounding (masked convolutions)."""
+    second epoch on its forward can be skipped (as TRL's ``precompute_ref_log_probs``). That needs a
+    clip's outputs not to depend on the rest of its batch beyond float rounding (masked convolutions,
+    attention with padding masks): ``checked_reference_cache`` measures it before making one."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
@@ -143,6 +144,37 @@ class ReferenceCache:
             self.bytes -= evicted.numel() * evicted.element_size()
         self._entries[key] = log_probs
         self.bytes += size
+
+
+# Largest batch dependence (nats, ``batch_dependence``) the reference cache accepts: float32 rounding
+# of the supported families is ~1e-6 (README "Model families"); a forward whose padding leaks into a
+# clip's output (an unmasked convolution or pooling) differs by orders of magnitude more.
+CACHE_TOLERANCE = 1e-3
+
+
+def checked_reference_cache(reference: CTCPolicy, dataset, max_bytes: int, clips: int = 2) -> ReferenceCache | None:
+    """A ``ReferenceCache`` of ``max_bytes`` when the reference's log-probs of a clip do not depend on the
+    rest of its batch, measured with ``batch_dependence`` on the first ``clips`` readable items of
+    ``dataset`` (an ``AudioDataset``); None, with a warning, when they do (the cache would serve a
+    clip's log-probs from another batch's padding)."""
+    audio = []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if item is not None:
+            audio.append(torch.from_numpy(item[0]))
+        if len(audio) == clips:
+            break
+    if not audio:
+        return ReferenceCache(max_bytes)
+    difference = batch_dependence(reference, audio)
+    log.info("reference log-probs' batch dependence: %.2e nats (cache tolerance %.0e)", difference, CACHE_TOLERANCE)
+    if difference > CACHE_TOLERANCE:
+        log.warning("the reference's log-probs of a clip depend on the rest of its batch (largest difference %.3g "
+                    "nats > %g, e.g. padding reaching an unmasked layer): the reference cache is off and the "
+                    "reference runs every step (algorithm.reference_cache_mb=0 silences this)",
+                    difference, CACHE_TOLERANCE)
+        return None
+    return ReferenceCache(max_bytes)
 
 
 def reference_log_probs(reference: CTCPolicy, batch: AudioBatch, encoded_len: torch.Tensor, frames: int,

@@ -20,7 +20,10 @@ the reference forward every step, as a first epoch does).
   5. reward-model throughput (pairs/s) and RL throughput (utterances/s, audio-seconds/s)
   6. how the RL step grows with K: its time at K = 1, 4, 8, 16, 32 as a ratio to K = 1 (advantage
      'none' so that K = 1 is valid; otherwise figure 1's step), every size; --k-repeats rounds
-  7. (--startup, scripts/bench_startup.py) seconds from an RL run's setup to its first step on a
+  7. --adapters DIM (measured alone, every size): figure 1's RL step training only policy.adapters=DIM
+     linear adapters (reference = the same module with them off) next to full fine-tuning: step time
+     (alternating) and peak memory (two processes, as figure 4)
+  8. (--startup, scripts/bench_startup.py) seconds from an RL run's setup to its first step on a
      large manifest, cold and warm (manifest cache empty / filled), and the peak RSS; key=value
      arguments are recipe overrides (e.g. data.validate=lazy)
 On CUDA the policy runs under bf16 autocast. Policies are built from config (no download).
@@ -113,11 +116,11 @@ def build_rl_recipe(folder: Path, manifest: Path, nemo: Path, reward: Path, devi
     return rl
 
 
-def build_recipes(folder: Path, manifest: Path, nemo: Path, reward: Path, device_name: str):
+def build_recipes(folder: Path, manifest: Path, nemo: Path, reward: Path, device_name: str, *rl_extra: str):
     from rlnf.config import CTCTrainConfig, load_config
     from rlnf.launcher import load_recipe
 
-    rl = build_rl_recipe(folder / "rl", manifest, nemo, reward, device_name)
+    rl = build_rl_recipe(folder / "rl", manifest, nemo, reward, device_name, *rl_extra)
     sl = load_recipe("train_ctc").CTCTrainRecipe(load_config(CTCTrainConfig, None, COMMON + [
         f"data.train_manifest={manifest}", f"trainer.device={device_name}", f"model.path={nemo}",
         f"output_dir={folder / 'sl'}"]))
@@ -145,9 +148,9 @@ def measure_k_sweep(size: str, device_name: str, repeats: int, folder: Path) -> 
 
 
 @contextlib.contextmanager
-def prepared(size: str, device_name: str, folder: Path | None = None):
-    """(device, RL recipe, supervised recipe, batch on the device) over a fixture in ``folder``
-    (a temporary one when None); each call sets up fresh run folders."""
+def prepared(size: str, device_name: str, folder: Path | None = None, rl_extra: tuple[str, ...] = ()):
+    """(device, RL recipe with overrides ``rl_extra``, supervised recipe, batch on the device) over a
+    fixture in ``folder`` (a temporary one when None); each call sets up fresh run folders."""
     from rlnf.training import resolve_device
 
     device = resolve_device(device_name)
@@ -156,7 +159,7 @@ def prepared(size: str, device_name: str, folder: Path | None = None):
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         manifest, nemo, reward = fixture(folder, size, device_name)
         runs = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=folder)))
-        rl, sl, batch = build_recipes(runs, manifest, nemo, reward, device_name)
+        rl, sl, batch = build_recipes(runs, manifest, nemo, reward, device_name, *rl_extra)
         yield device, rl, sl, batch.to(device)
 
 
@@ -290,14 +293,16 @@ class RssSampler:
         self.peak = max(self.peak, self.current())
 
 
-def memory_probe(kind: str, size: str, device_name: str, folder: Path) -> None:
-    """Child process: report peak memory of RL or supervised steps (printed as JSON)."""
+def memory_probe(kind: str, size: str, device_name: str, folder: Path, adapters: int = 0) -> None:
+    """Child process: report peak memory of RL steps ('rl', or 'rl_adapters' training only adapters of
+    size ``adapters``) or supervised steps ('sl'), printed as JSON."""
     import gc
 
     import torch
 
-    with prepared(size, device_name, folder) as (device, rl, sl, batch):
-        step = (lambda: rl.train_step([batch])) if kind == "rl" else (lambda: sl.train_step(batch))
+    rl_extra = (f"policy.adapters={adapters}",) if kind == "rl_adapters" else ()
+    with prepared(size, device_name, folder, rl_extra) as (device, rl, sl, batch):
+        step = (lambda: sl.train_step(batch)) if kind == "sl" else (lambda: rl.train_step([batch]))
         step()  # warm-up: optimizer state and allocator caches exist before measuring
         gc.collect()
         if device.type == "cuda":
@@ -314,29 +319,56 @@ def memory_probe(kind: str, size: str, device_name: str, folder: Path) -> None:
         print("MEMORY " + json.dumps(result))
 
 
-def measure_memory(size: str, device_name: str, folder: Path) -> dict:
-    """Peak memory of the RL and the supervised steps, in two processes run side by side (memory
-    is per process; no timing is taken from them)."""
+def probe_memory(kinds: tuple[str, str], size: str, device_name: str, folder: Path,
+                 adapters: int = 0) -> tuple[float, float, dict]:
+    """Peak memory of two kinds of step (``memory_probe``), in two processes run side by side (memory
+    is per process; no timing is taken from them): the ratio first / second, the same net of the
+    memory each held before its steps, and the raw probes."""
     out = {}
     # One thread each: two probes share the cores, and thread count changes no tensor's size.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = {kind: subprocess.Popen([sys.executable, __file__, "--memory-probe", kind, "--sizes", size, "--device",
-                                     device_name, "--fixture", str(folder)],
+                                     device_name, "--fixture", str(folder), "--adapters", str(adapters)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for kind in ("rl", "sl")}
+             for kind in kinds}
     for kind, proc in procs.items():
         stdout, stderr = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"memory probe {kind} failed:\n{stderr[-3000:]}")
         line = next(l for l in stdout.splitlines() if l.startswith("MEMORY "))
         out[kind] = json.loads(line[len("MEMORY "):])
-    if "cuda_peak" in out["rl"]:
-        ratio = out["rl"]["cuda_peak"] / out["sl"]["cuda_peak"]
-        net = (out["rl"]["cuda_peak"] - out["rl"]["cuda_before"]) / max(1, out["sl"]["cuda_peak"] - out["sl"]["cuda_before"])
-    else:
-        ratio = out["rl"]["peak_rss"] / out["sl"]["peak_rss"]
-        net = (out["rl"]["peak_rss"] - out["rl"]["rss_before"]) / max(1, out["sl"]["peak_rss"] - out["sl"]["rss_before"])
+    first, second = (out[kind] for kind in kinds)
+    peak, before = ("cuda_peak", "cuda_before") if "cuda_peak" in first else ("peak_rss", "rss_before")
+    ratio = first[peak] / second[peak]
+    net = (first[peak] - first[before]) / max(1, second[peak] - second[before])
+    return ratio, net, out
+
+
+def measure_memory(size: str, device_name: str, folder: Path) -> dict:
+    """Figure 4: peak memory of the RL step over the supervised step."""
+    ratio, net, out = probe_memory(("rl", "sl"), size, device_name, folder)
     return {"rl_over_sl_peak_memory": ratio, "rl_over_sl_peak_memory_net": net, "raw": out}
+
+
+def measure_adapters(size: str, device_name: str, repeats: int, folder: Path, adapters: int) -> dict:
+    """Figure 7: the RL step training only adapters of size ``adapters`` next to full fine-tuning, on the
+    same batch: step seconds (alternating) and peak memory (two processes)."""
+    from rlnf.training import resolve_device
+
+    device = resolve_device(device_name)
+    manifest, nemo, reward = fixture(folder, size, device_name)
+    with tempfile.TemporaryDirectory(dir=folder) as runs:
+        full = build_rl_recipe(Path(runs) / "full", manifest, nemo, reward, device_name)
+        adapted = build_rl_recipe(Path(runs) / "adapters", manifest, nemo, reward, device_name,
+                                  f"policy.adapters={adapters}")
+        batch = next(iter(full.stream)).to(device)
+        trainable = sum(p.numel() for p in adapted.policy.model.parameters() if p.requires_grad)
+        full_time, adapter_time = alternate(lambda: full.train_step([batch]), lambda: adapted.train_step([batch]),
+                                            device=device, repeats=repeats)
+    ratio, net, raw = probe_memory(("rl_adapters", "rl"), size, device_name, folder, adapters)
+    return {"adapter_dim": adapters, "adapter_parameters": trainable, "full_rl_step_s": full_time,
+            "adapter_rl_step_s": adapter_time, "adapters_over_full_step_time": adapter_time / full_time,
+            "adapters_over_full_peak_memory": ratio, "adapters_over_full_peak_memory_net": net, "memory_raw": raw}
 
 
 def profile_rl_step(size: str, device_name: str) -> None:
@@ -374,7 +406,9 @@ def main() -> None:
     parser.add_argument("--startup-code", type=Path,
                         help="measure --startup with the rlnf of this checkout (e.g. an older one, for 'before' figures)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for --startup (key=value)")
-    parser.add_argument("--memory-probe", choices=["rl", "sl"], help=argparse.SUPPRESS)
+    parser.add_argument("--adapters", type=int, default=0,
+                        help="measure only figure 7: RL with policy.adapters=DIM vs full fine-tuning, every size")
+    parser.add_argument("--memory-probe", choices=["rl", "sl", "rl_adapters"], help=argparse.SUPPRESS)
     parser.add_argument("--fixture", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.startup or args.startup_lines:
@@ -393,7 +427,7 @@ def main() -> None:
 
     logging.getLogger("rlnf").setLevel(logging.ERROR)
     if args.memory_probe:
-        memory_probe(args.memory_probe, args.sizes, args.device, args.fixture)
+        memory_probe(args.memory_probe, args.sizes, args.device, args.fixture, args.adapters)
         return
     import torch
 
@@ -410,6 +444,13 @@ def main() -> None:
             memory = measure_memory(sizes[-1], args.device, folders[sizes[-1]])
             print(json.dumps({k: v for k, v in memory.items() if k != "raw"}, indent=2))
             print(json.dumps(memory["raw"], indent=2))
+            return
+        if args.adapters:
+            adapters = {size: measure_adapters(size, args.device, args.repeats, folders[size], args.adapters)
+                        for size in sizes}
+            print(json.dumps(adapters, indent=2))
+            if args.json:
+                Path(args.json).write_text(json.dumps(adapters, indent=2))
             return
         results = {size: measure_size(size, args.device, args.repeats, folders[size],
                                       rollout_and_reward=args.full or index == 0, floor=args.floor)

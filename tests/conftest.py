@@ -69,6 +69,22 @@ def tiny_nemo(tmp_path_factory, nemo_quiet) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> str:
+    """A SentencePiece tokenizer (64 pieces, trained in-process on the bundled sentences) in the folder
+    layout NeMo's ``tokenizer: {dir, type: bpe}`` reads: tokenizer.model and vocab.txt."""
+    import sentencepiece
+
+    from rlnf.reward_model.checkpoint import train_sentencepiece
+    from rlnf.synth import load_sentences
+
+    folder = tmp_path_factory.mktemp("bpe_tokenizer")
+    model_file = train_sentencepiece(load_sentences(1500), folder / "tokenizer", vocab_size=64)
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    (folder / "vocab.txt").write_text("".join(pieces.id_to_piece(i) + "\n" for i in range(pieces.get_piece_size())))
+    return str(folder)
+
+
 @pytest.fixture()
 def tiny_policy(tiny_nemo):
     from rlnf.policy import CTCPolicy

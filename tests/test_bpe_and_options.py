@@ -13,29 +13,12 @@ from rlnf.metric_logging import read_metrics
 
 
 @pytest.fixture(scope="session")
-def bpe_nemo(tmp_path_factory, nemo_quiet) -> str:
-    """A tiny EncDecCTCModelBPE with a SentencePiece tokenizer trained in-process, saved as .nemo."""
-    from nemo.collections.asr.models import EncDecCTCModelBPE
-    from omegaconf import OmegaConf
+def bpe_nemo(tmp_path_factory, nemo_quiet, bpe_tokenizer_dir) -> str:
+    """A tiny EncDecCTCModelBPE (QuartzNet) with the in-process SentencePiece tokenizer, saved as .nemo."""
+    from rlnf.models import build_family_model
 
-    from rlnf.models import quartznet_config
-    from rlnf.reward_model.checkpoint import train_sentencepiece
-    from rlnf.synth import load_sentences
-
-    folder = tmp_path_factory.mktemp("bpe")
-    model_file = train_sentencepiece(load_sentences(1500), folder / "tokenizer", vocab_size=64)
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    (folder / "vocab.txt").write_text("".join(sp.id_to_piece(i) + "\n" for i in range(sp.get_piece_size())))
-    config = quartznet_config(["x"], size="tiny")
-    config["tokenizer"] = {"dir": str(folder), "type": "bpe"}
-    config["decoder"]["vocabulary"] = []
-    config["decoder"]["num_classes"] = -1  # NeMo takes the size from the tokenizer
-    torch.manual_seed(0)
-    model = EncDecCTCModelBPE(cfg=OmegaConf.create(config))
-    path = folder / "bpe.nemo"
-    model.save_to(str(path))
+    path = tmp_path_factory.mktemp("bpe") / "bpe.nemo"
+    build_family_model("quartznet", tokenizer_dir=bpe_tokenizer_dir, seed=0).save_to(str(path))
     return str(path)
 
 

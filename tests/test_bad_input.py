@@ -445,16 +445,24 @@ def test_a_reward_raising_on_one_process_stops_both_with_a_checkpoint(corpus, ti
     import torch
 
     out = tmp_path / "run"
+    stderr = run_two_processes_to_failure(
+        "rl/grpo", tiny_nemo, corpus["train"], out, "trainer.batch_size=2", "algorithm.num_samples=4",
+        "trainer.max_steps=6", "rewards=[{name: tests.test_bad_input.fails_on_rank_one}]")
+    assert "process 1: ConnectionError: the scoring service went away" in stderr
+    assert torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
+def run_two_processes_to_failure(config: str, policy: str, manifest, out: Path, *overrides: str) -> str:
+    """``rlnf run rl_finetune`` on two gloo processes, expected to stop with exit status 2 and a message
+    that is no traceback; returns its stderr."""
     result = subprocess.run(
-        [sys.executable, "-m", "rlnf.cli", "run", "rl_finetune", "--config", "rl/grpo", f"policy.path={tiny_nemo}",
-         f"data.train_manifest={corpus['train']}", f"output_dir={out}", "trainer.batch_size=2",
-         "algorithm.num_samples=4", "trainer.progress_bar=false", "trainer.samples_every=0", "trainer.devices=2",
-         "trainer.max_steps=6", "trainer.save_every=100", "rewards=[{name: tests.test_bad_input.fails_on_rank_one}]"],
+        [sys.executable, "-m", "rlnf.cli", "run", "rl_finetune", "--config", config, f"policy.path={policy}",
+         f"data.train_manifest={manifest}", f"output_dir={out}", "trainer.progress_bar=false",
+         "trainer.samples_every=0", "trainer.devices=2", "trainer.save_every=100", *overrides],
         capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "process 1: ConnectionError: the scoring service went away" in result.stderr
     assert "Traceback" not in result.stderr
-    assert torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)["step"] == 2
+    return result.stderr
 
 
 @pytest.mark.slow
@@ -469,13 +477,8 @@ def test_bad_audio_on_one_process_stops_both_with_a_checkpoint(tmp_path, clip, t
     manifest = write_rows(tmp_path / "m.json", [{"audio_filepath": str(clip), "text": text} for text in "abc"]
                           + [{"audio_filepath": "nan.wav", "text": "d"}])
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "rlnf.cli", "run", "rl_finetune", "--config", "rl/rloo", f"policy.path={tiny_nemo}",
-         f"data.train_manifest={manifest}", f"output_dir={out}", "trainer.batch_size=1", "algorithm.num_samples=2",
-         "trainer.progress_bar=false", "trainer.samples_every=0", "trainer.devices=2", "trainer.max_steps=4",
-         "trainer.save_every=100", "data.num_workers=1", "data.shuffle=false"],
-        capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "m.json:4: audio file holds NaN or infinite samples" in result.stderr
-    assert "Traceback" not in result.stderr
+    stderr = run_two_processes_to_failure("rl/rloo", tiny_nemo, manifest, out, "trainer.batch_size=1",
+                                          "algorithm.num_samples=2", "trainer.max_steps=4", "data.num_workers=1",
+                                          "data.shuffle=false")
+    assert "m.json:4: audio file holds NaN or infinite samples" in stderr
     assert torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)["step"] == 1

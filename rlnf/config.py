@@ -116,6 +116,10 @@ class DataConfig:
                                        "and text).")
     val_manifest: Optional[str] = opt(None, "Manifest for validation (greedy WER/CER when it has text, and mean "
                                             "reward). None disables validation.")
+    tarred_audio_filepaths: Optional[str] = opt(None, "NeMo tarred audio dataset: the tar shards of train_manifest "
+                                                      "in NeMo's syntax (e.g. audio_{0..7}.tar); train_manifest is "
+                                                      "then the tarred manifest (audio_filepath: member name, "
+                                                      "shard_id: its shard). null: plain audio files.")
     text_key: str = opt("text", "Manifest field holding the reference transcript (optional for RL).")
     max_duration: Optional[float] = opt(None, "Utterances longer than this many seconds are skipped (counted).")
     min_duration: float = opt(0.0, "Utterances shorter than this many seconds are skipped (counted).")
@@ -353,10 +357,10 @@ class AlgorithmConfig:
 # --------------------------------------------------------------------------------------------
 # Keys (or sections, ending in '.') whose change on resume would change what the run is: the model
 # trained and its KL reference, the training data and its order, the algorithm, the rewards.
-RESUME_FIXED = ("policy.path", "model.", "data.train_manifest", "data.text_key", "data.lowercase", "data.oov",
-                "algorithm.", "rewards", "trainer.seed")
+RESUME_FIXED = ("policy.path", "model.", "data.train_manifest", "data.tarred_audio_filepaths", "data.text_key",
+                "data.lowercase", "data.oov", "algorithm.", "rewards", "trainer.seed")
 RESUME_FORCE_HELP = ("With resume=true: accept changes to keys that change the run's meaning (policy.path, model.*, "
-                     "data.train_manifest, data.text_key/lowercase/oov, algorithm.*, rewards, trainer.seed), which "
+                     "data.train_manifest/tarred_audio_filepaths, data.text_key/lowercase/oov, algorithm.*, rewards, trainer.seed), which "
                      "are refused otherwise. Other changes (lr, max_steps, logging...) are allowed, warned about "
                      "and recorded in resumes.jsonl.")
 

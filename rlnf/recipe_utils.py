@@ -15,16 +15,19 @@ def load_utterances(data_cfg, manifest: str, require_text: bool | str,
                     limit: int | None = None) -> tuple[UtteranceTable, object]:
     """Read ``manifest`` with the data section's keys (validation mode and cache included); references
     are normalised (Unicode NFC, whitespace, and lower case when ``data.lowercase``) so rewards and
-    targets compare like with like. In a process group each process checks only its share of the clips."""
+    targets compare like with like. In a process group each process checks only its share of the clips.
+    ``data.tarred_audio_filepaths`` holds the audio of ``data.train_manifest`` (validation manifests
+    are plain, unless they are that same file)."""
     from rlnf.data.cache import cache_folder
     from rlnf.distributed import running_group
 
     rank, world_size, gather = running_group()
+    tarred = data_cfg.tarred_audio_filepaths if manifest == data_cfg.train_manifest else None
     utterances, stats = read_manifest(manifest, text_key=data_cfg.text_key, require_text=require_text,
                                       skip_bad=data_cfg.skip_bad_samples, min_duration=data_cfg.min_duration,
                                       max_duration=data_cfg.max_duration, validate=data_cfg.validate,
                                       cache_dir=cache_folder(data_cfg.cache_dir), rank=rank, world_size=world_size,
-                                      gather=gather)
+                                      gather=gather, tarred_audio_filepaths=tarred)
     utterances = utterances.with_texts(lambda text: normalize_text(text, data_cfg.lowercase))
     if limit is not None:
         utterances = utterances[:limit]

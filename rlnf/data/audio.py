@@ -7,6 +7,7 @@ without torchaudio (which has no build matching the torch used here).
 from __future__ import annotations
 
 from math import gcd
+from typing import BinaryIO
 
 import numpy as np
 
@@ -24,15 +25,22 @@ def resample(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarra
 
 
 def load_audio(path: str, sample_rate: int) -> np.ndarray:
-    """Read ``path`` as mono float32 at ``sample_rate`` Hz.
+    """Read ``path`` (a file, or a tar member: ``rlnf.data.tarred``) as mono float32 at ``sample_rate`` Hz.
 
     Raises:
         DataError naming the file when it is missing, unreadable, empty or holds NaN/inf.
     """
+    from rlnf.data.tarred import clip_source
+
+    return decode_audio(clip_source(path), sample_rate, path)
+
+
+def decode_audio(source: str | BinaryIO, sample_rate: int, path: str) -> np.ndarray:
+    """``load_audio`` of ``source``: the file ``path``, or its bytes already read (errors name ``path``)."""
     import soundfile
 
     try:
-        audio, source_rate = soundfile.read(path, dtype="float32", always_2d=True)
+        audio, source_rate = soundfile.read(source, dtype="float32", always_2d=True)
     except Exception as exc:
         raise DataError(f"cannot read audio file {path}: {exc}") from None
     if audio.shape[0] == 0:

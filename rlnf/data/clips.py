@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Optional, Sequence
 
 from rlnf.errors import DataError
 
@@ -21,31 +22,44 @@ HEADER_THREADS = min(32, 4 * (os.cpu_count() or 1))
 
 
 def audio_info(path: str) -> tuple[int, int]:
-    """(frames, sample_rate) from the file header, raising DataError when unreadable or truncated."""
+    """(frames, sample_rate) from the header of a file, or of a tar member (``rlnf.data.tarred``),
+    raising DataError when unreadable or truncated."""
+    from rlnf.data.tarred import clip_source
+
+    return header_info(clip_source(path), path)
+
+
+def header_info(source: str | BinaryIO, path: str) -> tuple[int, int]:
+    """(frames, sample_rate) of ``source``: the file ``path``, or its bytes already read (a tar
+    member), left at position 0. DataError naming ``path`` when unreadable, empty or truncated."""
     import soundfile
 
     from rlnf.io import file_problem
 
-    problem = file_problem(path)
+    problem = file_problem(source) if isinstance(source, str) else None
     if problem:
         raise DataError(f"audio file {problem}: {path}")
     try:
-        info = soundfile.info(path)
+        info = soundfile.info(source)
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError on corrupt files
         raise DataError(f"cannot read audio file {path}: {exc}") from None
+    finally:
+        if not isinstance(source, str):
+            source.seek(0)
     if info.frames <= 0:
         raise DataError(f"audio file has no samples: {path}")
-    _check_not_truncated(path, info)
+    _check_not_truncated(source, path, info)
     return info.frames, info.samplerate
 
 
-def _check_not_truncated(path: str, info) -> None:
+def _check_not_truncated(source: str | BinaryIO, path: str, info) -> None:
     """Refuse a WAV whose header promises more sample data than the file holds (a cut-off copy)."""
     if info.format != "WAV":
         return
-    with open(path, "rb") as handle:
+    with open(source, "rb") if isinstance(source, str) else nullcontext(source) as handle:
         header = handle.read(1 << 16)
         size = handle.seek(0, 2)
+        handle.seek(0)
     offset = 12
     while offset + 8 <= len(header):  # walk the RIFF chunks to 'data'
         chunk, length = struct.unpack_from("<4sI", header, offset)
@@ -73,8 +87,11 @@ ClipResult = tuple[Optional[str], Optional[float], Optional[str]]
 
 
 def _check_clip(audio: str, manifest_folder: Path, read_header: bool) -> ClipResult:
+    from rlnf.data.tarred import split_member
+
     try:
-        path = resolve_audio_path(audio, manifest_folder)
+        # A tar member's path (rlnf.data.tarred) is already absolute; it is no file to resolve.
+        path = audio if split_member(audio) else resolve_audio_path(audio, manifest_folder)
         if not read_header:
             return path, None, None
         frames, sample_rate = audio_info(path)

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from rlnf.data.audio import load_audio
+from rlnf.data.audio import decode_audio
 from rlnf.data.manifest import Utterance, durations_of
 from rlnf.errors import DataError, RlnfError
 
@@ -92,12 +92,14 @@ class AudioDataset(torch.utils.data.Dataset):
         return len(self.utterances)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, Utterance] | None:
-        from rlnf.data.clips import audio_info
+        from rlnf.data.clips import header_info
+        from rlnf.data.tarred import clip_source
 
         utterance = self.utterances[index]
         try:
-            audio_info(utterance.audio_filepath)
-            return load_audio(utterance.audio_filepath, self.sample_rate), utterance
+            source = clip_source(utterance.audio_filepath)  # a tar member is read once, for both steps
+            header_info(source, utterance.audio_filepath)
+            return decode_audio(source, self.sample_rate, utterance.audio_filepath), utterance
         except DataError as exc:
             if self.skip_bad:
                 log.warning("skipping %s: %s", utterance.where, exc)

@@ -251,6 +251,7 @@ def read_manifest(
     rank: int = 0,
     world_size: int = 1,
     gather: Callable[[Any], list[Any]] | None = None,
+    tarred_audio_filepaths: str | None = None,
 ) -> tuple[UtteranceTable, ManifestStats]:
     """Read and validate a manifest. ``require_text`` may be a string: the reason shown when a row lacks text.
 
@@ -261,6 +262,8 @@ def read_manifest(
     same message. ``cache_dir``: where the validated table is cached (``rlnf.data.cache``), None for
     no cache. In a run of ``world_size`` processes each checks its share of the clips and ``gather``
     (an all-gather of Python objects) pools them; every process gets the whole table.
+    ``tarred_audio_filepaths``: the tar shards (NeMo's brace syntax) of a NeMo tarred manifest, whose
+    ``audio_filepath`` values are member names and ``shard_id`` their shards (``rlnf.data.tarred``).
 
     Raises:
         DataError naming ``path:line`` for the first bad line (unless ``skip_bad``), and when no
@@ -275,10 +278,16 @@ def read_manifest(
     if problem:
         raise DataError(f"manifest {problem}: {path}")
     manifest = Path(path).expanduser().resolve()
+    shards = None
+    if tarred_audio_filepaths is not None:
+        from rlnf.data.tarred import expand_shards
+
+        shards = expand_shards(tarred_audio_filepaths)
     key = entry = None
     if cache_dir is not None:
         key = cache_key(manifest, {"text_key": text_key, "require_text": require_text, "skip_bad": skip_bad,
-                                   "min_duration": min_duration, "max_duration": max_duration, "validate": validate})
+                                   "min_duration": min_duration, "max_duration": max_duration, "validate": validate,
+                                   "tar_shards": shards})
         entry = load_entry(cache_dir, key)
         if world_size > 1 and not all(gather(entry is not None)):  # one process missing: all rebuild together
             entry = None
@@ -289,7 +298,7 @@ def read_manifest(
         log.info("%s: validated table read from the cache (%d rows)", manifest, len(table))
     else:
         table, stats = _validate(manifest, text_key, require_text, skip_bad, min_duration, max_duration,
-                                 validate, rank, world_size, gather)
+                                 validate, rank, world_size, gather, shards)
         if key is not None:
             save_entry(cache_dir, key, table.columns(), {"paths": table.paths, "texts": table.distinct_texts,
                                                          "stats": stats.to_dict()})
@@ -305,9 +314,12 @@ def _skip(stats: ManifestStats, manifest: Path, line: int, problem: str) -> None
 
 def _validate(manifest: Path, text_key: str, require_text: bool | str, skip_bad: bool, min_duration: float,
               max_duration: float | None, validate: str, rank: int, world_size: int,
-              gather: Callable[[Any], list[Any]] | None) -> tuple[UtteranceTable, ManifestStats]:
-    """Read every line, check each distinct clip once, and build the table (see ``read_manifest``)."""
+              gather: Callable[[Any], list[Any]] | None,
+              shards: list[str] | None = None) -> tuple[UtteranceTable, ManifestStats]:
+    """Read every line, check each distinct clip once, and build the table (see ``read_manifest``).
+    With tar ``shards`` each row's audio becomes the path of its member (``rlnf.data.tarred``)."""
     from rlnf.data.clips import check_clips
+    from rlnf.data.tarred import member_key
 
     stats = ManifestStats()
     # 1. Parse the lines into compact columns; each distinct audio string and text gets one index.
@@ -319,7 +331,10 @@ def _validate(manifest: Path, text_key: str, require_text: bool | str, skip_bad:
     for line, offset, raw in iter_manifest_lines(manifest):
         stats.lines += 1
         try:
-            audio, text, duration = check_row(decode_row(raw), text_key, require_text)
+            row = decode_row(raw)
+            audio, text, duration = check_row(row, text_key, require_text)
+            if shards is not None:
+                audio = member_key(row, audio, shards)
         except DataError as exc:
             if not skip_bad:
                 first_error = DataError(f"{manifest}:{line}: {exc}")

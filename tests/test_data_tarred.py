@@ -72,6 +72,29 @@ def test_tarred_manifest_reads_as_its_plain_twin(corpus, twin, validate):
         np.testing.assert_array_equal(tarred_audio[index][0], plain_audio[index][0])
 
 
+def test_each_process_shard_and_resume_position_loads_what_the_plain_twin_does(corpus, twin):
+    """Two processes' shards of the same global batches, from the start and from a saved position."""
+    from rlnf.data.loader import TrainStream
+
+    manifest, shards = twin
+    plain, _ = read_manifest(corpus["train"])
+    tarred, _ = read_manifest(manifest, tarred_audio_filepaths=shards)
+
+    def first_batches(table, rank: int, position: int) -> list:
+        stream = TrainStream(AudioDataset(table, 16000), batch_size=2, bucket_size=2, shuffle=True, seed=3,
+                             rank=rank, world_size=2)
+        stream.load_state_dict({"epoch": 0, "batch_in_epoch": position})
+        batches = iter(stream)
+        return [next(batches) for _ in range(3)]
+
+    for rank in (0, 1):
+        for position in (0, 2):
+            for plain_batch, tarred_batch in zip(first_batches(plain, rank, position),
+                                                 first_batches(tarred, rank, position)):
+                assert [u.line for u in tarred_batch.utterances] == [u.line for u in plain_batch.utterances]
+                assert torch.equal(tarred_batch.audio, plain_batch.audio)
+
+
 def test_nemo_shard_spellings_expand_alike(twin):
     manifest, shards = twin
     nemo_spelling = shards.replace("{", "_OP_").replace("}", "_CL_")

@@ -285,9 +285,11 @@ def read_manifest(
         shards = expand_shards(tarred_audio_filepaths)
     key = entry = None
     if cache_dir is not None:
-        key = cache_key(manifest, {"text_key": text_key, "require_text": require_text, "skip_bad": skip_bad,
-                                   "min_duration": min_duration, "max_duration": max_duration, "validate": validate,
-                                   "tar_shards": shards})
+        options = {"text_key": text_key, "require_text": require_text, "skip_bad": skip_bad,
+                   "min_duration": min_duration, "max_duration": max_duration, "validate": validate}
+        if shards is not None:  # a plain manifest's key stays what it was
+            options["tar_shards"] = shards
+        key = cache_key(manifest, options)
         entry = load_entry(cache_dir, key)
         if world_size > 1 and not all(gather(entry is not None)):  # one process missing: all rebuild together
             entry = None

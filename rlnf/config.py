@@ -360,9 +360,9 @@ class AlgorithmConfig:
 RESUME_FIXED = ("policy.path", "model.", "data.train_manifest", "data.tarred_audio_filepaths", "data.text_key",
                 "data.lowercase", "data.oov", "algorithm.", "rewards", "trainer.seed")
 RESUME_FORCE_HELP = ("With resume=true: accept changes to keys that change the run's meaning (policy.path, model.*, "
-                     "data.train_manifest/tarred_audio_filepaths, data.text_key/lowercase/oov, algorithm.*, rewards, trainer.seed), which "
-                     "are refused otherwise. Other changes (lr, max_steps, logging...) are allowed, warned about "
-                     "and recorded in resumes.jsonl.")
+                     "data.train_manifest/tarred_audio_filepaths, data.text_key/lowercase/oov, algorithm.*, rewards, "
+                     "trainer.seed), which are refused otherwise. Other changes (lr, max_steps, logging...) are "
+                     "allowed, warned about and recorded in resumes.jsonl.")
 
 @dataclass
 class RLFinetuneConfig:

@@ -178,7 +178,8 @@ def assert_same_training(plain: Path, tarred: Path) -> None:
         return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
 
     rows = comparable(read_metrics(plain))
-    assert len(rows) == 2 and all(np.isfinite(row["loss/total" if "loss/total" in row else "train/loss"]) for row in rows)
+    assert len(rows) == 2
+    assert all(np.isfinite(row["loss/total" if "loss/total" in row else "train/loss"]) for row in rows)
     assert comparable(read_metrics(tarred)) == rows
 
 

@@ -1,13 +1,12 @@
 """The manifest cache: a validated manifest's utterance table, saved so the next run starts at once.
 
 An entry is keyed by the manifest's resolved path, size and modification time (ns) and by every
-option that changes what validation keeps (text key, duration limits, skip_bad, validate mode, the tar
-shards of a tarred manifest): a
-changed manifest or option misses and rebuilds. Entries live in ``$RLNF_CACHE`` (default
-``$XDG_CACHE_HOME/rlnf``, else ``~/.cache/rlnf``), never beside the user's data, and are written
-atomically (temporary file + rename). An entry that cannot be read is ignored with a warning and
-rebuilt. Audio files are not part of the key: a clip changed after caching is caught when it is
-loaded (``AudioDataset`` checks every clip's header before decoding it).
+option that changes what validation keeps (text key, duration limits, skip_bad, validate mode, the
+tar shards of a tarred manifest): a changed manifest or option misses and rebuilds. Entries live in
+``$RLNF_CACHE`` (default ``$XDG_CACHE_HOME/rlnf``, else ``~/.cache/rlnf``), never beside the user's
+data, and are written atomically (temporary file + rename). An entry that cannot be read is ignored
+with a warning and rebuilt. Audio files are not part of the key: a clip changed after caching is
+caught when it is loaded (``AudioDataset`` checks every clip's header before decoding it).
 """
 
 from __future__ import annotations

@@ -331,13 +331,17 @@ class AlgorithmConfig:
 # Recipe configurations
 # --------------------------------------------------------------------------------------------
 # Keys (or sections, ending in '.') whose change on resume would change what the run is: the model
-# trained and its KL reference, the training data and its order, the algorithm, the rewards.
+# trained and its KL reference, the training data and its order, the algorithm, the rewards; for
+# the reward recipe also the held-out split, the targets and the synthetic negatives.
 RESUME_FIXED = ("policy.path", "model.", "data.train_manifest", "data.text_key", "data.lowercase", "data.oov",
-                "algorithm.", "rewards", "trainer.seed")
+                "algorithm.", "rewards", "trainer.seed", "data.val_split", "data.score_key", "data.score_scale",
+                "data.reference_key", "hard_negatives.")
+RESUME_HELP = "Continue the run in output_dir from its last trainer state."
 RESUME_FORCE_HELP = ("With resume=true: accept changes to keys that change the run's meaning (policy.path, model.*, "
-                     "data.train_manifest, data.text_key/lowercase/oov, algorithm.*, rewards, trainer.seed), which "
-                     "are refused otherwise. Other changes (lr, max_steps, logging...) are allowed, warned about "
-                     "and recorded in resumes.jsonl.")
+                     "data.train_manifest, data.text_key/lowercase/oov, algorithm.*, rewards, trainer.seed; "
+                     "train_reward_model: also data.val_split/score_key/score_scale/reference_key, "
+                     "hard_negatives.*), which are refused otherwise. Other changes (lr, max_steps, logging...) "
+                     "are allowed, warned about and recorded in resumes.jsonl.")
 
 @dataclass
 class RLFinetuneConfig:
@@ -345,7 +349,7 @@ class RLFinetuneConfig:
 
     output_dir: str = opt(MISSING, "Run folder: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/, "
                                    "summary.json.")
-    resume: bool = opt(False, "Continue the run in output_dir from its last trainer state.")
+    resume: bool = opt(False, RESUME_HELP)
     resume_force: bool = opt(False, RESUME_FORCE_HELP)
     policy: PolicyConfig = opt(factory=PolicyConfig, help="The policy to fine-tune.")
     data: DataConfig = opt(factory=DataConfig, help="Training and validation data.")
@@ -391,7 +395,7 @@ class CTCTrainConfig:
     """`rlnf run train_ctc`: supervised CTC training or fine-tuning of a NeMo QuartzNet-style model."""
 
     output_dir: str = opt(MISSING, "Run folder (same layout as rl_finetune).")
-    resume: bool = opt(False, "Continue the run in output_dir from its last trainer state.")
+    resume: bool = opt(False, RESUME_HELP)
     resume_force: bool = opt(False, RESUME_FORCE_HELP)
     model: CTCModelSection = opt(factory=CTCModelSection, help="The model to train.")
     data: DataConfig = opt(factory=DataConfig, help="Labelled training and validation data.")
@@ -510,7 +514,8 @@ class RewardTrainerConfig:
     device: str = opt("auto", "'auto', 'cpu' or 'cuda'.")
     precision: str = opt("auto", "'auto' (bf16 autocast on CUDA), 'fp32' or 'bf16'.")
     best_metric: str = opt("val/pearson", "Metric selecting checkpoints/best: val/mse, val/rmse, val/r2, val/pearson, "
-                                          "val/spearman or val/group_spearman (mean within-clip rank correlation).")
+                                          "val/spearman or val/group_spearman (mean within-clip rank correlation); "
+                                          "lower is better for mse/rmse, higher for the others.")
     progress_bar: bool = opt(True, "Show a tqdm progress bar.")
     loggers: List[str] = loggers_option()
 
@@ -526,17 +531,15 @@ class RewardTrainerConfig:
                       ("val/mse", "val/rmse", "val/r2", "val/pearson", "val/spearman", "val/group_spearman"))
         _check_positive("trainer.rank_loss_weight", self.rank_loss_weight, allow_zero=True)
 
-    @property
-    def best_mode(self) -> str:
-        return "min" if self.best_metric in ("val/mse", "val/rmse") else "max"
-
 
 @dataclass
 class RewardTrainConfig:
     """`rlnf run train_reward_model`: train a reward model on scored (audio, transcript) pairs."""
 
     output_dir: str = opt(MISSING, "Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/{best,last}/ "
-                                   "(self-contained reward checkpoints), summary.json.")
+                                   "(self-contained reward checkpoints), checkpoints/trainer_state.pt, summary.json.")
+    resume: bool = opt(False, RESUME_HELP)
+    resume_force: bool = opt(False, RESUME_FORCE_HELP)
     model: RewardModelSection = opt(factory=RewardModelSection, help="The reward model.")
     data: RewardDataConfig = opt(factory=RewardDataConfig, help="Scored training pairs.")
     augment: AugmentConfig = opt(factory=AugmentConfig, help="Training-time augmentation.")

@@ -81,12 +81,12 @@ class RLFinetuneRecipe(Recipe):
 
         self.has_validation = self.val is not None
         self.max_steps = trainer.max_steps
+        self.trained_model = self.policy.model
         self.optimizer = build_optimizer(self.policy.model.parameters(), trainer)
         self.updates_per_step = cfg.algorithm.ppo_epochs
         self.scheduler = build_scheduler(self.optimizer, trainer.max_steps * self.updates_per_step, trainer)
         metric, mode = resolve_best_metric(trainer, self.val, train_metric=self.train_metric)
         self.checkpoints = CheckpointManager(self.run_dir, metric, mode, keep_last=trainer.keep_last)
-        self.skipped_steps = 0
         resume_step = self.restore()
         # Gradient-carrying forwards run through DDP in a process group (identity otherwise).
         self.policy.train_module = dist.wrap(self.policy.model)
@@ -266,25 +266,12 @@ class RLFinetuneRecipe(Recipe):
         else:
             self.train_window = []
 
-    def save_model(self, path) -> None:
-        self.policy.model.save_to(str(path))
+    def extra_state(self) -> dict[str, Any]:
+        return {"skipped_batches": self.dist.skipped_batches, **self.kl.state_dict()}
 
-    def trainer_state(self) -> dict[str, Any]:
-        from rlnf.recipe_utils import training_state
-
-        return training_state(self.step, self.policy.model, self.optimizer, self.scheduler, self.stream,
-                              skipped_steps=self.skipped_steps, skipped_batches=self.dist.skipped_batches,
-                              **self.kl.state_dict())
-
-    def load_trainer_state(self, state: dict[str, Any]) -> int:
-        from rlnf.recipe_utils import restore_training_state
-
-        step = restore_training_state(state, self.policy.model, self.optimizer, self.scheduler, self.stream,
-                                      source=self.checkpoints.state_path)
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.dist.skipped_batches = int(state.get("skipped_batches", 0))
         self.kl.load_state_dict(state)
-        return step
 
     def cleanup(self) -> dict[str, Any]:
         from rlnf.recipe_utils import write_summary

@@ -76,11 +76,11 @@ class CTCTrainRecipe(Recipe):
         self.val_dataset = AudioDataset(self.val, self.policy.sample_rate) if self.val else None
         self.has_validation = self.val is not None
         self.max_steps = trainer.max_steps
+        self.trained_model = self.policy.model
         self.optimizer = build_optimizer(self.policy.model.parameters(), trainer)
         self.scheduler = build_scheduler(self.optimizer, trainer.max_steps, trainer)
         metric, mode = resolve_best_metric(trainer, self.val, train_metric=self.train_metric)
         self.checkpoints = CheckpointManager(self.run_dir, metric, mode, keep_last=trainer.keep_last)
-        self.skipped_steps = 0
         self.logger = build_logger(self.run_dir, cfg, self.restore())
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         log.info("train_ctc: %d parameters, %d training utterances",
@@ -133,22 +133,6 @@ class CTCTrainRecipe(Recipe):
         result = evaluate_policy(self.policy, self.val_dataset, self.cfg.trainer.batch_size, self.device,
                                  autocast=lambda: autocast(self.device, self.autocast_dtype))
         return {f"val/{key}": value for key, value in result.metrics.items()}
-
-    def save_model(self, path) -> None:
-        self.policy.model.save_to(str(path))
-
-    def trainer_state(self) -> dict[str, Any]:
-        from rlnf.recipe_utils import training_state
-
-        return training_state(self.step, self.policy.model, self.optimizer, self.scheduler, self.stream,
-                              skipped_steps=self.skipped_steps)
-
-    def load_trainer_state(self, state: dict[str, Any]) -> int:
-        from rlnf.recipe_utils import restore_training_state
-
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        return restore_training_state(state, self.policy.model, self.optimizer, self.scheduler, self.stream,
-                                      source=self.checkpoints.state_path)
 
     def cleanup(self) -> dict[str, Any]:
         from rlnf.recipe_utils import write_summary

@@ -199,11 +199,11 @@ class RewardTrainer(Recipe):
         self.stream = PairStream(train, cfg.trainer.batch_size, cfg.trainer.seed, cfg.trainer.group_by_clip)
         self.has_validation = True
         self.max_steps = math.ceil(len(train) / cfg.trainer.batch_size) * cfg.trainer.epochs
+        self.trained_model = self.model
         self.optimizer = build_optimizer(self.model.parameters(), cfg.trainer)
         self.scheduler = build_scheduler(self.optimizer, self.max_steps, cfg.trainer)
         metric, mode = resolve_best_metric(cfg.trainer, None)
         self.checkpoints = CheckpointManager(self.run_dir, metric, mode, model_suffix="")
-        self.skipped_steps = 0
         self.logger = build_logger(self.run_dir, cfg, self.restore())
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         log.info("reward model: %d parameters, %d training pairs, %d validation pairs, %d steps",
@@ -375,20 +375,11 @@ class RewardTrainer(Recipe):
 
         save_reward_folder(self.model, self.processor, path)
 
-    def trainer_state(self) -> dict[str, Any]:
-        from rlnf.recipe_utils import training_state
+    def extra_state(self) -> dict[str, Any]:
+        return {"augment_rng": self.rng.getstate()}  # augmentation draws continue where they stopped
 
-        return training_state(self.step, self.model, self.optimizer, self.scheduler, self.stream,
-                              skipped_steps=self.skipped_steps, augment_rng=self.rng.getstate())
-
-    def load_trainer_state(self, state: dict[str, Any]) -> int:
-        from rlnf.recipe_utils import restore_training_state
-
-        step = restore_training_state(state, self.model, self.optimizer, self.scheduler, self.stream,
-                                      source=self.checkpoints.state_path)
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.rng.setstate(state["augment_rng"])
-        return step
 
     def cleanup(self) -> dict[str, Any]:
         from rlnf.recipe_utils import write_summary

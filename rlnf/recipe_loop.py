@@ -9,8 +9,9 @@ validation and checkpoint cadence, and the best-checkpoint window are written on
     run_step(iterator)        fetch the step's data from ``iterator`` and train on it:
                               (metrics, sizes), sizes e.g. {"utterances": 8} -> perf/utterances_per_s
     validate()                validation metrics {"val/...": value}
-    save_model(path)          write the model checkpoint (a .nemo file, or a folder)
-    trainer_state()           everything needed to resume, one dict (saved atomically)
+    save_model(path)          write the model checkpoint (default: NeMo's save_to, a .nemo file)
+    extra_state() / load_extra_state(state)  what the recipe's trainer state holds besides the model,
+                              optimizer, schedule, data position, RNGs and skipped-step count
     validation_due(last)      whether this step validates (default: trainer.val_every and the last step)
     checkpoint_due(validated, last)  whether this step saves (default: trainer.save_every and the last step)
     agree(metrics, sizes, stopping, timed_out)  the step's metrics and stop flags as every process
@@ -73,8 +74,10 @@ def stopped_by_error(exc: Exception, step: int, checkpoints, save_checkpoint) ->
 
 
 class Recipe:
-    """Base of the recipes. ``setup`` must set ``stream`` (with ``state_dict``/``load_state_dict``:
-    the data position), ``logger``, ``checkpoints`` and ``max_steps``; ``step`` counts completed steps."""
+    """Base of the recipes. ``setup`` must set ``trained_model``, ``optimizer``, ``scheduler``,
+    ``stream`` (with ``state_dict``/``load_state_dict``: the data position), ``logger``,
+    ``checkpoints`` and ``max_steps``; ``step`` counts completed steps, ``skipped_steps`` the
+    updates skipped for a non-finite loss or gradient."""
 
     name = "recipe"
     # The training metric that picks best.nemo when there is no validation set: its mean over the
@@ -85,6 +88,7 @@ class Recipe:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir).expanduser().resolve()
         self.step = 0
+        self.skipped_steps = 0
         self.max_steps = 0
         self.has_validation = False
         self.train_window: list[float] = []
@@ -100,10 +104,13 @@ class Recipe:
         raise NotImplementedError
 
     def save_model(self, path: Path) -> None:
-        raise NotImplementedError
+        self.trained_model.save_to(str(path))
 
-    def trainer_state(self) -> dict[str, Any]:
-        raise NotImplementedError
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
 
     @property
     def is_main(self) -> bool:
@@ -212,5 +219,18 @@ class Recipe:
         log.info("resumed from step %d", self.step)
         return self.step
 
+    def trainer_state(self) -> dict[str, Any]:
+        from rlnf.recipe_utils import training_state
+
+        return training_state(self.step, self.trained_model, self.optimizer, self.scheduler, self.stream,
+                              skipped_steps=self.skipped_steps, **self.extra_state())
+
     def load_trainer_state(self, state: dict[str, Any]) -> int:
-        raise NotImplementedError
+        """Restore what ``trainer_state`` saved; returns its step."""
+        from rlnf.recipe_utils import restore_training_state
+
+        step = restore_training_state(state, self.trained_model, self.optimizer, self.scheduler, self.stream,
+                                      source=self.checkpoints.state_path)
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.load_extra_state(state)
+        return step

@@ -29,6 +29,7 @@ from rlnf.io import atomic_save
 
 log = logging.getLogger(__name__)
 
+CHECKPOINTS = "checkpoints"  # the run folder's checkpoint folder
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -87,7 +88,7 @@ class CheckpointManager:
     def __init__(self, run_dir: str | Path, best_metric: str, best_mode: str, keep_last: int = 0,
                  model_suffix: str = ".nemo"):
         self.model_suffix = model_suffix
-        self.folder = Path(run_dir) / "checkpoints"
+        self.folder = Path(run_dir) / CHECKPOINTS
         self.folder.mkdir(parents=True, exist_ok=True)
         self.best_metric = best_metric
         self.best_mode = best_mode

@@ -10,21 +10,18 @@ policy and is the supervised baseline RL is compared with.
 from __future__ import annotations
 
 import logging
-import time
-from pathlib import Path
 from typing import Any
 
 from rlnf.config import CTCTrainConfig, to_yaml
+from rlnf.recipe_loop import Recipe
 
 CONFIG_CLASS = CTCTrainConfig
 log = logging.getLogger("rlnf.train_ctc")
 
 
-class CTCTrainRecipe:
-    def __init__(self, cfg: CTCTrainConfig):
-        self.cfg = cfg
-        self.run_dir = Path(cfg.output_dir).expanduser().resolve()
-        self.step = 0
+class CTCTrainRecipe(Recipe):
+    name = "train_ctc"
+    train_metric = "train/loss"
 
     def setup(self) -> None:
         from omegaconf import OmegaConf
@@ -36,7 +33,7 @@ class CTCTrainRecipe:
         from rlnf.metric_logging import build_logger
         from rlnf.models import quartznet_config
         from rlnf.policy import CTCPolicy
-        from rlnf.recipe_utils import load_utterances, resolve_best_metric, restore_policy_trainer_state
+        from rlnf.recipe_utils import load_utterances, resolve_best_metric
         from rlnf.training import build_optimizer, build_scheduler, resolve_device, resolve_precision
 
         cfg, trainer = self.cfg, self.cfg.trainer
@@ -77,21 +74,15 @@ class CTCTrainRecipe:
                                   trainer.batch_size, cfg.data.bucket_size, cfg.data.shuffle, trainer.seed,
                                   cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         self.val_dataset = AudioDataset(self.val, self.policy.sample_rate) if self.val else None
+        self.has_validation = self.val is not None
+        self.max_steps = trainer.max_steps
+        self.trained_model = self.policy.model
         self.optimizer = build_optimizer(self.policy.model.parameters(), trainer)
         self.scheduler = build_scheduler(self.optimizer, trainer.max_steps, trainer)
-        metric, mode = resolve_best_metric(trainer, self.val, train_metric="train/loss")
+        metric, mode = resolve_best_metric(trainer, self.val, train_metric=self.train_metric)
         self.checkpoints = CheckpointManager(self.run_dir, metric, mode, keep_last=trainer.keep_last)
-        self.skipped_steps = 0
-        resume_step = None
-        if cfg.resume and self.checkpoints.state_path.exists():
-            state = self.checkpoints.load_state()
-            self.step = resume_step = restore_policy_trainer_state(state, self.policy.model, self.optimizer,
-                                                                   self.scheduler, self.stream,
-                                                                   source=self.checkpoints.state_path)
-            self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.logger = build_logger(self.run_dir, cfg, resume_step)
+        self.logger = build_logger(self.run_dir, cfg, self.restore())
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        self._window_losses: list[float] = []
         log.info("train_ctc: %d parameters, %d training utterances",
                  sum(p.numel() for p in self.policy.model.parameters()), len(kept))
 
@@ -131,45 +122,9 @@ class CTCTrainRecipe:
         return {"train/loss": float(loss.detach()), "train/infeasible": float((~feasible).float().mean()),
                 "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "train/skipped_steps": self.skipped_steps}
 
-    def train(self) -> None:
-        from rlnf.recipe_utils import interrupted, out_of_time, step_progress_bar, stopped_by_error
-        from rlnf.training import StopSignal
-
-        trainer = self.cfg.trainer
-        iterator = iter(self.stream)
-        bar = step_progress_bar(trainer, self.step, "train_ctc")
-        started_training = time.perf_counter()
-        with StopSignal() as stop:
-            while self.step < trainer.max_steps:
-                started = time.perf_counter()
-                position = self.stream.state_dict()
-                try:
-                    batch = next(iterator)
-                    metrics = self.train_step(batch)
-                except Exception as exc:  # bad audio or a data worker that raised: keep the work done
-                    bar.close()
-                    self.stream.load_state_dict(position)
-                    raise stopped_by_error(exc, self.step, self.checkpoints, lambda: self.save_checkpoint(None))
-                self.step += 1
-                elapsed = time.perf_counter() - started
-                metrics.update({"perf/step_time": elapsed, "perf/utterances_per_s": len(batch) / elapsed})
-                self._window_losses.append(metrics["train/loss"])
-                last = self.step == trainer.max_steps or out_of_time(started_training, trainer.max_minutes)
-                validated = None
-                if self.val is not None and ((trainer.val_every and self.step % trainer.val_every == 0) or last):
-                    validated = self.validate()
-                if self.step % trainer.log_every == 0 or last or validated:
-                    self.logger.log_dict({**metrics, **(validated or {})}, self.step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-                if (trainer.save_every and self.step % trainer.save_every == 0) or last or stop.received:
-                    self.save_checkpoint(validated)
-                if stop.received:
-                    bar.close()
-                    raise interrupted(stop.received, self.step, self.checkpoints)
-                if last:
-                    break
-        bar.close()
+    def run_step(self, iterator) -> tuple[dict[str, float], dict[str, float]]:
+        batch = next(iterator)
+        return self.train_step(batch), {"utterances": len(batch)}
 
     def validate(self) -> dict[str, float]:
         from rlnf.evaluation import evaluate_policy
@@ -178,16 +133,6 @@ class CTCTrainRecipe:
         result = evaluate_policy(self.policy, self.val_dataset, self.cfg.trainer.batch_size, self.device,
                                  autocast=lambda: autocast(self.device, self.autocast_dtype))
         return {f"val/{key}": value for key, value in result.metrics.items()}
-
-    def save_checkpoint(self, validated: dict[str, float] | None) -> None:
-        from rlnf.recipe_utils import policy_trainer_state
-
-        save_model = lambda path: self.policy.model.save_to(str(path))  # noqa: E731
-        self.checkpoints.update_best_from(validated, self._window_losses, save_model)
-        self._window_losses = []  # without validation data, best.nemo follows the loss since the last save
-        self.checkpoints.save_last(save_model, policy_trainer_state(
-            self.step, self.policy.model, self.optimizer, self.scheduler, self.stream,
-            skipped_steps=self.skipped_steps))
 
     def cleanup(self) -> dict[str, Any]:
         from rlnf.recipe_utils import write_summary
@@ -198,6 +143,4 @@ class CTCTrainRecipe:
 
 
 def main(cfg: CTCTrainConfig) -> dict[str, Any]:
-    from rlnf.recipe_utils import run_recipe
-
-    return run_recipe(CTCTrainRecipe(cfg))
+    return CTCTrainRecipe(cfg).run()

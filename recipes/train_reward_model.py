@@ -5,21 +5,20 @@
 The model card's recipe by default: AdamW lr 1e-4, betas (0.9, 0.999), eps 1e-8, cosine schedule,
 batch 8, 10 epochs, seed 42. Augmentation acts on features (time/frequency masks) and on levels
 (gain, additive noise at an SNR), never silencing a clip. Optional synthetic hard negatives.
-The best checkpoint (by ``trainer.best_metric``) and the last are self-contained folders.
+The best checkpoint (by ``trainer.best_metric``) and the last are self-contained folders; the
+trainer state beside them resumes the run exactly (``resume=true``), as the other recipes do.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import time
-from pathlib import Path
 from typing import Any
 
 from rlnf.config import RewardTrainConfig, to_yaml
 from rlnf.errors import DataError
+from rlnf.recipe_loop import Recipe
 
 CONFIG_CLASS = RewardTrainConfig
 log = logging.getLogger("rlnf.train_reward_model")
@@ -68,22 +67,67 @@ def within_clip_rank_loss(scores, targets, clip_index):
     return torch.relu(true_difference.abs() - torch.sign(true_difference) * predicted_difference)[mask].mean()
 
 
-class RewardTrainer:
-    def __init__(self, cfg: RewardTrainConfig):
-        self.cfg = cfg
-        self.run_dir = Path(cfg.output_dir).expanduser().resolve()
-        self.step = 0
+class PairStream:
+    """Batches of training pairs, epoch after epoch: shuffled pairs (the card's), or shuffled clips
+    with each clip's pairs together (``group_by_clip``: one audio embedding serves many pairs of a
+    batch). An epoch's order is a pure function of (seed, epoch), so the data position is
+    (epoch, next pair) and a resumed run continues with the same batches."""
+
+    def __init__(self, pairs: list[dict[str, Any]], batch_size: int, seed: int, group_by_clip: bool):
+        self.pairs, self.batch_size, self.seed, self.group_by_clip = pairs, batch_size, seed, group_by_clip
+        self.epoch = 0
+        self.next = 0
+        self.progress = 0.0  # epochs done when the last batch was drawn (the 'epoch' metric)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "next": self.next}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.next = int(state["epoch"]), int(state["next"])
+
+    @property
+    def at_epoch_end(self) -> bool:
+        return self.next >= len(self.pairs)
+
+    def __iter__(self):
+        while True:
+            order = self.epoch_order(self.epoch)
+            while self.next < len(order):
+                start = self.next
+                self.progress = self.epoch + start / len(order)
+                self.next = start + self.batch_size
+                yield [self.pairs[i] for i in order[start:self.next]]
+            self.epoch, self.next = self.epoch + 1, 0
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Pair indices for one epoch."""
+        rng = random.Random(self.seed * 1000 + epoch)
+        if not self.group_by_clip:
+            order = list(range(len(self.pairs)))
+            rng.shuffle(order)
+            return order
+        by_clip: dict[str, list[int]] = {}
+        for index, pair in enumerate(self.pairs):
+            by_clip.setdefault(pair["audio_filepath"], []).append(index)
+        groups = list(by_clip.values())
+        rng.shuffle(groups)
+        for group in groups:
+            rng.shuffle(group)
+        return [index for group in groups for index in group]
+
+
+class RewardTrainer(Recipe):
+    name = "train_reward_model"
 
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
-        import torch
-
-        from rlnf.checkpoint import seed_everything
+        from rlnf.checkpoint import CheckpointManager, seed_everything
         from rlnf.metric_logging import build_logger
         from rlnf.reward_model.checkpoint import train_sentencepiece
         from rlnf.reward_model.modeling import RewardConfig, RewardModel
         from rlnf.reward_model.negatives import hard_negatives
-        from rlnf.reward_model.processor import TOKENIZER_FILE, RewardProcessor, load_reward_checkpoint
+        from rlnf.reward_model.processor import RewardProcessor, load_reward_checkpoint
+        from rlnf.recipe_utils import resolve_best_metric
         from rlnf.training import build_optimizer, build_scheduler, resolve_device, resolve_precision
 
         cfg = self.cfg
@@ -133,6 +177,9 @@ class RewardTrainer:
                 processor = RewardProcessor(self.model.config, cfg.model.tokenizer)
         else:
             tokenizer = cfg.model.tokenizer
+            trained = self.run_dir / "tokenizer.model"
+            if tokenizer is None and cfg.resume and trained.is_file():  # the one the run's weights were trained with
+                tokenizer = trained
             if tokenizer is None:
                 texts = [p["text"] for p in train] + [p["reference"] for p in train if p["reference"]]
                 tokenizer = train_sentencepiece(texts, self.run_dir / "tokenizer", cfg.model.vocab_size)
@@ -149,17 +196,18 @@ class RewardTrainer:
         self.waveforms: dict[str, Any] = {}
         self.feature_cache: dict[str, Any] = {}
 
-        self.steps_per_epoch = math.ceil(len(train) / cfg.trainer.batch_size)
-        self.total_steps = self.steps_per_epoch * cfg.trainer.epochs
+        self.stream = PairStream(train, cfg.trainer.batch_size, cfg.trainer.seed, cfg.trainer.group_by_clip)
+        self.has_validation = True
+        self.max_steps = math.ceil(len(train) / cfg.trainer.batch_size) * cfg.trainer.epochs
+        self.trained_model = self.model
         self.optimizer = build_optimizer(self.model.parameters(), cfg.trainer)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.trainer)
-        self.logger = build_logger(self.run_dir, cfg)
-        self.best_value: float | None = None
-        self.skipped_steps = 0
-        self.generator = torch.Generator().manual_seed(cfg.trainer.seed)
+        self.scheduler = build_scheduler(self.optimizer, self.max_steps, cfg.trainer)
+        metric, mode = resolve_best_metric(cfg.trainer, None)
+        self.checkpoints = CheckpointManager(self.run_dir, metric, mode, model_suffix="")
+        self.logger = build_logger(self.run_dir, cfg, self.restore())
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         log.info("reward model: %d parameters, %d training pairs, %d validation pairs, %d steps",
-                 sum(p.numel() for p in self.model.parameters()), len(train), len(val), self.total_steps)
+                 sum(p.numel() for p in self.model.parameters()), len(train), len(val), self.max_steps)
 
     # ------------------------------------------------------------------------------ batches
     def waveform(self, path: str):
@@ -244,75 +292,49 @@ class RewardTrainer:
                 features[row, :, start:start + width] = 0.0
         return features
 
-    # ------------------------------------------------------------------------------ loop
-    def train(self) -> None:
+    # ------------------------------------------------------------------------------ one step
+    def train_step(self, pairs: list[dict[str, Any]]) -> dict[str, float]:
+        """MSE on the scores (plus the within-clip rank loss when weighted), AdamW; a non-finite
+        gradient skips the update."""
         import torch
-        from tqdm.auto import tqdm
 
         from rlnf.training import autocast, clip_gradients
 
         trainer = self.cfg.trainer
-        bar = tqdm(total=self.total_steps, desc="train_reward_model", dynamic_ncols=True, disable=not trainer.progress_bar)
-        for epoch in range(trainer.epochs):
-            order = self.epoch_order(epoch)
-            for start in range(0, len(order), trainer.batch_size):
-                started = time.perf_counter()
-                pairs = [self.train_pairs[i] for i in order[start:start + trainer.batch_size]]
-                self.model.train()
-                inputs = self.batch_inputs(pairs, augment=True)
-                with autocast(self.device, self.autocast_dtype):
-                    scores = self.predict(inputs)
-                loss = torch.nn.functional.mse_loss(scores.float(), inputs["labels"])
-                if trainer.rank_loss_weight > 0:
-                    loss = loss + trainer.rank_loss_weight * within_clip_rank_loss(scores.float(), inputs["labels"],
-                                                                                   inputs["audio_index"])
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = clip_gradients(self.model.parameters(), trainer.max_grad_norm)
-                if math.isfinite(grad_norm):  # else skip: a NaN/inf gradient would corrupt the weights
-                    self.optimizer.step()
-                else:
-                    self.skipped_steps += 1
-                self.scheduler.step()
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                metrics: dict[str, float] = {}
-                if self.step % trainer.log_every == 0:
-                    metrics.update({"train/loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
-                                    "grad_norm": grad_norm, "train/skipped_steps": self.skipped_steps,
-                                    "epoch": epoch + start / len(order),
-                                    "perf/step_time": time.perf_counter() - started})
-                end_of_epoch = start + trainer.batch_size >= len(order)
-                if (trainer.eval_every and self.step % trainer.eval_every == 0) or (not trainer.eval_every and end_of_epoch):
-                    metrics.update(self.evaluate())
-                    self.save("last")
-                    value = metrics[trainer.best_metric]
-                    if math.isfinite(value) and (self.best_value is None or (
-                            value < self.best_value if trainer.best_mode == "min" else value > self.best_value)):
-                        self.best_value = value
-                        self.save("best")
-                        log.info("step %d: new best %s = %.4f", self.step, trainer.best_metric, value)
-                if metrics:
-                    self.logger.log_dict(metrics, self.step)
-        bar.close()
+        self.model.train()
+        inputs = self.batch_inputs(pairs, augment=True)
+        with autocast(self.device, self.autocast_dtype):
+            scores = self.predict(inputs)
+        loss = torch.nn.functional.mse_loss(scores.float(), inputs["labels"])
+        if trainer.rank_loss_weight > 0:
+            loss = loss + trainer.rank_loss_weight * within_clip_rank_loss(scores.float(), inputs["labels"],
+                                                                           inputs["audio_index"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_gradients(self.model.parameters(), trainer.max_grad_norm)
+        if math.isfinite(grad_norm):  # else skip: a NaN/inf gradient would corrupt the weights
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+        self.scheduler.step()
+        return {"train/loss": loss.item(), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "train/skipped_steps": self.skipped_steps}
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        """Pair indices for one epoch: shuffled pairs (the card's), or shuffled clips with each clip's
-        pairs together (``group_by_clip``: one audio embedding serves many pairs of a batch)."""
-        rng = random.Random(self.cfg.trainer.seed * 1000 + epoch)
-        if not self.cfg.trainer.group_by_clip:
-            order = list(range(len(self.train_pairs)))
-            rng.shuffle(order)
-            return order
-        by_clip: dict[str, list[int]] = {}
-        for index, pair in enumerate(self.train_pairs):
-            by_clip.setdefault(pair["audio_filepath"], []).append(index)
-        groups = list(by_clip.values())
-        rng.shuffle(groups)
-        for group in groups:
-            rng.shuffle(group)
-        return [index for group in groups for index in group]
+    # ------------------------------------------------------------------------------ loop hooks
+    def run_step(self, iterator) -> tuple[dict[str, float], dict[str, float]]:
+        pairs = next(iterator)
+        return {**self.train_step(pairs), "epoch": self.stream.progress}, {}
+
+    def validation_due(self, last: bool) -> bool:
+        """Every trainer.eval_every steps, else at the end of each epoch; and after the last step."""
+        every = self.cfg.trainer.eval_every
+        return bool((every and self.step % every == 0) or (not every and self.stream.at_epoch_end) or last)
+
+    def checkpoint_due(self, validated: dict[str, float] | None, last: bool) -> bool:
+        return validated is not None or last
+
+    def validate(self) -> dict[str, float]:
+        return self.evaluate()
 
     def evaluate(self) -> dict[str, float]:
         """Regression metrics, the within-clip Spearman, and the same Spearman with every clip's
@@ -347,33 +369,27 @@ class RewardTrainer:
         metrics["audio_gain"] = metrics["group_spearman"] - metrics["group_spearman_wrong_audio"]
         return {f"val/{key}": value for key, value in metrics.items()}
 
-    def save(self, name: str) -> None:
+    # ------------------------------------------------------------------------------ checkpoints
+    def save_model(self, path) -> None:
         from rlnf.reward_model.checkpoint import save_reward_folder
 
-        save_reward_folder(self.model, self.processor, self.run_dir / "checkpoints" / name)
+        save_reward_folder(self.model, self.processor, path)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"augment_rng": self.rng.getstate()}  # augmentation draws continue where they stopped
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["augment_rng"])
 
     def cleanup(self) -> dict[str, Any]:
-        from rlnf.io import atomic_write_text
-        from rlnf.metric_logging import read_metrics
+        from rlnf.recipe_utils import write_summary
 
         self.logger.close()
-        best = self.run_dir / "checkpoints" / "best"
-        if not best.exists():
-            log.warning("no best checkpoint was written: %s was never finite", self.cfg.trainer.best_metric)
-        final: dict[str, Any] = {}
-        for row in read_metrics(self.run_dir):
-            final.update(row)
-        summary = {"step": self.step, "best_metric": self.cfg.trainer.best_metric, "best_value": self.best_value,
-                   "best_checkpoint": str(best) if best.exists() else None,
-                   "last_checkpoint": str(self.run_dir / "checkpoints" / "last"),
-                   "train_pairs": len(self.train_pairs), "val_pairs": len(self.val_pairs),
-                   "final_metrics": final}
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        return summary
+        if not self.checkpoints.best_path.exists():
+            log.warning("no best checkpoint was written: %s was never finite", self.checkpoints.best_metric)
+        return write_summary(self.run_dir, self.step, self.checkpoints, train_pairs=len(self.train_pairs),
+                             val_pairs=len(self.val_pairs))
 
 
 def main(cfg: RewardTrainConfig) -> dict[str, Any]:
-    trainer = RewardTrainer(cfg)
-    trainer.setup()
-    trainer.train()
-    return trainer.cleanup()
+    return RewardTrainer(cfg).run()

@@ -2,6 +2,7 @@
 
     output_dir/checkpoints/last.nemo          the policy at the latest save (NeMo restore_from)
     output_dir/checkpoints/best.nemo          the policy with the best validation metric
+                                              (the reward recipe: folders last/ and best/)
     output_dir/checkpoints/trainer_state.pt   everything needed to resume, in ONE file: model and
                                               optimizer/scheduler state, step, RNG states, data
                                               position, best metric
@@ -28,6 +29,7 @@ from rlnf.io import atomic_save
 
 log = logging.getLogger(__name__)
 
+CHECKPOINTS = "checkpoints"  # the run folder's checkpoint folder
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -79,10 +81,14 @@ def seed_everything(seed: int) -> None:
 
 
 class CheckpointManager:
-    """Writes last/best .nemo files and the trainer state into ``run_dir/checkpoints``."""
+    """Writes last/best .nemo files and the trainer state into ``run_dir/checkpoints``.
+    ``model_suffix=""``: the model checkpoints are folders, which ``save_model`` writes atomically
+    itself (a reward checkpoint: ``save_reward_folder``)."""
 
-    def __init__(self, run_dir: str | Path, best_metric: str, best_mode: str, keep_last: int = 0):
-        self.folder = Path(run_dir) / "checkpoints"
+    def __init__(self, run_dir: str | Path, best_metric: str, best_mode: str, keep_last: int = 0,
+                 model_suffix: str = ".nemo"):
+        self.model_suffix = model_suffix
+        self.folder = Path(run_dir) / CHECKPOINTS
         self.folder.mkdir(parents=True, exist_ok=True)
         self.best_metric = best_metric
         self.best_mode = best_mode
@@ -95,11 +101,11 @@ class CheckpointManager:
 
     @property
     def last_path(self) -> Path:
-        return self.folder / "last.nemo"
+        return self.folder / f"last{self.model_suffix}"
 
     @property
     def best_path(self) -> Path:
-        return self.folder / "best.nemo"
+        return self.folder / f"best{self.model_suffix}"
 
     def is_better(self, value: float) -> bool:
         if not np.isfinite(value):
@@ -108,10 +114,16 @@ class CheckpointManager:
             return True
         return value < self.best_value if self.best_mode == "min" else value > self.best_value
 
+    def write_model(self, path: Path, save_model) -> None:
+        if self.model_suffix:
+            atomic_save(path, save_model)
+        else:  # a folder: save_model swaps it in whole
+            save_model(path)
+
     def save_last(self, save_model, trainer_state: dict[str, Any]) -> None:
         """``save_model(path)`` writes a .nemo; the trainer state follows it, both atomic. With
         ``keep_last`` > 0, ``step_NNNNNNN.nemo`` snapshots of the last saves are kept too (hard links)."""
-        atomic_save(self.last_path, save_model)
+        self.write_model(self.last_path, save_model)
         trainer_state = {**trainer_state, "best_value": self.best_value, "best_metric": self.best_metric}
         atomic_save(self.state_path, lambda tmp: torch.save(trainer_state, tmp))
         if self.keep_last > 0:
@@ -140,7 +152,7 @@ class CheckpointManager:
         """Write best.nemo when ``value`` beats the best so far; returns whether it did."""
         if not self.is_better(value):
             return False
-        atomic_save(self.best_path, save_model)
+        self.write_model(self.best_path, save_model)
         self.best_value = float(value)
         return True
 

@@ -47,22 +47,6 @@ def _check_range(key: str, value: float, low: float, high: float, high_open: boo
         raise ConfigError(f"{key}={value} must be in [{low}, {high}{')' if high_open else ']'}")
 
 
-def _check_optimizer(section: str, trainer: Any) -> None:
-    """The AdamW and schedule keys every trainer section shares."""
-    _check_positive(f"{section}.lr", trainer.lr)
-    _check_positive(f"{section}.eps", trainer.eps)
-    _check_positive(f"{section}.weight_decay", trainer.weight_decay, allow_zero=True)
-    if len(trainer.betas) != 2:
-        raise ConfigError(f"{section}.betas must have two values, got {list(trainer.betas)}")
-    for beta in trainer.betas:
-        _check_range(f"{section}.betas", beta, 0.0, 1.0, high_open=True)
-    _check_range(f"{section}.min_lr_ratio", trainer.min_lr_ratio, 0.0, 1.0)
-    _check_positive(f"{section}.warmup_steps", trainer.warmup_steps, allow_zero=True)
-    _check_choice(f"{section}.lr_schedule", trainer.lr_schedule, ("cosine", "constant"))
-    if trainer.max_grad_norm is not None:
-        _check_positive(f"{section}.max_grad_norm", trainer.max_grad_norm)
-
-
 def check_finite(config: Any, prefix: str = "") -> None:
     """Every float key of a config tree (lists of floats item by item) must be a finite number:
     one rule for all sections, so a key added later is covered too. Ranges are the sections' own."""
@@ -151,45 +135,66 @@ class DataConfig:
             _check_positive("data.max_duration", self.max_duration)
 
 
-def loggers_option() -> Any:
-    """trainer.loggers, shared by every recipe's trainer section (checked by _check_loggers)."""
-    return opt(factory=lambda: ["tensorboard"],
-               help="Trackers besides metrics.jsonl (always written): any of 'tensorboard', 'csv' (metrics.csv), "
-                    "'wandb' (pip install 'rlnf[wandb]'; WANDB_MODE=offline needs no network). [] for JSONL only.")
-
-
-def _check_loggers(loggers: List[str]) -> None:
-    from rlnf.metric_logging import check_trackers  # light: numpy, no torch
-
-    check_trackers(loggers, "trainer.loggers")
-
-
 @dataclass
-class TrainerConfig:
-    max_steps: int = opt(1000, "Number of optimizer steps.")
-    max_minutes: Optional[float] = opt(None, "Also stop (validate, checkpoint, summarise) after this many minutes of "
-                                             "training: a wall-clock budget.")
-    batch_size: int = opt(8, "Utterances per step (each gets algorithm.num_samples hypotheses in RL).")
-    grad_accum_steps: int = opt(1, "Micro-batches of batch_size accumulated per optimizer step.")
+class OptimizerTrainerConfig:
+    """The trainer keys every recipe shares (AdamW, schedule, seed, device, logging), each with its
+    one check; a recipe's trainer section adds its own keys and may change a default."""
+
+    batch_size: int = opt(8, "Utterances (pairs, for the reward model) per step.")
     lr: float = opt(1e-5, "Peak learning rate (AdamW).")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     betas: List[float] = opt(factory=lambda: [0.9, 0.999], help="AdamW betas.")
     eps: float = opt(1e-8, "AdamW epsilon.")
     warmup_steps: int = opt(0, "Linear learning-rate warm-up steps.")
-    lr_schedule: str = opt("cosine", "'cosine' (decay to min_lr_ratio * lr at max_steps) or 'constant', after "
+    lr_schedule: str = opt("cosine", "'cosine' (decay to min_lr_ratio * lr at the last step) or 'constant', after "
                                      "warm-up.")
     min_lr_ratio: float = opt(0.0, "Final learning rate of the cosine schedule, as a fraction of lr.")
     max_grad_norm: Optional[float] = opt(1.0, "Gradient clipping by global norm; null disables.")
+    log_every: int = opt(1, "Write scalar metrics every N steps.")
+    seed: int = opt(42, "Seed for sampling, data order and initialisation; CPU runs are deterministic.")
+    device: str = opt("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'.")
+    precision: str = opt("auto", "'auto' (bf16 autocast on CUDA when supported, else fp32), 'fp32' or 'bf16'.")
+    progress_bar: bool = opt(True, "Show a tqdm progress bar.")
+    loggers: List[str] = opt(factory=lambda: ["tensorboard"],
+                             help="Trackers besides metrics.jsonl (always written): any of 'tensorboard', 'csv' "
+                                  "(metrics.csv), 'wandb' (pip install 'rlnf[wandb]'; WANDB_MODE=offline needs no "
+                                  "network). [] for JSONL only.")
+
+    def __post_init__(self) -> None:
+        from rlnf.metric_logging import check_trackers  # light: numpy, no torch
+
+        check_trackers(self.loggers, "trainer.loggers")
+        for key in ("batch_size", "log_every"):
+            _check_positive(f"trainer.{key}", getattr(self, key))
+        _check_positive("trainer.lr", self.lr)
+        _check_positive("trainer.eps", self.eps)
+        _check_positive("trainer.weight_decay", self.weight_decay, allow_zero=True)
+        if len(self.betas) != 2:
+            raise ConfigError(f"trainer.betas must have two values, got {list(self.betas)}")
+        for beta in self.betas:
+            _check_range("trainer.betas", beta, 0.0, 1.0, high_open=True)
+        _check_range("trainer.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_positive("trainer.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_choice("trainer.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        if self.max_grad_norm is not None:
+            _check_positive("trainer.max_grad_norm", self.max_grad_norm)
+        _check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
+
+
+@dataclass
+class TrainerConfig(OptimizerTrainerConfig):
+    batch_size: int = opt(8, "Utterances per step (each gets algorithm.num_samples hypotheses in RL).")
+    max_steps: int = opt(1000, "Number of optimizer steps.")
+    max_minutes: Optional[float] = opt(None, "Also stop (validate, checkpoint, summarise) after this many minutes of "
+                                             "training: a wall-clock budget.")
+    grad_accum_steps: int = opt(1, "Micro-batches of batch_size accumulated per optimizer step.")
     val_every: int = opt(100, "Validate every N steps (and at the end). 0 disables periodic validation.")
     save_every: int = opt(100, "Write checkpoints/last.nemo and the trainer state every N steps (and at the end).")
     keep_last: int = opt(0, "Also keep checkpoints/step_NNNNNNN.nemo of the last N saves (hard links; 0: only "
                             "last.nemo and best.nemo).")
-    log_every: int = opt(1, "Write scalar metrics every N steps.")
     samples_every: int = opt(50, "Log a text table of sample hypotheses and a few audio clips every N steps; "
                                  "0 disables.")
-    seed: int = opt(42, "Seed for sampling, data order and initialisation; CPU runs are deterministic.")
-    device: str = opt("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'.")
-    precision: str = opt("auto", "'auto' (bf16 autocast on CUDA when supported, else fp32), 'fp32' or 'bf16'.")
     devices: Optional[int] = opt(None, "Processes per node (one per GPU; on CPU, processes). null: what torchrun or "
                                        "SLURM announce, else 1. batch_size is per process.")
     num_nodes: Optional[int] = opt(None, "Nodes. null: what torchrun or SLURM announce, else 1.")
@@ -198,18 +203,13 @@ class TrainerConfig:
     best_metric: str = opt("auto", "Validation metric that selects checkpoints/best.nemo: 'auto' is val/wer when "
                                    "the validation manifest has references, else val/reward.")
     best_mode: str = opt("auto", "'min', 'max' or 'auto' (min for wer/cer/loss metrics, max otherwise).")
-    progress_bar: bool = opt(True, "Show a tqdm progress bar.")
-    loggers: List[str] = loggers_option()
 
     def __post_init__(self) -> None:
-        _check_loggers(self.loggers)
-        for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every"):
+        super().__post_init__()
+        for key in ("max_steps", "grad_accum_steps"):
             _check_positive(f"trainer.{key}", getattr(self, key))
         for key in ("val_every", "save_every", "samples_every", "keep_last"):
             _check_positive(f"trainer.{key}", getattr(self, key), allow_zero=True)
-        _check_optimizer("trainer", self)
-        _check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
-        _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("trainer.best_mode", self.best_mode, ("auto", "min", "max"))
         _check_choice("trainer.strategy", self.strategy, ("ddp",))
         for key in ("devices", "num_nodes"):
@@ -356,13 +356,17 @@ class AlgorithmConfig:
 # Recipe configurations
 # --------------------------------------------------------------------------------------------
 # Keys (or sections, ending in '.') whose change on resume would change what the run is: the model
-# trained and its KL reference, the training data and its order, the algorithm, the rewards.
+# trained and its KL reference, the training data and its order, the algorithm, the rewards; for
+# the reward recipe also the held-out split, the targets and the synthetic negatives.
 RESUME_FIXED = ("policy.path", "model.", "data.train_manifest", "data.tarred_audio_filepaths", "data.text_key",
-                "data.lowercase", "data.oov", "algorithm.", "rewards", "trainer.seed")
+                "data.lowercase", "data.oov", "algorithm.", "rewards", "trainer.seed", "data.val_split",
+                "data.score_key", "data.score_scale", "data.reference_key", "hard_negatives.")
+RESUME_HELP = "Continue the run in output_dir from its last trainer state."
 RESUME_FORCE_HELP = ("With resume=true: accept changes to keys that change the run's meaning (policy.path, model.*, "
                      "data.train_manifest/tarred_audio_filepaths, data.text_key/lowercase/oov, algorithm.*, rewards, "
-                     "trainer.seed), which are refused otherwise. Other changes (lr, max_steps, logging...) are "
-                     "allowed, warned about and recorded in resumes.jsonl.")
+                     "trainer.seed; train_reward_model: also data.val_split/score_key/score_scale/reference_key, "
+                     "hard_negatives.*), which are refused otherwise. Other changes (lr, max_steps, logging...) "
+                     "are allowed, warned about and recorded in resumes.jsonl.")
 
 @dataclass
 class RLFinetuneConfig:
@@ -370,7 +374,7 @@ class RLFinetuneConfig:
 
     output_dir: str = opt(MISSING, "Run folder: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/, "
                                    "summary.json.")
-    resume: bool = opt(False, "Continue the run in output_dir from its last trainer state.")
+    resume: bool = opt(False, RESUME_HELP)
     resume_force: bool = opt(False, RESUME_FORCE_HELP)
     policy: PolicyConfig = opt(factory=PolicyConfig, help="The policy to fine-tune.")
     data: DataConfig = opt(factory=DataConfig, help="Training and validation data.")
@@ -416,7 +420,7 @@ class CTCTrainConfig:
     """`rlnf run train_ctc`: supervised CTC training or fine-tuning of a NeMo QuartzNet-style model."""
 
     output_dir: str = opt(MISSING, "Run folder (same layout as rl_finetune).")
-    resume: bool = opt(False, "Continue the run in output_dir from its last trainer state.")
+    resume: bool = opt(False, RESUME_HELP)
     resume_force: bool = opt(False, RESUME_FORCE_HELP)
     model: CTCModelSection = opt(factory=CTCModelSection, help="The model to train.")
     data: DataConfig = opt(factory=DataConfig, help="Labelled training and validation data.")
@@ -513,47 +517,31 @@ class HardNegativesConfig:
 
 
 @dataclass
-class RewardTrainerConfig:
-    epochs: int = opt(10, "Passes over the training pairs (the card: 10).")
+class RewardTrainerConfig(OptimizerTrainerConfig):
+    """The model card's recipe by default: AdamW lr 1e-4, betas (0.9, 0.999), eps 1e-8, cosine
+    schedule, batch 8, 10 epochs, seed 42."""
+
     batch_size: int = opt(8, "Pairs per step (the card: 8).")
     lr: float = opt(1e-4, "Peak learning rate, AdamW (the card: 1e-4).")
-    betas: List[float] = opt(factory=lambda: [0.9, 0.999], help="AdamW betas.")
-    eps: float = opt(1e-8, "AdamW epsilon.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    lr_schedule: str = opt("cosine", "'cosine' or 'constant' after warm-up (the card: cosine).")
-    warmup_steps: int = opt(0, "Linear warm-up steps.")
-    min_lr_ratio: float = opt(0.0, "Final learning rate of the cosine schedule, as a fraction of lr.")
-    max_grad_norm: Optional[float] = opt(1.0, "Gradient clipping by global norm; null disables.")
+    log_every: int = opt(10, "Write training metrics every N steps.")
+    epochs: int = opt(10, "Passes over the training pairs (the card: 10).")
     rank_loss_weight: float = opt(0.0, "Weight of a margin ranking loss between transcripts of the same clip, added "
                                        "to the MSE (0: MSE only, as the card). RL's group baselines only see within-"
                                        "clip differences; use with group_by_clip so batches hold such pairs.")
     group_by_clip: bool = opt(False, "Batch each clip's pairs together, so one audio embedding serves several pairs "
                                      "(much faster when clips have many transcripts; false: random pairs, as the card).")
     eval_every: int = opt(0, "Evaluate every N steps; 0 evaluates once per epoch.")
-    log_every: int = opt(10, "Write training metrics every N steps.")
-    seed: int = opt(42, "Seed (the card: 42).")
-    device: str = opt("auto", "'auto', 'cpu' or 'cuda'.")
-    precision: str = opt("auto", "'auto' (bf16 autocast on CUDA), 'fp32' or 'bf16'.")
     best_metric: str = opt("val/pearson", "Metric selecting checkpoints/best: val/mse, val/rmse, val/r2, val/pearson, "
-                                          "val/spearman or val/group_spearman (mean within-clip rank correlation).")
-    progress_bar: bool = opt(True, "Show a tqdm progress bar.")
-    loggers: List[str] = loggers_option()
+                                          "val/spearman or val/group_spearman (mean within-clip rank correlation); "
+                                          "lower is better for mse/rmse, higher for the others.")
 
     def __post_init__(self) -> None:
-        _check_loggers(self.loggers)
-        for key in ("epochs", "batch_size", "log_every"):
-            _check_positive(f"trainer.{key}", getattr(self, key))
+        super().__post_init__()
+        _check_positive("trainer.epochs", self.epochs)
         _check_positive("trainer.eval_every", self.eval_every, allow_zero=True)
-        _check_optimizer("trainer", self)
-        _check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
-        _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("trainer.best_metric", self.best_metric,
                       ("val/mse", "val/rmse", "val/r2", "val/pearson", "val/spearman", "val/group_spearman"))
         _check_positive("trainer.rank_loss_weight", self.rank_loss_weight, allow_zero=True)
-
-    @property
-    def best_mode(self) -> str:
-        return "min" if self.best_metric in ("val/mse", "val/rmse") else "max"
 
 
 @dataclass
@@ -561,7 +549,9 @@ class RewardTrainConfig:
     """`rlnf run train_reward_model`: train a reward model on scored (audio, transcript) pairs."""
 
     output_dir: str = opt(MISSING, "Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/{best,last}/ "
-                                   "(self-contained reward checkpoints), summary.json.")
+                                   "(self-contained reward checkpoints), checkpoints/trainer_state.pt, summary.json.")
+    resume: bool = opt(False, RESUME_HELP)
+    resume_force: bool = opt(False, RESUME_FORCE_HELP)
     model: RewardModelSection = opt(factory=RewardModelSection, help="The reward model.")
     data: RewardDataConfig = opt(factory=RewardDataConfig, help="Scored training pairs.")
     augment: AugmentConfig = opt(factory=AugmentConfig, help="Training-time augmentation.")

@@ -9,11 +9,20 @@ Fabric and every method is the identity, so nothing changes. With ``trainer.devi
 - creates the process group (NCCL on GPUs, gloo on CPUs) and gives each process its GPU,
 - wraps the policy in ``DistributedDataParallel`` (gradients averaged over processes in backward).
 
-What rlnf adds on top is the RL-specific bookkeeping (see ``recipes/rl_finetune.py``):
-each process samples, scores and computes group-local advantages for its own shard of every
-global batch; losses are weighted by each process's share of the utterances, so the averaged
-gradient is the gradient of the global per-utterance mean even when shards differ in size; step
-metrics are pooled with the same weights (``pool_metrics``); only rank 0 logs and writes files.
+What rlnf adds on top is the RL-specific bookkeeping, behind a few named operations so that
+``recipes/rl_finetune.py``'s step reads like a single-process loop:
+
+- ``agree_on_batches``: every process fetches its shard of the step's micro-batches; they agree
+  on each micro-batch's loss weight (``micro_batch_weights``), skip a step together when one
+  shard has no readable audio, and raise together when fetching failed anywhere;
+- ``together``: run an action (the rollout: sampling, rewards) on every process and, when it
+  raised on any, raise on all of them, so none waits forever on a collective;
+- ``backward`` / ``all_finite``: a non-finite loss skips the update on every process;
+- ``pool_step``: one collective per step for the global batch's metrics (``pool_metrics``),
+  its size and the stop flags (a signal or the time budget on one process stops all).
+
+Each process samples, scores and computes group-local advantages for its own shard of every
+global batch; only rank 0 logs and writes files.
 """
 
 from __future__ import annotations
@@ -22,13 +31,20 @@ import contextlib
 import logging
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
-from rlnf.errors import ConfigError, RlnfError
+from rlnf.errors import ConfigError, DataError, RewardError, RlnfError
 
 log = logging.getLogger(__name__)
+Result = TypeVar("Result")
+
+
+def describe_error(error: Exception) -> str:
+    """An error's message as other processes report it: a user error's own, else with its type."""
+    return str(error) if isinstance(error, RlnfError) else f"{type(error).__name__}: {error}"
+
 
 def launcher_layout(environ: dict[str, str] | None = None) -> tuple[int, int] | None:
     """(processes per node, nodes) announced by torchrun or SLURM, or None outside a launcher."""
@@ -120,6 +136,7 @@ class Distributed:
         devices, num_nodes = resolve_layout(trainer_cfg.devices, trainer_cfg.num_nodes)  # strategy: checked by the config
         self.fabric = None
         self.device = device
+        self.skipped_batches = 0  # steps every process skipped: one shard had no readable audio
         if devices * num_nodes > 1:
             from lightning.fabric import Fabric
             from lightning.fabric.strategies import DDPStrategy
@@ -179,11 +196,95 @@ class Distributed:
             return [obj]
         return gather_objects(obj)
 
+    def concatenate(self, items: list) -> list:
+        """Every process's ``items``, in rank order (alone: ``items``)."""
+        return [item for part in self.all_gather_object(items) for item in part]
+
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is true on any (stop signals, time budgets)."""
         if self.fabric is None:
             return bool(flag)
         return bool(self.all_reduce_sum(torch.tensor([float(bool(flag))]))[0] > 0)
+
+    @property
+    def group_sum(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``all_reduce_sum`` in a process group; None alone (statistics are then computed locally)."""
+        return None if self.fabric is None else self.all_reduce_sum
+
+    # ------------------------------------------------------------------ named operations of a step
+    def raise_together(self, messages: list[str | None], error_class: type) -> None:
+        """Every process raises when any reported an error (``messages``: one per rank, None for none)."""
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            raise error_class(message if rank == self.rank or len(messages) == 1 else f"process {rank}: {message}")
+
+    def agree_on_batches(self, fetch: Callable[[], Any], accum: int) -> tuple[list, list[float]]:
+        """``accum`` micro-batches from ``fetch()`` (None: a shard with no readable audio), and each
+        one's loss weight (``micro_batch_weights``): the accumulated (and DDP-averaged) gradient is
+        that of the per-utterance mean over the whole step, whatever the micro-batch and shard sizes. When a process's shard is all unreadable audio (skip_bad_samples),
+        every process skips it (counted in ``skipped_batches``); when fetching raised on any process
+        (unreadable audio, a data worker), every process raises."""
+        while True:
+            if self.fabric is None:
+                batches = [fetch() for _ in range(accum)]
+                return batches, micro_batch_weights([[len(batch) for batch in batches]], 0)
+            error = None
+            try:
+                batches = [fetch() for _ in range(accum)]
+            except Exception as exc:  # noqa: BLE001 - every process must hear of it
+                error, batches = describe_error(exc), [None] * accum
+            counts = [0 if batch is None else len(batch) for batch in batches]
+            every = self.all_gather_object((counts, error))
+            self.raise_together([message for _, message in every], DataError)
+            every = [rank_counts for rank_counts, _ in every]
+            if all(count > 0 for rank_counts in every for count in rank_counts):
+                return batches, micro_batch_weights(every, self.rank)
+            self.skipped_batches += 1
+            log.warning("a process has no readable audio in its shard; every process skips these batches")
+
+    def together(self, action: Callable[[], Result]) -> Result:
+        """``action()`` on every process; when it raised on any (bad input, a reward returning NaN or
+        raising), every process raises before anyone starts a collective of the update: a
+        ``RewardError`` when every failure was one, else an ``RlnfError``. Alone: ``action()``."""
+        if self.fabric is None:
+            return action()
+        try:
+            result, error = action(), None
+        except Exception as exc:  # noqa: BLE001 - every process must hear of it
+            result, error = None, exc
+        if self.any(error is not None):
+            messages = self.all_gather_object(None if error is None else (type(error).__name__,
+                                                                          describe_error(error)))
+            kinds = {name for name, _ in filter(None, messages)}
+            self.raise_together([None if message is None else message[1] for message in messages],
+                                RewardError if kinds == {"RewardError"} else RlnfError)
+        return result
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss``. A non-finite loss is left out alone (its update is skipped); in a
+        process group it is back-propagated anyway, since every process must take part in the
+        gradient all-reduce (the update is then skipped everywhere, see ``all_finite``)."""
+        if self.fabric is not None or torch.isfinite(loss):
+            loss.backward()
+
+    def all_finite(self, finite: bool) -> bool:
+        """True on every process when the losses were finite on all of them."""
+        return not self.any(not finite)
+
+    def pool_step(self, metrics: dict[str, float], sizes: dict[str, float], stopping: bool, timed_out: bool,
+                  std_scale: float = 1.0) -> tuple[dict[str, float], dict[str, float], bool, bool]:
+        """One collective per step: the global batch's metrics (weighted by ``sizes["utterances"]``;
+        pooled stds, see ``pool_metrics``; ``train/skipped_clips`` summed), its sizes, and whether any
+        process was signalled or ran out of time. Alone: the arguments as they are."""
+        if self.fabric is None:
+            return metrics, sizes, stopping, timed_out
+        parts = self.all_gather_object((metrics, sizes, stopping, timed_out))
+        pooled = pool_metrics([(part[0], part[1]["utterances"]) for part in parts], std_scale=std_scale)
+        pooled["train/skipped_batches"] = self.skipped_batches
+        pooled["train/skipped_clips"] = sum(part[0]["train/skipped_clips"] for part in parts)
+        totals = {name: sum(part[1][name] for part in parts) for name in sizes}
+        return pooled, totals, any(part[2] for part in parts), any(part[3] for part in parts)
 
     def barrier(self) -> None:
         if self.fabric is not None:

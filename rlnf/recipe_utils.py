@@ -1,11 +1,11 @@
-"""Small pieces the recipes share: loading manifests as configured, choosing the best-checkpoint metric."""
+"""Small pieces the recipes share: loading manifests as configured, choosing the best-checkpoint metric,
+the trainer state's common part, the run summary. The loop itself is ``rlnf/recipe_loop.py``."""
 
 from __future__ import annotations
 
 import logging
 
 from rlnf.data.manifest import Utterance, UtteranceTable, read_manifest
-from rlnf.errors import RlnfError, TrainingInterrupted
 from rlnf.metrics import normalize_text
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,14 @@ def resolve_best_metric(trainer_cfg, val_utterances: list[Utterance] | None,
             metric = "val/wer"
         else:
             metric = "val/reward"
-    mode = trainer_cfg.best_mode
+    mode = getattr(trainer_cfg, "best_mode", "auto")  # the reward recipe has no key: its mode is the metric's
     if mode == "auto":
-        mode = "min" if any(word in metric for word in ("wer", "cer", "loss")) else "max"
+        mode = "min" if any(word in metric for word in ("wer", "cer", "loss", "mse")) else "max"
     return metric, mode
 
 
-def policy_trainer_state(step: int, model, optimizer, scheduler, stream, generator=None, **extra) -> dict:
-    """Everything a policy recipe needs to resume, in one dict (saved as one atomic file)."""
+def training_state(step: int, model, optimizer, scheduler, stream, generator=None, **extra) -> dict:
+    """Everything a recipe needs to resume, in one dict (saved as one atomic file)."""
     from rlnf.checkpoint import rng_state
 
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -64,9 +64,9 @@ def policy_trainer_state(step: int, model, optimizer, scheduler, stream, generat
     return state
 
 
-def restore_policy_trainer_state(state: dict, model, optimizer, scheduler, stream, generator=None,
+def restore_training_state(state: dict, model, optimizer, scheduler, stream, generator=None,
                                  source: object = "trainer state") -> int:
-    """Load what ``policy_trainer_state`` saved (read from ``source``, named in errors); returns the step."""
+    """Load what ``training_state`` saved (read from ``source``, named in errors); returns the step."""
     from rlnf.checkpoint import set_rng_state
     from rlnf.errors import CheckpointError
 
@@ -110,57 +110,3 @@ def write_summary(run_dir, step: int, checkpoints, **extra) -> dict:
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
-
-
-def out_of_time(started: float, max_minutes: float | None) -> bool:
-    import time
-
-    return max_minutes is not None and time.perf_counter() - started >= 60.0 * max_minutes
-
-
-def step_progress_bar(trainer_cfg, step: int, desc: str, enabled: bool = True):
-    """The tqdm bar of a step-based recipe. A time-boxed run (max_minutes) shows steps and elapsed
-    time rather than a meaningless ETA to max_steps."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=None if trainer_cfg.max_minutes else trainer_cfg.max_steps, initial=step, desc=desc,
-                dynamic_ncols=True, disable=not trainer_cfg.progress_bar or not enabled)
-
-
-def interrupted(by, step: int, checkpoints) -> TrainingInterrupted:
-    """The error a recipe raises after a stop signal's checkpoint is written."""
-    return TrainingInterrupted(f"stopped by signal {by} after step {step}; checkpoint written to "
-                               f"{checkpoints.folder}. Continue with: resume=true")
-
-
-def stopped_by_error(exc: Exception, step: int, checkpoints, save_checkpoint) -> RlnfError:
-    """The error a recipe raises when ``exc`` stops training after ``step`` completed steps:
-    ``save_checkpoint()`` keeps that work first, and the message says where it is and how to go on.
-    An unexpected exception (a reward or data worker that raised) stays attached as the cause, so
-    the CLI writes its full trace to a log file."""
-    try:
-        save_checkpoint()
-        kept = f"The run stopped at step {step}; its checkpoint is in {checkpoints.folder}."
-    except Exception as save_error:  # noqa: BLE001 - the original error matters more
-        kept = f"The run stopped at step {step}; writing its checkpoint failed too ({save_error})."
-    if isinstance(exc, RlnfError):
-        fix = "Fix the input (or set data.skip_bad_samples=true for unreadable audio)"
-        error = type(exc)(f"{exc}\n{kept} {fix} and continue with resume=true.")
-        error.__cause__ = exc.__cause__
-        return error
-    error = RlnfError(f"training stopped by {type(exc).__name__}: {exc}\n{kept} Fix the cause and continue "
-                      "with resume=true.")
-    error.__cause__ = exc
-    return error
-
-
-def run_recipe(recipe) -> dict:
-    """setup, train, cleanup; when training stops (a signal, an error) the logs are closed before the
-    error propagates."""
-    recipe.setup()
-    try:
-        recipe.train()
-    except Exception:
-        recipe.logger.close()
-        raise
-    return recipe.cleanup()

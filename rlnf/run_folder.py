@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterator
 
 from omegaconf import OmegaConf
 
+from rlnf.checkpoint import CHECKPOINTS, TRAINER_STATE
 from rlnf.config import RESUME_FIXED
 from rlnf.errors import ConfigError, RlnfError
 from rlnf.io import TEMPORARY_MARK
@@ -25,10 +26,9 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".rlnf.lock"
 
-TRAINER_STATE = "checkpoints/trainer_state.pt"
-# What a run leaves in its folder: a folder holding any of these holds a run (the policy recipes'
-# trainer state, the reward recipe's checkpoint, any recipe's metrics).
-RUN_MARKERS = (TRAINER_STATE, "checkpoints/last", "metrics.jsonl")
+# What a run leaves in its folder: a folder holding any of these holds a run (the trainer state,
+# the reward recipe's checkpoint, any recipe's metrics).
+RUN_MARKERS = (f"{CHECKPOINTS}/{TRAINER_STATE}", f"{CHECKPOINTS}/last", "metrics.jsonl")
 
 
 def check_output_dir(output_dir: str, resume: bool | None) -> Path:
@@ -147,7 +147,7 @@ def open_run_folder(config: Any) -> Iterator[Path | None]:
     folder = Path(config.output_dir).expanduser().resolve()
     with run_lock(folder):
         if holding_rank():  # the folder is ours alone now
-            for path in (folder, folder / "checkpoints"):
+            for path in (folder, folder / CHECKPOINTS):
                 remove_stale_temporaries(path)
             if getattr(config, "resume", False):
                 check_resume(config, folder)

@@ -84,13 +84,13 @@ def test_batch_size_zero_is_refused_by_the_parser(command):
     assert result.returncode == 2 and "--batch-size: must be a positive integer, got 0" in result.stderr
 
 
-def test_train_reward_model_refuses_a_folder_holding_a_run(tmp_path, capsys):
+def test_train_reward_model_refuses_a_folder_holding_a_run_unless_resumed(tmp_path, capsys):
     out = tmp_path / "reward_run"
     (out / "checkpoints" / "last").mkdir(parents=True)
     assert main(["run", "train_reward_model", "--config", "reward/card", "data.train_manifest=x.json",
                  f"output_dir={out}"]) == 2
     err = capsys.readouterr().err
-    assert "already holds a run (checkpoints/last)" in err and "resume" not in err
+    assert "already holds a run (checkpoints/last); set resume=true to continue it" in err
 
 
 def test_an_empty_output_dir_is_refused(tmp_path, capsys):

@@ -135,3 +135,34 @@ def test_cli_ls_and_config(capsys):
     assert "rl_finetune" in out and "rl/grpo" in out
     assert main(["config", "rl_finetune"]) == 0
     assert "algorithm.kl_coef" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["grpo", "mwer", "ppo", "reinforce", "rloo"])
+def test_shipped_rl_configs_say_only_what_differs_from_their_preset(name):
+    """configs/rl/NAME.yaml sets algorithm.name and only keys whose value differs from the schema's
+    default with that preset applied (required keys stay as ??? to show what a user must give)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from rlnf.config import AlgorithmConfig, RLFinetuneConfig
+    from rlnf.resources import configs_dir
+
+    shipped = OmegaConf.to_container(OmegaConf.load(configs_dir() / "rl" / f"{name}.yaml"))
+    assert shipped["algorithm"]["name"] == name
+    defaults = OmegaConf.to_container(OmegaConf.structured(RLFinetuneConfig))
+    algorithm = AlgorithmConfig(name=name)
+    algorithm.finalize()  # the preset's values
+    defaults["algorithm"] = dataclasses.asdict(algorithm)
+    restated = []
+    if "rewards" in shipped:  # each entry completed with RewardSpec's defaults
+        if [{**defaults["rewards"][0], **entry} for entry in shipped.pop("rewards")] == defaults["rewards"]:
+            restated.append("rewards")
+    for section, values in shipped.items():
+        if not isinstance(values, dict):  # output_dir, resume...
+            if values != "???" and values == defaults[section]:
+                restated.append(section)
+            continue
+        restated += [f"{section}.{key}" for key, value in values.items()
+                     if key != "name" and value != "???" and value == defaults[section][key]]
+    assert not restated, f"configs/rl/{name}.yaml restates defaults: {restated}"

@@ -209,3 +209,26 @@ def test_a_tarred_corpus_trains_like_its_plain_twin(corpus, twin, pretrained_tin
         else:
             assert run(tarred, *tarred_data, "trainer.max_steps=2") == 0
         assert_same_training(tmp_path / recipe / "plain", tarred)
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_tarred_corpus_like_its_plain_twin(corpus, twin, pretrained_tiny_nemo, tmp_path):
+    """Two gloo processes (each loads its half of every global batch, each validates its share of the
+    members): the same weights and metrics from the tarred corpus as from the plain one."""
+    import os
+    import subprocess
+    import sys
+
+    manifest, shards = twin
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, data in (("plain", [f"data.train_manifest={corpus['train']}"]),
+                       ("tarred", [f"data.train_manifest={manifest}", f"data.tarred_audio_filepaths={shards}"])):
+        result = subprocess.run(
+            [sys.executable, "-m", "rlnf.cli", "run", "rl_finetune", "--config", "rl/rloo",
+             f"policy.path={pretrained_tiny_nemo}", f"output_dir={tmp_path / name}", *data, "trainer.devices=2",
+             "trainer.batch_size=2", "algorithm.num_samples=4", "trainer.max_steps=2", "trainer.samples_every=0",
+             "trainer.lr=3e-4", "trainer.progress_bar=false", "trainer.loggers=[]"],
+            capture_output=True, text=True, timeout=500, env=env, cwd=Path(__file__).parents[1])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout[result.stdout.index("{"):])["world_size"] == 2
+    assert_same_training(tmp_path / "plain", tmp_path / "tarred")

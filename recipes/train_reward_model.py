@@ -140,11 +140,13 @@ class RewardTrainer:
                                                            "audio_conv_channels", "audio_conv_layers", "kernel_size",
                                                            "head_hidden", "dropout", "pooling", "fusion",
                                                            "attention_dim", "attention_stride", "ctc_head",
-                                                           "ctc_hidden", "ctc_stride")}
+                                                           "ctc_hidden", "ctc_stride", "ctc_alphabet")}
             config = RewardConfig(**section, padding=cfg.model.kernel_size // 2)
             processor = RewardProcessor(config, tokenizer)
             config.eos_token_id = processor.eos_id
             self.model = RewardModel(config)
+            if config.ctc_head and config.ctc_alphabet:
+                self.model.set_spelling([processor.sp.id_to_piece(i) for i in range(processor.sp.get_piece_size())])
         self.processor = processor
         self.model.to(self.device)
         self.waveforms: dict[str, Any] = {}

@@ -424,11 +424,16 @@ class RewardModelSection:
                                 "joins the regression head's input (README, Acoustic evidence).")
     ctc_hidden: int = opt(128, "BiLSTM hidden size per direction of the CTC head (ctc_head).")
     ctc_stride: int = opt(2, "Audio frames averaged per CTC frame (2: 20 ms; ctc_head).")
+    ctc_alphabet: Optional[str] = opt(None, "null: the CTC head's labels are the text pieces; a string of letters "
+                                            "(e.g. \" abcdefghijklmnopqrstuvwxyz'\"): it spells transcripts in them "
+                                            "(far fewer labels to learn; ctc_head).")
 
     def __post_init__(self) -> None:
         _check_choice("model.pooling", self.pooling, ("masked", "legacy"))
         if self.ctc_head and self.pooling == "legacy":
             raise ConfigError("model.ctc_head needs model.pooling 'masked'")
+        if self.ctc_alphabet is not None and (not self.ctc_alphabet or len(set(self.ctc_alphabet)) != len(self.ctc_alphabet)):
+            raise ConfigError(f"model.ctc_alphabet={self.ctc_alphabet!r} must be a non-empty string of distinct letters")
         _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
         _check_choice("model.fusion", self.fusion, ("pooled", "attention"))
         if self.fusion == "attention" and self.pooling == "legacy":

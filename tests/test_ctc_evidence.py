@@ -134,3 +134,44 @@ def test_ctc_options_are_checked_before_any_model_loads():
     with pytest.raises(ConfigError, match="model.ctc_stride"):
         load_config(RewardTrainConfig, None, ["output_dir=x", "data.train_manifest=y", "model.ctc_head=true",
                                               "model.ctc_stride=0"])
+
+
+def test_pieces_are_spelt_in_the_alphabet_without_edge_spaces():
+    from rlnf.reward_model.ctc_evidence import spell, spelling_table
+
+    alphabet = " abdehilnortw'"
+    pieces = ["<unk>", "<s>", "</s>", "\u2581and", "\u2581i", "\u2581w", "ill", "!", "\u2581he'll"]
+    table = spelling_table(pieces, alphabet, max_chars=8)
+    assert table[2].tolist() == [-1] * 8 and table[7].tolist() == [-1] * 8  # control piece; no letter in alphabet
+    targets, lengths = ctc_targets(torch.tensor([[3, 4, 5, 6, 7, 2], [8, 2, 1, 1, 1, 1]]),
+                                   torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]]), (2, 1))
+    letters, letter_lengths = spell(targets, lengths, table, space=0)
+    decoded = ["".join(alphabet[i] for i in row[:n]) for row, n in zip(letters.tolist(), letter_lengths.tolist())]
+    assert decoded == ["and i will", "he'll"]
+
+
+def test_letter_ctc_head_round_trips_its_spelling(tmp_path):
+    from rlnf.reward_model.checkpoint import save_reward_folder
+    from rlnf.reward_model.processor import RewardProcessor, load_reward_checkpoint
+    from tests.test_reward_model import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(tmp_path / "sp")
+    from rlnf import RewardConfig, RewardModel
+
+    config = RewardConfig(vocab_size=200, embed_dim=16, lstm_hidden=16, audio_conv_channels=16, head_hidden=32,
+                          ctc_head=True, ctc_hidden=16, ctc_alphabet=" abcdefghijklmnopqrstuvwxyz'")
+    processor = RewardProcessor(config, tokenizer)
+    config.eos_token_id = processor.eos_id
+    model = RewardModel(config).eval()
+    model.set_spelling([processor.sp.id_to_piece(i) for i in range(processor.sp.get_piece_size())])
+    assert model.ctc.output.out_features == 29  # 28 letters + blank
+    ids, mask = processor.encode_texts(["and the lord said", ""])
+    text = model.embed_text(ids, mask)
+    spelt = "".join(config.ctc_alphabet[i] for i in text.targets[0, : text.target_lengths[0]].tolist())
+    assert spelt == "and the lord said" and text.target_lengths[1] == 0
+    save_reward_folder(model, processor, tmp_path / "reward")
+    loaded, _ = load_reward_checkpoint(tmp_path / "reward", "cpu")
+    assert torch.equal(loaded.ctc_spelling, model.ctc_spelling)
+    audio, lengths = torch.randn(2, 64, 120), torch.tensor([120, 77])
+    with torch.no_grad():
+        assert torch.equal(model(audio, lengths, ids, mask).logits, loaded(audio, lengths, ids, mask).logits)

@@ -11,7 +11,10 @@ is part of the reward checkpoint, so scoring still needs no ASR model.
                            -> log_probs [B, S, V + 1]   (blank = V, the last label; V = the text vocabulary)
 
 Targets are the reward model's own text ids (SentencePiece pieces) without the end-of-sequence and pad
-ids, so hypotheses need no second tokenisation.
+ids, so hypotheses need no second tokenisation; or, with an alphabet (``ctc_alphabet``), their spelling:
+a table [vocab_size, max_chars] inside the checkpoint spells every piece in the alphabet's letters
+(``spelling_table``), so V is the alphabet's size. A few dozen letters are learnt from far fewer clips
+than hundreds of pieces.
 """
 
 from __future__ import annotations
@@ -55,6 +58,39 @@ def ctc_targets(ids: torch.Tensor, mask: torch.Tensor, drop_ids: tuple[int | Non
     targets = torch.gather(ids, 1, order)
     positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
     return targets.masked_fill(positions >= target_lengths[:, None], 0), target_lengths
+
+
+def spelling_table(pieces: list[str], alphabet: str, max_chars: int) -> torch.Tensor:
+    """SentencePiece pieces (index = id) -> [len(pieces), max_chars] letter indices into ``alphabet``, -1
+    padded. The word-start mark U+2581 spells a space; letters outside the alphabet, control pieces
+    (``<unk>``, ``<s>``, ``</s>``) and letters past max_chars are dropped."""
+    table = torch.full((len(pieces), max_chars), -1, dtype=torch.long)
+    for index, piece in enumerate(pieces):
+        if piece.startswith("<") and piece.endswith(">"):
+            continue
+        letters = [alphabet.index(c) for c in piece.replace("\u2581", " ").lower() if c in alphabet][:max_chars]
+        table[index, : len(letters)] = torch.tensor(letters, dtype=torch.long)
+    return table
+
+
+def spell(targets: torch.Tensor, target_lengths: torch.Tensor, table: torch.Tensor,
+          space: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Piece targets [N, L] (from ``ctc_targets``) -> letter targets [N, L'] and lengths [N] through
+    ``table`` [V, max_chars]; leading and trailing spaces (index ``space``) are dropped, so a
+    transcript's spelling does not depend on where SentencePiece put its word marks."""
+    rows = []
+    for row, length in zip(targets.tolist(), target_lengths.tolist()):
+        letters = [letter for piece in row[:length] for letter in table[piece].tolist() if letter >= 0]
+        while letters and letters[0] == space:
+            letters.pop(0)
+        while letters and letters[-1] == space:
+            letters.pop()
+        rows.append(letters)
+    width = max(1, max(len(letters) for letters in rows))
+    spelled = torch.zeros(len(rows), width, dtype=torch.long, device=targets.device)
+    for index, letters in enumerate(rows):
+        spelled[index, : len(letters)] = torch.tensor(letters, dtype=torch.long)
+    return spelled, torch.tensor([len(letters) for letters in rows], device=targets.device)
 
 
 def ctc_nll(log_probs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor,

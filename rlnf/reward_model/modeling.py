@@ -45,7 +45,8 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import ModelOutput
 
 from rlnf.errors import CheckpointError
-from rlnf.reward_model.ctc_evidence import EVIDENCE_FEATURES, CTCEvidenceHead, ctc_nll, ctc_targets, evidence_features
+from rlnf.reward_model.ctc_evidence import (EVIDENCE_FEATURES, CTCEvidenceHead, ctc_nll, ctc_targets, evidence_features,
+                                            spell, spelling_table)
 
 # Feature settings of the QuartzNet front end (NeMo AudioToMelSpectrogramPreprocessor).
 FEATURE_DEFAULTS: dict[str, Any] = {
@@ -82,6 +83,8 @@ class RewardConfig(PretrainedConfig):
         ctc_head: bool = False,
         ctc_hidden: int = 128,
         ctc_stride: int = 2,
+        ctc_alphabet: str | None = None,
+        ctc_max_piece_chars: int = 16,
         sample_rate: int = 16000,
         n_mel: int = 64,
         window_size: float = 0.02,
@@ -119,6 +122,8 @@ class RewardConfig(PretrainedConfig):
         self.ctc_head = ctc_head
         self.ctc_hidden = ctc_hidden
         self.ctc_stride = ctc_stride
+        self.ctc_alphabet = ctc_alphabet
+        self.ctc_max_piece_chars = ctc_max_piece_chars
         self.sample_rate = sample_rate
         self.n_mel = n_mel
         self.window_size = window_size
@@ -276,7 +281,11 @@ class RewardModel(PreTrainedModel):
             self.cross = CrossAttentionMatch(config.audio_conv_channels, 2 * config.lstm_hidden, config.attention_dim)
             combined += 2 * config.attention_dim
         if config.ctc_head:
-            self.ctc = CTCEvidenceHead(config.audio_conv_channels, config.ctc_hidden, config.vocab_size)
+            units = len(config.ctc_alphabet) if config.ctc_alphabet else config.vocab_size
+            self.ctc = CTCEvidenceHead(config.audio_conv_channels, config.ctc_hidden, units)
+            if config.ctc_alphabet:  # each piece's letters; filled from the tokenizer (set_spelling), saved with the weights
+                self.register_buffer("ctc_spelling", torch.full((config.vocab_size, config.ctc_max_piece_chars), -1,
+                                                                dtype=torch.long))
             combined += EVIDENCE_FEATURES
         self.head = nn.Sequential(
             nn.Linear(combined, config.head_hidden), nn.ReLU(), nn.Dropout(config.dropout),
@@ -333,7 +342,16 @@ class RewardModel(PreTrainedModel):
         if self.config.ctc_head:
             encoded.targets, encoded.target_lengths = ctc_targets(
                 text, text_attention_mask, (self.config.eos_token_id, self.config.pad_token_id))
+            if self.config.ctc_alphabet:
+                space = self.config.ctc_alphabet.index(" ") if " " in self.config.ctc_alphabet else None
+                encoded.targets, encoded.target_lengths = spell(encoded.targets, encoded.target_lengths,
+                                                                self.ctc_spelling.cpu(), space)
         return encoded
+
+    def set_spelling(self, pieces: list[str]) -> None:
+        """Fill the piece -> letters table of a CTC head over ``ctc_alphabet`` from the tokenizer's pieces."""
+        table = spelling_table(pieces, self.config.ctc_alphabet, self.config.ctc_max_piece_chars)
+        self.ctc_spelling[: len(pieces)] = table[: self.ctc_spelling.shape[0]].to(self.ctc_spelling.device)
 
     def ctc_nll(self, audio: Encoded, text: Encoded) -> torch.Tensor:
         """-log p(text | audio) [N] nats under the CTC head, for matched rows of audio and text."""

@@ -175,3 +175,25 @@ def test_letter_ctc_head_round_trips_its_spelling(tmp_path):
     audio, lengths = torch.randn(2, 64, 120), torch.tensor([120, 77])
     with torch.no_grad():
         assert torch.equal(model(audio, lengths, ids, mask).logits, loaded(audio, lengths, ids, mask).logits)
+
+
+@pytest.mark.slow
+def test_recipe_trains_the_ctc_head_on_the_references(corpus, tmp_path, nemo_quiet):
+    """Through the CLI: CTC pre-training, the auxiliary loss beside the MSE, and a checkpoint that scores."""
+    from rlnf.cli import main
+    from rlnf.metric_logging import read_metrics
+    from rlnf.reward_model.scorer import RewardScorer
+    from tests.test_reward_model import scored_manifest
+
+    manifest = scored_manifest(corpus["train"], tmp_path / "scored.json")  # score-100 rows are the references
+    code = main(["run", "train_reward_model", "--config", "reward/listening", f"data.train_manifest={manifest}",
+                 f"output_dir={tmp_path / 'run'}", "data.score_scale=100", "data.val_split=0.2", "model.vocab_size=128",
+                 "model.ctc_hidden=32", "trainer.ctc_pretrain_epochs=2", "trainer.epochs=1", "trainer.batch_size=16",
+                 "trainer.log_every=1", "trainer.progress_bar=false"])
+    assert code == 0
+    rows = read_metrics(tmp_path / "run")
+    pretraining = [row["ctc_pretrain/loss"] for row in rows if "ctc_pretrain/loss" in row]
+    assert len(pretraining) == 2 and all(math.isfinite(loss) for loss in pretraining)
+    assert any("train/ctc_loss" in row for row in rows)
+    scorer = RewardScorer(str(tmp_path / "run" / "checkpoints" / "best"), "cpu")
+    assert scorer.model.config.ctc_head and scorer.model.ctc_spelling.max() >= 0  # the spelling table was filled

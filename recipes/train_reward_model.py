@@ -186,11 +186,14 @@ class RewardTrainer(Recipe):
             section = {k: getattr(cfg.model, k) for k in ("vocab_size", "embed_dim", "lstm_hidden", "lstm_layers",
                                                            "audio_conv_channels", "audio_conv_layers", "kernel_size",
                                                            "head_hidden", "dropout", "pooling", "fusion",
-                                                           "attention_dim", "attention_stride")}
+                                                           "attention_dim", "attention_stride", "ctc_head",
+                                                           "ctc_hidden", "ctc_stride", "ctc_alphabet")}
             config = RewardConfig(**section, padding=cfg.model.kernel_size // 2)
             processor = RewardProcessor(config, tokenizer)
             config.eos_token_id = processor.eos_id
             self.model = RewardModel(config)
+            if config.ctc_head and config.ctc_alphabet:
+                self.model.set_spelling([processor.sp.id_to_piece(i) for i in range(processor.sp.get_piece_size())])
         self.processor = processor
         self.model.to(self.device)
         self.waveforms: dict[str, Any] = {}
@@ -208,6 +211,8 @@ class RewardTrainer(Recipe):
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         log.info("reward model: %d parameters, %d training pairs, %d validation pairs, %d steps",
                  sum(p.numel() for p in self.model.parameters()), len(train), len(val), self.max_steps)
+        if cfg.trainer.ctc_pretrain_epochs and self.step == 0:  # a resumed run holds it in its weights
+            self.pretrain_ctc()
 
     # ------------------------------------------------------------------------------ batches
     def waveform(self, path: str):
@@ -264,14 +269,60 @@ class RewardTrainer(Recipe):
             features = self.mask_features(features, frames)
         ids, mask = self.processor.encode_texts([p["text"] for p in pairs], self.device)
         labels = torch.tensor([p["score"] for p in pairs], dtype=torch.float32, device=self.device)
-        return {"audio": features, "audio_len": frames, "audio_index": audio_index, "text": ids,
-                "text_attention_mask": mask, "labels": labels}
+        inputs = {"audio": features, "audio_len": frames, "audio_index": audio_index, "text": ids,
+                  "text_attention_mask": mask, "labels": labels}
+        if self.model.config.ctc_head:  # each audio row's reference, for the auxiliary CTC loss
+            row_pair = {int(row): index for index, row in reversed(list(enumerate(audio_index.tolist())))}
+            references = [pairs[row_pair[row]]["reference"] for row in range(len(row_pair))]
+            inputs["reference_rows"] = torch.tensor([r is not None for r in references], device=self.device)
+            inputs["reference"], inputs["reference_mask"] = self.processor.encode_texts(
+                [r or "" for r in references], self.device)
+        return inputs
 
-    def predict(self, inputs: dict[str, Any]):
-        """Scores [N] of a batch whose audio holds each distinct clip once (see ``batch_inputs``)."""
+    def predict(self, inputs: dict[str, Any], with_ctc_loss: bool = False):
+        """Scores [N] of a batch whose audio holds each distinct clip once (see ``batch_inputs``); with
+        ``with_ctc_loss``, also the auxiliary CTC loss of the clips' references (nats per label)."""
         model = self.model
-        audio_embedding = model.embed_audio(inputs["audio"], inputs["audio_len"])[inputs["audio_index"]]
-        return model.score_embeddings(audio_embedding, model.embed_text(inputs["text"], inputs["text_attention_mask"]))
+        audio = model.embed_audio(inputs["audio"], inputs["audio_len"])
+        scores = model.score_embeddings(audio[inputs["audio_index"]],
+                                        model.embed_text(inputs["text"], inputs["text_attention_mask"]))
+        return (scores, self.reference_ctc_loss(audio, inputs)) if with_ctc_loss else scores
+
+    def reference_ctc_loss(self, audio, inputs):
+        """Mean over the audio rows that have a reference of the reference's CTC loss per label."""
+        rows = inputs["reference_rows"]
+        if not rows.any():
+            return audio.pooled.sum() * 0.0
+        references = self.model.embed_text(inputs["reference"][rows], inputs["reference_mask"][rows])
+        nll = self.model.ctc_nll(audio[rows], references)
+        return (nll / references.target_lengths.clamp(min=1)).mean()
+
+    def pretrain_ctc(self) -> None:
+        """``trainer.ctc_pretrain_epochs`` of the auxiliary CTC loss alone, over the clips with a reference
+        (16 clips a step, constant learning rate ``trainer.lr``), before the scored pairs."""
+        import torch
+
+        from rlnf.training import clip_gradients
+
+        trainer = self.cfg.trainer
+        by_clip = {p["audio_filepath"]: p for p in self.train_pairs if p["reference"]}
+        clips = sorted(by_clip)
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=trainer.lr, betas=tuple(trainer.betas),
+                                      eps=trainer.eps, weight_decay=trainer.weight_decay)
+        for epoch in range(trainer.ctc_pretrain_epochs):
+            random.Random(trainer.seed * 1000 + 500 + epoch).shuffle(clips)
+            losses = []
+            for start in range(0, len(clips), 16):
+                self.model.train()
+                inputs = self.batch_inputs([by_clip[c] for c in clips[start:start + 16]], augment=True)
+                loss = self.reference_ctc_loss(self.model.embed_audio(inputs["audio"], inputs["audio_len"]), inputs)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if math.isfinite(clip_gradients(self.model.parameters(), trainer.max_grad_norm)):
+                    optimizer.step()
+                losses.append(loss.item())
+            log.info("CTC pre-training epoch %d: loss %.3f nats per label", epoch + 1, sum(losses) / len(losses))
+            self.logger.log_dict({"ctc_pretrain/loss": sum(losses) / len(losses), "ctc_pretrain/epoch": epoch + 1}, 0)
 
     def mask_features(self, features, frames):
         """SpecAugment-style masks inside each clip's own frames: at most time_width of them per mask,
@@ -303,9 +354,15 @@ class RewardTrainer(Recipe):
         trainer = self.cfg.trainer
         self.model.train()
         inputs = self.batch_inputs(pairs, augment=True)
+        ctc_loss = None
         with autocast(self.device, self.autocast_dtype):
-            scores = self.predict(inputs)
+            if trainer.ctc_loss_weight > 0:
+                scores, ctc_loss = self.predict(inputs, with_ctc_loss=True)
+            else:
+                scores = self.predict(inputs)
         loss = torch.nn.functional.mse_loss(scores.float(), inputs["labels"])
+        if ctc_loss is not None:
+            loss = loss + trainer.ctc_loss_weight * ctc_loss
         if trainer.rank_loss_weight > 0:
             loss = loss + trainer.rank_loss_weight * within_clip_rank_loss(scores.float(), inputs["labels"],
                                                                            inputs["audio_index"])
@@ -317,8 +374,11 @@ class RewardTrainer(Recipe):
         else:
             self.skipped_steps += 1
         self.scheduler.step()
-        return {"train/loss": loss.item(), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "train/skipped_steps": self.skipped_steps}
+        metrics = {"train/loss": loss.item(), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                   "train/skipped_steps": self.skipped_steps}
+        if ctc_loss is not None:
+            metrics["train/ctc_loss"] = ctc_loss.item()
+        return metrics
 
     # ------------------------------------------------------------------------------ loop hooks
     def run_step(self, iterator) -> tuple[dict[str, float], dict[str, float]]:

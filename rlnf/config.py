@@ -448,15 +448,27 @@ class RewardModelSection:
                                 "time-resolved token-to-frame comparison; README, Fusion).")
     attention_dim: int = opt(128, "Width of the token-to-frame attention (fusion 'attention').")
     attention_stride: int = opt(4, "Audio frames averaged per attention step (4: 40 ms; fusion 'attention').")
+    ctc_head: bool = opt(False, "Add a CTC head on the audio encoder (trained on the references with "
+                                "trainer.ctc_loss_weight); each transcript's CTC likelihood under the clip's audio "
+                                "joins the regression head's input (README, Acoustic evidence).")
+    ctc_hidden: int = opt(128, "BiLSTM hidden size per direction of the CTC head (ctc_head).")
+    ctc_stride: int = opt(2, "Audio frames averaged per CTC frame (2: 20 ms; ctc_head).")
+    ctc_alphabet: Optional[str] = opt(None, "null: the CTC head's labels are the text pieces; a string of letters "
+                                            "(e.g. \" abcdefghijklmnopqrstuvwxyz'\"): it spells transcripts in them "
+                                            "(far fewer labels to learn; ctc_head).")
 
     def __post_init__(self) -> None:
         _check_choice("model.pooling", self.pooling, ("masked", "legacy"))
+        if self.ctc_head and self.pooling == "legacy":
+            raise ConfigError("model.ctc_head needs model.pooling 'masked'")
+        if self.ctc_alphabet is not None and (not self.ctc_alphabet or len(set(self.ctc_alphabet)) != len(self.ctc_alphabet)):
+            raise ConfigError(f"model.ctc_alphabet={self.ctc_alphabet!r} must be a non-empty string of distinct letters")
         _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
         _check_choice("model.fusion", self.fusion, ("pooled", "attention"))
         if self.fusion == "attention" and self.pooling == "legacy":
             raise ConfigError("model.fusion 'attention' needs model.pooling 'masked'")
         for key in ("vocab_size", "embed_dim", "lstm_hidden", "lstm_layers", "audio_conv_channels",
-                    "audio_conv_layers", "kernel_size", "head_hidden", "attention_dim", "attention_stride"):
+                    "audio_conv_layers", "kernel_size", "head_hidden", "attention_dim", "attention_stride", "ctc_hidden", "ctc_stride"):
             _check_positive(f"model.{key}", getattr(self, key))
 
 
@@ -528,6 +540,10 @@ class RewardTrainerConfig(OptimizerTrainerConfig):
     rank_loss_weight: float = opt(0.0, "Weight of a margin ranking loss between transcripts of the same clip, added "
                                        "to the MSE (0: MSE only, as the card). RL's group baselines only see within-"
                                        "clip differences; use with group_by_clip so batches hold such pairs.")
+    ctc_loss_weight: float = opt(0.0, "Weight of the auxiliary CTC loss of the references under model.ctc_head "
+                                      "(per label, mean over the batch's clips that have a reference).")
+    ctc_pretrain_epochs: int = opt(0, "Epochs of CTC-only training on the clips' references before the scored "
+                                      "pairs (model.ctc_head), so the evidence means something from the first step.")
     group_by_clip: bool = opt(False, "Batch each clip's pairs together, so one audio embedding serves several pairs "
                                      "(much faster when clips have many transcripts; false: random pairs, as the card).")
     eval_every: int = opt(0, "Evaluate every N steps; 0 evaluates once per epoch.")
@@ -542,6 +558,8 @@ class RewardTrainerConfig(OptimizerTrainerConfig):
         _check_choice("trainer.best_metric", self.best_metric,
                       ("val/mse", "val/rmse", "val/r2", "val/pearson", "val/spearman", "val/group_spearman"))
         _check_positive("trainer.rank_loss_weight", self.rank_loss_weight, allow_zero=True)
+        _check_positive("trainer.ctc_loss_weight", self.ctc_loss_weight, allow_zero=True)
+        _check_positive("trainer.ctc_pretrain_epochs", self.ctc_pretrain_epochs, allow_zero=True)
 
 
 @dataclass
@@ -557,6 +575,11 @@ class RewardTrainConfig:
     augment: AugmentConfig = opt(factory=AugmentConfig, help="Training-time augmentation.")
     hard_negatives: HardNegativesConfig = opt(factory=HardNegativesConfig, help="Synthetic hard negatives.")
     trainer: RewardTrainerConfig = opt(factory=RewardTrainerConfig, help="Optimisation and evaluation.")
+
+    def __post_init__(self) -> None:
+        if (self.trainer.ctc_loss_weight > 0 or self.trainer.ctc_pretrain_epochs > 0) and not self.model.ctc_head:
+            raise ConfigError("trainer.ctc_loss_weight and trainer.ctc_pretrain_epochs train a CTC head: set "
+                              "model.ctc_head=true (or set them to 0)")
 
 
 # --------------------------------------------------------------------------------------------

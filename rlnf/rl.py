@@ -31,6 +31,7 @@ import torch
 
 from rlnf import algorithms, ctc
 from rlnf.data.loader import AudioBatch
+from rlnf.errors import DataError
 from rlnf.policy import CTCPolicy, Samples, batch_dependence, first_occurrences, labels_to_padded
 from rlnf.rewards import RewardInputs, RewardSet
 
@@ -158,8 +159,11 @@ def checked_reference_cache(reference: CTCPolicy, dataset, max_bytes: int, clips
     ``dataset`` (an ``AudioDataset``); None, with a warning, when they do (the cache would serve a
     clip's log-probs from another batch's padding)."""
     audio = []
-    for index in range(len(dataset)):
-        item = dataset[index]
+    for index in range(min(len(dataset), 32 * clips)):  # a few readable clips; the rest is training's
+        try:
+            item = dataset[index]
+        except DataError:  # a bad clip is reported when training reaches it, with a checkpoint
+            continue
         if item is not None:
             audio.append(torch.from_numpy(item[0]))
         if len(audio) == clips:

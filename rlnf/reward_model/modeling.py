@@ -23,6 +23,11 @@ Fusion of the two paths:
                         mean and max over tokens join the head's input. New parameters (``cross.*``)
                         and a wider first head layer: not loadable into the card's layout.
 
+Acoustic evidence (``ctc_head: true``, off by default): a CTC head on the conv frames, trained with an
+auxiliary CTC loss on the references (recipe: ``trainer.ctc_loss_weight``), scores every transcript's
+likelihood under the clip's own audio; three features of it join the head's input (``ctc_evidence.py``).
+Works with either fusion; new parameters (``ctc.*``), not loadable into the card's layout.
+
 ``embed_audio``, ``embed_text`` and ``score_embeddings`` split the forward so an RL reward can embed
 each utterance's audio once and reuse it for all K hypotheses (``Encoded`` rows index like tensors).
 """
@@ -40,6 +45,8 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import ModelOutput
 
 from rlnf.errors import CheckpointError
+from rlnf.reward_model.ctc_evidence import (EVIDENCE_FEATURES, CTCEvidenceHead, ctc_nll, ctc_targets, evidence_features,
+                                            spell, spelling_table)
 
 # Feature settings of the QuartzNet front end (NeMo AudioToMelSpectrogramPreprocessor).
 FEATURE_DEFAULTS: dict[str, Any] = {
@@ -73,6 +80,11 @@ class RewardConfig(PretrainedConfig):
         fusion: str = "pooled",
         attention_dim: int = 128,
         attention_stride: int = 4,
+        ctc_head: bool = False,
+        ctc_hidden: int = 128,
+        ctc_stride: int = 2,
+        ctc_alphabet: str | None = None,
+        ctc_max_piece_chars: int = 16,
         sample_rate: int = 16000,
         n_mel: int = 64,
         window_size: float = 0.02,
@@ -89,6 +101,8 @@ class RewardConfig(PretrainedConfig):
             raise ValueError(f"fusion must be 'pooled' or 'attention', got {fusion!r}")
         if fusion == "attention" and pooling == "legacy":
             raise ValueError("fusion 'attention' needs pooling 'masked' (legacy pooling is the published layout's)")
+        if ctc_head and pooling == "legacy":
+            raise ValueError("ctc_head needs pooling 'masked' (legacy pooling is the published layout's)")
         self.vocab_size = vocab_size
         self.embed_dim = embed_dim
         self.lstm_hidden = lstm_hidden
@@ -105,6 +119,11 @@ class RewardConfig(PretrainedConfig):
         self.fusion = fusion
         self.attention_dim = attention_dim
         self.attention_stride = attention_stride
+        self.ctc_head = ctc_head
+        self.ctc_hidden = ctc_hidden
+        self.ctc_stride = ctc_stride
+        self.ctc_alphabet = ctc_alphabet
+        self.ctc_max_piece_chars = ctc_max_piece_chars
         self.sample_rate = sample_rate
         self.n_mel = n_mel
         self.window_size = window_size
@@ -148,20 +167,30 @@ class Encoded:
     """One path's encoding: ``pooled`` [N, D] and, for attention fusion, time-resolved ``states``
     [N, S, D'] with valid ``lengths`` [N]. On the audio side ``states`` are the attention's values and
     ``keys`` [N, S, A] its keys (both projected once per clip); on the text side ``states`` are the
-    BiLSTM outputs. Indexing by rows (``encoded[rows]``) selects those rows of every field, like a tensor."""
+    BiLSTM outputs. With a CTC head, the audio side carries ``ctc_log_probs`` [N, S'', V + 1] and
+    ``ctc_lengths`` [N]; the text side carries the CTC ``targets`` [N, L] and ``target_lengths`` [N]
+    (its ids without end-of-sequence and pad). Indexing by rows (``encoded[rows]``) selects those rows
+    of every field, like a tensor."""
 
     pooled: torch.Tensor
     states: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    ctc_log_probs: torch.Tensor | None = None
+    ctc_lengths: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    target_lengths: torch.Tensor | None = None
 
     def __getitem__(self, rows) -> "Encoded":
         pick = (lambda t: None if t is None else t[rows])
-        return Encoded(self.pooled[rows], pick(self.states), pick(self.lengths), pick(self.keys))
+        return Encoded(self.pooled[rows], pick(self.states), pick(self.lengths), pick(self.keys),
+                       pick(self.ctc_log_probs), pick(self.ctc_lengths), pick(self.targets), pick(self.target_lengths))
 
     def to(self, dtype: torch.dtype) -> "Encoded":
+        # CTC log-probabilities stay float32: the CTC recursion sums many of them.
         cast = (lambda t: None if t is None else t.to(dtype))
-        return Encoded(self.pooled.to(dtype), cast(self.states), self.lengths, cast(self.keys))
+        return Encoded(self.pooled.to(dtype), cast(self.states), self.lengths, cast(self.keys),
+                       self.ctc_log_probs, self.ctc_lengths, self.targets, self.target_lengths)
 
 
 class CrossAttentionMatch(nn.Module):
@@ -251,6 +280,13 @@ class RewardModel(PreTrainedModel):
         if config.fusion == "attention":
             self.cross = CrossAttentionMatch(config.audio_conv_channels, 2 * config.lstm_hidden, config.attention_dim)
             combined += 2 * config.attention_dim
+        if config.ctc_head:
+            units = len(config.ctc_alphabet) if config.ctc_alphabet else config.vocab_size
+            self.ctc = CTCEvidenceHead(config.audio_conv_channels, config.ctc_hidden, units)
+            if config.ctc_alphabet:  # each piece's letters; filled from the tokenizer (set_spelling), saved with the weights
+                self.register_buffer("ctc_spelling", torch.full((config.vocab_size, config.ctc_max_piece_chars), -1,
+                                                                dtype=torch.long))
+            combined += EVIDENCE_FEATURES
         self.head = nn.Sequential(
             nn.Linear(combined, config.head_hidden), nn.ReLU(), nn.Dropout(config.dropout),
             nn.Linear(config.head_hidden, config.head_hidden), nn.ReLU(),
@@ -281,11 +317,14 @@ class RewardModel(PreTrainedModel):
             mask = torch.arange(hidden.shape[-1], device=hidden.device)[None, :] < lengths[:, None]
             hidden = hidden * mask.unsqueeze(1)  # padding stays zero, exactly as for a clip alone
         pooled = hidden.sum(dim=-1) / lengths.clamp(min=1).unsqueeze(1).to(hidden.dtype)
-        if cfg.fusion != "attention":
-            return Encoded(pooled)
-        hidden, lengths = window_means(hidden, lengths, cfg.attention_stride)
-        keys, values = self.cross.project_audio(hidden.transpose(1, 2))
-        return Encoded(pooled, states=values, lengths=lengths, keys=keys)
+        encoded = Encoded(pooled)
+        if cfg.ctc_head:
+            ctc_frames, encoded.ctc_lengths = window_means(hidden, lengths, cfg.ctc_stride)
+            encoded.ctc_log_probs = self.ctc(ctc_frames, encoded.ctc_lengths)
+        if cfg.fusion == "attention":
+            windows, encoded.lengths = window_means(hidden, lengths, cfg.attention_stride)
+            encoded.keys, encoded.states = self.cross.project_audio(windows.transpose(1, 2))
+        return encoded
 
     def embed_text(self, text: torch.Tensor, text_attention_mask: torch.Tensor) -> Encoded:
         """text [N, L] ids, mask [N, L] -> masked mean of BiLSTM states [N, 2 * lstm_hidden] (and the
@@ -297,15 +336,35 @@ class RewardModel(PreTrainedModel):
         output, _ = nn.utils.rnn.pad_packed_sequence(output, batch_first=True, total_length=text.shape[1])
         mask = (torch.arange(text.shape[1], device=text.device)[None, :] < lengths[:, None]).unsqueeze(-1)
         pooled = (output * mask).sum(dim=1) / lengths.unsqueeze(1).to(output.dtype)
-        if self.config.fusion != "attention":
-            return Encoded(pooled)
-        return Encoded(pooled, states=output, lengths=lengths)
+        encoded = Encoded(pooled)
+        if self.config.fusion == "attention":
+            encoded.states, encoded.lengths = output, lengths
+        if self.config.ctc_head:
+            encoded.targets, encoded.target_lengths = ctc_targets(
+                text, text_attention_mask, (self.config.eos_token_id, self.config.pad_token_id))
+            if self.config.ctc_alphabet:
+                space = self.config.ctc_alphabet.index(" ") if " " in self.config.ctc_alphabet else None
+                encoded.targets, encoded.target_lengths = spell(encoded.targets, encoded.target_lengths,
+                                                                self.ctc_spelling.cpu(), space)
+        return encoded
+
+    def set_spelling(self, pieces: list[str]) -> None:
+        """Fill the piece -> letters table of a CTC head over ``ctc_alphabet`` from the tokenizer's pieces."""
+        table = spelling_table(pieces, self.config.ctc_alphabet, self.config.ctc_max_piece_chars)
+        self.ctc_spelling[: len(pieces)] = table[: self.ctc_spelling.shape[0]].to(self.ctc_spelling.device)
+
+    def ctc_nll(self, audio: Encoded, text: Encoded) -> torch.Tensor:
+        """-log p(text | audio) [N] nats under the CTC head, for matched rows of audio and text."""
+        return ctc_nll(audio.ctc_log_probs, audio.ctc_lengths, text.targets, text.target_lengths, self.ctc.blank)
 
     def score_embeddings(self, audio: Encoded, text: Encoded) -> torch.Tensor:
         """Encodings of N (audio, text) pairs (audio rows already matched to texts) -> scores [N] in [0, 1]."""
         parts = [audio.pooled, text.pooled]
         if self.config.fusion == "attention":
             parts.append(self.cross(audio, text))
+        if self.config.ctc_head:
+            nll = self.ctc_nll(audio, text)
+            parts.append(evidence_features(nll, text.target_lengths, audio.ctc_lengths).to(audio.pooled.dtype))
         return self.head(torch.cat(parts, dim=-1)).squeeze(-1)
 
     def forward(self, audio: torch.Tensor, audio_len: torch.Tensor, text: torch.Tensor,

@@ -102,10 +102,10 @@ class Stages:
         return result
 
 
-def _run_recipe(recipe: str, overrides: list[str]) -> dict[str, Any]:
+def _run_recipe(recipe: str, overrides: list[str], config: str | None = None) -> dict[str, Any]:
     from rlnf.launcher import launch
 
-    return launch(recipe, None, overrides)
+    return launch(recipe, config, overrides)
 
 
 def _pseudo_labels(policy_path: str, manifest: str, out: Path, min_confidence: float) -> dict[str, Any]:
@@ -293,32 +293,37 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
             "pseudo_labels": labels}
 
 
-def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any], listening: bool = False) -> dict[str, Any]:
     """Stage 4: the reward model on the scored pairs (seeded by ``run_seed``), and whether it listens
-    on the held-out voice (``reward_listening`` on that voice's validation clips: its key "heldout")."""
+    on the held-out voice (``reward_listening`` on that voice's validation clips: its key "heldout").
+    ``listening``: the model of configs/reward/listening.yaml (a CTC head over letters, CTC pre-training,
+    one epoch of pairs) in stages "reward_model-listening" and "reward_heldout-listening"."""
     pairs = base["pairs"]
-    reward = stages.run("reward_model", {"pairs": pairs, "epochs": settings["reward_epochs"],
-                                       "vocab": settings["reward_vocab_size"], "augment": "masks-only",
-                                       "batches": "by clip", "rank": settings["reward_rank_loss_weight"],
-                                       "seed": settings["run_seed"]},
-                      lambda folder: _run_recipe("train_reward_model", [
-                          f"output_dir={folder}", f"data.train_manifest={pairs['train']}",
-                          f"data.val_manifest={pairs['val']}", f"model.vocab_size={settings['reward_vocab_size']}",
-                          f"trainer.epochs={settings['reward_epochs']}", "trainer.batch_size=32", "trainer.lr=1e-3",
-                          "trainer.group_by_clip=true", "trainer.best_metric=val/group_spearman",
-                          f"trainer.rank_loss_weight={settings['reward_rank_loss_weight']}",
-                          "hard_negatives.enabled=false", "augment.prob=0.3", "augment.gain_db=0",
-                          "augment.noise_snr_db=null", "trainer.log_every=20", f"trainer.seed={settings['run_seed']}"]))
-    heldout = stages.run("reward_heldout", {"reward": reward, "pairs": base["heldout_pairs"]},
+    suffix, config = ("-listening", "reward/listening") if listening else ("", None)
+    epochs = [] if listening else [f"trainer.epochs={settings['reward_epochs']}"]  # the config's own otherwise
+    reward = stages.run(f"reward_model{suffix}", {"pairs": pairs, "epochs": None if listening else settings["reward_epochs"],
+                                                "vocab": settings["reward_vocab_size"], "augment": "masks-only",
+                                                "batches": "by clip", "rank": settings["reward_rank_loss_weight"],
+                                                "seed": settings["run_seed"], **({"config": config} if listening else {})},
+                        lambda folder: _run_recipe("train_reward_model", [
+                            f"output_dir={folder}", f"data.train_manifest={pairs['train']}",
+                            f"data.val_manifest={pairs['val']}", f"model.vocab_size={settings['reward_vocab_size']}",
+                            *epochs, "trainer.batch_size=32", "trainer.lr=1e-3",
+                            "trainer.group_by_clip=true", "trainer.best_metric=val/group_spearman",
+                            f"trainer.rank_loss_weight={settings['reward_rank_loss_weight']}",
+                            "hard_negatives.enabled=false", "augment.prob=0.3", "augment.gain_db=0",
+                            "augment.noise_snr_db=null", "trainer.log_every=20", f"trainer.seed={settings['run_seed']}"],
+                            config))
+    heldout = stages.run(f"reward_heldout{suffix}", {"reward": reward, "pairs": base["heldout_pairs"]},
                          lambda folder: reward_listening(reward["best_checkpoint"], base["heldout_pairs"]["val"], folder))
     return {**reward, "heldout": heldout}
 
 
 def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], reward: dict[str, Any],
-            suffix: str = "") -> dict[str, dict[str, Any]]:
+            suffix: str = "", oracle: bool = True) -> dict[str, dict[str, Any]]:
     """Stages 5-6: RL with the learned reward (no transcripts) and RL with 1 - CER (the oracle), with
     ``settings['rl_algorithm']`` for ``rl_minutes`` (or ``rl_steps``) each, seeded by ``run_seed``; stage names end in
-    ``suffix`` (scripts/quality.py compares presets this way)."""
+    ``suffix`` (scripts/quality.py compares presets this way). ``oracle=False``: the learned-reward run only."""
     data, policy = base["data"], base["policy"]
 
     def rl(train_manifest: str, rewards: str) -> Callable[[Path], dict[str, Any]]:
@@ -338,14 +343,14 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
     keys = {k: settings[k] for k in ("rl_algorithm", "rl_steps" if steps else "rl_minutes", "rl_lr", "rl_num_samples",
                                      "rl_batch_size", "rl_kl_coef", "run_seed")}
     checkpoint = reward["best_checkpoint"]
-    return {
-        f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}",
-                                                 {"policy": base["pretrain"], "reward": reward, **keys},
-                                                 rl(data["heldout_unlabelled"],
-                                                    f"[{{name: learned, path: '{checkpoint}'}}]")),
-        f"rl_cer_reward{suffix}": stages.run(f"rl_cer_reward{suffix}", {"policy": base["pretrain"], **keys},
-                                             rl(data["heldout_train"], "[{name: cer}]")),
-    }
+    runs = {f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}",
+                                                     {"policy": base["pretrain"], "reward": reward, **keys},
+                                                     rl(data["heldout_unlabelled"],
+                                                        f"[{{name: learned, path: '{checkpoint}'}}]"))}
+    if oracle:
+        runs[f"rl_cer_reward{suffix}"] = stages.run(f"rl_cer_reward{suffix}", {"policy": base["pretrain"], **keys},
+                                                    rl(data["heldout_train"], "[{name: cer}]"))
+    return runs
 
 
 def trained_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any],

@@ -66,6 +66,14 @@ def largest_wer_rise_while_reward_rose(rows: list[dict[str, Any]]) -> float:
     return max(rises, default=0.0)
 
 
+def heldout_figures(per_seed: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """A reward model's listening figures on the held-out voice (per_seed[i][key]), mean +- std."""
+    gain = mean_std([seed[key]["audio_gain"] for seed in per_seed])
+    spearman = mean_std([seed[key]["group_spearman"] for seed in per_seed])
+    return {"audio_gain_mean": gain[0], "audio_gain_std": gain[1],
+            "heldout_group_spearman_mean": spearman[0], "heldout_group_spearman_std": spearman[1]}
+
+
 def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dict[str, Any]:
     """The benchmark's figures from each seed's results.
 
@@ -91,8 +99,6 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
                  / (seed["wer"]["pretrained"] - seed["wer"]["rl_cer_reward"])
                  if seed["wer"]["pretrained"] != seed["wer"]["rl_cer_reward"] else float("nan") for seed in per_seed]
     fraction_mean, fraction_std = mean_std(fractions)
-    gains = mean_std([seed["reward_heldout"]["audio_gain"] for seed in per_seed])
-    spearman = mean_std([seed["reward_heldout"]["group_spearman"] for seed in per_seed])
     final_val = mean_std([seed["final_val_wer"] for seed in per_seed])
     return {
         "seeds": len(per_seed),
@@ -103,10 +109,11 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
         "oracle_fraction_per_seed": fractions,
         "learned_beats_self_training_every_seed": all(
             seed["wer"]["rl_learned_reward"] < seed["wer"]["self_training"] for seed in per_seed),
-        "reward_model": {"audio_gain_mean": gains[0], "audio_gain_std": gains[1],
-                         "heldout_group_spearman_mean": spearman[0], "heldout_group_spearman_std": spearman[1],
+        "reward_model": {**heldout_figures(per_seed, "reward_heldout"),
                          "val_group_spearman_mean": statistics.fmean(
                              seed["reward_val"].get("val/group_spearman", float("nan")) for seed in per_seed)},
+        **({"reward_model_listening": heldout_figures(per_seed, "reward_heldout_listening")}
+           if "reward_heldout_listening" in per_seed[0] else {}),
         "learned_validation": {"largest_wer_rise_while_reward_rose": [seed["wer_rise"] for seed in per_seed],
                                "final_val_wer_mean": final_val[0], "final_val_wer_std": final_val[1]},
     }
@@ -125,9 +132,11 @@ def print_table(summary: dict[str, Any]) -> None:
     print(f"oracle-gap fraction of rl_learned_reward: {summary['oracle_fraction_mean']:.2f} +- "
           f"{summary['oracle_fraction_std']:.2f}; beats self-training on every seed: "
           f"{summary['learned_beats_self_training_every_seed']}")
-    print(f"reward model on the held-out voice's hypotheses: within-clip Spearman "
-          f"{reward['heldout_group_spearman_mean']:.3f} +- {reward['heldout_group_spearman_std']:.3f}, audio gain "
-          f"{reward['audio_gain_mean']:+.3f} +- {reward['audio_gain_std']:.3f}")
+    for name, figures in (("reward model", reward), ("listening reward model", summary.get("reward_model_listening"))):
+        if figures:
+            print(f"{name} on the held-out voice's hypotheses: within-clip Spearman "
+                  f"{figures['heldout_group_spearman_mean']:.3f} +- {figures['heldout_group_spearman_std']:.3f}, "
+                  f"audio gain {figures['audio_gain_mean']:+.3f} +- {figures['audio_gain_std']:.3f}")
     validation = summary["learned_validation"]
     print(f"rl_learned_reward validation: largest WER rise while the reward rose per seed "
           f"{[round(x, 3) for x in validation['largest_wer_rise_while_reward_rose']]}; final val WER "
@@ -172,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="{}", help="JSON overrides of rlnf.demo.SETTINGS (e.g. smaller runs)")
     parser.add_argument("--rl-steps", type=int, help="RL runs stop after this many steps rather than the demo's "
                                                       "minutes: figures a busy machine cannot change")
+    parser.add_argument("--listening", action="store_true",
+                        help="also train, per seed, the reward model of configs/reward/listening.yaml and run RL "
+                             "with it: run rl_learned_reward-listening")
     parser.add_argument("--presets", default="", help="also run RL with these presets, comma-separated (e.g. "
                                                       "rloo,reinforce,ppo,mwer); the demo's grpo always runs")
     args = parser.parse_args(argv)
@@ -198,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHM_NAMES)}")
     run_names = (*TRAINED_RUNS, *[f"{run}-{preset}" for preset in presets
-                                  for run in ("rl_learned_reward", "rl_cer_reward")])
+                                  for run in ("rl_learned_reward", "rl_cer_reward")],
+                 *(["rl_learned_reward-listening"] if args.listening else []))
     shared = Stages(root, fresh=False)
     base = prepare(shared, settings)
     per_seed, curves, timings = [], {}, [shared.timings]
@@ -217,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
             for preset in presets:
                 others.update(rl_runs(stages, {**seeded, "rl_algorithm": preset}, base, reward, suffix=f"-{preset}"))
             results.update(evaluate_runs(stages, base, reward, others, device, name="evaluate_presets"))
+        listening = None
+        if args.listening:  # test WER/CER only; each run's own reward model is judged on held-out pairs
+            listening = train_reward(stages, seeded, base, listening=True)
+            heard = rl_runs(stages, seeded, base, listening, suffix="-listening", oracle=False)
+            results.update(evaluate_runs(stages, base, reward, heard, device, name="evaluate_listening"))
         rows = read_metrics(folder / "rl_learned_reward")
         curves[seed] = [(row["step"], row["val/wer"]) for row in rows if "val/wer" in row]
         rl_rows = {name: read_metrics(folder / name) for name in run_names if name.startswith("rl_")}
@@ -228,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             "wer": {name: results[name]["wer"] for name in ("pretrained", *run_names)},
             "cer": {name: results[name]["cer"] for name in ("pretrained", *run_names)},
             "reward_heldout": reward["heldout"],
+            **({"reward_heldout_listening": listening["heldout"]} if listening else {}),
             "reward_val": {k: v for k, v in reward["final_metrics"].items() if k.startswith("val/")},
             "wer_rise": largest_wer_rise_while_reward_rose(rows),
             "final_val_wer": curves[seed][-1][1] if curves[seed] else float("nan"),

@@ -78,16 +78,18 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
     out, figures = tmp_path / "demo", tmp_path / "quality.json"
     quality = load_quality()
     assert quality.main(["--output", str(out), "--seeds", "2", "--json", str(figures), "--presets", "rloo",
-                         "--rl-steps", "3", "--settings", json.dumps(settings)]) == 0
+                         "--rl-steps", "3", "--listening", "--settings", json.dumps(settings)]) == 0
     summary = json.loads(figures.read_text())
     assert summary["seeds"] == 2 and summary["seconds"] > 0 and summary["stage_seconds"] >= summary["seconds"] * 0.5
-    for name in (*RUNS, "rl_learned_reward-rloo", "rl_cer_reward-rloo"):
+    for name in (*RUNS, "rl_learned_reward-rloo", "rl_cer_reward-rloo", "rl_learned_reward-listening"):
         run = summary["runs"][name]
         assert {"wer_change_mean", "wer_change_std", "wer_change_per_seed"} <= set(run)
         assert len(run["wer_change_per_seed"]) == 2
         if name.startswith("rl_"):  # step-boxed by --rl-steps, whatever the machine's load
             assert run["steps_per_seed"] == [3, 3]
     assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model"])
+    assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model_listening"])
+    assert (out / "reward_model-listening" / "checkpoints").is_dir()
     assert "oracle_fraction_mean" in summary
     first, second = summary["per_seed"]
     assert first["reward_val"] != second["reward_val"]  # the reward model's training changed

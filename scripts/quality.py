@@ -23,6 +23,12 @@ learned-reward run, the largest rise of its validation WER while its validation 
 
 --presets adds, per seed, the two RL runs (learned reward, 1 - CER) of every other preset named,
 against the same reward model: runs "rl_learned_reward-PRESET" and "rl_cer_reward-PRESET".
+
+--variant NAME=JSON (repeatable) adds, per seed, one learned-reward RL run "rl_learned_reward-NAME" with
+the demo's settings overridden by JSON (keys of rlnf.demo.SETTINGS, e.g. {"rl_kl_coef": 0.2}); the
+extra key "reward_model": "listening" makes it score with the listening reward model (which --listening
+then need not run). Choose among variants on their final validation WER (the held-out voice's
+validation set), never on the test columns.
 """
 
 from __future__ import annotations
@@ -64,6 +70,31 @@ def largest_wer_rise_while_reward_rose(rows: list[dict[str, Any]]) -> float:
     rises = [wer - previous_wer for (previous_wer, previous_reward), (wer, reward) in zip(points, points[1:])
              if reward > previous_reward and wer > previous_wer]
     return max(rises, default=0.0)
+
+
+def parse_variants(items: list[str], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``NAME=JSON`` items as {name: {"settings": overrides, "reward_model": "card" | "listening"}};
+    raises ValueError naming the item for a bad name, bad JSON or a key the demo has no setting for."""
+    variants: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.replace("_", "").replace(".", "").isalnum() or name in variants:
+            raise ValueError(f"--variant {item!r}: give NAME=JSON with a new name of letters, digits, '_' or '.'")
+        try:
+            overrides = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--variant {name}: bad JSON ({exc})") from None
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--variant {name}: JSON must be an object of settings")
+        reward_model = overrides.pop("reward_model", "card")
+        if reward_model not in ("card", "listening"):
+            raise ValueError(f"--variant {name}: reward_model must be 'card' or 'listening', not {reward_model!r}")
+        unknown = sorted(set(overrides) - set(settings))
+        if unknown:
+            raise ValueError(f"--variant {name}: unknown setting(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(settings))}")
+        variants[name] = {"settings": overrides, "reward_model": reward_model}
+    return variants
 
 
 def heldout_figures(per_seed: list[dict[str, Any]], key: str) -> dict[str, float]:
@@ -186,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                              "with it: run rl_learned_reward-listening")
     parser.add_argument("--presets", default="", help="also run RL with these presets, comma-separated (e.g. "
                                                       "rloo,reinforce,ppo,mwer); the demo's grpo always runs")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help='also run learned-reward RL with these demo settings (repeatable), e.g. '
+                             'kl02=\'{"rl_kl_coef": 0.2}\'; add "reward_model": "listening" to score with the '
+                             'listening reward model: run rl_learned_reward-NAME')
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -209,9 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(presets) - set(ALGORITHM_NAMES))
     if unknown:
         parser.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHM_NAMES)}")
+    try:
+        variants = parse_variants(args.variant, settings)
+    except ValueError as exc:
+        parser.error(str(exc))
     run_names = (*TRAINED_RUNS, *[f"{run}-{preset}" for preset in presets
                                   for run in ("rl_learned_reward", "rl_cer_reward")],
-                 *(["rl_learned_reward-listening"] if args.listening else []))
+                 *(["rl_learned_reward-listening"] if args.listening else []),
+                 *[f"rl_learned_reward-{name}" for name in variants])
     shared = Stages(root, fresh=False)
     base = prepare(shared, settings)
     per_seed, curves, timings = [], {}, [shared.timings]
@@ -231,10 +271,15 @@ def main(argv: list[str] | None = None) -> int:
                 others.update(rl_runs(stages, {**seeded, "rl_algorithm": preset}, base, reward, suffix=f"-{preset}"))
             results.update(evaluate_runs(stages, base, reward, others, device, name="evaluate_presets"))
         listening = None
-        if args.listening:  # test WER/CER only; each run's own reward model is judged on held-out pairs
+        if args.listening or any(v["reward_model"] == "listening" for v in variants.values()):
             listening = train_reward(stages, seeded, base, listening=True)
+        if args.listening:  # test WER/CER only; each run's own reward model is judged on held-out pairs
             heard = rl_runs(stages, seeded, base, listening, suffix="-listening", oracle=False)
             results.update(evaluate_runs(stages, base, reward, heard, device, name="evaluate_listening"))
+        for name, variant in variants.items():
+            scorer = listening if variant["reward_model"] == "listening" else reward
+            tried = rl_runs(stages, {**seeded, **variant["settings"]}, base, scorer, suffix=f"-{name}", oracle=False)
+            results.update(evaluate_runs(stages, base, reward, tried, device, name=f"evaluate_variant-{name}"))
         rows = read_metrics(folder / "rl_learned_reward")
         curves[seed] = [(row["step"], row["val/wer"]) for row in rows if "val/wer" in row]
         rl_rows = {name: read_metrics(folder / name) for name in run_names if name.startswith("rl_")}

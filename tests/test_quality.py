@@ -61,6 +61,23 @@ def test_largest_wer_rise_counts_rises_while_the_reward_rose():
     assert quality.finite_or_null({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
 
 
+def test_variants_are_parsed_with_the_reward_model_and_bad_ones_named():
+    quality = load_quality()
+    settings = {"rl_kl_coef": 0.05, "rl_lr": 1e-4}
+    variants = quality.parse_variants(['kl02={"rl_kl_coef": 0.2}',
+                                       'lis={"reward_model": "listening", "rl_lr": 2e-4}'], settings)
+    assert variants == {"kl02": {"settings": {"rl_kl_coef": 0.2}, "reward_model": "card"},
+                        "lis": {"settings": {"rl_lr": 2e-4}, "reward_model": "listening"}}
+    for item, words in [('a={"rl_kl": 1}', "unknown setting(s) rl_kl"), ("a={bad", "a: bad JSON"),
+                        ("a=[1]", "object"), ('a={"reward_model": "x"}', "'card' or 'listening'"),
+                        ("no_json", "NAME=JSON"), ('a b={}', "NAME=JSON")]:
+        with pytest.raises(ValueError, match=None) as raised:
+            quality.parse_variants([item], settings)
+        assert words in str(raised.value), (item, raised.value)
+    with pytest.raises(ValueError, match="new name"):
+        quality.parse_variants(["a={}", "a={}"], settings)
+
+
 @pytest.mark.slow
 def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
     """Two seeds of the whole pipeline at toy size: the JSON has the documented keys, and the seeds

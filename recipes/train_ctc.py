@@ -24,6 +24,7 @@ class CTCTrainRecipe(Recipe):
     train_metric = "train/loss"
 
     def setup(self) -> None:
+        import numpy as np
         from omegaconf import OmegaConf
 
         from rlnf.checkpoint import CheckpointManager, seed_everything
@@ -58,15 +59,16 @@ class CTCTrainRecipe(Recipe):
                                          spec_augment=cfg.model.spec_augment, dropout=cfg.model.dropout)
             self.policy = CTCPolicy(EncDecCTCModel(cfg=OmegaConf.create(model_cfg)))
             self.policy.model.to(self.device)
-        # References become CTC targets here: map them now, so a bad line fails before training.
-        self.targets: dict[str, list[int] | None] = {}
-        kept = []
-        for utterance in train:
-            ids = self.policy.encode_text(utterance.text, oov=cfg.data.oov, where=utterance.where,
-                                          lowercase=cfg.data.lowercase)
+        # References become CTC targets here, so a bad line fails before training: once per distinct
+        # transcript (a large manifest repeats them), its error naming the first line that has it.
+        text_ids, first_rows = np.unique(train.text_index, return_index=True)
+        self.targets: dict[str, list[int]] = {}
+        for text_id, row in zip(text_ids.tolist(), first_rows.tolist()):
+            text = train.distinct_texts[text_id]
+            ids = self.policy.encode_text(text, oov=cfg.data.oov, where=train.where(row), lowercase=cfg.data.lowercase)
             if ids is not None:
-                self.targets[utterance.where] = ids
-                kept.append(utterance)
+                self.targets[text] = ids
+        kept = train[train.rows_with_text(self.targets.__contains__)]
         if len(kept) < len(train):
             log.warning("skipped %d utterances with characters outside the vocabulary (data.oov=skip)",
                         len(train) - len(kept))
@@ -98,7 +100,7 @@ class CTCTrainRecipe(Recipe):
 
         batch = batch.to(self.device)
         self.policy.model.train()
-        labels, label_len = labels_to_padded([self.targets[u.where] for u in batch.utterances], self.device)
+        labels, label_len = labels_to_padded([self.targets[u.text] for u in batch.utterances], self.device)
         with autocast(self.device, self.autocast_dtype):
             log_probs, encoded_len, _ = self.policy.model(input_signal=batch.audio, input_signal_length=batch.audio_len)
         # A target longer than its frames allow has no alignment: its loss is infinite and its CTC

@@ -29,18 +29,23 @@ def test_train_ctc_learns_and_resumes(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_reference_characters_are_named(corpus, tmp_path, capsys):
+def test_bad_reference_characters_are_named(corpus, tmp_path, capsys, warnings_of):
+    """Targets are encoded once per distinct transcript: the error names the first line with the bad
+    one, and data.oov=skip drops every line that repeats it."""
     manifest = tmp_path / "m.json"
     rows = [json.loads(line) for line in open(corpus["train"])][:2]
     from pathlib import Path
 
     base = Path(corpus["train"]).parent
     rows[1]["text"] = "naïve café"
+    rows += [dict(rows[1]), dict(rows[0])]  # lines 3 and 4 repeat lines 2 and 1
     manifest.write_text("".join(json.dumps({**r, "audio_filepath": str(base / r["audio_filepath"])}) + "\n" for r in rows))
     args = ["run", "train_ctc", "--config", "ctc/small", f"data.train_manifest={manifest}", f"output_dir={tmp_path / 'o'}",
             "model.size=tiny", "trainer.max_steps=1", "trainer.progress_bar=false"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "m.json:2" in err and "'é'" in err and "data.oov" in err
+    warnings = warnings_of("rlnf.train_ctc")
     assert main(args[:-2] + [f"output_dir={tmp_path / 'o2'}", "data.oov=skip", "trainer.max_steps=1",
                              "trainer.progress_bar=false"]) == 0
+    assert "skipped 2 utterances with characters outside the vocabulary (data.oov=skip)" in warnings, warnings

@@ -60,6 +60,28 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
+# A FastConformer-CTC of the published "small" shape (d_model 176, 16 layers, dw_striding x8; about
+# 8.4 M parameters with characters), built from config like the QuartzNet sizes.
+FASTCONFORMER = {"fastconformer": {"width": 176, "n_layers": 16, "n_heads": 4}}
+
+
+def bench_model(size: str):
+    """The policy of a bench size: a QuartzNet of rlnf.models.MODEL_SIZES, or FASTCONFORMER's."""
+    import torch
+    from nemo.collections.asr.models import EncDecCTCModel
+    from omegaconf import OmegaConf
+
+    from rlnf.models import ENGLISH_LABELS, build_ctc_model, family_config
+
+    if size not in FASTCONFORMER:
+        return build_ctc_model(ENGLISH_LABELS, size, seed=0)
+    shape = FASTCONFORMER[size]
+    config = family_config("fastconformer", labels=ENGLISH_LABELS, width=shape["width"])
+    config["encoder"].update(n_layers=shape["n_layers"], n_heads=shape["n_heads"])
+    torch.manual_seed(0)
+    return EncDecCTCModel(cfg=OmegaConf.create(config))
+
+
 def fixture(folder: Path, size: str, device_name: str):
     """Speech (flite when available, else noise), a policy .nemo and a reward checkpoint in ``folder``
     (re-used when already there: the memory probes share the parent's)."""
@@ -68,7 +90,6 @@ def fixture(folder: Path, size: str, device_name: str):
     import numpy as np
     import soundfile
 
-    from rlnf.models import ENGLISH_LABELS, build_ctc_model
     from rlnf.reward_model.checkpoint import save_reward_folder, train_sentencepiece
     from rlnf.reward_model.modeling import RewardConfig, RewardModel
     from rlnf.reward_model.processor import RewardProcessor
@@ -88,7 +109,7 @@ def fixture(folder: Path, size: str, device_name: str):
     manifest = folder / "bench.json"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     nemo = folder / f"{size}.nemo"
-    build_ctc_model(ENGLISH_LABELS, size, seed=0).save_to(str(nemo))
+    bench_model(size).save_to(str(nemo))
     tokenizer = train_sentencepiece(load_sentences(2000), folder / "spm", vocab_size=512)
     config = RewardConfig(vocab_size=512)
     processor = RewardProcessor(config, tokenizer)
@@ -390,7 +411,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--sizes", default="small,15x5")
+    parser.add_argument("--sizes", default="small,15x5", help="comma-separated: QuartzNet sizes (tiny, small, medium, "
+                                                                "5x5, 15x5) or fastconformer (d_model 176, 16 layers)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--profile", action="store_true",
                         help="instead of the table: torch.profiler's top operators of 5 RL steps (first size)")
@@ -405,6 +427,8 @@ def main() -> None:
     parser.add_argument("--startup-clips", type=int, default=3200, help="distinct clips of the generated manifest")
     parser.add_argument("--startup-code", type=Path,
                         help="measure --startup with the rlnf of this checkout (e.g. an older one, for 'before' figures)")
+    parser.add_argument("--startup-recipe", choices=("rl_finetune", "train_ctc"), default="rl_finetune",
+                        help="the recipe whose start-up --startup measures (default rl_finetune)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for --startup (key=value)")
     parser.add_argument("--adapters", type=int, default=0,
                         help="measure only figure 7: RL with policy.adapters=DIM vs full fine-tuning, every size")
@@ -415,7 +439,7 @@ def main() -> None:
         from bench_startup import ROOT, measure_startup
 
         figures = measure_startup(args.startup, args.startup_lines, args.startup_clips, args.overrides,
-                                  args.startup_code or ROOT)
+                                  args.startup_code or ROOT, args.startup_recipe)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
         return

@@ -1,5 +1,6 @@
 """Start-up benchmark (``scripts/bench.py --startup MANIFEST`` or ``--startup-lines N``): seconds from
-the start of an RL run's setup to the end of its first step, cold (empty manifest cache) and warm
+the start of a run's setup (``rl_finetune``, or ``train_ctc`` with ``--startup-recipe``) to the end of
+its first step, cold (empty manifest cache) and warm
 (the cache the cold run wrote), and the peak RSS, each in a fresh process.
 
 The policy's loading is timed and subtracted (it does not grow with the corpus), and so are the
@@ -45,16 +46,27 @@ def generate_manifest(folder: Path, lines: int, clips: int) -> Path:
     return manifest
 
 
-def probe(manifest: Path, policy: Path, output_dir: Path, cache: Path, overrides: list[str]) -> dict:
-    """In this fresh process: an RL recipe's setup and first step, timed; the policy loading timed apart."""
+# Each recipe's settings for the probe: its module's recipe class, its config class, the key of the
+# starting model and its own keys (a small RL step; train_ctc fine-tunes the same model).
+RECIPES = {
+    "rl_finetune": ("RLFinetuneRecipe", "RLFinetuneConfig", "policy.path",
+                    ["algorithm.name=rloo", "algorithm.num_samples=4", "rewards=[{name: cer}]"]),
+    "train_ctc": ("CTCTrainRecipe", "CTCTrainConfig", "model.path", []),
+}
+
+
+def probe(manifest: Path, policy: Path, output_dir: Path, cache: Path, overrides: list[str],
+          recipe_name: str = "rl_finetune") -> dict:
+    """In this fresh process: a recipe's setup and first step, timed; the policy loading timed apart."""
     import logging
 
     from rlnf.cli import quiet_nemo
 
     quiet_nemo()
     logging.getLogger("rlnf").setLevel(logging.ERROR)
+    import rlnf.config
     import rlnf.policy
-    from rlnf.config import DataConfig, RLFinetuneConfig, load_config
+    from rlnf.config import DataConfig, load_config
     from rlnf.launcher import load_recipe
 
     loading = []
@@ -68,14 +80,15 @@ def probe(manifest: Path, policy: Path, output_dir: Path, cache: Path, overrides
             loading.append(time.perf_counter() - started)
 
     rlnf.policy.CTCPolicy.load = classmethod(timed_load)
-    recipe_class = load_recipe("rl_finetune").RLFinetuneRecipe
+    class_name, config_name, model_key, own_keys = RECIPES[recipe_name]
+    recipe_class = getattr(load_recipe(recipe_name), class_name)
     # (--startup-code may point at a checkout from before the cache existed, for the "before" figures)
     has_cache = any(f.name == "cache_dir" for f in dataclasses.fields(DataConfig))
     cache_key = [f"data.cache_dir={cache}"] if has_cache else []
-    cfg = load_config(RLFinetuneConfig, None, [
-        f"data.train_manifest={manifest}", f"policy.path={policy}", f"output_dir={output_dir}", "trainer.device=cpu",
+    cfg = load_config(getattr(rlnf.config, config_name), None, [
+        f"data.train_manifest={manifest}", f"{model_key}={policy}", f"output_dir={output_dir}", "trainer.device=cpu",
         "trainer.max_steps=1", "trainer.batch_size=8", "trainer.progress_bar=false", "trainer.loggers=[]",
-        "algorithm.name=rloo", "algorithm.num_samples=4", "rewards=[{name: cer}]", *cache_key, *overrides])
+        *own_keys, *cache_key, *overrides])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     started = time.perf_counter()
     recipe = recipe_class(cfg)
@@ -96,17 +109,19 @@ def probe(manifest: Path, policy: Path, output_dir: Path, cache: Path, overrides
             "rss_before_gb": rss_before, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def run_probe(manifest: Path, policy: Path, folder: Path, cache: Path, overrides: list[str], code_root: Path) -> dict:
+def run_probe(manifest: Path, policy: Path, folder: Path, cache: Path, overrides: list[str], code_root: Path,
+              recipe: str) -> dict:
     out = folder / "probe.json"
     command = [sys.executable, __file__, "--probe", str(manifest), str(policy), str(folder / "run"), str(cache),
-               str(out), str(code_root), *overrides]
+               str(out), str(code_root), recipe, *overrides]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"start-up probe failed:\n{result.stderr[-3000:]}")
     return json.loads(out.read_text())
 
 
-def measure_startup(manifest: str | None, lines: int, clips: int, overrides: list[str], code_root: Path = ROOT) -> dict:
+def measure_startup(manifest: str | None, lines: int, clips: int, overrides: list[str], code_root: Path = ROOT,
+                    recipe: str = "rl_finetune") -> dict:
     """Cold then warm probe; prints a table and returns the figures."""
     sys.path.insert(0, str(ROOT))
     from rlnf.models import ENGLISH_LABELS, build_ctc_model
@@ -121,11 +136,11 @@ def measure_startup(manifest: str | None, lines: int, clips: int, overrides: lis
         with open(path, "rb") as handle:
             count = sum(1 for line in handle if line.strip())
         cache = folder / "cache"
-        figures = {"manifest": str(path), "lines": count, "overrides": overrides}
+        figures = {"recipe": recipe, "manifest": str(path), "lines": count, "overrides": overrides}
         for label in ("cold", "warm"):
             (folder / label).mkdir()
-            figures[label] = run_probe(path, policy, folder / label, cache, overrides, code_root)
-    print(f"\nrlnf start-up on {figures['lines']:,} manifest lines"
+            figures[label] = run_probe(path, policy, folder / label, cache, overrides, code_root, recipe)
+    print(f"\n{recipe} start-up on {figures['lines']:,} manifest lines"
           + (f" ({clips} distinct clips, generated in {generated:.0f} s)" if not manifest else "")
           + (f", {' '.join(overrides)}" if overrides else ""))
     print(f"{'':<8}{'to ready (s)':>14}{'to step 1 (s)':>15}{'model load (s)':>16}{'RSS before':>12}{'peak RSS':>10}"
@@ -139,7 +154,7 @@ def measure_startup(manifest: str | None, lines: int, clips: int, overrides: lis
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--probe":
-    manifest_arg, policy_arg, run_arg, cache_arg, out_arg, root_arg, *extra = sys.argv[2:]
+    manifest_arg, policy_arg, run_arg, cache_arg, out_arg, root_arg, recipe_arg, *extra = sys.argv[2:]
     sys.path.insert(0, root_arg)
     Path(out_arg).write_text(json.dumps(probe(Path(manifest_arg), Path(policy_arg), Path(run_arg), Path(cache_arg),
-                                              extra)))
+                                              extra, recipe_arg)))

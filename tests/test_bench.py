@@ -33,14 +33,15 @@ def test_bench_script_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_startup_reports_cold_and_warm_seconds_and_peak_rss(tmp_path):
+@pytest.mark.parametrize("recipe", ["rl_finetune", "train_ctc"])
+def test_bench_startup_reports_cold_and_warm_seconds_and_peak_rss(tmp_path, recipe):
     out = tmp_path / "startup.json"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--startup-lines", "2000",
-                             "--startup-clips", "20", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
-                            timeout=600)
+                             "--startup-clips", "20", "--startup-recipe", recipe, "--json", str(out)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
-    assert figures["lines"] == 2000
+    assert figures["lines"] == 2000 and figures["recipe"] == recipe
     for run in ("cold", "warm"):
         assert 0 < figures[run]["ready_s"] <= figures[run]["step1_s"]
         assert figures[run]["peak_rss_gb"] >= figures[run]["rss_before_gb"] > 0

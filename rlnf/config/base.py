@@ -1,6 +1,6 @@
-"""What every recipe's configuration is made of: the field helper and value checks, the loading of
-a YAML file and ``key=value`` overrides onto a schema, the resume rules, and the views of a schema
-(``iter_keys``, ``to_yaml``) that ``rlnf config`` and the README show.
+"""What every recipe's configuration shares: loading a YAML file and ``key=value`` overrides onto a
+schema, the finite-number rule, the resume rules, and the views of a schema (``iter_keys``,
+``to_yaml``) that ``rlnf config`` and the README show. Fields and value checks: ``rlnf.schema``.
 
 A recipe's YAML file and ``key=value`` overrides are merged onto its dataclass schema with
 OmegaConf, so an unknown key or a value of the wrong type fails *before any model loads*, with
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import field
 from pathlib import Path
 from typing import Any, List
 
@@ -20,28 +19,6 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from rlnf.errors import ConfigError
 from rlnf.io import file_problem
-
-
-def opt(default: Any = MISSING, help: str = "", factory: Any = None) -> Any:  # noqa: A002
-    """A dataclass field with a default (or factory) and a help string (shown by `rlnf config`)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def check_choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
-
-
-def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if not (value > 0 or (allow_zero and value == 0)):  # NaN fails too
-        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-def check_range(key: str, value: float, low: float, high: float, high_open: bool = False) -> None:
-    if not (low <= value <= high) or (high_open and value == high):  # NaN fails too
-        raise ConfigError(f"{key}={value} must be in [{low}, {high}{')' if high_open else ']'}")
 
 
 def check_finite(config: Any, prefix: str = "") -> None:

@@ -7,8 +7,9 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from rlnf.config.base import RESUME_FORCE_HELP, RESUME_HELP, check_choice, check_range, opt
+from rlnf.config.base import RESUME_FORCE_HELP, RESUME_HELP
 from rlnf.config.sections import DataConfig, TrainerConfig
+from rlnf.schema import check_choice, check_range, opt
 
 
 @dataclass

@@ -8,53 +8,31 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from rlnf.config.base import RESUME_FORCE_HELP, RESUME_HELP, check_choice, check_positive, check_range, opt
+from rlnf.config.base import RESUME_FORCE_HELP, RESUME_HELP
 from rlnf.config.sections import OptimizerTrainerConfig
 from rlnf.errors import ConfigError
+from rlnf.reward_model.architecture import RewardArchitecture
+from rlnf.schema import check_choice, check_positive, opt
 
 
 @dataclass
-class RewardModelSection:
+class RewardModelSource:
+    """Where the reward model's weights and tokenizer come from (the section's keys beside the
+    architecture's)."""
+
     init_from: Optional[str] = opt(None, "Start from this reward checkpoint folder (ours or the published layout) "
                                          "instead of random weights.")
     tokenizer: Optional[str] = opt(None, "SentencePiece model for the transcripts; null trains one on the training "
                                          "texts (vocabulary size vocab_size).")
-    vocab_size: int = opt(2048, "Text vocabulary size (the card's: 2048).")
-    embed_dim: int = opt(128, "Token embedding size.")
-    lstm_hidden: int = opt(128, "BiLSTM hidden size per direction.")
-    lstm_layers: int = opt(1, "BiLSTM layers.")
-    audio_conv_channels: int = opt(128, "Channels of the audio conv blocks.")
-    audio_conv_layers: int = opt(3, "Number of Conv1d -> BatchNorm -> ReLU blocks.")
-    kernel_size: int = opt(5, "Audio conv kernel size.")
-    head_hidden: int = opt(256, "Hidden size of the regression head.")
-    dropout: float = opt(0.1, "Dropout in the regression head.")
-    pooling: str = opt("masked", "'masked' (batch-invariant) or 'legacy' (pool over padding, as published).")
-    fusion: str = opt("pooled", "'pooled' (the card's: pooled audio + pooled text) or 'attention' (adds a "
-                                "time-resolved token-to-frame comparison; README, Fusion).")
-    attention_dim: int = opt(128, "Width of the token-to-frame attention (fusion 'attention').")
-    attention_stride: int = opt(4, "Audio frames averaged per attention step (4: 40 ms; fusion 'attention').")
-    ctc_head: bool = opt(False, "Add a CTC head on the audio encoder (trained on the references with "
-                                "trainer.ctc_loss_weight); each transcript's CTC likelihood under the clip's audio "
-                                "joins the regression head's input (README, Acoustic evidence).")
-    ctc_hidden: int = opt(128, "BiLSTM hidden size per direction of the CTC head (ctc_head).")
-    ctc_stride: int = opt(2, "Audio frames averaged per CTC frame (2: 20 ms; ctc_head).")
-    ctc_alphabet: Optional[str] = opt(None, "null: the CTC head's labels are the text pieces; a string of letters "
-                                            "(e.g. \" abcdefghijklmnopqrstuvwxyz'\"): it spells transcripts in them "
-                                            "(far fewer labels to learn; ctc_head).")
+
+
+@dataclass
+class RewardModelSection(RewardArchitecture, RewardModelSource):
+    """The reward model: init_from and tokenizer, then the architecture's keys (``RewardArchitecture``,
+    which RewardConfig shares). A dataclass lists the fields of its last base first, hence the order."""
 
     def __post_init__(self) -> None:
-        check_choice("model.pooling", self.pooling, ("masked", "legacy"))
-        if self.ctc_head and self.pooling == "legacy":
-            raise ConfigError("model.ctc_head needs model.pooling 'masked'")
-        if self.ctc_alphabet is not None and (not self.ctc_alphabet or len(set(self.ctc_alphabet)) != len(self.ctc_alphabet)):
-            raise ConfigError(f"model.ctc_alphabet={self.ctc_alphabet!r} must be a non-empty string of distinct letters")
-        check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
-        check_choice("model.fusion", self.fusion, ("pooled", "attention"))
-        if self.fusion == "attention" and self.pooling == "legacy":
-            raise ConfigError("model.fusion 'attention' needs model.pooling 'masked'")
-        for key in ("vocab_size", "embed_dim", "lstm_hidden", "lstm_layers", "audio_conv_channels",
-                    "audio_conv_layers", "kernel_size", "head_hidden", "attention_dim", "attention_stride", "ctc_hidden", "ctc_stride"):
-            check_positive(f"model.{key}", getattr(self, key))
+        self.validate(prefix="model.")
 
 
 @dataclass

@@ -7,9 +7,10 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from rlnf.config.base import RESUME_FORCE_HELP, RESUME_HELP, check_choice, check_positive, opt
+from rlnf.config.base import RESUME_FORCE_HELP, RESUME_HELP
 from rlnf.config.sections import DataConfig, TrainerConfig
 from rlnf.errors import ConfigError
+from rlnf.schema import check_choice, check_positive, opt
 
 ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo", "mwer")
 POLICY_DECODERS = ("auto", "ctc")  # rlnf.policy.ctc_head

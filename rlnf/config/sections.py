@@ -9,8 +9,8 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from rlnf.config.base import check_choice, check_positive, check_range, opt
 from rlnf.errors import ConfigError
+from rlnf.schema import check_choice, check_positive, check_range, opt
 
 
 @dataclass

@@ -55,13 +55,14 @@ class RewardArchitecture:
         check_choice(f"{prefix}pooling", self.pooling, POOLINGS)
         if self.ctc_head and self.pooling == "legacy":
             raise ConfigError(f"{prefix}ctc_head needs {prefix}pooling 'masked'")
-        if self.ctc_alphabet is not None and (not self.ctc_alphabet or len(set(self.ctc_alphabet)) != len(self.ctc_alphabet)):
-            raise ConfigError(f"{prefix}ctc_alphabet={self.ctc_alphabet!r} must be a non-empty string of distinct letters")
+        alphabet = self.ctc_alphabet
+        if alphabet is not None and (not alphabet or len(set(alphabet)) != len(alphabet)):
+            raise ConfigError(f"{prefix}ctc_alphabet={alphabet!r} must be a non-empty string of distinct letters")
         check_range(f"{prefix}dropout", self.dropout, 0.0, 1.0, high_open=True)
         check_choice(f"{prefix}fusion", self.fusion, FUSIONS)
         if self.fusion == "attention" and self.pooling == "legacy":
             raise ConfigError(f"{prefix}fusion 'attention' needs {prefix}pooling 'masked'")
-        for f in dataclasses.fields(RewardArchitecture):  # every size, count and stride
+        for f in dataclasses.fields(RewardArchitecture):  # every size, count and stride (annotations are strings)
             if f.type == "int":
                 check_positive(f"{prefix}{f.name}", getattr(self, f.name))
 

@@ -183,12 +183,7 @@ class RewardTrainer(Recipe):
             if tokenizer is None:
                 texts = [p["text"] for p in train] + [p["reference"] for p in train if p["reference"]]
                 tokenizer = train_sentencepiece(texts, self.run_dir / "tokenizer", cfg.model.vocab_size)
-            section = {k: getattr(cfg.model, k) for k in ("vocab_size", "embed_dim", "lstm_hidden", "lstm_layers",
-                                                           "audio_conv_channels", "audio_conv_layers", "kernel_size",
-                                                           "head_hidden", "dropout", "pooling", "fusion",
-                                                           "attention_dim", "attention_stride", "ctc_head",
-                                                           "ctc_hidden", "ctc_stride", "ctc_alphabet")}
-            config = RewardConfig(**section, padding=cfg.model.kernel_size // 2)
+            config = RewardConfig(**cfg.model.hyper_parameters(), padding=cfg.model.kernel_size // 2)
             processor = RewardProcessor(config, tokenizer)
             config.eos_token_id = processor.eos_id
             self.model = RewardModel(config)

@@ -282,7 +282,7 @@ def test_unreadable_manifest_rows_name_the_line_and_the_problem(case, expected, 
 @pytest.mark.parametrize("case, expected", [
     ("list", "config.json: expected a JSON object of settings, got a list"),
     ("not_utf8", "config.json: not UTF-8 text"),
-    ("bad_option", "config.json: invalid settings (ValueError: pooling must be 'masked' or 'legacy'"),
+    ("bad_option", "config.json: invalid settings (ValueError: pooling='bogus' is not valid; choose one of masked, legacy)"),
     ("a_file", "reward checkpoint folder is not a folder"),
 ])
 def test_a_bad_reward_checkpoint_config_is_named(case, expected, tmp_path, clip, capsys):

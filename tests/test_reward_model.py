@@ -222,6 +222,26 @@ def test_attention_fusion_is_batch_invariant_and_round_trips(tmp_path):
         RewardConfig(fusion="concat")
 
 
+def test_reward_config_and_the_recipe_model_section_share_one_architecture_definition():
+    """Defaults, values and checks come from RewardArchitecture on both routes; only the key's name
+    differs (``model.<key>`` in the recipe's config)."""
+    from rlnf import RewardConfig
+    from rlnf.config import RewardModelSection
+    from rlnf.errors import ConfigError
+    from rlnf.reward_model.architecture import ARCHITECTURE_KEYS
+
+    assert {key: getattr(RewardConfig(), key) for key in ARCHITECTURE_KEYS} == RewardModelSection().hyper_parameters()
+    section = RewardModelSection(vocab_size=60, fusion="attention", ctc_head=True, ctc_alphabet="ab ")
+    config = RewardConfig(**section.hyper_parameters())
+    assert {key: config.to_dict()[key] for key in ARCHITECTURE_KEYS} == section.hyper_parameters()
+    with pytest.raises(ConfigError, match=r"^model\.ctc_stride=0 must be > 0$"):
+        RewardModelSection(ctc_stride=0)
+    with pytest.raises(ValueError, match=r"^ctc_stride=0 must be > 0$"):
+        RewardConfig(ctc_stride=0)
+    with pytest.raises(ValueError, match="ctc_head needs pooling 'masked'"):
+        RewardConfig(ctc_head=True, pooling="legacy")
+
+
 def test_attention_prior_places_token_i_of_l_at_its_share_of_the_clip():
     """With the content scores switched off, token i of L attends around frame (i + 0.5) / L of its
     own clip, and never to padding."""

@@ -34,6 +34,7 @@ each utterance's audio once and reuse it for all K hypotheses (``Encoded`` rows 
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from rlnf.errors import CheckpointError
+from rlnf.errors import CheckpointError, ConfigError
+from rlnf.reward_model.architecture import ARCHITECTURE_KEYS, RewardArchitecture
 from rlnf.reward_model.ctc_evidence import (EVIDENCE_FEATURES, CTCEvidenceHead, ctc_nll, ctc_targets, evidence_features,
                                             spell, spelling_table)
 
@@ -56,34 +58,18 @@ FEATURE_DEFAULTS: dict[str, Any] = {
 
 
 class RewardConfig(PretrainedConfig):
-    """Hyper-parameters (defaults: the model card's), feature settings and the text-id convention."""
+    """The architecture's hyper-parameters (``RewardArchitecture``: defaults, the model card's, and
+    checks defined there), the conv's stride and padding, feature settings and the text-id convention."""
 
     model_type = "rlnf_reward"
 
     def __init__(
         self,
-        vocab_size: int = 2048,
-        embed_dim: int = 128,
-        lstm_hidden: int = 128,
-        lstm_layers: int = 1,
-        audio_conv_channels: int = 128,
-        audio_conv_layers: int = 3,
-        kernel_size: int = 5,
         stride: int = 1,
         padding: int = 2,
-        head_hidden: int = 256,
-        dropout: float = 0.1,
         pad_token_id: int = 1,
         eos_token_id: int | None = None,
         append_eos: bool = True,
-        pooling: str = "masked",
-        fusion: str = "pooled",
-        attention_dim: int = 128,
-        attention_stride: int = 4,
-        ctc_head: bool = False,
-        ctc_hidden: int = 128,
-        ctc_stride: int = 2,
-        ctc_alphabet: str | None = None,
         ctc_max_piece_chars: int = 16,
         sample_rate: int = 16000,
         n_mel: int = 64,
@@ -95,34 +81,16 @@ class RewardConfig(PretrainedConfig):
         pad_to: int = 16,
         **kwargs: Any,
     ):
-        if pooling not in ("masked", "legacy"):
-            raise ValueError(f"pooling must be 'masked' or 'legacy', got {pooling!r}")
-        if fusion not in ("pooled", "attention"):
-            raise ValueError(f"fusion must be 'pooled' or 'attention', got {fusion!r}")
-        if fusion == "attention" and pooling == "legacy":
-            raise ValueError("fusion 'attention' needs pooling 'masked' (legacy pooling is the published layout's)")
-        if ctc_head and pooling == "legacy":
-            raise ValueError("ctc_head needs pooling 'masked' (legacy pooling is the published layout's)")
-        self.vocab_size = vocab_size
-        self.embed_dim = embed_dim
-        self.lstm_hidden = lstm_hidden
-        self.lstm_layers = lstm_layers
-        self.audio_conv_channels = audio_conv_channels
-        self.audio_conv_layers = audio_conv_layers
-        self.kernel_size = kernel_size
+        given = {key: kwargs.pop(key) for key in ARCHITECTURE_KEYS if key in kwargs}
+        try:
+            architecture = RewardArchitecture(**given)
+        except ConfigError as exc:  # a transformers config says ValueError; a checkpoint load names the file
+            raise ValueError(str(exc)) from None
+        for key, value in architecture.hyper_parameters().items():
+            setattr(self, key, value)
         self.stride = stride
         self.padding = padding
-        self.head_hidden = head_hidden
-        self.dropout = dropout
         self.append_eos = append_eos
-        self.pooling = pooling
-        self.fusion = fusion
-        self.attention_dim = attention_dim
-        self.attention_stride = attention_stride
-        self.ctc_head = ctc_head
-        self.ctc_hidden = ctc_hidden
-        self.ctc_stride = ctc_stride
-        self.ctc_alphabet = ctc_alphabet
         self.ctc_max_piece_chars = ctc_max_piece_chars
         self.sample_rate = sample_rate
         self.n_mel = n_mel
@@ -147,7 +115,7 @@ class PublishedRewardConfig(RewardConfig):
 
     def __init__(self, pretrained_config: dict | None = None, override: dict | None = None, **kwargs: Any):
         nested = {**(pretrained_config or {}), **(override or {})}
-        known = set(RewardConfig.__init__.__code__.co_varnames)
+        known = {*inspect.signature(RewardConfig.__init__).parameters, *ARCHITECTURE_KEYS} - {"self", "kwargs"}
         merged = {key: value for key, value in nested.items() if key in known}
         merged.update({k: v for k, v in kwargs.items() if k not in merged})
         merged.setdefault("pooling", "legacy")

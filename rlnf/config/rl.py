@@ -1,0 +1,204 @@
+"""`rlnf run rl_finetune`: the policy, the rewards, the RL algorithm and their recipe config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+from rlnf.config.base import RESUME_FORCE_HELP, RESUME_HELP
+from rlnf.config.sections import DataConfig, TrainerConfig
+from rlnf.errors import ConfigError
+from rlnf.schema import check_choice, check_positive, opt
+
+ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo", "mwer")
+POLICY_DECODERS = ("auto", "ctc")  # rlnf.policy.ctc_head
+
+
+@dataclass
+class PolicyConfig:
+    path: str = opt(MISSING, "The CTC model to fine-tune: a local .nemo file, or a pretrained model name "
+                             "(NGC / Hugging Face, needs a network).")
+    batchnorm: str = opt("frozen", "BatchNorm in the RL rollout AND update: 'frozen' uses running statistics "
+                                   "(old, new and reference log-probs stay comparable); 'train' updates them "
+                                   "from each batch in the update.")
+    dropout: bool = opt(False, "Keep dropout active in the policy update (rollouts never use dropout).")
+    decoder: str = opt("auto", "Which head is the policy: 'auto' takes a CTC model's decoder, and a hybrid "
+                               "RNNT/TDT-CTC model's CTC head with a warning; 'ctc' asks for the CTC head "
+                               "explicitly. A hybrid's RNNT/TDT decoder and joint stay frozen; a model with no "
+                               "CTC head is refused.")
+
+    adapters: int = opt(0, "Train only LoRA-style linear adapters (NeMo LinearAdapter) of this bottleneck size, "
+                           "one per encoder layer (ConformerEncoder, ConvASREncoder); the reference is the same "
+                           "module with them switched off. 0 fine-tunes the whole model.")
+
+    def __post_init__(self) -> None:
+        check_choice("policy.batchnorm", self.batchnorm, ("frozen", "train"))
+        check_choice("policy.decoder", self.decoder, POLICY_DECODERS)
+        check_positive("policy.adapters", self.adapters, allow_zero=True)
+        if self.adapters and self.batchnorm == "train":
+            raise ConfigError("policy.adapters needs policy.batchnorm=frozen: BatchNorm statistics updated in training "
+                              "would change the model the adapters-off reference stands for")
+
+
+
+@dataclass
+class RewardSpec:
+    name: str = opt(MISSING, "'cer' (1 - CER), 'wer' (1 - WER), 'learned' (a reward-model checkpoint) or a "
+                             "dotted path 'package.module.callable' to your own reward.")
+    weight: float = opt(1.0, "Weight of this reward in the total (rewards are summed with their weights).")
+    path: Optional[str] = opt(None, "learned: the reward checkpoint folder.")
+    device: str = opt("auto", "learned: 'auto' (CUDA when available), 'cpu' or 'cuda'.")
+    batch_size: int = opt(64, "learned: (audio, hypothesis) pairs scored per forward pass.")
+    kwargs: Dict[str, Any] = opt(factory=dict, help="Dotted-path rewards: keyword arguments for the callable "
+                                                    "(or the class constructor).")
+
+    def __post_init__(self) -> None:
+        if self.name == "learned" and not self.path:
+            raise ConfigError("rewards: a 'learned' reward needs 'path' (the reward checkpoint folder)")
+        if self.name not in ("cer", "wer", "learned") and (
+                "." not in self.name or not all(part.isidentifier() for part in self.name.split("."))):
+            raise ConfigError(f"rewards: unknown reward name {self.name!r}; use cer, wer, learned or a dotted "
+                              "path such as mypackage.rewards.my_reward")
+        check_choice("rewards[].device", self.device, ("auto", "cpu", "cuda"))
+        check_positive("rewards[].batch_size", self.batch_size)
+
+    @property
+    def label(self) -> str:
+        """Short name used in metric names: reward/<label>/mean."""
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = opt("rloo", "Preset: reinforce | rloo | grpo | ppo | mwer. It fills every key below left at null.")
+    num_samples: int = opt(8, "K: hypotheses per utterance from one encoder pass (sampled, or the beam's K best).")
+    rollout: Optional[str] = opt(None, "Where the K hypotheses come from: 'sample' (the policy's samples), 'nbest' (the "
+                                       "K best of a CTC prefix beam search, NeMo's) or 'mixed' (K//2 best + the rest "
+                                       "sampled); nbest and mixed need policy_loss=mwer (null: preset).")
+    temperature: float = opt(1.0, "Sampling temperature tau; the policy is softmax(logits / tau), for the "
+                                  "rollout, the update and the reference alike.")
+    advantage: Optional[str] = opt(None, "rloo | group | self_critical | none (null: the preset's).")
+    scale_by_std: Optional[bool] = opt(None, "group advantage: divide by the group's reward std (null: preset).")
+    whiten_advantages: bool = opt(False, "Whiten advantages over the whole batch after the group baseline.")
+    policy_loss: Optional[str] = opt(None, "reinforce (-A log pi) | clipped (PPO surrogate) | mwer (expected advantage "
+                                           "under pi renormalised over the K hypotheses) (null: preset).")
+    ppo_epochs: Optional[int] = opt(None, "Update passes over each rollout (null: preset; >1 needs 'clipped').")
+    clip_eps: float = opt(0.2, "PPO clipping epsilon (the lower side, and the upper one unless clip_eps_high is set).")
+    clip_eps_high: Optional[float] = opt(None, "Upper clipping epsilon (DAPO's clip-higher, epsilon_high): the ratio is "
+                                               "clipped to [1 - clip_eps, 1 + clip_eps_high]. null: clip_eps.")
+    ratio: str = opt("sequence", "Importance ratio of the clipped loss: 'sequence' pi(y)/pi_old(y), or 'per_frame' "
+                                 "(pi(y)/pi_old(y))^(1/T), T the encoder frames (GSPO-style length normalisation; "
+                                 "use a clip_eps of about 1e-3 to 1e-2 with it).")
+    resample_zero_std: int = opt(0, "Dynamic resampling: a group whose K rewards are all equal (it teaches nothing) is "
+                                    "re-drawn from the same frame distributions up to this many times; 0 is off.")
+    kl_coef: float = opt(0.01, "beta: weight of the KL to the frozen reference policy; 0 loads no reference.")
+    kl_estimator: Optional[str] = opt(None, "exact (sum of per-frame KLs) | k1 | k3 (sequence-level, on sampled "
+                                            "hypotheses) (null: preset).")
+    kl_in_reward: Optional[bool] = opt(None, "Fold -beta*KL into each sample's reward (RLOO/PPO style) instead of "
+                                             "adding beta*KL to the loss (null: preset).")
+    kl_reduction: str = opt("sum", "'sum': KL summed over frames; 'mean': divided by the number of frames "
+                                   "(a gentler, length-independent penalty).")
+    kl_target: Optional[float] = opt(None, "Adaptive KL (Ziegler et al. 2019; TRL's adaptive controller): the penalised KL "
+                                           "to hold (logged 'kl/penalised': exact, k1 or k3 as penalised, per frame with "
+                                           "kl_reduction=mean). beta starts at kl_coef and after each step is multiplied "
+                                           "by 1 + clip(KL/target - 1, -0.2, 0.2) * utterances / kl_horizon. null: beta "
+                                           "stays kl_coef.")
+    kl_horizon: int = opt(10000, "Adaptive KL: utterances over which beta may change by a factor of about e^0.2.")
+    reference_cache_mb: float = opt(1024.0, "Keep the frozen reference's log-probs of each training utterance (CPU "
+                                            "memory, least recently used out beyond this many MB), so utterances "
+                                            "seen before skip the reference forward; 0 turns it off.")
+    entropy_coef: float = opt(0.0, "Weight of the per-frame entropy bonus (subtracted from the loss).")
+    supervised_coef: float = opt(0.0, "lambda: weight of a supervised CTC loss on references when the batch has "
+                                      "them (0: pure RL).")
+
+    def __post_init__(self) -> None:
+        check_choice("algorithm.name", self.name, ALGORITHM_NAMES)
+        check_choice("algorithm.kl_reduction", self.kl_reduction, ("sum", "mean"))
+        check_positive("algorithm.num_samples", self.num_samples)
+        check_positive("algorithm.temperature", self.temperature)
+        check_positive("algorithm.clip_eps", self.clip_eps)
+        if self.clip_eps_high is not None:
+            check_positive("algorithm.clip_eps_high", self.clip_eps_high)
+        check_positive("algorithm.resample_zero_std", self.resample_zero_std, allow_zero=True)
+        for key in ("kl_coef", "entropy_coef", "supervised_coef"):
+            check_positive(f"algorithm.{key}", getattr(self, key), allow_zero=True)
+        check_positive("algorithm.kl_horizon", self.kl_horizon)
+        check_positive("algorithm.reference_cache_mb", self.reference_cache_mb, allow_zero=True)
+        if self.kl_target is not None:
+            check_positive("algorithm.kl_target", self.kl_target)
+            if self.kl_coef <= 0:
+                raise ConfigError("algorithm.kl_target needs algorithm.kl_coef > 0 (the starting beta)")
+
+    def finalize(self) -> None:
+        """Fill the keys left at null from the preset, then check the rules between keys.
+
+        Separate from ``__post_init__`` because OmegaConf instantiates the schema's defaults.
+        """
+        from rlnf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PRESETS, RATIOS, ROLLOUTS
+
+        for key, value in PRESETS[self.name].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        check_choice("algorithm.advantage", self.advantage, ADVANTAGE_ESTIMATORS)
+        check_choice("algorithm.policy_loss", self.policy_loss, POLICY_LOSSES)
+        check_choice("algorithm.ratio", self.ratio, RATIOS)
+        check_choice("algorithm.rollout", self.rollout, ROLLOUTS)
+        if self.rollout != "sample":
+            if self.policy_loss != "mwer":
+                raise ConfigError(f"algorithm.rollout={self.rollout} needs algorithm.policy_loss=mwer: a beam's best "
+                                  "hypotheses are not samples of the policy, so REINFORCE or PPO on them is biased")
+            if self.kl_coef > 0 and self.kl_estimator != "exact":
+                raise ConfigError(f"algorithm.rollout={self.rollout} needs algorithm.kl_estimator=exact: k1 and k3 "
+                                  "estimate the KL from samples of the policy")
+            if self.resample_zero_std:
+                raise ConfigError("algorithm.resample_zero_std re-draws samples; it needs algorithm.rollout=sample")
+            if self.rollout == "mixed" and self.num_samples < 2:
+                raise ConfigError("algorithm.rollout=mixed needs algorithm.num_samples >= 2")
+        check_choice("algorithm.kl_estimator", self.kl_estimator, ("exact", "k1", "k3"))
+        check_positive("algorithm.ppo_epochs", self.ppo_epochs)
+        if self.advantage in ("rloo", "group") and self.num_samples < 2:
+            raise ConfigError(f"algorithm.advantage={self.advantage} needs algorithm.num_samples >= 2")
+        if self.ppo_epochs > 1 and self.policy_loss != "clipped":
+            raise ConfigError("algorithm.ppo_epochs > 1 re-uses each rollout, which needs "
+                              "algorithm.policy_loss=clipped (the unclipped loss would be off-policy)")
+        if not self.kl_in_reward and self.kl_estimator == "k1" and self.kl_coef > 0:
+            raise ConfigError("algorithm.kl_estimator=k1 as a loss term has zero expected gradient; use exact or k3 "
+                              "in the loss, or set algorithm.kl_in_reward=true")
+        if self.kl_in_reward and self.kl_estimator == "k3" and self.kl_coef > 0:
+            raise ConfigError("algorithm.kl_in_reward=true with kl_estimator=k3 is refused: E[k3 * grad log pi] = "
+                              "grad KL(pi||ref) - grad KL(ref||pi), which cancels to first order, so it barely pulls "
+                              "towards the reference; use k1 in the reward, or k3 / exact in the loss "
+                              "(kl_in_reward=false)")
+        if self.kl_in_reward and self.kl_estimator == "exact" and self.kl_coef > 0:
+            raise ConfigError("algorithm.kl_in_reward=true needs kl_estimator k1 or k3: the exact KL is the same "
+                              "for all K samples of an utterance, so it cancels in the group baseline")
+
+
+
+@dataclass
+class RLFinetuneConfig:
+    """`rlnf run rl_finetune`: RL fine-tuning of a CTC policy against one or more rewards."""
+
+    output_dir: str = opt(MISSING, "Run folder: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/, "
+                                   "summary.json.")
+    resume: bool = opt(False, RESUME_HELP)
+    resume_force: bool = opt(False, RESUME_FORCE_HELP)
+    policy: PolicyConfig = opt(factory=PolicyConfig, help="The policy to fine-tune.")
+    data: DataConfig = opt(factory=DataConfig, help="Training and validation data.")
+    trainer: TrainerConfig = opt(factory=TrainerConfig, help="Optimisation, logging and checkpointing.")
+    algorithm: AlgorithmConfig = opt(factory=AlgorithmConfig, help="The RL algorithm.")
+    rewards: List[RewardSpec] = opt(factory=lambda: [RewardSpec(name="cer")],
+                                    help="Rewards summed with their weights (default: 1 - CER).")
+
+    def __post_init__(self) -> None:
+        if not self.rewards:
+            raise ConfigError("rewards: give at least one reward (e.g. rewards=[{name: cer}])")
+        labels = [spec.label for spec in self.rewards]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"rewards: two rewards share a name ({labels}); metric names would collide")
+        if all(spec.weight == 0 for spec in self.rewards):
+            raise ConfigError("rewards: every weight is 0, so every reward would be 0 and nothing would be learned; "
+                              "give at least one reward a non-zero weight")
+

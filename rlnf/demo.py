@@ -319,29 +319,43 @@ def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
     return {**reward, "heldout": heldout}
 
 
-def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], reward: dict[str, Any],
-            suffix: str = "", oracle: bool = True) -> dict[str, dict[str, Any]]:
-    """Stages 5-6: RL with the learned reward (no transcripts) and RL with 1 - CER (the oracle), with
-    ``settings['rl_algorithm']`` for ``rl_minutes`` (or ``rl_steps``) each, seeded by ``run_seed``; stage names end in
-    ``suffix`` (scripts/quality.py compares presets this way). ``oracle=False``: the learned-reward run only."""
-    data, policy = base["data"], base["policy"]
-
-    def rl(train_manifest: str, rewards: str) -> Callable[[Path], dict[str, Any]]:
-        return lambda folder: _run_recipe("rl_finetune", [
-            f"output_dir={folder}", f"policy.path={policy}", f"data.train_manifest={train_manifest}",
-            f"data.val_manifest={data['heldout_val']}", f"algorithm.name={settings['rl_algorithm']}",
-            f"algorithm.num_samples={settings['rl_num_samples']}", f"algorithm.kl_coef={settings['rl_kl_coef']}",
-            f"trainer.batch_size={settings['rl_batch_size']}", f"trainer.lr={settings['rl_lr']}",
-            "trainer.lr_schedule=constant", "trainer.warmup_steps=10", *budget, "trainer.val_every=40",
-            "trainer.save_every=0", "trainer.samples_every=40", "trainer.best_metric=val/reward",
-            f"trainer.seed={settings['run_seed']}", f"rewards={rewards}"])
-
+def rl_overrides(settings: dict[str, Any], policy: str, val_manifest: str, folder: Path, train_manifest: str,
+                 rewards: str) -> list[str]:
+    """The ``rl_finetune`` overrides of the demo's RL runs: ``settings['rl_algorithm']`` for ``rl_minutes``
+    (or ``rl_steps``) from ``policy``, seeded by ``run_seed``, validating on ``val_manifest``.
+    ``scripts/hybrid_check.py`` runs the same RL on a hybrid's CTC head."""
     # A step budget makes a run the same on a busy machine; a time budget fits the demo's 15 minutes.
     steps = settings.get("rl_steps")
     budget = [f"trainer.max_steps={steps}", "trainer.max_minutes=null"] if steps else \
         ["trainer.max_steps=100000", f"trainer.max_minutes={settings['rl_minutes']}"]
-    keys = {k: settings[k] for k in ("rl_algorithm", "rl_steps" if steps else "rl_minutes", "rl_lr", "rl_num_samples",
-                                     "rl_batch_size", "rl_kl_coef", "run_seed")}
+    return [
+        f"output_dir={folder}", f"policy.path={policy}", f"data.train_manifest={train_manifest}",
+        f"data.val_manifest={val_manifest}", f"algorithm.name={settings['rl_algorithm']}",
+        f"algorithm.num_samples={settings['rl_num_samples']}", f"algorithm.kl_coef={settings['rl_kl_coef']}",
+        f"trainer.batch_size={settings['rl_batch_size']}", f"trainer.lr={settings['rl_lr']}",
+        "trainer.lr_schedule=constant", "trainer.warmup_steps=10", *budget, "trainer.val_every=40",
+        "trainer.save_every=0", "trainer.samples_every=40", "trainer.best_metric=val/reward",
+        f"trainer.seed={settings['run_seed']}", f"rewards={rewards}"]
+
+
+def rl_keys(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings an RL run of ``rl_overrides`` depends on (its stage key)."""
+    return {k: settings[k] for k in ("rl_algorithm", "rl_steps" if settings.get("rl_steps") else "rl_minutes",
+                                     "rl_lr", "rl_num_samples", "rl_batch_size", "rl_kl_coef", "run_seed")}
+
+
+def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], reward: dict[str, Any],
+            suffix: str = "", oracle: bool = True) -> dict[str, dict[str, Any]]:
+    """Stages 5-6: RL with the learned reward (no transcripts) and RL with 1 - CER (the oracle), with
+    ``rl_overrides``, seeded by ``run_seed``; stage names end in ``suffix`` (scripts/quality.py compares
+    presets this way). ``oracle=False``: the learned-reward run only."""
+    data, policy = base["data"], base["policy"]
+
+    def rl(train_manifest: str, rewards: str) -> Callable[[Path], dict[str, Any]]:
+        return lambda folder: _run_recipe("rl_finetune", rl_overrides(settings, policy, data["heldout_val"], folder,
+                                                                      train_manifest, rewards))
+
+    keys = rl_keys(settings)
     checkpoint = reward["best_checkpoint"]
     runs = {f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}",
                                                      {"policy": base["pretrain"], "reward": reward, **keys},

@@ -108,14 +108,19 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "conformer": ("EncDecCTCModel", "EncDecCTCModelBPE"),
     "fastconformer": ("EncDecCTCModel", "EncDecCTCModelBPE"),
     "hybrid": ("EncDecHybridRNNTCTCModel", "EncDecHybridRNNTCTCBPEModel"),
+    "hybrid_tdt": ("EncDecHybridRNNTCTCModel", "EncDecHybridRNNTCTCBPEModel"),  # the hybrid with a TDT transducer
 }
 
+# The token-and-duration transducer's durations (frames skipped per emission), as NeMo's
+# fastconformer_hybrid_tdt_ctc_bpe.yaml sets them.
+TDT_DURATIONS = [0, 1, 2, 3, 4]
 
-def _conformer_encoder(n_mels: int, d_model: int, subsampling: str, factor: int) -> dict[str, Any]:
-    """A one-layer ConformerEncoder: 'striding' x4 is Conformer-CTC's, 'dw_striding' x8 FastConformer's."""
+
+def _conformer_encoder(n_mels: int, d_model: int, subsampling: str, factor: int, layers: int = 1) -> dict[str, Any]:
+    """A ConformerEncoder of ``layers`` layers: 'striding' x4 is Conformer-CTC's, 'dw_striding' x8 FastConformer's."""
     return {
         "_target_": "nemo.collections.asr.modules.ConformerEncoder",
-        "feat_in": n_mels, "n_layers": 1, "d_model": d_model, "subsampling": subsampling,
+        "feat_in": n_mels, "n_layers": layers, "d_model": d_model, "subsampling": subsampling,
         "subsampling_factor": factor, "subsampling_conv_channels": d_model, "ff_expansion_factor": 2,
         "self_attention_model": "rel_pos", "n_heads": 2, "conv_kernel_size": 9, "dropout": 0.0,
         "dropout_pre_encoder": 0.0, "dropout_emb": 0.0, "dropout_att": 0.0,
@@ -137,11 +142,17 @@ def _citrinet_encoder(n_mels: int, channels: int) -> dict[str, Any]:
 
 
 def family_config(family: str, labels: list[str] | None = None, tokenizer_dir: str | None = None,
-                  n_mels: int = 64, width: int = 32) -> dict[str, Any]:
+                  n_mels: int = 64, width: int = 32, layers: int = 1) -> dict[str, Any]:
     """A tiny config (plain dict) of ``family`` (see ``FAMILIES``): characters ``labels``, or a
     SentencePiece tokenizer folder ``tokenizer_dir`` (NeMo's ``tokenizer.dir``, type bpe) for the
     BPE class. The preprocessor is ``quartznet_config``'s (16 kHz, 64 mel, dither and pad_to as
-    there); ``width`` is the encoder's channels / d_model."""
+    there); ``width`` is the encoder's channels / d_model (and the hybrids' prediction and joint
+    width); ``layers`` the number of Conformer layers (Conformer, FastConformer, hybrids).
+
+    ``hybrid_tdt`` is ``hybrid`` with NeMo's token-and-duration transducer (TDT) in place of the RNNT
+    one, keyed as NeMo's fastconformer_hybrid_tdt_ctc_bpe.yaml: ``model_defaults.tdt_durations``, the
+    joint's ``num_extra_outputs`` (one logit per duration), ``decoding.model_type: tdt`` with the
+    durations, and ``loss.loss_name: tdt`` with its ``tdt_kwargs``."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
     if (labels is None) == (tokenizer_dir is None):
@@ -150,9 +161,9 @@ def family_config(family: str, labels: list[str] | None = None, tokenizer_dir: s
     if family == "citrinet":
         config["encoder"] = _citrinet_encoder(n_mels, width)
     elif family == "conformer":
-        config["encoder"] = _conformer_encoder(n_mels, width, "striding", 4)
-    elif family in ("fastconformer", "hybrid"):
-        config["encoder"] = _conformer_encoder(n_mels, width, "dw_striding", 8)
+        config["encoder"] = _conformer_encoder(n_mels, width, "striding", 4, layers)
+    elif family in ("fastconformer", "hybrid", "hybrid_tdt"):
+        config["encoder"] = _conformer_encoder(n_mels, width, "dw_striding", 8, layers)
     encoder_out = config["decoder"]["feat_in"] if family == "quartznet" else width
     # num_classes -1 and no vocabulary: NeMo's BPE classes take both from the tokenizer.
     decoder = {"_target_": "nemo.collections.asr.modules.ConvASRDecoder", "feat_in": encoder_out,
@@ -164,7 +175,7 @@ def family_config(family: str, labels: list[str] | None = None, tokenizer_dir: s
         # NeMo's BPE ``transcribe`` reads validation_ds.use_start_end_token (pretrained models carry the section).
         config["validation_ds"] = {"manifest_filepath": None, "sample_rate": 16000, "batch_size": 1,
                                    "shuffle": False, "use_start_end_token": False}
-    if family == "hybrid":
+    if family in ("hybrid", "hybrid_tdt"):
         vocabulary = len(labels) if labels else -1
         config["model_defaults"] = {"enc_hidden": width, "pred_hidden": width}
         config["decoder"] = {"_target_": "nemo.collections.asr.modules.RNNTDecoder", "normalization_mode": None,
@@ -178,6 +189,12 @@ def family_config(family: str, labels: list[str] | None = None, tokenizer_dir: s
         config["decoding"] = {"strategy": "greedy_batch", "greedy": {"max_symbols": 5}}
         config["loss"] = {"loss_name": "default"}
         config["aux_ctc"] = {"ctc_loss_weight": 0.3, "decoder": decoder}
+    if family == "hybrid_tdt":
+        config["model_defaults"].update(tdt_durations=TDT_DURATIONS, num_tdt_durations=len(TDT_DURATIONS))
+        config["joint"]["num_extra_outputs"] = len(TDT_DURATIONS)
+        config["decoding"].update(model_type="tdt", durations=TDT_DURATIONS)
+        config["loss"] = {"loss_name": "tdt", "tdt_kwargs": {"fastemit_lambda": 0.0, "clamp": -1.0,
+                                                             "durations": TDT_DURATIONS, "sigma": 0.02, "omega": 0.1}}
     return config
 
 

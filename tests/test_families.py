@@ -1,7 +1,7 @@
 """Every NeMo CTC model family rlnf fine-tunes, each a tiny model built from ``rlnf.models.family_config``:
 RL steps through the CLI, an exported .nemo that restores as the same class and decodes, a reference
-whose log-probs do not depend on the batch (so the reference cache holds), and a hybrid RNNT-CTC
-model whose RNNT decoder and joint RL leaves alone."""
+whose log-probs do not depend on the batch (so the reference cache holds), and hybrid RNNT-CTC and
+TDT-CTC models whose transducer decoder and joint RL leaves alone."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rlnf.metric_logging import read_metrics
 
 # (family, tokenizer): 'bpe' builds the family's BPE class with the in-process SentencePiece tokenizer.
 CASES = [("quartznet", "chars"), ("citrinet", "bpe"), ("conformer", "bpe"), ("fastconformer", "bpe"),
-         ("hybrid", "bpe"), ("hybrid", "chars")]
+         ("hybrid", "bpe"), ("hybrid", "chars"), ("hybrid_tdt", "bpe"), ("hybrid_tdt", "chars")]
 IDS = [f"{family}-{tokens}" for family, tokens in CASES]
 # QuartzNet (characters) runs RL through the CLI and restores its export in test_rl_finetune_cli.
 RL_CASES, RL_IDS = CASES[1:], IDS[1:]
@@ -87,7 +87,8 @@ def test_a_batch_dependent_reference_switches_the_cache_off(corpus, nemo_quiet, 
     assert any("reference cache is off" in message for message in messages)
 
 
-def test_hybrid_policy_is_its_ctc_head_and_freezes_the_rnnt_head(bpe_tokenizer_dir, nemo_quiet, warnings_of):
+@pytest.mark.parametrize("family", ["hybrid", "hybrid_tdt"])
+def test_hybrid_policy_is_its_ctc_head_and_freezes_the_rnnt_head(family, bpe_tokenizer_dir, nemo_quiet, warnings_of):
     from omegaconf import OmegaConf
 
     from rlnf.config import TrainerConfig
@@ -95,7 +96,7 @@ def test_hybrid_policy_is_its_ctc_head_and_freezes_the_rnnt_head(bpe_tokenizer_d
     from rlnf.training import build_optimizer
 
     messages = warnings_of("rlnf.policy")
-    policy = CTCPolicy(build("hybrid", "bpe", bpe_tokenizer_dir), decoder="auto")
+    policy = CTCPolicy(build(family, "bpe", bpe_tokenizer_dir), decoder="auto")
     assert policy.hybrid and policy.head is policy.model.ctc_decoder
     assert any("hybrid" in message and "policy.decoder=ctc" in message for message in messages)
     frozen = {id(p) for module in (policy.model.decoder, policy.model.joint) for p in module.parameters()}
@@ -135,8 +136,8 @@ def test_a_model_without_a_ctc_head_is_refused_naming_the_key(nemo_quiet):
 def test_family_runs_rl_and_its_export_restores_and_decodes(family, tokens, bpe_tokenizer_dir, corpus,
                                                              tmp_path, nemo_quiet):
     """One GRPO step (KL on, reference cache checked) through `rlnf run`; last.nemo restores as the
-    same class and transcribes with NeMo's own transcribe; a hybrid's RNNT decoder and joint are
-    bit-identical after RL while its encoder and CTC head moved."""
+    same class and transcribes with NeMo's own transcribe (a TDT hybrid with TDT greedy decoding); a
+    hybrid's RNNT/TDT decoder and joint are bit-identical after RL while its encoder and CTC head moved."""
     from nemo.collections.asr.models import ASRModel
 
     from rlnf.policy import CTCPolicy
@@ -145,7 +146,8 @@ def test_family_runs_rl_and_its_export_restores_and_decodes(family, tokens, bpe_
     model = build(family, tokens, bpe_tokenizer_dir)
     model.save_to(str(start))
     out = tmp_path / "run"
-    assert main(["run", "rl_finetune", "--config", "rl/grpo", f"policy.path={start}", "policy.decoder=ctc",
+    decoder = "auto" if (family, tokens) == ("hybrid_tdt", "chars") else "ctc"  # auto takes a hybrid's CTC head too
+    assert main(["run", "rl_finetune", "--config", "rl/grpo", f"policy.path={start}", f"policy.decoder={decoder}",
                  f"data.train_manifest={corpus['train']}", f"output_dir={out}", "trainer.max_steps=1",
                  "trainer.batch_size=2", "algorithm.num_samples=3", "trainer.progress_bar=false",
                  "trainer.lr=1e-3"]) == 0
@@ -157,9 +159,12 @@ def test_family_runs_rl_and_its_export_restores_and_decodes(family, tokens, bpe_
     assert before.keys() == after.keys()
     moved = {name for name in before if not torch.equal(before[name], after[name])}
     assert any(name.startswith("encoder.") for name in moved)
-    if family == "hybrid":
+    if family.startswith("hybrid"):
         assert not any(name.startswith(("decoder.", "joint.")) for name in moved), sorted(moved)
         assert any(name.startswith("ctc_decoder.") for name in moved)
+    if family == "hybrid_tdt":  # NeMo's default decoder for the export: TDT greedy, one logit per duration
+        assert restored.cfg.decoding.model_type == "tdt" and restored.joint.num_extra_outputs == 5
+        assert "TDT" in type(restored.decoding.decoding).__name__
     wav = train_dataset(corpus, 1).utterances[0].audio_filepath
     hypotheses = restored.transcribe([wav], batch_size=1, verbose=False)
     assert len(hypotheses) == 1 and isinstance(getattr(hypotheses[0], "text", hypotheses[0]), str)

@@ -56,6 +56,7 @@ SETTINGS: dict[str, Any] = {
     "rl_num_samples": 8,
     "rl_batch_size": 8,
     "rl_kl_coef": 0.05,
+    "rl_consensus_weight": 0.0,  # > 0: the learned-reward run adds rlnf.rewards.consensus with this weight
     "supervised_lr": 5e-4,
     "self_training_min_confidence": 0.0,  # keep pseudo-labels whose mean per-frame max probability is >= this
     "run_seed": 42,  # trainer.seed of the reward model and of every run (scripts/quality.py varies it)
@@ -340,8 +341,11 @@ def rl_overrides(settings: dict[str, Any], policy: str, val_manifest: str, folde
 
 def rl_keys(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings an RL run of ``rl_overrides`` depends on (its stage key)."""
-    return {k: settings[k] for k in ("rl_algorithm", "rl_steps" if settings.get("rl_steps") else "rl_minutes",
+    keys = {k: settings[k] for k in ("rl_algorithm", "rl_steps" if settings.get("rl_steps") else "rl_minutes",
                                      "rl_lr", "rl_num_samples", "rl_batch_size", "rl_kl_coef", "run_seed")}
+    if settings.get("rl_consensus_weight"):  # only when set, so the stage keys of earlier runs still match
+        keys["rl_consensus_weight"] = settings["rl_consensus_weight"]
+    return keys
 
 
 def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], reward: dict[str, Any],
@@ -357,10 +361,12 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
 
     keys = rl_keys(settings)
     checkpoint = reward["best_checkpoint"]
+    consensus = settings.get("rl_consensus_weight")
+    learned = f"{{name: learned, path: '{checkpoint}'}}" + (
+        f", {{name: rlnf.rewards.consensus, weight: {consensus}}}" if consensus else "")
     runs = {f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}",
                                                      {"policy": base["pretrain"], "reward": reward, **keys},
-                                                     rl(data["heldout_unlabelled"],
-                                                        f"[{{name: learned, path: '{checkpoint}'}}]"))}
+                                                     rl(data["heldout_unlabelled"], f"[{learned}]"))}
     if oracle:
         runs[f"rl_cer_reward{suffix}"] = stages.run(f"rl_cer_reward{suffix}", {"policy": base["pretrain"], **keys},
                                                     rl(data["heldout_train"], "[{name: cer}]"))

@@ -89,3 +89,33 @@ def test_dotted_path_errors():
         build_rewards([RewardSpec(name="no_such_module.reward")])
     with pytest.raises(ConfigError, match="no attribute"):
         build_rewards([RewardSpec(name="tests.test_rewards.missing")])
+
+
+def test_consensus_scores_each_sample_against_the_rest_of_its_group():
+    """Against a brute force: the mean of 1 - rate(h_j as reference, h_i) over the other samples j,
+    clipped at 0; duplicates agree with each other; a group of one scores 1."""
+    import itertools
+
+    from rlnf.rewards import consensus, consensus_scores
+
+    group = ["the cat sat", "the cat sat", "a cat sat", "the hat", ""]
+    for unit in ("char", "word"):
+        expected = []
+        for i, hypothesis in enumerate(group):
+            rates = [error_rate(group[j], hypothesis, unit) for j in range(len(group)) if j != i]
+            expected.append(max(0.0, 1.0 - sum(rates) / len(rates)))
+        assert consensus_scores(group, unit) == pytest.approx(expected)
+    scores = consensus_scores(group)
+    assert scores[0] == scores[1] and scores[0] > scores[2] > scores[4] == 0.0  # the empty one: every rate 1
+    assert consensus_scores(["only"]) == [1.0] and consensus_scores([]) == []
+    four = consensus_scores(group[:4])
+    for permutation in itertools.permutations(range(4)):  # a sample's score does not depend on the order
+        shuffled = [group[k] for k in permutation]
+        assert consensus_scores(shuffled) == pytest.approx([four[k] for k in permutation])
+    reward = build_rewards([RewardSpec(name="rlnf.rewards.consensus", kwargs={"unit": "word"})])
+    assert reward.labels == ["consensus"] and not reward.needs_references
+    total, parts = reward(inputs([group[:3], group[2:]], [None, None]))
+    assert total.shape == (2, 3) and torch.allclose(total, parts["consensus"])
+    assert total[0].tolist() == pytest.approx(consensus_scores(group[:3], "word"))
+    with pytest.raises(ValueError, match="unit"):
+        consensus(inputs([group[:2]], [None]), unit="letters")

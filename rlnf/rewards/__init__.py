@@ -60,6 +60,28 @@ class ErrorRateReward:
         return torch.tensor(scores, dtype=torch.float32)
 
 
+def consensus_scores(group: Sequence[str], unit: str = "char") -> list[float]:
+    """Each sample's agreement with the rest of its group: 1 - the mean error rate (clipped at 0) of
+    hypothesis i when each other sample j of the group is taken as the reference. This is sample i's
+    expected accuracy under the policy's own distribution (MBR's expected utility, estimated from the
+    group). A group of one scores 1."""
+    if len(group) < 2:
+        return [1.0] * len(group)
+    return [max(0.0, 1.0 - sum(error_rate(reference, hypothesis, unit)
+                               for j, reference in enumerate(group) if j != i) / (len(group) - 1))
+            for i, hypothesis in enumerate(group)]
+
+
+def consensus(inputs: RewardInputs, unit: str = "char") -> torch.Tensor:
+    """Reference-free reward (``name: rlnf.rewards.consensus``, ``kwargs: {unit: char | word}``): each
+    hypothesis scored by ``consensus_scores`` against the other samples of its utterance, in the spirit
+    of test-time RL's majority vote. It rewards the policy's own consensus, so alone it sharpens what
+    the policy already says (much as self-training does); it is meant as a term beside a learned reward."""
+    if unit not in ("char", "word"):
+        raise ValueError(f"consensus: unit must be 'char' or 'word', not {unit!r}")
+    return torch.tensor([consensus_scores(group, unit) for group in inputs.hypotheses], dtype=torch.float32)
+
+
 def check_scores(name: str, scores: Any, batch_size: int, num_samples: int) -> torch.Tensor:
     """Validate a reward's output: shape [B, K], finite, within [0, 1]. Returns float32 [B, K] on CPU."""
     try:

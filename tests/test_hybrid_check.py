@@ -4,20 +4,16 @@ bit-identical after RL)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_script
+
 
 
 def load_hybrid_check():
-    spec = importlib.util.spec_from_file_location("hybrid_check_script", ROOT / "scripts" / "hybrid_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('hybrid_check')
 
 
 def test_summary_against_hand_values():

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_script
+
 
 
 def load_quality():
-    spec = importlib.util.spec_from_file_location("quality_script", ROOT / "scripts" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('quality')
 
 
 RUNS = ("rl_learned_reward", "rl_cer_reward", "supervised_continued", "self_training")

@@ -116,13 +116,15 @@ FAMILIES: dict[str, tuple[str, str]] = {
 TDT_DURATIONS = [0, 1, 2, 3, 4]
 
 
-def _conformer_encoder(n_mels: int, d_model: int, subsampling: str, factor: int, layers: int = 1) -> dict[str, Any]:
-    """A ConformerEncoder of ``layers`` layers: 'striding' x4 is Conformer-CTC's, 'dw_striding' x8 FastConformer's."""
+def _conformer_encoder(n_mels: int, d_model: int, subsampling: str, factor: int, layers: int = 1,
+                       heads: int = 2) -> dict[str, Any]:
+    """A ConformerEncoder of ``layers`` layers and ``heads`` attention heads: 'striding' x4 is
+    Conformer-CTC's, 'dw_striding' x8 FastConformer's."""
     return {
         "_target_": "nemo.collections.asr.modules.ConformerEncoder",
         "feat_in": n_mels, "n_layers": layers, "d_model": d_model, "subsampling": subsampling,
         "subsampling_factor": factor, "subsampling_conv_channels": d_model, "ff_expansion_factor": 2,
-        "self_attention_model": "rel_pos", "n_heads": 2, "conv_kernel_size": 9, "dropout": 0.0,
+        "self_attention_model": "rel_pos", "n_heads": heads, "conv_kernel_size": 9, "dropout": 0.0,
         "dropout_pre_encoder": 0.0, "dropout_emb": 0.0, "dropout_att": 0.0,
     }
 
@@ -142,12 +144,13 @@ def _citrinet_encoder(n_mels: int, channels: int) -> dict[str, Any]:
 
 
 def family_config(family: str, labels: list[str] | None = None, tokenizer_dir: str | None = None,
-                  n_mels: int = 64, width: int = 32, layers: int = 1) -> dict[str, Any]:
+                  n_mels: int = 64, width: int = 32, layers: int = 1, heads: int = 2) -> dict[str, Any]:
     """A tiny config (plain dict) of ``family`` (see ``FAMILIES``): characters ``labels``, or a
     SentencePiece tokenizer folder ``tokenizer_dir`` (NeMo's ``tokenizer.dir``, type bpe) for the
     BPE class. The preprocessor is ``quartznet_config``'s (16 kHz, 64 mel, dither and pad_to as
     there); ``width`` is the encoder's channels / d_model (and the hybrids' prediction and joint
-    width); ``layers`` the number of Conformer layers (Conformer, FastConformer, hybrids).
+    width); ``layers`` and ``heads`` the number of Conformer layers and attention heads (Conformer,
+    FastConformer, hybrids; ``heads`` must divide ``width``).
 
     ``hybrid_tdt`` is ``hybrid`` with NeMo's token-and-duration transducer (TDT) in place of the RNNT
     one, keyed as NeMo's fastconformer_hybrid_tdt_ctc_bpe.yaml: ``model_defaults.tdt_durations``, the
@@ -161,9 +164,9 @@ def family_config(family: str, labels: list[str] | None = None, tokenizer_dir: s
     if family == "citrinet":
         config["encoder"] = _citrinet_encoder(n_mels, width)
     elif family == "conformer":
-        config["encoder"] = _conformer_encoder(n_mels, width, "striding", 4, layers)
+        config["encoder"] = _conformer_encoder(n_mels, width, "striding", 4, layers, heads)
     elif family in ("fastconformer", "hybrid", "hybrid_tdt"):
-        config["encoder"] = _conformer_encoder(n_mels, width, "dw_striding", 8, layers)
+        config["encoder"] = _conformer_encoder(n_mels, width, "dw_striding", 8, layers, heads)
     encoder_out = config["decoder"]["feat_in"] if family == "quartznet" else width
     # num_classes -1 and no vocabulary: NeMo's BPE classes take both from the tokenizer.
     decoder = {"_target_": "nemo.collections.asr.modules.ConvASRDecoder", "feat_in": encoder_out,

@@ -73,17 +73,12 @@ def train_tokenizer(folder: Path, texts: list[str], vocab_size: int) -> str:
 
 
 def build_hybrid(tokenizer_dir: str, width: int, layers: int, seed: int):
-    """``family_config("hybrid")``'s BPE model (FastConformer x8) with ``layers`` layers of d_model ``width``."""
-    import torch
-    from nemo.collections.asr.models import EncDecHybridRNNTCTCBPEModel
-    from omegaconf import OmegaConf
+    """``family_config("hybrid")``'s BPE model (FastConformer x8) with ``layers`` layers of d_model ``width``
+    (4 attention heads when they divide it, else 2)."""
+    from rlnf.models import build_family_model
 
-    from rlnf.models import family_config
-
-    config = family_config("hybrid", tokenizer_dir=tokenizer_dir, width=width, layers=layers)
-    config["encoder"]["n_heads"] = 4 if width % 4 == 0 else 2
-    torch.manual_seed(seed)
-    return EncDecHybridRNNTCTCBPEModel(cfg=OmegaConf.create(config))
+    return build_family_model("hybrid", tokenizer_dir=tokenizer_dir, seed=seed, width=width, layers=layers,
+                              heads=4 if width % 4 == 0 else 2)
 
 
 def hybrid_loss(model, audio, audio_len, targets, target_len, rnnt: bool = True):
@@ -116,6 +111,7 @@ def pretrain(folder: Path, manifest: str, ctc_steps: int, hybrid_steps: int, wid
     from rlnf.config import DataConfig
     from rlnf.data.loader import AudioDataset, bucketed_batches, collate
     from rlnf.data.manifest import durations_of
+    from rlnf.policy import labels_to_padded
     from rlnf.recipe_utils import load_utterances
 
     utterances, _ = load_utterances(DataConfig(train_manifest=manifest), manifest, "pretraining needs transcripts")
@@ -140,11 +136,7 @@ def pretrain(folder: Path, manifest: str, ctc_steps: int, hybrid_steps: int, wid
     while step < steps:
         for rows in bucketed_batches(durations_of(utterances), batch_size, seed=seed, epoch=epoch):
             batch = collate([dataset[i] for i in rows])
-            ids = [model.tokenizer.text_to_ids(utterance.text) for utterance in batch.utterances]
-            target_len = torch.tensor([len(t) for t in ids])
-            targets = torch.zeros(len(ids), int(target_len.max()), dtype=torch.long)
-            for row, tokens in enumerate(ids):
-                targets[row, : len(tokens)] = torch.tensor(tokens)
+            targets, target_len = labels_to_padded([model.tokenizer.text_to_ids(u.text) for u in batch.utterances])
             loss, rnnt_loss, ctc_loss = hybrid_loss(model, batch.audio, batch.audio_len, targets, target_len,
                                                     rnnt=step >= ctc_steps)
             optimizer.zero_grad()

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,15 +150,14 @@ class Encoded:
     target_lengths: torch.Tensor | None = None
 
     def __getitem__(self, rows) -> "Encoded":
-        pick = (lambda t: None if t is None else t[rows])
-        return Encoded(self.pooled[rows], pick(self.states), pick(self.lengths), pick(self.keys),
-                       pick(self.ctc_log_probs), pick(self.ctc_lengths), pick(self.targets), pick(self.target_lengths))
+        return Encoded(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                          for f in fields(self)})
 
     def to(self, dtype: torch.dtype) -> "Encoded":
-        # CTC log-probabilities stay float32: the CTC recursion sums many of them.
-        cast = (lambda t: None if t is None else t.to(dtype))
-        return Encoded(self.pooled.to(dtype), cast(self.states), self.lengths, cast(self.keys),
-                       self.ctc_log_probs, self.ctc_lengths, self.targets, self.target_lengths)
+        """The features in ``dtype``; lengths and ids stay integers, and the CTC log-probabilities
+        stay float32 (the CTC recursion sums many of them)."""
+        return replace(self, **{name: getattr(self, name).to(dtype) for name in ("pooled", "states", "keys")
+                                if getattr(self, name) is not None})
 
 
 class CrossAttentionMatch(nn.Module):

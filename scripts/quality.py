@@ -244,13 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(presets) - set(ALGORITHM_NAMES))
     if unknown:
         parser.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHM_NAMES)}")
+    # --listening is the variant "listening": the demo's settings, scored by the listening reward model.
+    listening_item = ['listening={"reward_model": "listening"}'] if args.listening else []
     try:
-        variants = parse_variants(args.variant, settings)
+        variants = parse_variants(listening_item + args.variant, settings)
     except ValueError as exc:
-        parser.error(str(exc))
+        parser.error(f"{exc} (--listening is the variant named 'listening')" if args.listening else str(exc))
     run_names = (*TRAINED_RUNS, *[f"{run}-{preset}" for preset in presets
                                   for run in ("rl_learned_reward", "rl_cer_reward")],
-                 *(["rl_learned_reward-listening"] if args.listening else []),
                  *[f"rl_learned_reward-{name}" for name in variants])
     shared = Stages(root, fresh=False)
     base = prepare(shared, settings)
@@ -271,12 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                 others.update(rl_runs(stages, {**seeded, "rl_algorithm": preset}, base, reward, suffix=f"-{preset}"))
             results.update(evaluate_runs(stages, base, reward, others, device, name="evaluate_presets"))
         listening = None
-        if args.listening or any(v["reward_model"] == "listening" for v in variants.values()):
+        if any(v["reward_model"] == "listening" for v in variants.values()):
             listening = train_reward(stages, seeded, base, listening=True)
-        if args.listening:  # test WER/CER only; each run's own reward model is judged on held-out pairs
-            heard = rl_runs(stages, seeded, base, listening, suffix="-listening", oracle=False)
-            results.update(evaluate_runs(stages, base, reward, heard, device, name="evaluate_listening"))
-        for name, variant in variants.items():
+        for name, variant in variants.items():  # test WER/CER; each reward model is judged on held-out pairs
             scorer = listening if variant["reward_model"] == "listening" else reward
             tried = rl_runs(stages, {**seeded, **variant["settings"]}, base, scorer, suffix=f"-{name}", oracle=False)
             results.update(evaluate_runs(stages, base, reward, tried, device, name=f"evaluate_variant-{name}"))

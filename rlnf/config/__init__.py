@@ -16,7 +16,7 @@ Fields (``opt``) and value checks come from ``rlnf.schema``.
 This package is light (no torch / NeMo import) so ``rlnf --help`` and config errors are instant.
 """
 
-from rlnf.config.base import (RESUME_FIXED, RESUME_FORCE_HELP, RESUME_HELP, as_dictconfig, check_finite,
+from rlnf.config.base import (RESUME_FIXED, RESUME_FORCE_HELP, RESUME_HELP, RunConfig, as_dictconfig, check_finite,
                               finalize_config, iter_keys, load_config, to_yaml)
 from rlnf.config.ctc import CTCModelSection, CTCTrainConfig
 from rlnf.config.reward import (AugmentConfig, HardNegativesConfig, RewardDataConfig, RewardModelSection,
@@ -29,7 +29,7 @@ from rlnf.schema import opt
 __all__ = [
     "ALGORITHM_NAMES", "POLICY_DECODERS", "RESUME_FIXED", "RESUME_FORCE_HELP", "RESUME_HELP",
     "AlgorithmConfig", "AugmentConfig", "CTCModelSection", "CTCTrainConfig", "DataConfig", "HardNegativesConfig",
-    "OptimizerTrainerConfig", "PolicyConfig", "RLFinetuneConfig", "RewardDataConfig", "RewardModelSection",
+    "OptimizerTrainerConfig", "PolicyConfig", "RLFinetuneConfig", "RewardDataConfig", "RewardModelSection", "RunConfig",
     "RewardSpec", "RewardTrainConfig", "RewardTrainerConfig", "TrainerConfig",
     "as_dictconfig", "check_finite", "finalize_config", "iter_keys", "load_config", "opt", "to_yaml",
 ]

@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from rlnf.errors import ConfigError
 from rlnf.io import file_problem
+from rlnf.schema import opt
 
 
 def check_finite(config: Any, prefix: str = "") -> None:
@@ -51,6 +52,16 @@ RESUME_FORCE_HELP = ("With resume=true: accept changes to keys that change the r
                      "trainer.seed; train_reward_model: also data.val_split/score_key/score_scale/reference_key, "
                      "hard_negatives.*), which are refused otherwise. Other changes (lr, max_steps, logging...) "
                      "are allowed, warned about and recorded in resumes.jsonl.")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The keys every recipe's configuration starts with: its run folder (each recipe redefines
+    ``output_dir`` to say what it writes there) and whether it resumes."""
+
+    output_dir: str = opt(MISSING, "Run folder.")
+    resume: bool = opt(False, RESUME_HELP)
+    resume_force: bool = opt(False, RESUME_FORCE_HELP)
 
 
 # --------------------------------------------------------------------------------------------

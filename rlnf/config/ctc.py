@@ -7,7 +7,7 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from rlnf.config.base import RESUME_FORCE_HELP, RESUME_HELP
+from rlnf.config.base import RunConfig
 from rlnf.config.sections import DataConfig, TrainerConfig
 from rlnf.schema import check_choice, check_range, opt
 
@@ -34,12 +34,10 @@ class CTCModelSection:
 
 
 @dataclass
-class CTCTrainConfig:
+class CTCTrainConfig(RunConfig):
     """`rlnf run train_ctc`: supervised CTC training or fine-tuning of a NeMo QuartzNet-style model."""
 
     output_dir: str = opt(MISSING, "Run folder (same layout as rl_finetune).")
-    resume: bool = opt(False, RESUME_HELP)
-    resume_force: bool = opt(False, RESUME_FORCE_HELP)
     model: CTCModelSection = opt(factory=CTCModelSection, help="The model to train.")
     data: DataConfig = opt(factory=DataConfig, help="Labelled training and validation data.")
     trainer: TrainerConfig = opt(factory=lambda: TrainerConfig(lr=2e-3, batch_size=16, warmup_steps=100),

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from rlnf.config.base import RESUME_FORCE_HELP, RESUME_HELP
+from rlnf.config.base import RunConfig
 from rlnf.config.sections import OptimizerTrainerConfig
 from rlnf.errors import ConfigError
 from rlnf.reward_model.architecture import RewardArchitecture
@@ -126,13 +126,11 @@ class RewardTrainerConfig(OptimizerTrainerConfig):
 
 
 @dataclass
-class RewardTrainConfig:
+class RewardTrainConfig(RunConfig):
     """`rlnf run train_reward_model`: train a reward model on scored (audio, transcript) pairs."""
 
     output_dir: str = opt(MISSING, "Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/{best,last}/ "
                                    "(self-contained reward checkpoints), checkpoints/trainer_state.pt, summary.json.")
-    resume: bool = opt(False, RESUME_HELP)
-    resume_force: bool = opt(False, RESUME_FORCE_HELP)
     model: RewardModelSection = opt(factory=RewardModelSection, help="The reward model.")
     data: RewardDataConfig = opt(factory=RewardDataConfig, help="Scored training pairs.")
     augment: AugmentConfig = opt(factory=AugmentConfig, help="Training-time augmentation.")

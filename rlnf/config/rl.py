@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from rlnf.config.base import RESUME_FORCE_HELP, RESUME_HELP
+from rlnf.config.base import RunConfig
 from rlnf.config.sections import DataConfig, TrainerConfig
 from rlnf.errors import ConfigError
 from rlnf.schema import check_choice, check_positive, opt
@@ -178,13 +178,11 @@ class AlgorithmConfig:
 
 
 @dataclass
-class RLFinetuneConfig:
+class RLFinetuneConfig(RunConfig):
     """`rlnf run rl_finetune`: RL fine-tuning of a CTC policy against one or more rewards."""
 
     output_dir: str = opt(MISSING, "Run folder: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/, "
                                    "summary.json.")
-    resume: bool = opt(False, RESUME_HELP)
-    resume_force: bool = opt(False, RESUME_FORCE_HELP)
     policy: PolicyConfig = opt(factory=PolicyConfig, help="The policy to fine-tune.")
     data: DataConfig = opt(factory=DataConfig, help="Training and validation data.")
     trainer: TrainerConfig = opt(factory=TrainerConfig, help="Optimisation, logging and checkpointing.")

@@ -5,6 +5,8 @@
     rlnf config RECIPE                              every config key with its default and help
     rlnf evaluate --model M.nemo --manifest M.json  greedy WER/CER (+ mean reward)
     rlnf score --reward CKPT --manifest M.json      score (audio, text) pairs with a reward model
+    rlnf adapt-batchnorm --model M.nemo --manifest M.json --output A.nemo
+                                                    BatchNorm statistics re-estimated on untranscribed audio
     rlnf data synth --output DIR                    synthesise an offline speech corpus
     rlnf demo                                       the end-to-end offline demo
 """
@@ -97,6 +99,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt_batchnorm(args: argparse.Namespace) -> int:
+    quiet_nemo()
+    from rlnf.commands import adapt_batchnorm
+
+    print(json.dumps(adapt_batchnorm(args.model, args.manifest, args.output, batch_size=args.batch_size,
+                                     device=args.device), indent=2))
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from rlnf.synth import synthesize_corpus_cli
 
@@ -161,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=positive_int, default=64)
     score.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     score.set_defaults(func=cmd_score)
+
+    adapt = commands.add_parser("adapt-batchnorm", help="re-estimate a model's BatchNorm statistics on untranscribed "
+                                                        "audio (test-time adaptation; weights unchanged)")
+    adapt.add_argument("--model", required=True, help=".nemo file or pretrained name")
+    adapt.add_argument("--manifest", required=True, help="the audio to adapt to (no text needed)")
+    adapt.add_argument("--output", required=True, help="the adapted .nemo")
+    adapt.add_argument("--batch-size", type=positive_int, default=16)
+    adapt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    adapt.set_defaults(func=cmd_adapt_batchnorm)
 
     data = commands.add_parser("data", help="data tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)

@@ -1,4 +1,4 @@
-"""The `rlnf evaluate` and `rlnf score` commands (the card's intended uses), callable from Python too."""
+"""The `rlnf evaluate`, `rlnf score` and `rlnf adapt-batchnorm` commands, callable from Python too."""
 
 from __future__ import annotations
 
@@ -52,3 +52,22 @@ def score(reward: str, manifest: str, text_keys: Sequence[str] = ("text",), outp
 
     return score_manifest(reward, manifest, text_keys=list(text_keys), output=output, batch_size=batch_size,
                           device=device)
+
+
+def adapt_batchnorm(model: str, manifest: str, output: str, batch_size: int = 16, device: str = "auto") -> dict[str, Any]:
+    """Test-time BatchNorm adaptation (``CTCPolicy.adapt_batchnorm``): ``model``'s encoder BatchNorm
+    statistics re-estimated on the audio of ``manifest`` (no transcripts needed), written to ``output``
+    (a .nemo; every weight unchanged). A starting point for RL or self-training on that audio."""
+    from rlnf.config import DataConfig
+    from rlnf.data.loader import AudioDataset, eval_batches
+    from rlnf.policy import CTCPolicy
+    from rlnf.recipe_utils import load_utterances
+    from rlnf.training import resolve_device
+
+    out = check_output_file("--output", output, {"model": model, "manifest": manifest})
+    torch_device = resolve_device(device, "--device")
+    utterances, _ = load_utterances(DataConfig(train_manifest=manifest), manifest, False)
+    policy = CTCPolicy.load(model, torch_device)
+    counted = policy.adapt_batchnorm(eval_batches(AudioDataset(utterances, policy.sample_rate), batch_size))
+    policy.save(out)
+    return {"model": model, "manifest": manifest, "output": str(out), **counted}

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rlnf.io import atomic_write_text
+from rlnf.errors import ConfigError
+from rlnf.io import atomic_write_text, file_sha256
 
 log = logging.getLogger("rlnf.demo")
 
@@ -43,13 +44,20 @@ SETTINGS: dict[str, Any] = {
     "policy_size": "small",
     "pretrain_minutes": 4.5,
     "pretrain_lr": 3e-3,
+    # True: the held-out voice's runs start from the starting policy with its BatchNorm statistics
+    # re-estimated on that voice's untranscribed audio (rlnf adapt-batchnorm); False: from the policy itself.
+    "adapt_batchnorm": True,
     "scored_utterances": 1000,
     "scored_temperatures": [0.6, 1.0, 1.4],
     "scored_samples_per_temperature": 2,
-    "reward_epochs": 3,
+    # The reward model the demo trains and RL uses: "listening" (configs/reward/listening.yaml: the card's
+    # architecture plus a CTC head over letters, so it judges transcripts against the audio) or "card"
+    # (the card's model alone, reward_epochs epochs; it ranks transcripts by their text).
+    "reward_model": "listening",
+    "reward_epochs": 3,  # the card model's epochs (the listening model's are its config's)
     "reward_vocab_size": 384,
     "reward_rank_loss_weight": 1.0,
-    "rl_minutes": 1.6,
+    "rl_minutes": 0.85,
     "rl_steps": None,  # when set, the RL runs stop after this many steps, not rl_minutes (scripts/quality.py)
     "rl_algorithm": "grpo",
     "rl_lr": 1e-4,
@@ -63,6 +71,13 @@ SETTINGS: dict[str, Any] = {
 }
 RUN_NAMES = ("pretrained", "rl_learned_reward", "rl_cer_reward", "supervised_continued", "self_training")
 TRAINED_RUNS = RUN_NAMES[1:]
+ADAPTED = "batchnorm_adapted"  # the report's row for the BatchNorm-adapted starting point, when adapt_batchnorm
+
+
+def run_names(settings: dict[str, Any]) -> tuple[str, ...]:
+    """The report's rows: the pretrained policy, the BatchNorm-adapted one (when ``adapt_batchnorm``)
+    and the trained runs."""
+    return ("pretrained", *((ADAPTED,) if settings.get("adapt_batchnorm") else ()), *TRAINED_RUNS)
 
 
 def _fingerprint(params: dict[str, Any]) -> str:
@@ -219,7 +234,8 @@ def _plot(report: dict[str, Any], runs_dirs: dict[str, Path], path: Path) -> Non
     from rlnf.metric_logging import read_metrics
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5.2))
-    start = report["pretrained_val_wer"]
+    pretrained = report["pretrained_val_wer"]
+    adapted = report.get("start_val_wer", pretrained)  # where the held-out voice's runs start
     for name, folder in runs_dirs.items():
         rows = read_metrics(folder)
         rewards = [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]
@@ -230,9 +246,12 @@ def _plot(report: dict[str, Any], runs_dirs: dict[str, Path], path: Path) -> Non
                       for i in range(len(values))]
             line, = left.plot(steps, smooth, label=f"{name} (moving mean of 10)")
             left.plot(steps, values, color=line.get_color(), alpha=0.2)
+        start = pretrained if name == "supervised_continued" else adapted
         wer = [(0, start)] + [(r["step"], r["val/wer"]) for r in rows if "val/wer" in r]
         right.plot(*zip(*wer), marker="o", label=name)
-    right.axhline(start, color="grey", linestyle="--", label="pretrained")
+    right.axhline(pretrained, color="grey", linestyle="--", label="pretrained")
+    if adapted != pretrained:
+        right.axhline(adapted, color="grey", linestyle=":", label=ADAPTED)
     left.set(title="Training reward (mean over K samples)", xlabel="step", ylabel="reward")
     right.set(title=f"Validation WER, held-out voice {report['heldout_voice']}", xlabel="step", ylabel="WER")
     for axis in (left, right):
@@ -245,8 +264,9 @@ def _plot(report: dict[str, Any], runs_dirs: dict[str, Path], path: Path) -> Non
 
 
 def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
-    """Stages 1-3, shared by every seed: corpus, starting policy, scored pairs, and the starting
-    policy's pseudo-labels of the held-out voice's untranscribed audio (for self-training)."""
+    """Stages 1-3, shared by every seed: corpus, starting policy, its BatchNorm adaptation to the
+    held-out voice's untranscribed audio (``adapt_batchnorm``; the held-out runs' start), scored pairs,
+    and the held-out runs' starting policy's pseudo-labels of that audio (for self-training)."""
     def corpus(folder: Path) -> dict[str, Any]:
         from rlnf.data.manifest import write_manifest
         from rlnf.synth import synthesize_corpus
@@ -272,6 +292,17 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
             "trainer.batch_size=16", "trainer.warmup_steps=100", "trainer.val_every=0", "trainer.save_every=0",
             "trainer.log_every=10", f"trainer.seed={settings['seed']}", "trainer.lr_schedule=constant"]))
     policy = pretrain["last_checkpoint"]
+    # Where the held-out voice's runs start: the policy, or the policy adapted to that voice's audio.
+    start_stage, start = pretrain, policy
+    if settings.get("adapt_batchnorm"):
+        from rlnf.commands import adapt_batchnorm
+
+        def adapt(folder: Path) -> dict[str, Any]:
+            result = adapt_batchnorm(policy, data["heldout_unlabelled"], str(folder / "adapted.nemo"), device="cpu")
+            return {**result, "sha256": file_sha256(result["output"])}
+
+        start_stage = stages.run(ADAPTED, {"policy": pretrain, "audio": data["heldout_unlabelled"]}, adapt)
+        start = start_stage["output"]
 
     def scored(folder: Path) -> dict[str, Any]:
         train_pairs = _scored_pairs(policy, data["train"], folder / "scored_train.json",
@@ -282,23 +313,40 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
 
     pairs = stages.run("scored_pairs", {"policy": pretrain, **{k: settings[k] for k in (
         "scored_utterances", "scored_temperatures", "scored_samples_per_temperature")}}, scored)
-    heldout_pairs = stages.run("heldout_pairs", {"policy": pretrain, **{k: settings[k] for k in (
-        "scored_temperatures", "scored_samples_per_temperature")}}, lambda folder: {
-            "val": str(folder / "scored_heldout_val.json"),
-            "pairs": _scored_pairs(policy, data["heldout_val"], folder / "scored_heldout_val.json", 10_000, settings,
-                                   seed=3)})
-    labels = stages.run("pseudo_labels", {"policy": pretrain, "min_confidence": settings["self_training_min_confidence"]},
-                        lambda folder: _pseudo_labels(policy, data["heldout_unlabelled"], folder / "pseudo_labels.json",
-                                                      settings["self_training_min_confidence"]))
-    return {"data": data, "pretrain": pretrain, "policy": policy, "pairs": pairs, "heldout_pairs": heldout_pairs,
-            "pseudo_labels": labels}
+    # The reward model is checked on the hypotheses of the policy that RL starts from.
+    def heldout(folder: Path) -> dict[str, Any]:
+        out = folder / "scored_heldout_val.json"
+        pairs = _scored_pairs(start, data["heldout_val"], out, 10_000, settings, seed=3)
+        # The digest makes the stages that read the file (their keys hold this result) rerun when it changes.
+        return {"val": str(out), "pairs": pairs, **({"sha256": file_sha256(out)} if start != policy else {})}
+
+    heldout_pairs = stages.run("heldout_pairs", {"policy": start_stage, **{k: settings[k] for k in (
+        "scored_temperatures", "scored_samples_per_temperature")}}, heldout)
+    def pseudo_labels(folder: Path) -> dict[str, Any]:
+        result = _pseudo_labels(start, data["heldout_unlabelled"], folder / "pseudo_labels.json",
+                                settings["self_training_min_confidence"])
+        return {**result, **({"sha256": file_sha256(result["manifest"])} if start != policy else {})}
+
+    labels = stages.run("pseudo_labels", {"policy": start_stage, "min_confidence": settings["self_training_min_confidence"]},
+                        pseudo_labels)
+    return {"data": data, "pretrain": pretrain, "policy": policy, "start_stage": start_stage, "start": start,
+            "pairs": pairs, "heldout_pairs": heldout_pairs, "pseudo_labels": labels}
 
 
-def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any], listening: bool = False) -> dict[str, Any]:
+REWARD_MODELS = ("listening", "card")
+
+
+def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any], model: str | None = None) -> dict[str, Any]:
     """Stage 4: the reward model on the scored pairs (seeded by ``run_seed``), and whether it listens
     on the held-out voice (``reward_listening`` on that voice's validation clips: its key "heldout").
-    ``listening``: the model of configs/reward/listening.yaml (a CTC head over letters, CTC pre-training,
-    one epoch of pairs) in stages "reward_model-listening" and "reward_heldout-listening"."""
+    ``model`` (default ``settings["reward_model"]``): "card", the card's model for ``reward_epochs``
+    epochs, in stages "reward_model" and "reward_heldout"; or "listening", the model of
+    configs/reward/listening.yaml (a CTC head over letters, CTC pre-training, one epoch of pairs), in
+    stages "reward_model-listening" and "reward_heldout-listening"."""
+    model = model or settings["reward_model"]
+    if model not in REWARD_MODELS:
+        raise ConfigError(f"demo setting reward_model: {model!r} is not one of {', '.join(REWARD_MODELS)}")
+    listening = model == "listening"
     pairs = base["pairs"]
     suffix, config = ("-listening", "reward/listening") if listening else ("", None)
     epochs = [] if listening else [f"trainer.epochs={settings['reward_epochs']}"]  # the config's own otherwise
@@ -352,8 +400,8 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
             suffix: str = "", oracle: bool = True) -> dict[str, dict[str, Any]]:
     """Stages 5-6: RL with the learned reward (no transcripts) and RL with 1 - CER (the oracle), with
     ``rl_overrides``, seeded by ``run_seed``; stage names end in ``suffix`` (scripts/quality.py compares
-    presets this way). ``oracle=False``: the learned-reward run only."""
-    data, policy = base["data"], base["policy"]
+    presets this way). ``oracle=False``: the learned-reward run only. Both start from ``base["start"]``."""
+    data, policy = base["data"], base["start"]
 
     def rl(train_manifest: str, rewards: str) -> Callable[[Path], dict[str, Any]]:
         return lambda folder: _run_recipe("rl_finetune", rl_overrides(settings, policy, data["heldout_val"], folder,
@@ -365,46 +413,50 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
     learned = f"{{name: learned, path: '{checkpoint}'}}" + (
         f", {{name: rlnf.rewards.consensus, weight: {consensus}}}" if consensus else "")
     runs = {f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}",
-                                                     {"policy": base["pretrain"], "reward": reward, **keys},
+                                                     {"policy": base["start_stage"], "reward": reward, **keys},
                                                      rl(data["heldout_unlabelled"], f"[{learned}]"))}
     if oracle:
-        runs[f"rl_cer_reward{suffix}"] = stages.run(f"rl_cer_reward{suffix}", {"policy": base["pretrain"], **keys},
+        runs[f"rl_cer_reward{suffix}"] = stages.run(f"rl_cer_reward{suffix}", {"policy": base["start_stage"], **keys},
                                                     rl(data["heldout_train"], "[{name: cer}]"))
     return runs
 
 
 def trained_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
                  reward: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Stages 5-8: the two RL runs (``rl_runs``), continued supervised training and self-training, each
-    for ``rl_minutes`` (seeded by ``run_seed``)."""
-    data, policy, seed = base["data"], base["policy"], settings["run_seed"]
+    """Stages 5-8: the two RL runs (``rl_runs``), continued supervised training (from the policy) and
+    self-training (from the held-out runs' start, ``base["start"]``), each for ``rl_minutes`` (seeded by
+    ``run_seed``)."""
+    data, seed = base["data"], settings["run_seed"]
 
-    def ctc_overrides(folder: Path, train_manifest: str) -> list[str]:
+    def ctc_overrides(folder: Path, policy: str, train_manifest: str) -> list[str]:
         return [f"output_dir={folder}", f"model.path={policy}", f"data.train_manifest={train_manifest}",
                 f"data.val_manifest={data['heldout_val']}", "trainer.max_steps=100000",
                 f"trainer.max_minutes={settings['rl_minutes']}", f"trainer.lr={settings['supervised_lr']}",
                 "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.batch_size=16",
                 "trainer.val_every=40", "trainer.save_every=0", "trainer.log_every=10", f"trainer.seed={seed}"]
 
-    ctc_keys = {"policy": base["pretrain"], "minutes": settings["rl_minutes"], "lr": settings["supervised_lr"],
-                "seed": seed}
+    ctc_keys = {"minutes": settings["rl_minutes"], "lr": settings["supervised_lr"], "seed": seed}
     return {
         **rl_runs(stages, settings, base, reward),
-        "supervised_continued": stages.run("supervised_continued", ctc_keys,
-                                           lambda folder: _run_recipe("train_ctc", ctc_overrides(folder, data["train"]))),
-        "self_training": stages.run("self_training", {**ctc_keys, "labels": base["pseudo_labels"]},
+        "supervised_continued": stages.run("supervised_continued", {"policy": base["pretrain"], **ctc_keys},
+                                           lambda folder: _run_recipe("train_ctc", ctc_overrides(
+                                               folder, base["policy"], data["train"]))),
+        "self_training": stages.run("self_training", {"policy": base["start_stage"], **ctc_keys,
+                                                      "labels": base["pseudo_labels"]},
                                     lambda folder: _run_recipe("train_ctc", ctc_overrides(
-                                        folder, base["pseudo_labels"]["manifest"]))),
+                                        folder, base["start"], base["pseudo_labels"]["manifest"]))),
     }
 
 
 def evaluate_runs(stages: Stages, base: dict[str, Any], reward: dict[str, Any], runs: dict[str, dict[str, Any]],
                   device: str, name: str = "evaluate") -> dict[str, Any]:
     """Stage 9: greedy WER / CER / mean learned reward on the held-out voice's test sentences (the
-    only stage that reads them) of the pretrained model and every run in ``runs``, and the pretrained
-    model on its validation sentences."""
+    only stage that reads them) of the pretrained model, the BatchNorm-adapted one (when the runs
+    start from it) and every run in ``runs``, and of the runs' starting model on the validation
+    sentences."""
     data, policy = base["data"], base["policy"]
-    models = {"pretrained": policy, **{run: result["last_checkpoint"] for run, result in runs.items()}}
+    adapted = {ADAPTED: base["start"]} if base["start"] != policy else {}
+    models = {"pretrained": policy, **adapted, **{run: result["last_checkpoint"] for run, result in runs.items()}}
 
     def evaluate(folder: Path) -> dict[str, Any]:
         from rlnf.commands import evaluate as evaluate_command
@@ -414,10 +466,13 @@ def evaluate_runs(stages: Stages, base: dict[str, Any], reward: dict[str, Any], 
                    for run, path in models.items()}
         # The starting point of the validation curves (the runs validate on heldout_val).
         results["pretrained_val"] = evaluate_command(policy, data["heldout_val"], device=device)
+        if adapted:
+            results["start_val"] = evaluate_command(base["start"], data["heldout_val"], device=device)
         return {"models": models, **results}
 
     # The key holds the upstream stages' results (not just paths, which stay the same when they rerun).
-    return stages.run(name, {"runs": [base["pretrain"], *runs.values()], "reward": reward, "val": True}, evaluate)
+    return stages.run(name, {"runs": [base["pretrain"], *([base["start_stage"]] if adapted else []), *runs.values()],
+                             "reward": reward, "val": True}, evaluate)
 
 
 def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fresh: bool = False,
@@ -436,7 +491,9 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
     reward = train_reward(stages, settings, base)
     runs = trained_runs(stages, settings, base, reward)
     results = evaluate_runs(stages, base, reward, runs, device)
-    seconds = {"pretrained": stages.timings["pretrain"], **{name: stages.timings[name] for name in TRAINED_RUNS}}
+    names = run_names(settings)
+    seconds = {"pretrained": stages.timings["pretrain"],
+               **{name: stages.timings[name] for name in names if name != "pretrained"}}
     models = results["models"]
 
     report = {
@@ -444,11 +501,12 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
         "test_manifest": base["data"]["heldout_test"],
         "device": device,
         "runs": [{"name": name, "model": models[name], "wer": results[name]["wer"], "cer": results[name]["cer"],
-                  "reward": results[name]["reward"], "seconds": round(seconds[name], 1)} for name in RUN_NAMES],
+                  "reward": results[name]["reward"], "seconds": round(seconds[name], 1)} for name in names],
         "timings": {name: round(value, 1) for name, value in stages.timings.items()},
         "total_seconds": round(sum(stages.timings.values()), 1),  # every stage, cached ones as they ran
         "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
         "pretrained_val_wer": results["pretrained_val"]["wer"],
+        "start_val_wer": results.get("start_val", results["pretrained_val"])["wer"],
         "self_training_labels": {k: base["pseudo_labels"][k] for k in ("kept", "dropped")},
         "reward_model": {"checkpoint": reward["best_checkpoint"],
                          "val": {k: v for k, v in reward["final_metrics"].items() if k.startswith("val/")},
@@ -482,7 +540,13 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
 def scaled_settings(budget_minutes: float = 15.0, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """SETTINGS with overrides; the time-boxed stages (pretraining, the RL runs, continued supervised
     training and self-training) scale with the budget; the defaults fill ~15 of 15 minutes on 2 CPU cores."""
+    unknown = sorted(set(settings or {}) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"demo settings: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(SETTINGS))}")
     settings = {**SETTINGS, **(settings or {})}
+    if settings["reward_model"] not in REWARD_MODELS:
+        raise ConfigError(f"demo setting reward_model: {settings['reward_model']!r} is not one of "
+                          f"{', '.join(REWARD_MODELS)}")
     scale = budget_minutes / 15.0
     settings["pretrain_minutes"] = round(settings["pretrain_minutes"] * scale, 3)
     settings["rl_minutes"] = round(settings["rl_minutes"] * scale, 3)

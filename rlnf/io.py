@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 import tempfile
@@ -15,6 +16,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 from rlnf.errors import ConfigError
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
 
 TEMPORARY_MARK = ".tmp"  # in every temporary name written here: ".{stem}.{random}.tmp{suffix}"
 

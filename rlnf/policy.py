@@ -14,7 +14,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -273,6 +273,44 @@ class CTCPolicy:
                     module.train()
         elif mode not in ("rollout", "eval"):
             raise ValueError(f"unknown mode {mode!r}")
+
+    def batchnorm_layers(self) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+        """The encoder's BatchNorm layers, in module order."""
+        return [module for module in self.model.encoder.modules()
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+
+    def adapt_batchnorm(self, batches: Iterable) -> dict[str, int]:
+        """Test-time BatchNorm adaptation: re-estimate the running mean and variance of every encoder
+        BatchNorm from the audio of ``batches`` (``AudioBatch``es; no transcripts, no gradients, no
+        weight changes). Each layer's new statistics are the plain average over the batches of its
+        batch mean and unbiased batch variance (``momentum=None``, as ``torch.optim.swa_utils.update_bn``
+        estimates them), with every later layer seeing the earlier layers' batch statistics. Everything
+        else runs in eval mode (no dropout, SpecAugment or dither). The model is left in eval mode.
+        Returns ``{"layers", "batches", "utterances"}``."""
+        layers = self.batchnorm_layers()
+        if not layers:
+            raise CheckpointError(f"{type(self.model).__name__}: the encoder has no BatchNorm layer to adapt")
+        momenta = [layer.momentum for layer in layers]
+        counted = {"layers": len(layers), "batches": 0, "utterances": 0}
+        try:
+            for layer in layers:
+                layer.reset_running_stats()
+                layer.momentum = None  # cumulative average of the batch statistics
+            self.model.eval()
+            for layer in layers:
+                layer.train()
+            with torch.no_grad():
+                for batch in batches:
+                    self.forward(batch.audio.to(self.device), batch.audio_len.to(self.device))
+                    counted["batches"] += 1
+                    counted["utterances"] += len(batch.audio_len)
+        finally:
+            for layer, momentum in zip(layers, momenta):
+                layer.momentum = momentum
+            self.model.eval()
+        if not counted["batches"]:
+            raise DataError("BatchNorm adaptation got no audio: the manifest has no usable clip")
+        return counted
 
     def freeze(self) -> "CTCPolicy":
         """Make this a frozen reference: eval mode, no gradients."""

@@ -14,7 +14,6 @@ Corpus layout (``synthesize_corpus``), split by *sentence* so test sentences are
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from rlnf.errors import RlnfError
+from rlnf.io import file_sha256
 from rlnf.resources import sentences_file
 
 SAMPLE_RATE = 16000
@@ -115,10 +115,6 @@ def load_sentences(count: int, seed: int = 0, source: str | Path | None = None) 
         raise RlnfError(f"asked for {count} sentences but {source} has {len(lines)}")
     order = np.random.default_rng(seed).permutation(len(lines))[:count]
     return [lines[i] for i in order]
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def synthesize_corpus(

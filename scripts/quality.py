@@ -21,14 +21,20 @@ for the reward model, the within-clip Spearman on the held-out voice's own polic
 audio gain (the same with every clip's transcripts scored against another clip's audio); and, for the
 learned-reward run, the largest rise of its validation WER while its validation reward rose.
 
+With the demo's adapt_batchnorm (the default), the held-out voice's runs (both RL runs and
+self-training) start from the starting policy with its BatchNorm statistics re-estimated on that
+voice's untranscribed audio; that model is the row "batchnorm_adapted" (the same for every seed), and
+the oracle-gap fraction is also given from it (what RL itself added).
+
 --presets adds, per seed, the two RL runs (learned reward, 1 - CER) of every other preset named,
 against the same reward model: runs "rl_learned_reward-PRESET" and "rl_cer_reward-PRESET".
 
 --variant NAME=JSON (repeatable) adds, per seed, one learned-reward RL run "rl_learned_reward-NAME" with
-the demo's settings overridden by JSON (keys of rlnf.demo.SETTINGS, e.g. {"rl_kl_coef": 0.2}); the
-extra key "reward_model": "listening" makes it score with the listening reward model (which --listening
-then need not run). Choose among variants on their final validation WER (the held-out voice's
-validation set), never on the test columns.
+the demo's settings overridden by JSON (keys of rlnf.demo.SETTINGS, e.g. {"rl_kl_coef": 0.2}); its
+"reward_model" ("listening", the demo's, or "card") names the reward model that scores it, trained per
+seed like the demo's. --other-reward-model is the variant named after the demo's other reward model.
+Choose among variants on their final validation WER (the held-out voice's validation set), never on
+the test columns.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from rlnf.demo import ADAPTED, REWARD_MODELS  # rlnf.demo imports neither torch nor NeMo
 
 BASE_SEED = 42  # the demo's run_seed
 
@@ -73,7 +81,8 @@ def largest_wer_rise_while_reward_rose(rows: list[dict[str, Any]]) -> float:
 
 
 def parse_variants(items: list[str], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``NAME=JSON`` items as {name: {"settings": overrides, "reward_model": "card" | "listening"}};
+    """``NAME=JSON`` items as {name: {"settings": overrides, "reward_model": "card" | "listening"}} (the
+    reward model defaults to the demo's, ``settings["reward_model"]``);
     raises ValueError naming the item for a bad name, bad JSON or a key the demo has no setting for."""
     variants: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -86,9 +95,10 @@ def parse_variants(items: list[str], settings: dict[str, Any]) -> dict[str, dict
             raise ValueError(f"--variant {name}: bad JSON ({exc})") from None
         if not isinstance(overrides, dict):
             raise ValueError(f"--variant {name}: JSON must be an object of settings")
-        reward_model = overrides.pop("reward_model", "card")
-        if reward_model not in ("card", "listening"):
-            raise ValueError(f"--variant {name}: reward_model must be 'card' or 'listening', not {reward_model!r}")
+        reward_model = overrides.pop("reward_model", settings["reward_model"])
+        if reward_model not in REWARD_MODELS:
+            raise ValueError(f"--variant {name}: reward_model must be one of {', '.join(REWARD_MODELS)}, not "
+                             f"{reward_model!r}")
         unknown = sorted(set(overrides) - set(settings))
         if unknown:
             raise ValueError(f"--variant {name}: unknown setting(s) {', '.join(unknown)}; "
@@ -126,10 +136,19 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
             entry.update({"final_val_wer_mean": val[0], "final_val_wer_std": val[1],
                           "steps_per_seed": [seed["steps"][name] for seed in per_seed]})
         runs[name] = entry
-    fractions = [(seed["wer"]["pretrained"] - seed["wer"]["rl_learned_reward"])
-                 / (seed["wer"]["pretrained"] - seed["wer"]["rl_cer_reward"])
-                 if seed["wer"]["pretrained"] != seed["wer"]["rl_cer_reward"] else float("nan") for seed in per_seed]
+    def oracle_fractions(start: str) -> list[float]:
+        return [(seed["wer"][start] - seed["wer"]["rl_learned_reward"]) / (seed["wer"][start] - seed["wer"]["rl_cer_reward"])
+                if seed["wer"][start] != seed["wer"]["rl_cer_reward"] else float("nan") for seed in per_seed]
+
+    fractions = oracle_fractions("pretrained")
     fraction_mean, fraction_std = mean_std(fractions)
+    adapted = {}
+    if ADAPTED in run_names:  # the RL runs started from the BatchNorm-adapted policy: what RL itself added
+        from_start = oracle_fractions(ADAPTED)
+        adapted = {"oracle_fraction_from_adapted_mean": mean_std(from_start)[0],
+                   "oracle_fraction_from_adapted_std": mean_std(from_start)[1],
+                   "learned_beats_adapted_every_seed": all(
+                       seed["wer"]["rl_learned_reward"] < seed["wer"][ADAPTED] for seed in per_seed)}
     final_val = mean_std([seed["final_val_wer"] for seed in per_seed])
     return {
         "seeds": len(per_seed),
@@ -138,13 +157,15 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
         "oracle_fraction_mean": fraction_mean,
         "oracle_fraction_std": fraction_std,
         "oracle_fraction_per_seed": fractions,
+        **adapted,
         "learned_beats_self_training_every_seed": all(
             seed["wer"]["rl_learned_reward"] < seed["wer"]["self_training"] for seed in per_seed),
-        "reward_model": {**heldout_figures(per_seed, "reward_heldout"),
+        "reward_model": {"name": per_seed[0].get("reward_model", "card"), **heldout_figures(per_seed, "reward_heldout"),
                          "val_group_spearman_mean": statistics.fmean(
                              seed["reward_val"].get("val/group_spearman", float("nan")) for seed in per_seed)},
-        **({"reward_model_listening": heldout_figures(per_seed, "reward_heldout_listening")}
-           if "reward_heldout_listening" in per_seed[0] else {}),
+        # The other reward model, when variants used it: "reward_model_card" or "reward_model_listening".
+        **{f"reward_model_{model}": heldout_figures(per_seed, f"reward_heldout_{model}")
+           for model in REWARD_MODELS if f"reward_heldout_{model}" in per_seed[0]},
         "learned_validation": {"largest_wer_rise_while_reward_rose": [seed["wer_rise"] for seed in per_seed],
                                "final_val_wer_mean": final_val[0], "final_val_wer_std": final_val[1]},
     }
@@ -163,7 +184,12 @@ def print_table(summary: dict[str, Any]) -> None:
     print(f"oracle-gap fraction of rl_learned_reward: {summary['oracle_fraction_mean']:.2f} +- "
           f"{summary['oracle_fraction_std']:.2f}; beats self-training on every seed: "
           f"{summary['learned_beats_self_training_every_seed']}")
-    for name, figures in (("reward model", reward), ("listening reward model", summary.get("reward_model_listening"))):
+    if "oracle_fraction_from_adapted_mean" in summary:
+        print(f"from the {ADAPTED} start: oracle-gap fraction {summary['oracle_fraction_from_adapted_mean']:.2f} +- "
+              f"{summary['oracle_fraction_from_adapted_std']:.2f}; beats {ADAPTED} on every seed: "
+              f"{summary['learned_beats_adapted_every_seed']}")
+    others = [(f"{model} reward model (variants)", summary.get(f"reward_model_{model}")) for model in REWARD_MODELS]
+    for name, figures in ((f"{reward['name']} reward model (the demo's)", reward), *others):
         if figures:
             print(f"{name} on the held-out voice's hypotheses: within-clip Spearman "
                   f"{figures['heldout_group_spearman_mean']:.3f} +- {figures['heldout_group_spearman_std']:.3f}, "
@@ -212,15 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="{}", help="JSON overrides of rlnf.demo.SETTINGS (e.g. smaller runs)")
     parser.add_argument("--rl-steps", type=int, help="RL runs stop after this many steps rather than the demo's "
                                                       "minutes: figures a busy machine cannot change")
-    parser.add_argument("--listening", action="store_true",
-                        help="also train, per seed, the reward model of configs/reward/listening.yaml and run RL "
-                             "with it: run rl_learned_reward-listening")
+    parser.add_argument("--other-reward-model", action="store_true",
+                        help="also train, per seed, the demo's other reward model (card when the demo uses "
+                             "listening, and the reverse) and run RL with it: run rl_learned_reward-MODEL")
     parser.add_argument("--presets", default="", help="also run RL with these presets, comma-separated (e.g. "
                                                       "rloo,reinforce,ppo,mwer); the demo's grpo always runs")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help='also run learned-reward RL with these demo settings (repeatable), e.g. '
-                             'kl02=\'{"rl_kl_coef": 0.2}\'; add "reward_model": "listening" to score with the '
-                             'listening reward model: run rl_learned_reward-NAME')
+                             'kl02=\'{"rl_kl_coef": 0.2}\'; add "reward_model": "card" or "listening" to score '
+                             'with that reward model (default: the demo\'s): run rl_learned_reward-NAME')
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -229,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlnf.cli import quiet_nemo, setup_logging
     from rlnf.config import ALGORITHM_NAMES
-    from rlnf.demo import TRAINED_RUNS, Stages, evaluate_runs, prepare, rl_runs, scaled_settings, train_reward, trained_runs
+    from rlnf.errors import ConfigError
+    from rlnf.demo import (Stages, evaluate_runs, prepare, rl_runs, run_names as demo_runs, scaled_settings, train_reward,
+                           trained_runs)
     from rlnf.metric_logging import read_metrics
 
     setup_logging()
@@ -237,20 +265,24 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     root = Path(args.output).expanduser().resolve()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = scaled_settings(args.budget_minutes, json.loads(args.settings))
+    try:
+        settings = scaled_settings(args.budget_minutes, json.loads(args.settings))
+    except (ValueError, ConfigError) as exc:
+        parser.error(f"--settings: {exc}")
     if args.rl_steps:
         settings["rl_steps"] = args.rl_steps
     presets = [name for name in args.presets.split(",") if name and name != settings["rl_algorithm"]]
     unknown = sorted(set(presets) - set(ALGORITHM_NAMES))
     if unknown:
         parser.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHM_NAMES)}")
-    # --listening is the variant "listening": the demo's settings, scored by the listening reward model.
-    listening_item = ['listening={"reward_model": "listening"}'] if args.listening else []
+    # --other-reward-model is the variant named after that model: the demo's settings, scored by it.
+    other = next(model for model in REWARD_MODELS if model != settings["reward_model"])
+    other_item = [f'{other}={{"reward_model": "{other}"}}'] if args.other_reward_model else []
     try:
-        variants = parse_variants(listening_item + args.variant, settings)
+        variants = parse_variants(other_item + args.variant, settings)
     except ValueError as exc:
-        parser.error(f"{exc} (--listening is the variant named 'listening')" if args.listening else str(exc))
-    run_names = (*TRAINED_RUNS, *[f"{run}-{preset}" for preset in presets
+        parser.error(f"{exc} (--other-reward-model is the variant named '{other}')" if other_item else str(exc))
+    run_names = (*demo_runs(settings)[1:], *[f"{run}-{preset}" for preset in presets
                                   for run in ("rl_learned_reward", "rl_cer_reward")],
                  *[f"rl_learned_reward-{name}" for name in variants])
     shared = Stages(root, fresh=False)
@@ -271,11 +303,11 @@ def main(argv: list[str] | None = None) -> int:
             for preset in presets:
                 others.update(rl_runs(stages, {**seeded, "rl_algorithm": preset}, base, reward, suffix=f"-{preset}"))
             results.update(evaluate_runs(stages, base, reward, others, device, name="evaluate_presets"))
-        listening = None
-        if any(v["reward_model"] == "listening" for v in variants.values()):
-            listening = train_reward(stages, seeded, base, listening=True)
+        scorers = {settings["reward_model"]: reward}
+        for model in sorted({variant["reward_model"] for variant in variants.values()} - set(scorers)):
+            scorers[model] = train_reward(stages, seeded, base, model)
         for name, variant in variants.items():  # test WER/CER; each reward model is judged on held-out pairs
-            scorer = listening if variant["reward_model"] == "listening" else reward
+            scorer = scorers[variant["reward_model"]]
             tried = rl_runs(stages, {**seeded, **variant["settings"]}, base, scorer, suffix=f"-{name}", oracle=False)
             results.update(evaluate_runs(stages, base, reward, tried, device, name=f"evaluate_variant-{name}"))
         rows = read_metrics(folder / "rl_learned_reward")
@@ -289,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             "wer": {name: results[name]["wer"] for name in ("pretrained", *run_names)},
             "cer": {name: results[name]["cer"] for name in ("pretrained", *run_names)},
             "reward_heldout": reward["heldout"],
-            **({"reward_heldout_listening": listening["heldout"]} if listening else {}),
+            "reward_model": settings["reward_model"],
+            **{f"reward_heldout_{model}": scorer["heldout"] for model, scorer in scorers.items()
+               if model != settings["reward_model"]},
             "reward_val": {k: v for k, v in reward["final_metrics"].items() if k.startswith("val/")},
             "wer_rise": largest_wer_rise_while_reward_rose(rows),
             "final_val_wer": curves[seed][-1][1] if curves[seed] else float("nan"),

@@ -118,3 +118,53 @@ def test_encoder_passes_wait_on_no_other_process(tiny_nemo, monkeypatch):
 
     keep_encoder_passes_local(conformer)
     assert conformer.sync_max_audio_length is False
+
+
+def test_adapt_batchnorm_averages_each_layers_batch_statistics(tiny_policy, tiny_nemo):
+    """Every encoder BatchNorm ends with the plain average over batches of its input's batch mean and
+    unbiased variance, computed here independently with hooks on a copy whose BatchNorms normalise by
+    batch statistics; weights, momenta and eval mode are unchanged, and a model without BatchNorm is
+    refused."""
+    from types import SimpleNamespace
+
+    batches = [SimpleNamespace(audio=audio * scale, audio_len=lengths)
+               for scale, (audio, lengths) in zip((1.0, 3.0, 0.5), (batch_of(), batch_of((0.8, 0.8, 0.5)),
+                                                                     batch_of((0.7,))))]
+    twin = CTCPolicy.load(tiny_nemo)
+    twin.set_mode("eval")  # no dither or SpecAugment
+    layers = twin.batchnorm_layers()
+    seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {index: [] for index in range(len(layers))}
+
+    def record(index):
+        def hook(module, inputs):
+            x = inputs[0].transpose(0, 1).reshape(inputs[0].shape[1], -1).double()  # [C, B*T]
+            seen[index].append((x.mean(dim=1), x.var(dim=1, unbiased=True)))
+        return hook
+
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(record(index))
+        layer.train()
+    with torch.no_grad():
+        for batch in batches:
+            twin.forward(batch.audio, batch.audio_len)
+
+    weights = {name: value.clone() for name, value in tiny_policy.model.named_parameters()}
+    momenta = [layer.momentum for layer in tiny_policy.batchnorm_layers()]
+    counted = tiny_policy.adapt_batchnorm(batches)
+    assert counted == {"layers": len(layers), "batches": 3, "utterances": 6} and len(layers) > 2
+    for index, layer in enumerate(tiny_policy.batchnorm_layers()):
+        mean = torch.stack([m for m, _ in seen[index]]).mean(dim=0)
+        var = torch.stack([v for _, v in seen[index]]).mean(dim=0)
+        torch.testing.assert_close(layer.running_mean.double(), mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.running_var.double(), var, rtol=1e-4, atol=1e-5)
+        assert not layer.training and int(layer.num_batches_tracked) == 3
+    assert [layer.momentum for layer in tiny_policy.batchnorm_layers()] == momenta
+    assert not tiny_policy.model.training
+    assert all(torch.equal(value, weights[name]) for name, value in tiny_policy.model.named_parameters())
+
+    with pytest.raises(DataError, match="no audio"):
+        tiny_policy.adapt_batchnorm([])
+    for layer in tiny_policy.batchnorm_layers():  # no BatchNorm left: nothing to adapt
+        layer.__class__ = torch.nn.Identity
+    with pytest.raises(CheckpointError, match="no BatchNorm"):
+        tiny_policy.adapt_batchnorm(batches)

@@ -59,13 +59,13 @@ def test_largest_wer_rise_counts_rises_while_the_reward_rose():
 
 def test_variants_are_parsed_with_the_reward_model_and_bad_ones_named():
     quality = load_quality()
-    settings = {"rl_kl_coef": 0.05, "rl_lr": 1e-4}
+    settings = {"rl_kl_coef": 0.05, "rl_lr": 1e-4, "reward_model": "listening"}
     variants = quality.parse_variants(['kl02={"rl_kl_coef": 0.2}',
-                                       'lis={"reward_model": "listening", "rl_lr": 2e-4}'], settings)
-    assert variants == {"kl02": {"settings": {"rl_kl_coef": 0.2}, "reward_model": "card"},
-                        "lis": {"settings": {"rl_lr": 2e-4}, "reward_model": "listening"}}
+                                       'card={"reward_model": "card", "rl_lr": 2e-4}'], settings)
+    assert variants == {"kl02": {"settings": {"rl_kl_coef": 0.2}, "reward_model": "listening"},  # the demo's
+                        "card": {"settings": {"rl_lr": 2e-4}, "reward_model": "card"}}
     for item, words in [('a={"rl_kl": 1}', "unknown setting(s) rl_kl"), ("a={bad", "a: bad JSON"),
-                        ("a=[1]", "object"), ('a={"reward_model": "x"}', "'card' or 'listening'"),
+                        ("a=[1]", "object"), ('a={"reward_model": "x"}', "one of listening, card"),
                         ("no_json", "NAME=JSON"), ('a b={}', "NAME=JSON")]:
         with pytest.raises(ValueError, match=None) as raised:
             quality.parse_variants([item], settings)
@@ -91,22 +91,43 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
     out, figures = tmp_path / "demo", tmp_path / "quality.json"
     quality = load_quality()
     assert quality.main(["--output", str(out), "--seeds", "2", "--json", str(figures), "--presets", "rloo",
-                         "--rl-steps", "3", "--listening", "--settings", json.dumps(settings)]) == 0
+                         "--rl-steps", "3", "--other-reward-model", "--settings", json.dumps(settings)]) == 0
     summary = json.loads(figures.read_text())
     assert summary["seeds"] == 2 and summary["seconds"] > 0 and summary["stage_seconds"] >= summary["seconds"] * 0.5
-    for name in (*RUNS, "rl_learned_reward-rloo", "rl_cer_reward-rloo", "rl_learned_reward-listening"):
+    for name in (*RUNS, "rl_learned_reward-rloo", "rl_cer_reward-rloo", "rl_learned_reward-card"):
         run = summary["runs"][name]
         assert {"wer_change_mean", "wer_change_std", "wer_change_per_seed"} <= set(run)
         assert len(run["wer_change_per_seed"]) == 2
         if name.startswith("rl_"):  # step-boxed by --rl-steps, whatever the machine's load
             assert run["steps_per_seed"] == [3, 3]
     assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model"])
-    assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model_listening"])
-    assert (out / "reward_model-listening" / "checkpoints").is_dir()
+    assert summary["reward_model"]["name"] == "listening"  # the demo's; the other one scored the variant
+    assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model_card"])
+    assert (out / "reward_model-listening" / "checkpoints").is_dir() and (out / "reward_model" / "checkpoints").is_dir()
     assert "oracle_fraction_mean" in summary
+    # The held-out voice's runs start from the BatchNorm-adapted policy (the demo's adapt_batchnorm), its own row.
+    adapted = out / "batchnorm_adapted" / "adapted.nemo"
+    assert summary["runs"]["batchnorm_adapted"]["wer_change_per_seed"][0] == \
+        summary["runs"]["batchnorm_adapted"]["wer_change_per_seed"][1]  # no seed in it
+    assert {"oracle_fraction_from_adapted_mean", "learned_beats_adapted_every_seed"} <= set(summary)
+    for run in ("rl_learned_reward", "rl_cer_reward", "self_training"):
+        config = (out / run / "config.yaml").read_text()
+        assert str(adapted) in config, run
+    assert str(adapted) not in (out / "supervised_continued" / "config.yaml").read_text()
     first, second = summary["per_seed"]
     assert first["reward_val"] != second["reward_val"]  # the reward model's training changed
     sampled = [read_metrics(folder / "rl_learned_reward")[0]["rollout/log_prob"]
                for folder in (out, out / "quality" / "seed_43")]
     assert sampled[0] != sampled[1]  # RL sampling changed
     assert (out / "quality" / "quality.png").stat().st_size > 10_000
+
+
+def test_demo_settings_refuse_an_unknown_key_or_reward_model_before_any_stage():
+    from rlnf.demo import scaled_settings
+    from rlnf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) rl_lrr"):
+        scaled_settings(15.0, {"rl_lrr": 1e-4})
+    with pytest.raises(ConfigError, match="reward_model: 'cards' is not one of listening, card"):
+        scaled_settings(15.0, {"reward_model": "cards"})
+    assert scaled_settings(7.5, {"reward_model": "card"})["rl_minutes"] == pytest.approx(0.425)

@@ -173,3 +173,27 @@ def test_family_runs_rl_and_its_export_restores_and_decodes(family, tokens, bpe_
     clip = corpus_clips(corpus, 1)[0]
     assert isinstance(policy.transcribe(clip.unsqueeze(0), torch.tensor([len(clip)]))[0], str)
 
+
+
+@pytest.mark.parametrize(("family", "tokens"), CASES, ids=IDS)
+def test_batchnorm_adaptation_moves_every_family_s_statistics_and_nothing_else(family, tokens, bpe_tokenizer_dir,
+                                                                                corpus, nemo_quiet):
+    """``CTCPolicy.adapt_batchnorm`` on each family: every encoder BatchNorm (QuartzNet's and Citrinet's
+    blocks, the Conformers' convolution modules) gets new statistics from the clips, every weight and
+    every other buffer stays, and the adapted policy still gives log-probabilities."""
+    from rlnf.data.loader import eval_batches
+    from rlnf.policy import CTCPolicy
+
+    policy = CTCPolicy(as_if_trained(build(family, tokens, bpe_tokenizer_dir)), decoder="ctc")
+    before = {name: value.clone() for name, value in policy.model.state_dict().items()}
+    counted = policy.adapt_batchnorm(eval_batches(train_dataset(corpus, 6), batch_size=3))
+    assert counted["batches"] == 2 and counted["utterances"] == 6 and counted["layers"] == len(policy.batchnorm_layers())
+    after = policy.model.state_dict()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    statistics = {name for name in before if name.startswith("encoder.") and
+                  name.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert statistics and moved == statistics
+    policy.set_mode("rollout")
+    with torch.no_grad():
+        log_probs, _ = policy.forward(torch.randn(1, 16000) * 0.1, torch.tensor([16000]))
+    assert torch.isfinite(log_probs).all()

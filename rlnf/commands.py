@@ -60,6 +60,7 @@ def adapt_batchnorm(model: str, manifest: str, output: str, batch_size: int = 16
     (a .nemo; every weight unchanged). A starting point for RL or self-training on that audio."""
     from rlnf.config import DataConfig
     from rlnf.data.loader import AudioDataset, eval_batches
+    from rlnf.errors import CheckpointError, DataError
     from rlnf.policy import CTCPolicy
     from rlnf.recipe_utils import load_utterances
     from rlnf.training import resolve_device
@@ -68,6 +69,11 @@ def adapt_batchnorm(model: str, manifest: str, output: str, batch_size: int = 16
     torch_device = resolve_device(device, "--device")
     utterances, _ = load_utterances(DataConfig(train_manifest=manifest), manifest, False)
     policy = CTCPolicy.load(model, torch_device)
-    counted = policy.adapt_batchnorm(eval_batches(AudioDataset(utterances, policy.sample_rate), batch_size))
+    try:
+        counted = policy.adapt_batchnorm(eval_batches(AudioDataset(utterances, policy.sample_rate), batch_size))
+    except CheckpointError as exc:
+        raise CheckpointError(f"--model {model}: {exc}") from None
+    except DataError as exc:
+        raise DataError(f"--manifest {manifest}: {exc}") from None
     policy.save(out)
     return {"model": model, "manifest": manifest, "output": str(out), **counted}

@@ -1,18 +1,23 @@
 """`rlnf demo`: the offline end-to-end demo on synthetic speech, within ~15 minutes on 2 CPU cores.
 
-1. corpus         flite/espeak speech of public-domain sentences; one voice held out entirely
-2. pretrain       a small QuartzNet trained with CTC on the other voices (the starting policy)
-3. scored_pairs   the policy's own hypotheses (greedy, samples at several temperatures) and corrupted
-                  references on the training voices, scored 1 - CER (the reward model's training data)
-4. reward_model   train_reward_model on those pairs
-5. rl_learned     RL on the held-out voice's audio WITHOUT transcripts, learned reward only
-6. rl_cer         the same RL budget with the 1 - CER reward (transcripts given), for comparison
-7. supervised     the same wall-clock of continued supervised training on the labelled voices
-8. self_training  the same wall-clock of supervised training on the starting policy's own greedy
-                  transcripts of the held-out voice's untranscribed audio (pseudo-labels)
-9. evaluate       greedy WER / CER / mean learned reward on the held-out voice's test sentences
+1. corpus            flite/espeak speech of public-domain sentences; one voice held out entirely
+2. pretrain          a small QuartzNet trained with CTC on the other voices (the starting policy)
+   batchnorm_adapted that policy with its BatchNorm statistics re-estimated on the held-out voice's
+                     untranscribed audio (``adapt_batchnorm``): where the held-out voice's runs start
+3. scored_pairs      the policy's own hypotheses (greedy, samples at several temperatures) and corrupted
+                     references on the training voices, scored 1 - CER (the reward model's training data);
+                     heldout_pairs: the start's hypotheses of the held-out voice's validation clips;
+                     pseudo_labels: the start's greedy transcripts of that voice's untranscribed audio
+4. reward_model      train_reward_model on those pairs: the listening model (``reward_model: listening``,
+                     stage reward_model-listening) or the card's (``card``, stage reward_model), and its
+                     check on the held-out voice (reward_heldout[-listening])
+5. rl_learned        RL on the held-out voice's audio WITHOUT transcripts, learned reward only
+6. rl_cer            the same RL budget with the 1 - CER reward (transcripts given), for comparison
+7. supervised        the same wall-clock of continued supervised training on the labelled voices
+8. self_training     the same wall-clock of supervised training of the start on its pseudo-labels
+9. evaluate          greedy WER / CER / mean learned reward on the held-out voice's test sentences
 
-The stages are functions (``prepare``, ``train_reward``, ``rl_run``, ...) that ``scripts/quality.py``
+The stages are functions (``prepare``, ``train_reward``, ``rl_runs``, ...) that ``scripts/quality.py``
 also runs, once per seed, to judge the same comparison over several seeds.
 
 Every stage is cached in its folder (``stage.json`` records its parameters); a second run re-uses
@@ -263,6 +268,14 @@ def _plot(report: dict[str, Any], runs_dirs: dict[str, Path], path: Path) -> Non
     plt.close(figure)
 
 
+def content_key(result: dict[str, Any], name: str) -> dict[str, str]:
+    """``{name: digest}`` of a stage result that names files by path, for the key of a stage that takes
+    only a path from it: a stage that reruns rewrites its files under the same paths, and its digest
+    is what tells the stages downstream to rerun too. Every result that names a file carries its
+    "sha256" (results cached before digests existed have none: their keys stay as they were)."""
+    return {name: result["sha256"]} if "sha256" in result else {}
+
+
 def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
     """Stages 1-3, shared by every seed: corpus, starting policy, its BatchNorm adaptation to the
     held-out voice's untranscribed audio (``adapt_batchnorm``; the held-out runs' start), scored pairs,
@@ -279,12 +292,13 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
         unlabelled = folder / "heldout_unlabelled.json"  # the RL-with-learned-reward data: audio only
         write_manifest(unlabelled, [{"audio_filepath": r["audio_filepath"], "duration": r["duration"],
                                      "speaker": r["speaker"]} for r in rows])
-        return {**manifests, "heldout_unlabelled": str(unlabelled)}
+        # The digest of the corpus index (it holds every file's checksum): see ``content_key``.
+        return {**manifests, "heldout_unlabelled": str(unlabelled), "sha256": file_sha256(folder / "corpus.json")}
 
     data = stages.run("corpus", {k: settings[k] for k in ("sentences", "split", "voices", "voices_per_sentence",
                                                           "heldout_voice", "seed")},
                       corpus)
-    pretrain = stages.run("pretrain", {"data": data["train"], **{k: settings[k] for k in (
+    pretrain = stages.run("pretrain", {"data": data["train"], **content_key(data, "corpus"), **{k: settings[k] for k in (
         "policy_size", "pretrain_minutes", "pretrain_lr", "seed")}}, lambda folder: _run_recipe("train_ctc", [
             f"output_dir={folder}", f"data.train_manifest={data['train']}", f"data.val_manifest={data['val']}",
             f"model.size={settings['policy_size']}", "model.spec_augment=false", "trainer.max_steps=100000",
@@ -309,7 +323,8 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
                                     settings["scored_utterances"], settings, seed=1)
         val_pairs = _scored_pairs(policy, data["val"], folder / "scored_val.json", 10_000, settings, seed=2)
         return {"train": str(folder / "scored_train.json"), "val": str(folder / "scored_val.json"),
-                "train_pairs": train_pairs, "val_pairs": val_pairs}
+                "train_pairs": train_pairs, "val_pairs": val_pairs,
+                "sha256": file_sha256(folder / "scored_train.json") + file_sha256(folder / "scored_val.json")}
 
     pairs = stages.run("scored_pairs", {"policy": pretrain, **{k: settings[k] for k in (
         "scored_utterances", "scored_temperatures", "scored_samples_per_temperature")}}, scored)
@@ -317,15 +332,14 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
     def heldout(folder: Path) -> dict[str, Any]:
         out = folder / "scored_heldout_val.json"
         pairs = _scored_pairs(start, data["heldout_val"], out, 10_000, settings, seed=3)
-        # The digest makes the stages that read the file (their keys hold this result) rerun when it changes.
-        return {"val": str(out), "pairs": pairs, **({"sha256": file_sha256(out)} if start != policy else {})}
+        return {"val": str(out), "pairs": pairs, "sha256": file_sha256(out)}
 
     heldout_pairs = stages.run("heldout_pairs", {"policy": start_stage, **{k: settings[k] for k in (
         "scored_temperatures", "scored_samples_per_temperature")}}, heldout)
     def pseudo_labels(folder: Path) -> dict[str, Any]:
         result = _pseudo_labels(start, data["heldout_unlabelled"], folder / "pseudo_labels.json",
                                 settings["self_training_min_confidence"])
-        return {**result, **({"sha256": file_sha256(result["manifest"])} if start != policy else {})}
+        return {**result, "sha256": file_sha256(result["manifest"])}
 
     labels = stages.run("pseudo_labels", {"policy": start_stage, "min_confidence": settings["self_training_min_confidence"]},
                         pseudo_labels)
@@ -334,6 +348,11 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 REWARD_MODELS = ("listening", "card")
+
+
+def reward_stage(model: str) -> str:
+    """The stage (folder) that trains reward model ``model``: "reward_model-listening" or "reward_model"."""
+    return "reward_model-listening" if model == "listening" else "reward_model"
 
 
 def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any], model: str | None = None) -> dict[str, Any]:
@@ -348,9 +367,9 @@ def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
         raise ConfigError(f"demo setting reward_model: {model!r} is not one of {', '.join(REWARD_MODELS)}")
     listening = model == "listening"
     pairs = base["pairs"]
-    suffix, config = ("-listening", "reward/listening") if listening else ("", None)
+    suffix, config = reward_stage(model).removeprefix("reward_model"), "reward/listening" if listening else None
     epochs = [] if listening else [f"trainer.epochs={settings['reward_epochs']}"]  # the config's own otherwise
-    reward = stages.run(f"reward_model{suffix}", {"pairs": pairs, "epochs": None if listening else settings["reward_epochs"],
+    reward = stages.run(reward_stage(model), {"pairs": pairs, "epochs": None if listening else settings["reward_epochs"],
                                                 "vocab": settings["reward_vocab_size"], "augment": "masks-only",
                                                 "batches": "by clip", "rank": settings["reward_rank_loss_weight"],
                                                 "seed": settings["run_seed"], **({"config": config} if listening else {})},
@@ -385,6 +404,12 @@ def rl_overrides(settings: dict[str, Any], policy: str, val_manifest: str, folde
         "trainer.lr_schedule=constant", "trainer.warmup_steps=10", *budget, "trainer.val_every=40",
         "trainer.save_every=0", "trainer.samples_every=40", "trainer.best_metric=val/reward",
         f"trainer.seed={settings['run_seed']}", f"rewards={rewards}"]
+
+
+# The settings of one RL run alone (what scripts/quality.py's --variant may change); the others shape
+# the stages every run shares: the corpus, the starting policy, the pairs, the reward model.
+RL_SETTINGS = ("rl_algorithm", "rl_minutes", "rl_steps", "rl_lr", "rl_num_samples", "rl_batch_size", "rl_kl_coef",
+               "rl_consensus_weight")
 
 
 def rl_keys(settings: dict[str, Any]) -> dict[str, Any]:

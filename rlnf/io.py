@@ -17,9 +17,14 @@ from typing import Callable, Iterator, Mapping
 
 from rlnf.errors import ConfigError
 
+
 def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes (hex)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 TEMPORARY_MARK = ".tmp"  # in every temporary name written here: ".{stem}.{random}.tmp{suffix}"

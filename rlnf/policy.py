@@ -275,9 +275,9 @@ class CTCPolicy:
             raise ValueError(f"unknown mode {mode!r}")
 
     def batchnorm_layers(self) -> list[torch.nn.modules.batchnorm._BatchNorm]:
-        """The encoder's BatchNorm layers, in module order."""
+        """The encoder's BatchNorm layers that keep running statistics, in module order."""
         return [module for module in self.model.encoder.modules()
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
 
     def adapt_batchnorm(self, batches: Iterable) -> dict[str, int]:
         """Test-time BatchNorm adaptation: re-estimate the running mean and variance of every encoder
@@ -285,12 +285,15 @@ class CTCPolicy:
         weight changes). Each layer's new statistics are the plain average over the batches of its
         batch mean and unbiased batch variance (``momentum=None``, as ``torch.optim.swa_utils.update_bn``
         estimates them), with every later layer seeing the earlier layers' batch statistics. Everything
-        else runs in eval mode (no dropout, SpecAugment or dither). The model is left in eval mode.
+        else runs in eval mode (no dropout, SpecAugment or dither). The model is left in eval mode; when
+        this raises (no audio, a clip that cannot be read), its statistics are what they were before.
         Returns ``{"layers", "batches", "utterances"}``."""
         layers = self.batchnorm_layers()
         if not layers:
             raise CheckpointError(f"{type(self.model).__name__}: the encoder has no BatchNorm layer to adapt")
         momenta = [layer.momentum for layer in layers]
+        saved = [(layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
+                 for layer in layers]
         counted = {"layers": len(layers), "batches": 0, "utterances": 0}
         try:
             for layer in layers:
@@ -304,12 +307,19 @@ class CTCPolicy:
                     self.forward(batch.audio.to(self.device), batch.audio_len.to(self.device))
                     counted["batches"] += 1
                     counted["utterances"] += len(batch.audio_len)
+            if not counted["batches"]:
+                raise DataError("BatchNorm adaptation got no audio: the manifest has no usable clip")
+        except BaseException:
+            with torch.no_grad():
+                for layer, (mean, var, tracked) in zip(layers, saved):
+                    layer.running_mean.copy_(mean)
+                    layer.running_var.copy_(var)
+                    layer.num_batches_tracked.copy_(tracked)
+            raise
         finally:
             for layer, momentum in zip(layers, momenta):
                 layer.momentum = momentum
             self.model.eval()
-        if not counted["batches"]:
-            raise DataError("BatchNorm adaptation got no audio: the manifest has no usable clip")
         return counted
 
     def freeze(self) -> "CTCPolicy":

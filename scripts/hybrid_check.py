@@ -3,8 +3,9 @@
     python scripts/hybrid_check.py --demo-output demo_output --output hybrid_output \\
         [--seeds 42 43 44] [--runs cer learned] [--rl-steps 150] [--ctc-steps 1500] [--hybrid-steps 40] [--json OUT.json]
 
-Reads the corpus and the reward model of a finished `rlnf demo` (``DEMO/corpus/stage.json``,
-``DEMO/reward_model/stage.json``) and writes nothing there.
+Reads the corpus and the reward model of a finished `rlnf demo` (``DEMO/corpus/stage.json``, and
+``DEMO/reward_model-listening/stage.json`` or ``DEMO/reward_model/stage.json``: the model the demo's
+report names) and writes nothing there.
 
 1. pretrain  a hybrid RNNT-CTC BPE model (``rlnf.models.family_config("hybrid", ...)``: FastConformer x8,
              ``--layers`` layers of d_model ``--width``, a ``--vocab-size`` SentencePiece tokenizer of the
@@ -51,10 +52,16 @@ HEADS = ("ctc", "rnnt")
 
 
 def demo_inputs(demo_output: Path) -> tuple[dict[str, str], str | None]:
-    """The demo's manifests (train, heldout_train, heldout_unlabelled, heldout_val, heldout_test, ...) and its
-    reward model checkpoint (None when the demo has none)."""
+    """The demo's manifests (train, heldout_train, heldout_unlabelled, heldout_val, heldout_test, ...) and the
+    checkpoint of the reward model its RL used (its report's ``settings.reward_model``, else today's default;
+    None when the demo has not trained it)."""
+    from rlnf.demo import SETTINGS, reward_stage
+
     data = json.loads((demo_output / "corpus" / "stage.json").read_text())["result"]
-    reward = demo_output / "reward_model" / "stage.json"
+    report = demo_output / "report.json"
+    model = json.loads(report.read_text())["settings"].get("reward_model", "card") if report.exists() \
+        else SETTINGS["reward_model"]  # a report without the key predates the setting: the card model
+    reward = demo_output / reward_stage(model) / "stage.json"
     checkpoint = json.loads(reward.read_text())["result"]["best_checkpoint"] if reward.exists() else None
     return data, checkpoint
 
@@ -261,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     data, reward = demo_inputs(Path(args.demo_output).expanduser().resolve())
     if "learned" in args.runs and reward is None:
-        parser.error(f"--runs learned needs the demo's reward model ({args.demo_output}/reward_model); use --runs cer")
+        parser.error(f"--runs learned needs the demo's reward model ({args.demo_output}/reward_model-listening, or "
+                     "reward_model for a demo run with the card's model); use --runs cer")
     root = Path(args.output).expanduser().resolve()
     stages = Stages(root, fresh=False)
     limit = args.limit

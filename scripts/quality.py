@@ -9,13 +9,13 @@ It re-uses the demo's folder: the corpus, the starting policy, the scored pairs 
 (stages it finds missing run first, exactly as `rlnf demo` runs them). Seed i (trainer.seed 42 + i;
 the first one is the demo's own runs, re-used when cached) retrains the reward model and reruns RL
 with the learned reward (no transcripts), RL with 1 - CER (the oracle), continued supervised
-training and self-training (the starting policy's greedy transcripts of the same untranscribed audio
+training and self-training (the held-out runs' start's greedy transcripts of the same untranscribed audio
 the learned-reward run sees, as labels). Every run has the demo's wall-clock budget, so run it on an
 otherwise idle machine, or give --rl-steps (the RL runs then stop after that many steps, whatever
 the machine's load; the supervised baselines keep their minutes). The test set is read by the final evaluation of each seed only: nothing is
 chosen on it.
 
-Reported per run: the relative change of test WER and CER against the starting policy (negative when
+Reported per run: the relative change of test WER and CER against the pretrained policy (negative when
 they fall), mean +- std over seeds; the oracle-gap fraction (WER_pre - WER_run) / (WER_pre - WER_cer);
 for the reward model, the within-clip Spearman on the held-out voice's own policy hypotheses and its
 audio gain (the same with every clip's transcripts scored against another clip's audio); and, for the
@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlnf.demo import ADAPTED, REWARD_MODELS  # rlnf.demo imports neither torch nor NeMo
+from rlnf.demo import ADAPTED, REWARD_MODELS, RL_SETTINGS  # rlnf.demo imports neither torch nor NeMo
 
 BASE_SEED = 42  # the demo's run_seed
 
@@ -103,6 +103,11 @@ def parse_variants(items: list[str], settings: dict[str, Any]) -> dict[str, dict
         if unknown:
             raise ValueError(f"--variant {name}: unknown setting(s) {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(settings))}")
+        shared = sorted(set(overrides) - set(RL_SETTINGS))
+        if shared:
+            raise ValueError(f"--variant {name}: {', '.join(shared)} shape(s) what every run shares (corpus, starting "
+                             f"policy, pairs, reward model); give it with --settings. A variant may change "
+                             f"{', '.join(RL_SETTINGS)} and reward_model")
         variants[name] = {"settings": overrides, "reward_model": reward_model}
     return variants
 
@@ -173,7 +178,7 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
 
 def print_table(summary: dict[str, Any]) -> None:
     print(f"\n{summary['seeds']} seeds {summary['seed_values']}; held-out voice test set; changes relative to the "
-          "starting policy, mean +- std")
+          "pretrained policy, mean +- std")
     print(f"{'run':<30} {'WER':>7} {'WER change':>18} {'CER change':>18} {'final val WER':>16}  steps")
     for name, run in summary["runs"].items():
         val = f"{run['final_val_wer_mean']:.3f} +- {run['final_val_wer_std']:.3f}" if "final_val_wer_mean" in run else ""

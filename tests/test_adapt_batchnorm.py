@@ -43,3 +43,20 @@ def test_adapt_batchnorm_refuses_to_overwrite_its_model_and_names_a_missing_mani
                  "--output", str(tmp_path / "a.nemo")]) == 2
     err = capsys.readouterr().err
     assert "missing.json" in err and not (tmp_path / "a.nemo").exists()
+
+
+def test_adapt_batchnorm_errors_name_the_model_or_the_manifest(pretrained_tiny_nemo, corpus, tmp_path, capsys,
+                                                               monkeypatch):
+    from rlnf.errors import CheckpointError, DataError
+
+    for error, named in ((CheckpointError("EncDecCTCModel: the encoder has no BatchNorm layer to adapt"),
+                          f"--model {pretrained_tiny_nemo}"),
+                         (DataError("BatchNorm adaptation got no audio"), f"--manifest {corpus['heldout_val']}")):
+        def fail(self, batches, error=error):
+            raise error
+
+        monkeypatch.setattr(CTCPolicy, "adapt_batchnorm", fail)
+        assert main(["adapt-batchnorm", "--model", pretrained_tiny_nemo, "--manifest", corpus["heldout_val"],
+                     "--output", str(tmp_path / "a.nemo")]) == 2
+        err = capsys.readouterr().err
+        assert named in err and str(error) in err and not (tmp_path / "a.nemo").exists()

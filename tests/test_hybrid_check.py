@@ -16,6 +16,24 @@ def load_hybrid_check():
     return load_script('hybrid_check')
 
 
+def test_demo_inputs_find_the_reward_model_the_demo_used(tmp_path):
+    """The listening model's stage when the demo's report names it (or has no report: today's default), the
+    card model's for a report from before the setting existed."""
+    script = load_hybrid_check()
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "stage.json").write_text(json.dumps({"result": {"train": "t.json"}}))
+    for stage, checkpoint in (("reward_model", "card/best"), ("reward_model-listening", "listening/best")):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "stage.json").write_text(json.dumps({"result": {"best_checkpoint": checkpoint}}))
+    assert script.demo_inputs(tmp_path) == ({"train": "t.json"}, "listening/best")
+    for settings, expected in (({"reward_model": "card"}, "card/best"), ({}, "card/best"),
+                               ({"reward_model": "listening"}, "listening/best")):
+        (tmp_path / "report.json").write_text(json.dumps({"settings": settings}))
+        assert script.demo_inputs(tmp_path)[1] == expected, settings
+    (tmp_path / "reward_model-listening" / "stage.json").unlink()
+    assert script.demo_inputs(tmp_path)[1] is None  # the report's model was never trained here
+
+
 def test_summary_against_hand_values():
     script = load_hybrid_check()
     before = {"ctc": {"wer": 0.8, "cer": 0.4}, "rnnt": {"wer": 0.7, "cer": 0.3}}

@@ -162,8 +162,18 @@ def test_adapt_batchnorm_averages_each_layers_batch_statistics(tiny_policy, tiny
     assert not tiny_policy.model.training
     assert all(torch.equal(value, weights[name]) for name, value in tiny_policy.model.named_parameters())
 
-    with pytest.raises(DataError, match="no audio"):
-        tiny_policy.adapt_batchnorm([])
+    adapted = [(layer.running_mean.clone(), layer.running_var.clone()) for layer in tiny_policy.batchnorm_layers()]
+
+    def failing():  # a clip that cannot be read, after one good batch
+        yield batches[0]
+        raise DataError("clip.wav: unreadable")
+
+    for bad, message in (([], "no audio"), (failing(), "unreadable")):
+        with pytest.raises(DataError, match=message):
+            tiny_policy.adapt_batchnorm(bad)
+        for layer, (mean, var) in zip(tiny_policy.batchnorm_layers(), adapted):  # statistics as they were
+            assert torch.equal(layer.running_mean, mean) and torch.equal(layer.running_var, var)
+            assert int(layer.num_batches_tracked) == 3 and layer.momentum == momenta[0] and not layer.training
     for layer in tiny_policy.batchnorm_layers():  # no BatchNorm left: nothing to adapt
         layer.__class__ = torch.nn.Identity
     with pytest.raises(CheckpointError, match="no BatchNorm"):

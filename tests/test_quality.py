@@ -64,7 +64,9 @@ def test_variants_are_parsed_with_the_reward_model_and_bad_ones_named():
                                        'card={"reward_model": "card", "rl_lr": 2e-4}'], settings)
     assert variants == {"kl02": {"settings": {"rl_kl_coef": 0.2}, "reward_model": "listening"},  # the demo's
                         "card": {"settings": {"rl_lr": 2e-4}, "reward_model": "card"}}
+    settings = {**settings, "adapt_batchnorm": True}
     for item, words in [('a={"rl_kl": 1}', "unknown setting(s) rl_kl"), ("a={bad", "a: bad JSON"),
+                        ('a={"adapt_batchnorm": false}', "adapt_batchnorm shape(s) what every run shares"),
                         ("a=[1]", "object"), ('a={"reward_model": "x"}', "one of listening, card"),
                         ("no_json", "NAME=JSON"), ('a b={}', "NAME=JSON")]:
         with pytest.raises(ValueError, match=None) as raised:

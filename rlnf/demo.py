@@ -350,8 +350,15 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
 REWARD_MODELS = ("listening", "card")
 
 
+def check_reward_model(model: str) -> None:
+    """Refuse a reward model the demo cannot train, naming the setting."""
+    if model not in REWARD_MODELS:
+        raise ConfigError(f"demo setting reward_model: {model!r} is not one of {', '.join(REWARD_MODELS)}")
+
+
 def reward_stage(model: str) -> str:
-    """The stage (folder) that trains reward model ``model``: "reward_model-listening" or "reward_model"."""
+    """The stage (folder) that trains reward model ``model``: "reward_model-listening" or "reward_model";
+    its check on the held-out voice is the same name with "reward_heldout"."""
     return "reward_model-listening" if model == "listening" else "reward_model"
 
 
@@ -363,13 +370,13 @@ def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
     configs/reward/listening.yaml (a CTC head over letters, CTC pre-training, one epoch of pairs), in
     stages "reward_model-listening" and "reward_heldout-listening"."""
     model = model or settings["reward_model"]
-    if model not in REWARD_MODELS:
-        raise ConfigError(f"demo setting reward_model: {model!r} is not one of {', '.join(REWARD_MODELS)}")
+    check_reward_model(model)
     listening = model == "listening"
     pairs = base["pairs"]
-    suffix, config = reward_stage(model).removeprefix("reward_model"), "reward/listening" if listening else None
+    stage = reward_stage(model)
+    config = "reward/listening" if listening else None
     epochs = [] if listening else [f"trainer.epochs={settings['reward_epochs']}"]  # the config's own otherwise
-    reward = stages.run(reward_stage(model), {"pairs": pairs, "epochs": None if listening else settings["reward_epochs"],
+    reward = stages.run(stage, {"pairs": pairs, "epochs": None if listening else settings["reward_epochs"],
                                                 "vocab": settings["reward_vocab_size"], "augment": "masks-only",
                                                 "batches": "by clip", "rank": settings["reward_rank_loss_weight"],
                                                 "seed": settings["run_seed"], **({"config": config} if listening else {})},
@@ -382,7 +389,7 @@ def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
                             "hard_negatives.enabled=false", "augment.prob=0.3", "augment.gain_db=0",
                             "augment.noise_snr_db=null", "trainer.log_every=20", f"trainer.seed={settings['run_seed']}"],
                             config))
-    heldout = stages.run(f"reward_heldout{suffix}", {"reward": reward, "pairs": base["heldout_pairs"]},
+    heldout = stages.run(stage.replace("reward_model", "reward_heldout"), {"reward": reward, "pairs": base["heldout_pairs"]},
                          lambda folder: reward_listening(reward["best_checkpoint"], base["heldout_pairs"]["val"], folder))
     return {**reward, "heldout": heldout}
 
@@ -474,14 +481,15 @@ def trained_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
 
 
 def evaluate_runs(stages: Stages, base: dict[str, Any], reward: dict[str, Any], runs: dict[str, dict[str, Any]],
-                  device: str, name: str = "evaluate") -> dict[str, Any]:
+                  device: str, name: str = "evaluate", baselines: bool = True) -> dict[str, Any]:
     """Stage 9: greedy WER / CER / mean learned reward on the held-out voice's test sentences (the
-    only stage that reads them) of the pretrained model, the BatchNorm-adapted one (when the runs
-    start from it) and every run in ``runs``, and of the runs' starting model on the validation
-    sentences."""
+    only stage that reads them) of every run in ``runs`` and, with ``baselines``, of the pretrained
+    model and the BatchNorm-adapted one (when the runs start from it), and of both on the validation
+    sentences (``baselines=False``: the runs only, for a stage that adds runs to an evaluated set)."""
     data, policy = base["data"], base["policy"]
-    adapted = {ADAPTED: base["start"]} if base["start"] != policy else {}
-    models = {"pretrained": policy, **adapted, **{run: result["last_checkpoint"] for run, result in runs.items()}}
+    adapted = {ADAPTED: base["start"]} if baselines and base["start"] != policy else {}
+    models = {**({"pretrained": policy} if baselines else {}), **adapted,
+              **{run: result["last_checkpoint"] for run, result in runs.items()}}
 
     def evaluate(folder: Path) -> dict[str, Any]:
         from rlnf.commands import evaluate as evaluate_command
@@ -490,14 +498,15 @@ def evaluate_runs(stages: Stages, base: dict[str, Any], reward: dict[str, Any], 
                                          output=str(folder / f"{run}.json"), device=device)
                    for run, path in models.items()}
         # The starting point of the validation curves (the runs validate on heldout_val).
-        results["pretrained_val"] = evaluate_command(policy, data["heldout_val"], device=device)
+        if baselines:
+            results["pretrained_val"] = evaluate_command(policy, data["heldout_val"], device=device)
         if adapted:
             results["start_val"] = evaluate_command(base["start"], data["heldout_val"], device=device)
         return {"models": models, **results}
 
     # The key holds the upstream stages' results (not just paths, which stay the same when they rerun).
-    return stages.run(name, {"runs": [base["pretrain"], *([base["start_stage"]] if adapted else []), *runs.values()],
-                             "reward": reward, "val": True}, evaluate)
+    starts = [base["pretrain"], *([base["start_stage"]] if adapted else [])] if baselines else []
+    return stages.run(name, {"runs": [*starts, *runs.values()], "reward": reward, "val": baselines}, evaluate)
 
 
 def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fresh: bool = False,
@@ -569,9 +578,7 @@ def scaled_settings(budget_minutes: float = 15.0, settings: dict[str, Any] | Non
     if unknown:
         raise ConfigError(f"demo settings: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(SETTINGS))}")
     settings = {**SETTINGS, **(settings or {})}
-    if settings["reward_model"] not in REWARD_MODELS:
-        raise ConfigError(f"demo setting reward_model: {settings['reward_model']!r} is not one of "
-                          f"{', '.join(REWARD_MODELS)}")
+    check_reward_model(settings["reward_model"])
     scale = budget_minutes / 15.0
     settings["pretrain_minutes"] = round(settings["pretrain_minutes"] * scale, 3)
     settings["rl_minutes"] = round(settings["rl_minutes"] * scale, 3)

@@ -48,7 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlnf.demo import ADAPTED, REWARD_MODELS, RL_SETTINGS  # rlnf.demo imports neither torch nor NeMo
+from rlnf.demo import ADAPTED, REWARD_MODELS, RL_SETTINGS, check_reward_model  # neither torch nor NeMo
+from rlnf.errors import ConfigError
 
 BASE_SEED = 42  # the demo's run_seed
 
@@ -96,9 +97,10 @@ def parse_variants(items: list[str], settings: dict[str, Any]) -> dict[str, dict
         if not isinstance(overrides, dict):
             raise ValueError(f"--variant {name}: JSON must be an object of settings")
         reward_model = overrides.pop("reward_model", settings["reward_model"])
-        if reward_model not in REWARD_MODELS:
-            raise ValueError(f"--variant {name}: reward_model must be one of {', '.join(REWARD_MODELS)}, not "
-                             f"{reward_model!r}")
+        try:
+            check_reward_model(reward_model)
+        except ConfigError as exc:
+            raise ValueError(f"--variant {name}: {exc}") from None
         unknown = sorted(set(overrides) - set(settings))
         if unknown:
             raise ValueError(f"--variant {name}: unknown setting(s) {', '.join(unknown)}; "
@@ -149,9 +151,8 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
     fraction_mean, fraction_std = mean_std(fractions)
     adapted = {}
     if ADAPTED in run_names:  # the RL runs started from the BatchNorm-adapted policy: what RL itself added
-        from_start = oracle_fractions(ADAPTED)
-        adapted = {"oracle_fraction_from_adapted_mean": mean_std(from_start)[0],
-                   "oracle_fraction_from_adapted_std": mean_std(from_start)[1],
+        from_mean, from_std = mean_std(oracle_fractions(ADAPTED))
+        adapted = {"oracle_fraction_from_adapted_mean": from_mean, "oracle_fraction_from_adapted_std": from_std,
                    "learned_beats_adapted_every_seed": all(
                        seed["wer"]["rl_learned_reward"] < seed["wer"][ADAPTED] for seed in per_seed)}
     final_val = mean_std([seed["final_val_wer"] for seed in per_seed])
@@ -260,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlnf.cli import quiet_nemo, setup_logging
     from rlnf.config import ALGORITHM_NAMES
-    from rlnf.errors import ConfigError
     from rlnf.demo import (Stages, evaluate_runs, prepare, rl_runs, run_names as demo_runs, scaled_settings, train_reward,
                            trained_runs)
     from rlnf.metric_logging import read_metrics
@@ -307,14 +307,15 @@ def main(argv: list[str] | None = None) -> int:
             others = {}
             for preset in presets:
                 others.update(rl_runs(stages, {**seeded, "rl_algorithm": preset}, base, reward, suffix=f"-{preset}"))
-            results.update(evaluate_runs(stages, base, reward, others, device, name="evaluate_presets"))
+            results.update(evaluate_runs(stages, base, reward, others, device, name="evaluate_presets", baselines=False))
         scorers = {settings["reward_model"]: reward}
         for model in sorted({variant["reward_model"] for variant in variants.values()} - set(scorers)):
             scorers[model] = train_reward(stages, seeded, base, model)
         for name, variant in variants.items():  # test WER/CER; each reward model is judged on held-out pairs
             scorer = scorers[variant["reward_model"]]
             tried = rl_runs(stages, {**seeded, **variant["settings"]}, base, scorer, suffix=f"-{name}", oracle=False)
-            results.update(evaluate_runs(stages, base, reward, tried, device, name=f"evaluate_variant-{name}"))
+            results.update(evaluate_runs(stages, base, reward, tried, device, name=f"evaluate_variant-{name}",
+                                         baselines=False))
         rows = read_metrics(folder / "rl_learned_reward")
         curves[seed] = [(row["step"], row["val/wer"]) for row in rows if "val/wer" in row]
         rl_rows = {name: read_metrics(folder / name) for name in run_names if name.startswith("rl_")}

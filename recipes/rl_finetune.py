@@ -65,7 +65,7 @@ class RLFinetuneRecipe(Recipe):
         self.kl = KLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)  # the one owner of beta
         train_dataset = AudioDataset(train, self.policy.sample_rate, cfg.data.skip_bad_samples)
         if self.kl.enabled:
-            from rlnf.rl import checked_reference_cache
+            from rlnf.reference import checked_reference_cache
 
             self.reference = self.policy.frozen_reference(cfg.policy.path)
             if cfg.algorithm.reference_cache_mb > 0:
@@ -133,17 +133,25 @@ class RLFinetuneRecipe(Recipe):
 
     def rollout(self, batch, index: int, keep_graph: bool):
         """make_rollout on one micro-batch; an error on any process (a reward returning NaN, or
-        raising) stops every process before the update, so they stop together, with a checkpoint."""
-        from rlnf.rl import make_rollout
+        raising) stops every process before the update, so they stop together, with a checkpoint.
+        No collective runs inside ``together``: a process that failed is already in its own."""
+        from rlnf.rl import StepContext, make_rollout
 
         cfg = self.cfg
         # Sampling keyed by (seed, step, micro-batch, manifest line): the same hypotheses whichever
         # process or batch an utterance lands in.
-        keys = [(cfg.trainer.seed, self.step, index, u.line) for u in batch.utterances]
-        return self.dist.together(lambda: make_rollout(
-            self.policy, self.reference, self.rewards, batch.to(self.device), cfg.algorithm, keep_graph=keep_graph,
-            autocast=self._autocast, sample_keys=keys, all_reduce_sum=self.dist.group_sum,
-            reference_cache=self.reference_cache, kl_coef=self.kl.value))
+        step = StepContext(beta=self.kl.value, sample_keys=[(cfg.trainer.seed, self.step, index, u.line)
+                                                            for u in batch.utterances],
+                           reference_cache=self.reference_cache, autocast=self._autocast, keep_graph=keep_graph)
+        return self.dist.together(lambda: make_rollout(self.policy, self.reference, self.rewards,
+                                                       batch.to(self.device), cfg.algorithm, step))
+
+    def whiten(self, rollouts: list) -> list:
+        """The step's advantages whitened with one mean and std over every micro-batch and process."""
+        from rlnf.algorithms import whiten_together
+
+        advantages = whiten_together([rollout.advantages for rollout in rollouts], all_reduce_sum=self.dist.group_sum)
+        return [rollout.with_advantages(whitened) for rollout, whitened in zip(rollouts, advantages)]
 
     def train_step(self, micro_batches: list, weights: list[float] | None = None) -> tuple[dict[str, float], list]:
         """Rollout and update(s) on ``grad_accum_steps`` micro-batches; returns this process's metrics
@@ -155,9 +163,13 @@ class RLFinetuneRecipe(Recipe):
         from rlnf.training import clip_gradients
 
         cfg, algo = self.cfg, self.cfg.algorithm
-        # The rollout's graph can serve the update when the update is on-policy and its modules
-        # behave exactly as in the rollout (frozen BatchNorm, no dropout).
-        reuse_graph = algo.ppo_epochs == 1 and cfg.policy.batchnorm == "frozen" and not cfg.policy.dropout
+        # Advantages whitened over the step need every micro-batch's rollout before the first update;
+        # otherwise each micro-batch is rolled out just before its update, and when that update is
+        # on-policy with modules acting as in the rollout (frozen BatchNorm, no dropout), it re-uses
+        # the rollout's forward pass and its graph instead of running a second one.
+        rollouts_first = algo.whiten_advantages
+        reuse_graph = (algo.ppo_epochs == 1 and cfg.policy.batchnorm == "frozen" and not cfg.policy.dropout
+                       and not rollouts_first)
         # (metrics, utterances) per micro-batch: the step's metrics are utterance-weighted means
         # (stds pooled), so they describe the whole step's batch however it was cut up.
         entries: list[tuple[dict[str, float], float]] = []
@@ -166,6 +178,11 @@ class RLFinetuneRecipe(Recipe):
             entries.append((values, weight))
 
         rollouts = []
+        if rollouts_first:
+            rollouts = self.whiten([self.rollout(batch, index, keep_graph=False)[0]
+                                    for index, batch in enumerate(micro_batches)])
+            for rollout in rollouts:
+                record(rollout.metrics, len(rollout.batch))
         accum = len(micro_batches)
         weights = weights or micro_batch_weights([[len(batch) for batch in micro_batches]], 0)
         for epoch in range(algo.ppo_epochs):
@@ -174,8 +191,9 @@ class RLFinetuneRecipe(Recipe):
             for index, batch in enumerate(micro_batches):
                 # Gradients are all-reduced once per update, after the last micro-batch.
                 with self.dist.no_sync(self.policy.train_module, enabled=index < accum - 1):
-                    if epoch == 0:
-                        rollout = self.rollout(batch, index, reuse_graph)
+                    current = None  # the rollout's forward pass, when the update re-uses it
+                    if epoch == 0 and not rollouts_first:
+                        rollout, current = self.rollout(batch, index, reuse_graph)
                         rollouts.append(rollout)
                         record(rollout.metrics, len(batch))
                     rollout = rollouts[index]
@@ -183,8 +201,8 @@ class RLFinetuneRecipe(Recipe):
                     targets = None
                     if algo.supervised_coef > 0:
                         targets = reference_targets(self.policy, rollout.batch, cfg.data.oov, cfg.data.lowercase)
-                    loss, loss_metrics = rl_loss(self.policy, rollout, algo, targets, autocast=self._autocast,
-                                                 kl_coef=self.kl.value)
+                    loss, loss_metrics = rl_loss(self.policy, rollout, algo, self.kl.value, current, targets,
+                                                 autocast=self._autocast)
                     record(loss_metrics, len(batch))
                     finite = finite and bool(torch.isfinite(loss))
                     self.dist.backward(loss * weights[index])
@@ -212,8 +230,10 @@ class RLFinetuneRecipe(Recipe):
         metrics, sizes, stopping, timed_out = self.dist.pool_step(metrics, sizes, stopping, timed_out,
                                                                   std_scale=self.cfg.algorithm.num_samples)
         if self.kl.enabled:  # beta of this step, then one controller step
+            from rlnf.kl import KLPenalty
+
             metrics["kl/coef"] = self.kl.value
-            self.kl.update(metrics["kl/penalised"], sizes["utterances"])
+            self.kl.update(KLPenalty.controller_value(metrics), sizes["utterances"])
         return metrics, sizes, stopping, timed_out
 
     def after_log(self, metrics: dict[str, float]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rlnf.ctc import MAX_LOG_RATIO, kl_k3
+from rlnf.ctc import MAX_LOG_RATIO
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -24,11 +24,12 @@ __all__ = [
     "group_advantages",
     "self_critical_advantages",
     "compute_advantages",
+    "uninformative_groups",
     "whiten",
+    "whiten_together",
     "reinforce_loss",
     "mwer_loss",
     "importance_ratio",
-    "k3_loss_term",
     "clipped_surrogate_loss",
     "adaptive_kl_coef",
     "KLController",
@@ -121,15 +122,24 @@ def whiten(values: torch.Tensor, eps: float = 1e-8, all_reduce_sum=None) -> torc
     return _divide_by_std(centred, variance.sqrt().to(values.dtype), eps)
 
 
+def uninformative_groups(advantages: torch.Tensor) -> torch.Tensor:
+    """[B] True where every advantage of a group is 0 up to rounding (|A| < ``MIN_STD``): the group
+    adds nothing to the policy gradient. The one criterion for "this group teaches nothing", used by
+    ``compute_advantages`` (such groups get exactly 0) and by dynamic resampling (they are re-drawn).
+    It looks at the advantages themselves, not the task rewards: a group with equal task rewards
+    still carries gradient when a KL folded into the reward or the greedy baseline separates it."""
+    return advantages.abs().amax(dim=1) < MIN_STD
+
+
 def compute_advantages(
     rewards: torch.Tensor,
     estimator: str,
     greedy_rewards: torch.Tensor | None = None,
     scale_by_std: bool = False,
-    whiten_batch: bool = False,
-    all_reduce_sum=None,
 ) -> torch.Tensor:
-    """Dispatch to one advantage estimator, then optionally whiten over the (global) batch. [B, K]."""
+    """One advantage estimator on the (shaped) rewards, [B, K] -> [B, K]; the groups that are
+    ``uninformative_groups`` come out exactly 0. Whitening over the step's whole batch is a separate
+    step (``whiten_together``), since it needs every micro-batch (and process) of the step."""
     if estimator == "rloo":
         advantages = rloo_advantages(rewards)
     elif estimator == "group":
@@ -142,7 +152,17 @@ def compute_advantages(
         advantages = rewards.clone()
     else:
         raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {ADVANTAGE_ESTIMATORS}")
-    return whiten(advantages, all_reduce_sum=all_reduce_sum) if whiten_batch else advantages
+    return advantages.masked_fill(uninformative_groups(advantages).unsqueeze(1), 0.0)
+
+
+def whiten_together(advantages: list[torch.Tensor], eps: float = 1e-8, all_reduce_sum=None) -> list[torch.Tensor]:
+    """``whiten`` over several tensors at once (a step's micro-batches), with one mean and std for
+    all of them (and all processes, through ``all_reduce_sum``); returns each tensor whitened."""
+    if not advantages:
+        return []
+    whitened = whiten(torch.cat([a.reshape(-1) for a in advantages]), eps, all_reduce_sum)
+    parts = whitened.split([a.numel() for a in advantages])
+    return [part.reshape(a.shape) for part, a in zip(parts, advantages)]
 
 
 def reinforce_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -161,17 +181,6 @@ def importance_ratio(log_probs: torch.Tensor, old_log_probs: torch.Tensor, frame
     if frames is not None:
         log_ratio = log_ratio / frames.clamp(min=1).to(log_ratio.dtype).unsqueeze(1)
     return torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
-
-
-def k3_loss_term(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
-    """The k3 KL penalty as a loss term with the right gradient: rho * k3, rho = pi(y)/pi_old(y). [B, K].
-
-    For y ~ pi_old, E[rho * k3(y)] = E_{y~pi}[k3(y)] = KL(pi || pi_ref) as a function of the
-    parameters, so its gradient (through rho AND k3) is an unbiased estimate of grad KL(pi || pi_ref);
-    per sample it equals rho * (log pi(y) - log pi_ref(y)) * grad log pi(y). k3 alone (rho dropped)
-    would estimate grad KL(pi_ref || pi), the forward KL, instead. On-policy rho = 1 in value, so the
-    logged penalty is plain k3; in PPO epochs after the first rho corrects for the stale samples."""
-    return importance_ratio(log_probs, old_log_probs) * kl_k3(log_probs, ref_log_probs)
 
 
 def mwer_loss(log_probs: torch.Tensor, advantages: torch.Tensor, distinct: torch.Tensor) -> torch.Tensor:

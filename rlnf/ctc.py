@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Log-ratios of sequence probabilities (log pi_ref - log pi, log pi - log pi_old) are clamped to
-# +-MAX_LOG_RATIO before exp(): a sample whose probability moved by more than e^20 then contributes
-# no gradient instead of inf or NaN (which would skip the whole update).
+# Bound on the log-ratios of sequence probabilities that go through exp(): importance ratios
+# log pi - log pi_old are clamped to +-MAX_LOG_RATIO (a sample whose probability moved by more than e^20
+# then contributes no gradient instead of inf or NaN, which would skip the whole update); k3 bounds
+# only its exponent (see ``kl_k3``).
 MAX_LOG_RATIO = 20.0
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "collapse_alignments",
     "sequence_log_probs",
     "distinct_sequence_log_probs",
+    "first_occurrences",
+    "blank_share",
     "exact_kl",
     "kl_k1",
     "kl_k3",
@@ -218,6 +221,37 @@ def distinct_sequence_log_probs(
     return distinct[torch.tensor(position, device=distinct.device)].reshape(batch, num_samples)
 
 
+def first_occurrences(labels: torch.Tensor, label_len: torch.Tensor) -> torch.Tensor:
+    """[B, K] bool: True for the first occurrence of each label sequence among an utterance's K
+    hypotheses. The one de-duplication key of a hypothesis list (as in ``distinct_sequence_log_probs``):
+    two spellings of one text (BPE pieces 'a'+'b' and 'ab') are two hypotheses, each with its own
+    probability, and their equal rewards weigh the same as the text's summed probability would.
+    labels [B, K, L], label_len [B, K]."""
+    lengths = label_len.tolist()
+    rows = labels.tolist()
+    marks = []
+    for group, group_lengths in zip(rows, lengths):
+        seen: set[tuple[int, ...]] = set()
+        row = []
+        for sequence, length in zip(group, group_lengths):
+            key = tuple(sequence[:length])
+            row.append(key not in seen)
+            seen.add(key)
+        marks.append(row)
+    return torch.tensor(marks, dtype=torch.bool, device=labels.device)
+
+
+def blank_share(log_probs: torch.Tensor, encoded_len: torch.Tensor, blank_id: int) -> float:
+    """The policy's expected share of blank frames: mean of p_t(blank) over every valid frame of the
+    batch. The same for any rollout source (samples or a beam's N-best); a sampled alignment's blank
+    share estimates it."""
+    mask = frame_mask(encoded_len, log_probs.shape[1])
+    frames = int(mask.sum())
+    if frames == 0:
+        return 0.0
+    return float((log_probs[..., blank_id].float().exp() * mask).sum() / frames)
+
+
 def exact_kl(
     log_probs: torch.Tensor,
     ref_log_probs: torch.Tensor,
@@ -250,12 +284,17 @@ def kl_k1(seq_log_probs: torch.Tensor, ref_seq_log_probs: torch.Tensor) -> torch
 def kl_k3(seq_log_probs: torch.Tensor, ref_seq_log_probs: torch.Tensor) -> torch.Tensor:
     """k3 estimator (Schulman, "Approximating KL divergence"): (r - 1) - log r, r = pi_ref(y)/pi(y).
 
-    Unbiased for KL(pi || pi_ref) in value and always >= 0. [B, K]. The log-ratio is clamped to
-    +-MAX_LOG_RATIO. As a loss its gradient estimates grad KL(pi_ref || pi), not grad KL(pi || pi_ref):
-    use ``rlnf.algorithms.k3_loss_term``; folded into a reward it is refused (see the config).
+    Unbiased for KL(pi || pi_ref) in value and always >= 0. [B, K]. Only the exponent is bounded:
+    for log r > MAX_LOG_RATIO (pi_ref(y) > e^20 pi(y)) e^x continues as its tangent line there, so
+    the value stays finite and the gradient keeps its sign; a drifted policy (log pi - log pi_ref of
+    40 nats, log r = -40) gets k3 = 39 and d k3 / d log pi = 1 - r ~ 1, with no clamp at all. As a
+    loss its gradient estimates grad KL(pi_ref || pi), not grad KL(pi || pi_ref): use
+    ``rlnf.kl.k3_loss``; folded into a reward it is refused (``rlnf.kl.K3``).
     """
-    log_ratio = (ref_seq_log_probs - seq_log_probs).clamp(min=-MAX_LOG_RATIO, max=MAX_LOG_RATIO)
-    return torch.expm1(log_ratio) - log_ratio
+    log_ratio = ref_seq_log_probs - seq_log_probs
+    bounded = log_ratio.clamp(max=MAX_LOG_RATIO)
+    # expm1(x) for x <= bound; past it expm1(bound) + e^bound (x - bound), with no inf in either branch.
+    return torch.expm1(bounded) + bounded.exp() * (log_ratio - bounded) - log_ratio
 
 
 def frame_entropy(log_probs: torch.Tensor, encoded_len: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,6 @@ class Samples:
     labels: torch.Tensor
     label_len: torch.Tensor
     texts: list[list[str]]
-    blank_ratio: float = 0.0  # share of valid sampled frames that were blank
 
     def with_rows(self, rows: Sequence[int], other: "Samples") -> "Samples":
         """These samples with utterances ``rows`` replaced by ``other``'s (one row of ``other`` per
@@ -48,7 +47,12 @@ class Samples:
         texts = list(self.texts)
         for row, group in zip(rows, other.texts):
             texts[row] = group
-        return Samples(labels=labels, label_len=label_len, texts=texts, blank_ratio=self.blank_ratio)
+        return Samples(labels=labels, label_len=label_len, texts=texts)
+
+    def select(self, rows: Sequence[int]) -> "Samples":
+        """The hypotheses of utterances ``rows`` only."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.labels.device)
+        return Samples(labels=self.labels[index], label_len=self.label_len[index], texts=[self.texts[b] for b in rows])
 
     def concat(self, other: "Samples") -> "Samples":
         """Each utterance's hypotheses followed by ``other``'s: K1 + K2 per utterance."""
@@ -57,8 +61,7 @@ class Samples:
         labels = torch.cat([pad(self.labels, (0, length - self.labels.shape[2])),
                             pad(other.labels, (0, length - other.labels.shape[2]))], dim=1)
         return Samples(labels=labels, label_len=torch.cat([self.label_len, other.label_len], dim=1),
-                       texts=[mine + theirs for mine, theirs in zip(self.texts, other.texts)],
-                       blank_ratio=other.blank_ratio)
+                       texts=[mine + theirs for mine, theirs in zip(self.texts, other.texts)])
 
 
 ADAPTER_NAME = "rlnf"  # the adapters policy.adapters adds, in every encoder layer
@@ -348,11 +351,8 @@ class CTCPolicy:
         alignments = ctc.sample_alignments(log_probs, encoded_len, num_samples, self.blank_id, generator, uniforms)
         labels, label_len = ctc.collapse_alignments(alignments.reshape(batch * num_samples, -1), self.blank_id)
         texts = self.decode(labels, label_len)
-        valid = ctc.frame_mask(encoded_len, log_probs.shape[1]).unsqueeze(1).expand_as(alignments)
-        blank_ratio = float((alignments == self.blank_id)[valid].float().mean()) if valid.any() else 0.0
         return Samples(labels=labels.reshape(batch, num_samples, -1), label_len=label_len.reshape(batch, num_samples),
-                       texts=[texts[b * num_samples:(b + 1) * num_samples] for b in range(batch)],
-                       blank_ratio=blank_ratio)
+                       texts=[texts[b * num_samples:(b + 1) * num_samples] for b in range(batch)])
 
     def nbest(self, log_probs: torch.Tensor, encoded_len: torch.Tensor, beam_size: int) -> Samples:
         """The ``beam_size`` most likely distinct transcripts per utterance, best first.
@@ -361,7 +361,7 @@ class CTCPolicy:
         its beams can hold one transcript twice and its scores only approximate the marginal, so the
         candidates are de-duplicated and ranked by their exact log pi(y) (``ctc.sequence_log_probs``).
         A list with fewer distinct transcripts is padded by repeating its best one (see
-        ``first_occurrences``)."""
+        ``ctc.first_occurrences``)."""
         from nemo.collections.asr.parts.submodules.ctc_beam_decoding import BeamBatchedCTCInfer
 
         decoder = BeamBatchedCTCInfer(blank_index=self.blank_id, beam_size=2 * beam_size,
@@ -492,15 +492,6 @@ def batch_dependence(policy: CTCPolicy | AdaptersOff, clips: Sequence[torch.Tens
             return float("inf")
         largest = max(largest, float((alone[0, :frames].float() - batched[row, :frames].float()).abs().max()))
     return largest
-
-
-def first_occurrences(texts: Sequence[Sequence[str]]) -> torch.Tensor:
-    """[B, K] bool: True for the first occurrence of each transcript within its utterance's group."""
-    rows = []
-    for group in texts:
-        seen: set[str] = set()
-        rows.append([not (text in seen or seen.add(text)) for text in group])
-    return torch.tensor(rows, dtype=torch.bool)
 
 
 def labels_to_padded(sequences: Sequence[Sequence[int]], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

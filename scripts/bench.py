@@ -228,7 +228,7 @@ def measure_size(size: str, device_name: str, repeats: int, folder: Path, rollou
         result = {"size": size, "parameters": parameters, "device": str(device), "batch": len(batch), "K": 8,
                   "audio_seconds_per_batch": round(audio_seconds, 2)}
 
-        from rlnf.rl import ReferenceCache
+        from rlnf.reference import ReferenceCache
 
         cache = ReferenceCache(2**30)
 

@@ -43,8 +43,11 @@ def test_self_critical_subtracts_greedy_reward():
 def test_compute_advantages_dispatch_and_whitening():
     rewards = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     torch.testing.assert_close(algorithms.compute_advantages(rewards, "none"), rewards)
-    whitened = algorithms.compute_advantages(rewards, "none", whiten_batch=True)
-    assert whitened.mean().abs() < 1e-6 and (whitened.std() - 1).abs() < 1e-5
+    first, second = algorithms.whiten_together([rewards, torch.tensor([[3.0, 1.0]])])  # one mean and std for both
+    assert first.shape == (2, 2) and second.shape == (1, 2)
+    pooled = torch.cat([first.reshape(-1), second.reshape(-1)])
+    assert pooled.mean().abs() < 1e-6 and (pooled.std() - 1).abs() < 1e-5
+    torch.testing.assert_close(pooled, algorithms.whiten(torch.tensor([1.0, 0.0, 0.0, 0.0, 3.0, 1.0])))
     with pytest.raises(ValueError, match="greedy"):
         algorithms.compute_advantages(rewards, "self_critical")
     with pytest.raises(ValueError, match="unknown"):

@@ -15,7 +15,7 @@ import torch
 
 from rlnf import algorithms, ctc
 from rlnf.distributed import launcher_layout, pool_metrics, resolve_layout, shard_bounds
-from rlnf.rl import sampling_uniforms
+from rlnf.hypotheses import sampling_uniforms
 from tests.test_bpe_and_options import bpe_nemo  # noqa: F401  (fixture)
 
 

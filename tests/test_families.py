@@ -59,7 +59,7 @@ def test_reference_log_probs_do_not_depend_on_the_batch(family, tokens, bpe_toke
     """The reference cache's assumption, per family: a clip alone and padded in a batch give the same
     log-probs to float rounding (README "Model families" records the figures)."""
     from rlnf.policy import CTCPolicy, batch_dependence
-    from rlnf.rl import CACHE_TOLERANCE
+    from rlnf.reference import CACHE_TOLERANCE
 
     reference = CTCPolicy(as_if_trained(build(family, tokens, bpe_tokenizer_dir)), decoder="ctc").freeze()
     difference = batch_dependence(reference, corpus_clips(corpus, 3))
@@ -71,7 +71,7 @@ def test_a_batch_dependent_reference_switches_the_cache_off(corpus, nemo_quiet, 
     """A QuartzNet without convolution masks lets padding into a clip's frames: the check sees it."""
     from rlnf.models import ENGLISH_LABELS, build_family_model
     from rlnf.policy import CTCPolicy
-    from rlnf.rl import ReferenceCache, checked_reference_cache
+    from rlnf.reference import ReferenceCache, checked_reference_cache
 
     def reference(conv_mask: bool) -> CTCPolicy:
         model = as_if_trained(build_family_model("quartznet", labels=ENGLISH_LABELS, seed=0))
@@ -82,7 +82,7 @@ def test_a_batch_dependent_reference_switches_the_cache_off(corpus, nemo_quiet, 
 
     dataset = train_dataset(corpus, 4)
     assert isinstance(checked_reference_cache(reference(True), dataset, 2**20), ReferenceCache)
-    messages = warnings_of("rlnf.rl")
+    messages = warnings_of("rlnf.reference")
     assert checked_reference_cache(reference(False), dataset, 2**20) is None
     assert any("reference cache is off" in message for message in messages)
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rlnf import algorithms, ctc
+from rlnf import algorithms, ctc, kl
 from tests.test_ctc import BLANK, collapse_reference  # V = 3: labels 0, 1 and the blank (2)
 
 
@@ -76,8 +76,8 @@ def test_k3_loss_term_gradient_is_the_gradient_of_kl_policy_to_reference(toy, on
     log_p = ctc_log_probs(torch.log_softmax(logits, -1), hypotheses)
     log_old = ctc_log_probs(torch.log_softmax(old_logits, -1), hypotheses)
     log_ref = ctc_log_probs(torch.log_softmax(ref_logits, -1), hypotheses)
-    estimated = expected_gradient(algorithms.k3_loss_term(log_p.unsqueeze(0), log_old.unsqueeze(0),
-                                                          log_ref.unsqueeze(0))[0], log_old, logits)
+    estimated = expected_gradient(kl.k3_loss(log_p.unsqueeze(0), log_old.unsqueeze(0),
+                                             log_ref.unsqueeze(0))[0], log_old, logits)
     exact_log_p = brute_force_log_probs(torch.log_softmax(logits, -1), hypotheses)
     exact_log_ref = brute_force_log_probs(torch.log_softmax(ref_logits, -1), hypotheses)
     (exact,) = torch.autograd.grad(transcript_kl(exact_log_p, exact_log_ref), logits)
@@ -207,7 +207,7 @@ def test_huge_log_ratios_give_a_finite_loss_and_gradient(sign):
         loss, _ = algorithms.clipped_surrogate_loss(new, old, torch.full((1, 2), sign), 0.2, frames=frames)
         (grad,) = torch.autograd.grad(loss, new)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    penalty = algorithms.k3_loss_term(new, old, torch.zeros(1, 2))
+    penalty = kl.k3_loss(new, old, torch.zeros(1, 2))
     (grad,) = torch.autograd.grad(penalty.sum(), new)
     assert torch.isfinite(penalty).all() and torch.isfinite(grad).all()
 
@@ -244,7 +244,8 @@ def test_kl_controller_owns_beta():
 def test_whitening_and_std_scaling_give_zero_on_rounding_noise():
     """Equal rewards up to float rounding gave a constant advantage of 0.4-0.85 before."""
     rewards = torch.full((4, 8), 0.7) + torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) * 1e-8
-    assert torch.equal(algorithms.compute_advantages(rewards, "none", whiten_batch=True), torch.zeros_like(rewards))
+    (whitened,) = algorithms.whiten_together([algorithms.compute_advantages(rewards, "none")])
+    assert torch.equal(whitened, torch.zeros_like(rewards))
     summed = algorithms.whiten(rewards, all_reduce_sum=lambda tensor: tensor)  # the multi-process form
     assert torch.equal(summed, torch.zeros_like(rewards))
     assert torch.equal(algorithms.group_advantages(rewards, scale_by_std=True), torch.zeros_like(rewards))
@@ -317,7 +318,7 @@ def test_a_cached_entry_of_another_length_is_recomputed_not_padded(caplog):
     import contextlib
 
     from rlnf.data.loader import AudioBatch
-    from rlnf.rl import ReferenceCache, reference_log_probs
+    from rlnf.reference import ReferenceCache, reference_log_probs
 
     reference, cache = FrozenReference(), ReferenceCache(2**20)
     batch = AudioBatch(torch.zeros(1, 1000), torch.tensor([1000]), utterances=[None])
@@ -362,7 +363,7 @@ def test_mwer_gradient_is_the_gradient_of_the_renormalised_expected_reward(toy, 
 def test_nbest_is_the_top_k_of_the_enumeration(tiny_nemo):
     """NeMo's batched CTC prefix beam search, as the policy calls it, returns the K most likely
     transcripts (exact here: few frames, a beam wider than the hypotheses that matter)."""
-    from rlnf.policy import CTCPolicy, first_occurrences
+    from rlnf.policy import CTCPolicy
 
     policy = CTCPolicy.load(tiny_nemo)
     vocabulary = policy.blank_id + 1
@@ -371,7 +372,7 @@ def test_nbest_is_the_top_k_of_the_enumeration(tiny_nemo):
     logits[0, :, [0, 1, policy.blank_id]] = torch.randn(3, 3, generator=generator)  # labels 0, 1 and blank
     log_probs = torch.log_softmax(logits, -1)
     best = policy.nbest(log_probs, torch.tensor([3]), 4)
-    assert first_occurrences(best.texts).all()
+    assert ctc.first_occurrences(best.labels, best.label_len).all()
     small = torch.log_softmax(logits[0][:, [0, 1, policy.blank_id]], -1)
     everything = hypotheses_of(3)
     exact = brute_force_log_probs(small, everything)
@@ -380,11 +381,10 @@ def test_nbest_is_the_top_k_of_the_enumeration(tiny_nemo):
     assert found == top
 
 
-def test_first_occurrences_marks_repeats():
-    from rlnf.policy import first_occurrences
-
-    assert first_occurrences([["a", "b", "a"], ["c", "c", "c"]]).tolist() == [[True, True, False],
-                                                                              [True, False, False]]
+def test_first_occurrences_marks_repeated_label_sequences():
+    labels = torch.tensor([[[1, 2], [3, 0], [1, 2]], [[4, 0], [4, 0], [4, 9]]])
+    label_len = torch.tensor([[2, 1, 2], [1, 1, 1]])  # [4, 9] has length 1: the same sequence as [4]
+    assert ctc.first_occurrences(labels, label_len).tolist() == [[True, True, False], [True, False, False]]
 
 
 def test_beam_rollouts_need_the_mwer_loss_and_the_exact_kl():

@@ -181,10 +181,10 @@ def test_per_frame_ratio_clip_higher_and_dynamic_resampling_through_the_command(
                          "algorithm.clip_eps_high=0.01", "algorithm.resample_zero_std=2")) == 0
     rows = read_metrics(out)
     for row in rows:
-        for key in ("ppo/clip_ratio_low", "ppo/clip_ratio_high", "rollout/frac_zero_std_before",
-                    "rollout/frac_zero_std", "perf/resample_time", "kl/penalised"):
+        for key in ("ppo/clip_ratio_low", "ppo/clip_ratio_high", "rollout/frac_uninformative_before",
+                    "rollout/frac_uninformative", "perf/resample_time", "kl/penalised"):
             assert key in row and row[key] == row[key], key  # present and not NaN
-        assert row["rollout/frac_zero_std"] <= row["rollout/frac_zero_std_before"]
+        assert row["rollout/frac_uninformative"] <= row["rollout/frac_uninformative_before"]
     assert "ratio: per_frame" in (out / "config.yaml").read_text()
 
 

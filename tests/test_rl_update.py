@@ -101,7 +101,7 @@ def test_self_critical_scores_greedy_in_the_same_reward_call(pretrained_tiny_nem
     from rlnf.data.manifest import read_manifest
     from rlnf.policy import CTCPolicy
     from rlnf.rewards import build_rewards
-    from rlnf.rl import make_rollout
+    from rlnf.rl import StepContext, make_rollout
 
     cfg = finalize_config(RLFinetuneConfig(output_dir="unused"))
     algo = cfg.algorithm
@@ -109,9 +109,9 @@ def test_self_critical_scores_greedy_in_the_same_reward_call(pretrained_tiny_nem
     utterances, _ = read_manifest(corpus["train"])
     batch = collate([AudioDataset(utterances, 16000)[i] for i in range(3)])
     LengthReward.calls = []
-    rollout = make_rollout(CTCPolicy.load(pretrained_tiny_nemo), None,
-                           build_rewards([RewardSpec(name="tests.test_rl_update.LengthReward")]), batch, algo,
-                           torch.Generator().manual_seed(0))
+    rollout, _ = make_rollout(CTCPolicy.load(pretrained_tiny_nemo), None,
+                              build_rewards([RewardSpec(name="tests.test_rl_update.LengthReward")]), batch, algo,
+                              StepContext(beta=0.0, generator=torch.Generator().manual_seed(0)))
     assert LengthReward.calls == [6]  # one call, K + 1 transcripts per group
     expected_greedy = torch.tensor([min(1.0, len(g[0]) / 100) for g in rollout.greedy.texts])
     torch.testing.assert_close(rollout.greedy_rewards, expected_greedy)
@@ -122,7 +122,7 @@ def test_self_critical_scores_greedy_in_the_same_reward_call(pretrained_tiny_nem
 
 
 def test_reference_cache_evicts_least_recently_used_beyond_its_budget():
-    from rlnf.rl import ReferenceCache
+    from rlnf.reference import ReferenceCache
 
     cache = ReferenceCache(max_bytes=3 * 40)  # room for three [10] float32 entries
     for key in "abc":
@@ -148,7 +148,8 @@ def test_reference_cache_gives_the_reference_forward_and_runs_only_the_missing_u
     from rlnf.data.manifest import read_manifest
     from rlnf.policy import CTCPolicy
     from rlnf.rewards import build_rewards
-    from rlnf.rl import ReferenceCache, make_rollout
+    from rlnf.reference import ReferenceCache
+    from rlnf.rl import StepContext, make_rollout
 
     cfg = finalize_config(RLFinetuneConfig(output_dir="unused"))
     algo = cfg.algorithm
@@ -164,13 +165,15 @@ def test_reference_cache_gives_the_reference_forward_and_runs_only_the_missing_u
 
     cache = ReferenceCache(max_bytes=2**24)
     first = collate([dataset[i] for i in (0, 1)])
-    make_rollout(policy, reference, rewards, first, algo, torch.Generator().manual_seed(0), reference_cache=cache)
+    beta = algo.kl_coef
+    make_rollout(policy, reference, rewards, first, algo,
+                 StepContext(beta, generator=torch.Generator().manual_seed(0), reference_cache=cache))
     assert calls == [2] and len(cache) == 2
     mixed = collate([dataset[i] for i in (2, 0, 3, 1)])  # two cached, two new
     keys = [(0, 0, 0, u.line) for u in mixed.utterances]
-    cached = make_rollout(policy, reference, rewards, mixed, algo, sample_keys=keys, reference_cache=cache)
+    cached, _ = make_rollout(policy, reference, rewards, mixed, algo, StepContext(beta, keys, reference_cache=cache))
     assert calls == [2, 2] and cached.metrics["perf/ref_cache_hit_rate"] == 0.5
-    plain = make_rollout(policy, reference, rewards, mixed, algo, sample_keys=keys)
+    plain, _ = make_rollout(policy, reference, rewards, mixed, algo, StepContext(beta, keys))
     assert calls == [2, 2, 4]
     torch.testing.assert_close(cached.ref_frame_log_probs.isfinite(), plain.ref_frame_log_probs.isfinite())
     for b, frames in enumerate(plain.encoded_len.tolist()):
@@ -179,7 +182,7 @@ def test_reference_cache_gives_the_reference_forward_and_runs_only_the_missing_u
     torch.testing.assert_close(cached.ref_seq_log_probs, plain.ref_seq_log_probs, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(cached.advantages, plain.advantages, atol=1e-4, rtol=1e-4)
     assert cached.metrics["kl"] == pytest.approx(plain.metrics["kl"], rel=1e-5, abs=1e-6)
-    again = make_rollout(policy, reference, rewards, mixed, algo, sample_keys=keys, reference_cache=cache)
+    again, _ = make_rollout(policy, reference, rewards, mixed, algo, StepContext(beta, keys, reference_cache=cache))
     assert calls == [2, 2, 4] and again.metrics["perf/ref_cache_hit_rate"] == 1.0  # no forward at all
 
 
@@ -190,8 +193,8 @@ class ParityReward:
         return [[float(len(h) % 2) for h in group] for group in batch.hypotheses]
 
 
-def test_dynamic_resampling_redraws_zero_spread_groups_from_the_tempered_policy(pretrained_tiny_nemo, corpus):
-    """Groups whose K rewards are all equal are re-drawn from the same tempered frame distributions
+def test_dynamic_resampling_redraws_uninformative_groups_from_the_tempered_policy(pretrained_tiny_nemo, corpus):
+    """Groups whose advantages are all 0 are re-drawn from the same tempered frame distributions
     (draw n of utterance b keyed by key_b + (n,)), other groups are untouched, and the old log-probs
     are those of the final samples under pi_tau: they count as samples of the policy the loss uses."""
     from rlnf.config import RLFinetuneConfig, RewardSpec, finalize_config
@@ -199,7 +202,9 @@ def test_dynamic_resampling_redraws_zero_spread_groups_from_the_tempered_policy(
     from rlnf.data.manifest import read_manifest
     from rlnf.policy import CTCPolicy
     from rlnf.rewards import build_rewards
-    from rlnf.rl import make_rollout, sampling_uniforms, zero_spread
+    from rlnf.algorithms import uninformative_groups
+    from rlnf.hypotheses import sampling_uniforms
+    from rlnf.rl import StepContext, make_rollout
 
     cfg = finalize_config(RLFinetuneConfig(output_dir="unused"))
     algo = cfg.algorithm
@@ -209,11 +214,11 @@ def test_dynamic_resampling_redraws_zero_spread_groups_from_the_tempered_policy(
     keys = [(0, 0, 0, u.line) for u in batch.utterances]
     policy = CTCPolicy.load(pretrained_tiny_nemo)
     rewards = build_rewards([RewardSpec(name="tests.test_rl_update.ParityReward")])
-    plain = make_rollout(policy, None, rewards, batch, algo, sample_keys=keys)
+    plain, _ = make_rollout(policy, None, rewards, batch, algo, StepContext(0.0, keys))
     algo.resample_zero_std = tries
-    resampled = make_rollout(policy, None, rewards, batch, algo, sample_keys=keys)
+    resampled, _ = make_rollout(policy, None, rewards, batch, algo, StepContext(0.0, keys))
 
-    degenerate = zero_spread(plain.rewards).tolist()
+    degenerate = uninformative_groups(plain.advantages).tolist()
     assert any(degenerate) and not all(degenerate)
     with torch.no_grad():
         raw, encoded_len = policy.forward(batch.audio, batch.audio_len)
@@ -228,8 +233,8 @@ def test_dynamic_resampling_redraws_zero_spread_groups_from_the_tempered_policy(
             if len({len(text) % 2 for text in texts}) > 1:
                 break
         assert resampled.samples.texts[b] == texts
-    assert resampled.metrics["rollout/frac_zero_std_before"] == plain.metrics["rollout/frac_zero_std"]
-    assert resampled.metrics["rollout/frac_zero_std"] < plain.metrics["rollout/frac_zero_std"]
+    assert resampled.metrics["rollout/frac_uninformative_before"] == plain.metrics["rollout/frac_uninformative"]
+    assert resampled.metrics["rollout/frac_uninformative"] < plain.metrics["rollout/frac_uninformative"]
     assert resampled.metrics["perf/resample_time"] > 0
     expected = torch.tensor([[float(len(t) % 2) for t in group] for group in resampled.samples.texts])
     torch.testing.assert_close(resampled.rewards, expected)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -13,6 +15,9 @@ from rlnf.errors import ConfigError
 from rlnf.schema import check_choice, check_positive, opt
 
 ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo", "mwer")
+# Above this clip_eps the per-frame ratio practically never clips (on 200 frames: |log rho| > 10 nats).
+PER_FRAME_CLIP_WARNING = 0.05
+log = logging.getLogger(__name__)
 POLICY_DECODERS = ("auto", "ctc")  # rlnf.policy.ctc_head
 
 
@@ -81,23 +86,31 @@ class AlgorithmConfig:
                                   "rollout, the update and the reference alike.")
     advantage: Optional[str] = opt(None, "rloo | group | self_critical | none (null: the preset's).")
     scale_by_std: Optional[bool] = opt(None, "group advantage: divide by the group's reward std (null: preset).")
-    whiten_advantages: bool = opt(False, "Whiten advantages over the whole batch after the group baseline.")
+    whiten_advantages: bool = opt(False, "Whiten advantages over the step's whole batch (every micro-batch and "
+                                         "process: one mean and std) after the group baseline. The step's rollouts "
+                                         "then all run before its first update, which runs a forward of its own.")
     policy_loss: Optional[str] = opt(None, "reinforce (-A log pi) | clipped (PPO surrogate) | mwer (expected advantage "
                                            "under pi renormalised over the K hypotheses) (null: preset).")
     ppo_epochs: Optional[int] = opt(None, "Update passes over each rollout (null: preset; >1 needs 'clipped').")
     clip_eps: float = opt(0.2, "PPO clipping epsilon (the lower side, and the upper one unless clip_eps_high is set).")
     clip_eps_high: Optional[float] = opt(None, "Upper clipping epsilon (DAPO's clip-higher, epsilon_high): the ratio is "
-                                               "clipped to [1 - clip_eps, 1 + clip_eps_high]. null: clip_eps.")
+                                               "clipped to [1 - clip_eps, 1 + clip_eps_high]. null: clip_eps. Clipped "
+                                               "loss only.")
     ratio: str = opt("sequence", "Importance ratio of the clipped loss: 'sequence' pi(y)/pi_old(y), or 'per_frame' "
                                  "(pi(y)/pi_old(y))^(1/T), T the encoder frames (GSPO-style length normalisation; "
-                                 "use a clip_eps of about 1e-3 to 1e-2 with it).")
-    resample_zero_std: int = opt(0, "Dynamic resampling: a group whose K rewards are all equal (it teaches nothing) is "
-                                    "re-drawn from the same frame distributions up to this many times; 0 is off.")
+                                 "use a clip_eps of about 1e-3 to 1e-2 with it: a wider range warns, since it "
+                                 "would practically never clip). Clipped loss only.")
+    resample_zero_std: int = opt(0, "Dynamic resampling: a group whose advantages are all 0 (it teaches nothing: equal "
+                                    "shaped rewards, or all equal to the greedy one's) is re-drawn from the same "
+                                    "frame distributions up to this many times; 0 is off.")
     kl_coef: float = opt(0.01, "beta: weight of the KL to the frozen reference policy; 0 loads no reference.")
-    kl_estimator: Optional[str] = opt(None, "exact (sum of per-frame KLs) | k1 | k3 (sequence-level, on sampled "
-                                            "hypotheses) (null: preset).")
+    kl_estimator: Optional[str] = opt(None, "exact (sum of per-frame KLs, one value per utterance; in the loss) | k1 "
+                                            "(log pi(y) - log pi_ref(y) per sample; in the reward) | k3 ((r - 1) - log "
+                                            "r per sample, r = pi_ref(y)/pi(y); in the loss, as w * k3) (null: preset). "
+                                            "See rlnf/kl.py.")
     kl_in_reward: Optional[bool] = opt(None, "Fold -beta*KL into each sample's reward (RLOO/PPO style) instead of "
-                                             "adding beta*KL to the loss (null: preset).")
+                                             "adding beta*KL to the loss (null: preset). Must match the estimator: "
+                                             "true for k1, false for exact and k3.")
     kl_reduction: str = opt("sum", "'sum': KL summed over frames; 'mean': divided by the number of frames "
                                    "(a gentler, length-independent penalty).")
     kl_target: Optional[float] = opt(None, "Adaptive KL (Ziegler et al. 2019; TRL's adaptive controller): the penalised KL "
@@ -149,9 +162,6 @@ class AlgorithmConfig:
             if self.policy_loss != "mwer":
                 raise ConfigError(f"algorithm.rollout={self.rollout} needs algorithm.policy_loss=mwer: a beam's best "
                                   "hypotheses are not samples of the policy, so REINFORCE or PPO on them is biased")
-            if self.kl_coef > 0 and self.kl_estimator != "exact":
-                raise ConfigError(f"algorithm.rollout={self.rollout} needs algorithm.kl_estimator=exact: k1 and k3 "
-                                  "estimate the KL from samples of the policy")
             if self.resample_zero_std:
                 raise ConfigError("algorithm.resample_zero_std re-draws samples; it needs algorithm.rollout=sample")
             if self.rollout == "mixed" and self.num_samples < 2:
@@ -163,18 +173,27 @@ class AlgorithmConfig:
         if self.ppo_epochs > 1 and self.policy_loss != "clipped":
             raise ConfigError("algorithm.ppo_epochs > 1 re-uses each rollout, which needs "
                               "algorithm.policy_loss=clipped (the unclipped loss would be off-policy)")
-        if not self.kl_in_reward and self.kl_estimator == "k1" and self.kl_coef > 0:
-            raise ConfigError("algorithm.kl_estimator=k1 as a loss term has zero expected gradient; use exact or k3 "
-                              "in the loss, or set algorithm.kl_in_reward=true")
-        if self.kl_in_reward and self.kl_estimator == "k3" and self.kl_coef > 0:
-            raise ConfigError("algorithm.kl_in_reward=true with kl_estimator=k3 is refused: E[k3 * grad log pi] = "
-                              "grad KL(pi||ref) - grad KL(ref||pi), which cancels to first order, so it barely pulls "
-                              "towards the reference; use k1 in the reward, or k3 / exact in the loss "
-                              "(kl_in_reward=false)")
-        if self.kl_in_reward and self.kl_estimator == "exact" and self.kl_coef > 0:
-            raise ConfigError("algorithm.kl_in_reward=true needs kl_estimator k1 or k3: the exact KL is the same "
-                              "for all K samples of an utterance, so it cancels in the group baseline")
+        self.check_ratio()
+        from rlnf.kl import KLPenalty
 
+        KLPenalty.from_config(self)  # refuses an estimator where its penalty is wrong (names the keys)
+
+    def check_ratio(self) -> None:
+        """The clipped loss's own keys: refused with another policy loss (they would be ignored), and a
+        warning when the per-frame ratio's clip range is too wide to ever clip."""
+        if self.policy_loss != "clipped":
+            for key, value, unset in (("ratio", self.ratio, "sequence"), ("clip_eps_high", self.clip_eps_high, None)):
+                if value != unset:
+                    raise ConfigError(f"algorithm.{key}={value} has no effect with algorithm.policy_loss="
+                                      f"{self.policy_loss}: it belongs to the clipped loss; remove it or set "
+                                      "algorithm.policy_loss=clipped")
+        elif self.ratio == "per_frame" and max(self.clip_eps, self.clip_eps_high or 0.0) > PER_FRAME_CLIP_WARNING:
+            log.warning("algorithm.ratio=per_frame with clip_eps=%g%s: the per-frame ratio (pi/pi_old)^(1/T) leaves "
+                        "[1 - eps, 1 + eps] only when |log pi - log pi_old| > T * log(1 + eps), about %.0f nats on "
+                        "200 frames, so it will practically never clip; use clip_eps (and clip_eps_high) of about "
+                        "1e-3 to 1e-2", self.clip_eps,
+                        "" if self.clip_eps_high is None else f", clip_eps_high={self.clip_eps_high:g}",
+                        200 * math.log1p(max(self.clip_eps, self.clip_eps_high or 0.0)))
 
 
 @dataclass

@@ -76,7 +76,12 @@ def consensus(inputs: RewardInputs, unit: str = "char") -> torch.Tensor:
     """Reference-free reward (``name: rlnf.rewards.consensus``, ``kwargs: {unit: char | word}``): each
     hypothesis scored by ``consensus_scores`` against the other samples of its utterance, in the spirit
     of test-time RL's majority vote. It rewards the policy's own consensus, so alone it sharpens what
-    the policy already says (much as self-training does); it is meant as a term beside a learned reward."""
+    the policy already says (much as self-training does); it is meant as a term beside a learned reward.
+
+    Sample j's score depends on sample i (i is one of j's references), so under a group baseline
+    (rloo, group) the baseline of sample i is no longer independent of sample i, and the policy
+    gradient is a biased estimate of the gradient of the expected consensus: it still ranks a group's
+    samples by agreement, which is what the term is for, but it is not an unbiased estimator."""
     if unit not in ("char", "word"):
         raise ValueError(f"consensus: unit must be 'char' or 'word', not {unit!r}")
     return torch.tensor([consensus_scores(group, unit) for group in inputs.hypotheses], dtype=torch.float32)

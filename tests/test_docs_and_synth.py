@@ -36,13 +36,15 @@ def test_readme_is_short():
 
 
 def mkdocs_build(config: Path, site_dir: Path) -> subprocess.CompletedProcess:
+    import importlib.util
+
+    assert importlib.util.find_spec("mkdocs"), "mkdocs is missing: pip install -c constraints.txt -e '.[dev]'"
     return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config),
                            "--site-dir", str(site_dir)], capture_output=True, text=True, timeout=300)
 
 
 def test_docs_build_in_strict_mode(tmp_path):
     """mkdocs.yml is strict: a broken link or anchor, or a page left out of the nav, fails the build."""
-    pytest.importorskip("mkdocs", reason="mkdocs is in the dev extra: pip install -c constraints.txt -e '.[dev]'")
     result = mkdocs_build(ROOT / "mkdocs.yml", tmp_path / "site")
     assert result.returncode == 0, "mkdocs build --strict failed:\n" + result.stdout + result.stderr
     assert (tmp_path / "site" / "index.html").is_file()
@@ -50,7 +52,6 @@ def test_docs_build_in_strict_mode(tmp_path):
 
 def test_docs_build_fails_on_a_broken_link_and_an_orphan_page(tmp_path):
     """The strict settings catch what they are there for (a copy of the docs, each fault alone)."""
-    pytest.importorskip("mkdocs", reason="mkdocs is in the dev extra: pip install -c constraints.txt -e '.[dev]'")
     import shutil
 
     for fault in ("broken_link", "broken_anchor", "orphan_page"):

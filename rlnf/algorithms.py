@@ -4,7 +4,7 @@ Shapes: ``rewards``, ``advantages``, ``log_probs`` are [B, K] (B utterances, K s
 Every function here is side-effect free and unit-tested against hand-computed values.
 
 The presets ("reinforce", "rloo", "grpo", "ppo") are combinations of these pieces; see
-``PRESETS`` and the README's "Algorithms" section for the formulas.
+``PRESETS`` and docs/algorithms.md for the formulas.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ missing=()
 for tool in flite espeak-ng sox; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
 "$PYTHON" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('nemo') else 1)" || missing+=("nemo_toolkit[asr]")
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "gpu_check: error: missing ${missing[*]} (scripts/setup.sh installs them; see README, GPU check)" >&2
+  echo "gpu_check: error: missing ${missing[*]} (scripts/setup.sh installs them; see docs/performance.md, GPU check)" >&2
   exit 1
 fi
 

@@ -1,4 +1,4 @@
-"""What RL on a hybrid's CTC head does to its RNNT head, on the demo's data (README "Model families").
+"""What RL on a hybrid's CTC head does to its RNNT head, on the demo's data (docs/model-families.md).
 
     python scripts/hybrid_check.py --demo-output demo_output --output hybrid_output \\
         [--seeds 42 43 44] [--runs cer learned] [--rl-steps 150] [--ctc-steps 1500] [--hybrid-steps 40] [--json OUT.json]

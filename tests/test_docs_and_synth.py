@@ -1,4 +1,4 @@
-"""The README stays true (config reference, metric names, commands); speech synthesis is deterministic."""
+"""The docs stay true (config reference, metric names, commands, a strict docs build); speech synthesis is deterministic."""
 
 from __future__ import annotations
 
@@ -12,20 +12,61 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_config_reference_is_current():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "update_readme.py"), "--check"])
-    assert result.returncode == 0, "README config reference is stale: run python scripts/update_readme.py"
+def test_docs_config_reference_is_current():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "update_docs.py"), "--check"])
+    assert result.returncode == 0, "docs/configuration.md is stale: run python scripts/update_docs.py"
 
 
-def test_readme_documents_every_logged_metric_and_the_two_commands():
+def test_docs_document_every_logged_metric_and_the_readme_the_two_commands():
     from tests.test_rl_finetune_cli import REQUIRED_METRICS, VAL_METRICS
 
-    readme = (ROOT / "README.md").read_text()
+    monitoring = (ROOT / "docs" / "monitoring.md").read_text()
     for name in REQUIRED_METRICS + VAL_METRICS + ["rollout/unique_ratio", "train/skipped_steps", "kl/per_frame"]:
-        assert f"`{name}`" in readme or name.replace("cer/mean", "<name>/mean") in readme, name
+        assert f"`{name}`" in monitoring or name.replace("cer/mean", "<name>/mean") in monitoring, name
+    readme = (ROOT / "README.md").read_text()
     assert "scripts/demo.sh" in readme and "scripts/test.sh" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert "scripts/test.sh" in ci
+
+
+def test_readme_is_short():
+    """The README is the front page; the manual lives in docs/."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines (at most 250): move detail to a page in docs/"
+
+
+def mkdocs_build(config: Path, site_dir: Path) -> subprocess.CompletedProcess:
+    import importlib.util
+
+    assert importlib.util.find_spec("mkdocs"), "mkdocs is missing: pip install -c constraints.txt -e '.[dev]'"
+    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config),
+                           "--site-dir", str(site_dir)], capture_output=True, text=True, timeout=300)
+
+
+def test_docs_build_in_strict_mode(tmp_path):
+    """mkdocs.yml is strict: a broken link or anchor, or a page left out of the nav, fails the build."""
+    result = mkdocs_build(ROOT / "mkdocs.yml", tmp_path / "site")
+    assert result.returncode == 0, "mkdocs build --strict failed:\n" + result.stdout + result.stderr
+    assert (tmp_path / "site" / "index.html").is_file()
+
+
+def test_docs_build_fails_on_a_broken_link_and_an_orphan_page(tmp_path):
+    """The strict settings catch what they are there for (a copy of the docs, each fault alone)."""
+    import shutil
+
+    for fault in ("broken_link", "broken_anchor", "orphan_page"):
+        copy = tmp_path / fault
+        shutil.copytree(ROOT / "docs", copy / "docs")
+        shutil.copy2(ROOT / "mkdocs.yml", copy / "mkdocs.yml")
+        index = copy / "docs" / "index.md"
+        if fault == "broken_link":
+            index.write_text(index.read_text() + "\nSee [nowhere](no-such-page.md).\n")
+        elif fault == "broken_anchor":
+            index.write_text(index.read_text() + "\nSee [a section](quickstart.md#no-such-section).\n")
+        else:
+            (copy / "docs" / "orphan.md").write_text("# Orphan\n")
+        result = mkdocs_build(copy / "mkdocs.yml", copy / "site")
+        assert result.returncode != 0, f"{fault}: the strict build passed:\n{result.stdout}{result.stderr}"
 
 
 def test_corpus_is_deterministic(tmp_path):

@@ -57,7 +57,7 @@ def corpus_clips(corpus: dict, count: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize(("family", "tokens"), CASES, ids=IDS)
 def test_reference_log_probs_do_not_depend_on_the_batch(family, tokens, bpe_tokenizer_dir, corpus, nemo_quiet):
     """The reference cache's assumption, per family: a clip alone and padded in a batch give the same
-    log-probs to float rounding (README "Model families" records the figures)."""
+    log-probs to float rounding (docs/model-families.md records the figures)."""
     from rlnf.policy import CTCPolicy, batch_dependence
     from rlnf.reference import CACHE_TOLERANCE
 

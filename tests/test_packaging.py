@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # What the wheel is built from: the project files, copied so that the build writes no build/ or
 # *.egg-info into the checkout.
-SOURCES = ("pyproject.toml", "README.md", "rlnf", "recipes", "configs")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "rlnf", "recipes", "configs")
 
 
 def expected_packages() -> set[str]:
@@ -61,6 +61,8 @@ def test_wheel_holds_code_recipes_configs_and_data(wheel):
     assert "rlnf/data/sentences.txt" in wanted and "rlnf/configs/rl/grpo.yaml" in wanted
     assert wanted <= names, sorted(wanted - names)
     assert not any(name.startswith("recipes/") for name in names)  # no top-level 'recipes' package
+    # pyproject.toml's SPDX license: setuptools puts the LICENSE file into the wheel's metadata.
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names), sorted(names)[-10:]
 
 
 @pytest.fixture(scope="module")

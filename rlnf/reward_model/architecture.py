@@ -35,12 +35,12 @@ class RewardArchitecture:
     dropout: float = opt(0.1, "Dropout in the regression head.")
     pooling: str = opt("masked", "'masked' (batch-invariant) or 'legacy' (pool over padding, as published).")
     fusion: str = opt("pooled", "'pooled' (the card's: pooled audio + pooled text) or 'attention' (adds a "
-                                "time-resolved token-to-frame comparison; README, Fusion).")
+                                "time-resolved token-to-frame comparison; docs/reward-model.md, Fusion).")
     attention_dim: int = opt(128, "Width of the token-to-frame attention (fusion 'attention').")
     attention_stride: int = opt(4, "Audio frames averaged per attention step (4: 40 ms; fusion 'attention').")
     ctc_head: bool = opt(False, "Add a CTC head on the audio encoder (trained on the references with "
                                 "trainer.ctc_loss_weight); each transcript's CTC likelihood under the clip's audio "
-                                "joins the regression head's input (README, Acoustic evidence).")
+                                "joins the regression head's input (docs/reward-model.md, Acoustic evidence).")
     ctc_hidden: int = opt(128, "BiLSTM hidden size per direction of the CTC head (ctc_head).")
     ctc_stride: int = opt(2, "Audio frames averaged per CTC frame (2: 20 ms; ctc_head).")
     ctc_alphabet: Optional[str] = opt(None, "null: the CTC head's labels are the text pieces; a string of letters "

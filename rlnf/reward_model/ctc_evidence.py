@@ -1,7 +1,7 @@
 """Acoustic evidence for the reward model: a small CTC head on its audio encoder.
 
 A pooled audio vector cannot say whether *these* words were spoken, so a reward model built on one
-ranks a clip's transcripts by their text alone (README, "The reward model"). A CTC head trained on
+ranks a clip's transcripts by their text alone (docs/reward-model.md). A CTC head trained on
 the clips' references (an auxiliary loss) gives every transcript a likelihood under the clip's own
 audio; the regression head reads it through ``evidence_features``. The same idea as the e-WER /
 Fe-WER quality estimators, which build on an ASR model's own evidence, but self-contained: the head

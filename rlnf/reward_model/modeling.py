@@ -1,6 +1,6 @@
 """The learned reward model: (log-mel features, transcript ids) -> score in [0, 1].
 
-Architecture (the published Bambara reward model's; see the README and upstream-facts.md):
+Architecture (the published Bambara reward model's; see docs/reward-model.md and upstream-facts.md):
 
     audio  [B, n_mel, T] -> audio_conv_layers x (Conv1d -> BatchNorm1d -> ReLU) -> pool over time -> [B, C]
     text   [B, L] ids    -> Embedding(pad) -> BiLSTM -> masked mean over tokens        -> [B, 2H]
@@ -15,7 +15,7 @@ Pooling of the audio path:
 Fusion of the two paths:
     "pooled" (default, the card's): the head sees the pooled audio vector and the pooled text vector
                         only. One vector per clip cannot say *which* words were spoken where, so in
-                        practice it ranks a clip's transcripts by their text alone (README, "Fusion").
+                        practice it ranks a clip's transcripts by their text alone (docs/reward-model.md, "Fusion").
     "attention":        also a time-resolved comparison. Every text token attends over the clip's conv
                         frames, with a learned Gaussian prior that token i of L sits near the fraction
                         (i + 0.5) / L of the clip (speech is read left to right), plus content-based

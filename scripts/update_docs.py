@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Regenerate the README's config reference from the recipes' dataclass schemas.
+"""Regenerate docs/configuration.md's tables from the recipes' config classes.
 
-    python scripts/update_readme.py          # rewrite README.md in place
-    python scripts/update_readme.py --check  # exit 1 when README.md is out of date (used by the tests)
+    python scripts/update_docs.py          # rewrite docs/configuration.md in place
+    python scripts/update_docs.py --check  # exit 1 when docs/configuration.md is out of date (used by the tests)
 
 Sections between ``<!-- config:RECIPE -->`` and ``<!-- /config:RECIPE -->`` are replaced.
 """
@@ -20,6 +20,7 @@ from rlnf.launcher import load_recipe  # noqa: E402
 from rlnf.config import iter_keys  # noqa: E402
 
 RECIPES = ("rl_finetune", "train_reward_model", "train_ctc")
+PAGE = ROOT / "docs" / "configuration.md"
 
 
 def table(recipe: str) -> str:
@@ -33,14 +34,15 @@ def table(recipe: str) -> str:
 def render(text: str) -> str:
     for recipe in RECIPES:
         pattern = re.compile(rf"(<!-- config:{recipe} -->\n)(?:.*?\n)?(<!-- /config:{recipe} -->)", re.S)
+        if not pattern.search(text):
+            sys.exit(f"update_docs: {PAGE}: no <!-- config:{recipe} --> ... <!-- /config:{recipe} --> markers")
         text = pattern.sub(lambda m: m.group(1) + table(recipe) + "\n" + m.group(2), text)
     return text
 
 
 if __name__ == "__main__":
-    readme = ROOT / "README.md"
-    current = readme.read_text(encoding="utf-8")
+    current = PAGE.read_text(encoding="utf-8")
     updated = render(current)
     if "--check" in sys.argv:
         sys.exit(0 if updated == current else 1)
-    readme.write_text(updated, encoding="utf-8")
+    PAGE.write_text(updated, encoding="utf-8")

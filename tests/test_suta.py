@@ -283,3 +283,12 @@ def test_adapt_suta_without_transcripts_and_its_errors(pretrained_tiny_nemo, cor
     assert main(["adapt", "suta", "--model", pretrained_tiny_nemo, "--manifest", str(manifest),
                  "--output-manifest", str(manifest)]) == 2
     assert "is the manifest" in capsys.readouterr().err
+
+
+def test_adapt_batchnorm_has_an_adapt_subcommand_alias():
+    from rlnf.cli import build_parser, cmd_adapt_batchnorm
+
+    args = build_parser().parse_args(["adapt", "batchnorm", "--model", "m.nemo", "--manifest", "a.json",
+                                      "--output", "b.nemo", "--batch-size", "4"])
+    assert args.func is cmd_adapt_batchnorm and (args.model, args.manifest, args.output, args.batch_size,
+                                                 args.device) == ("m.nemo", "a.json", "b.nemo", 4, "auto")

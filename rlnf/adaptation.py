@@ -29,8 +29,8 @@ NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.
 @dataclass
 class SUTAConfig:
     """SUTA's settings. The defaults of steps, lr, temperature, em_weight and params are the ones chosen
-    on the demo's held-out-voice validation set (issue 24's independent SUTA run); the others follow
-    the SUTA paper's code."""
+    on the demo's held-out-voice validation set (issue 24's independent SUTA run); the others
+    (exclude_blank_frames, mcc_reweight, weight_decay) follow the SUTA authors' released settings."""
 
     steps: int = opt(10, "Adaptation steps per utterance (each one forward + backward pass); 0 is plain "
                          "greedy decoding.")
@@ -45,8 +45,9 @@ class SUTAConfig:
     exclude_blank_frames: bool = opt(True, "Leave frames whose most likely token is blank out of the entropy "
                                            "(the SUTA paper's setting); the class-confusion term sees every "
                                            "frame.")
-    mcc_reweight: bool = opt(False, "Weight frames in the class-confusion matrix by 1 + exp(-entropy) as the "
-                                    "original MCC does; SUTA uses plain, unweighted frames.")
+    mcc_reweight: bool = opt(True, "Weight frames in the class-confusion matrix by 1 + exp(-entropy) (MCC's "
+                                   "uncertainty reweighting, on in the SUTA authors' released settings); false "
+                                   "counts every frame alike.")
     batchnorm: str = opt("frozen", "BatchNorm during the adaptation steps: 'frozen' keeps the running statistics "
                                    "(eval mode); 'train' normalises with the utterance's own statistics, in the "
                                    "steps and in its transcript (the running ones are restored after each "

@@ -213,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     suta.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     suta.add_argument("--exclude-blank-frames", action=argparse.BooleanOptionalAction, default=True,
                       help="leave frames whose argmax is blank out of the entropy loss")
-    suta.add_argument("--mcc-reweight", action=argparse.BooleanOptionalAction, default=False,
-                      help="weight frames by certainty in the class-confusion matrix (MCC's original)")
+    suta.add_argument("--mcc-reweight", action=argparse.BooleanOptionalAction, default=True,
+                      help="weight frames by certainty in the class-confusion matrix, as SUTA's authors do")
     suta.add_argument("--batchnorm", default="frozen", choices=["frozen", "train"],
                       help="BatchNorm statistics while adapting: running (frozen) or the utterance's own")
     suta.add_argument("--batch-size", type=positive_int, default=16,

@@ -82,7 +82,7 @@ def adapt_batchnorm(model: str, manifest: str, output: str, batch_size: int = 16
 
 def adapt_suta(model: str, manifest: str, output_manifest: str, steps: int = 10, lr: float = 3e-4,
                temperature: float = 2.5, em_weight: float = 0.3, params: str = "all", weight_decay: float = 0.0,
-               exclude_blank_frames: bool = True, mcc_reweight: bool = False, batchnorm: str = "frozen",
+               exclude_blank_frames: bool = True, mcc_reweight: bool = True, batchnorm: str = "frozen",
                batch_size: int = 16, device: str = "auto", text_key: str = "text",
                force: bool = False) -> dict[str, Any]:
     """SUTA test-time adaptation (``rlnf.adaptation.suta_transcribe``): each utterance of ``manifest``

@@ -59,9 +59,10 @@ def mcc_loss(log_probs: torch.Tensor, encoded_len: torch.Tensor | None = None, t
         L = (sum_ij C'_ij - sum_i C'_ii) / V
 
     i.e. the share of probability mass that frames spread over pairs of different classes, per class.
-    ``reweight=False`` (SUTA's setting) takes w_t = 1. ``reweight=True`` is MCC's original frame weighting:
-    w_t = 1 + exp(-H_t) (H_t the frame's entropy, no gradient through w) scaled to sum to T_b, so
-    confident frames count more. Returns a scalar."""
+    ``reweight=False`` takes w_t = 1. ``reweight=True`` is MCC's uncertainty reweighting (and the SUTA
+    authors' released setting): w_t = 1 + exp(-H_t), H_t the frame's entropy at ``temperature``, scaled
+    to sum to T_b and held constant (no gradient through w), so confident frames count more.
+    Returns a scalar."""
     log_probs, valid = _batched(log_probs, encoded_len)
     probs = torch.softmax(log_probs / temperature, dim=-1)  # [B, T, V]
     weights = valid.to(probs.dtype)  # [B, T]; padding frames weigh nothing

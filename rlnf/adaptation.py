@@ -9,7 +9,6 @@ cost is ``steps`` forward+backward passes and one forward pass per utterance.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -19,8 +18,6 @@ from rlnf.data.loader import AudioBatch, AudioDataset, collate
 from rlnf.errors import ConfigError
 from rlnf.schema import check_choice, check_positive, check_range, opt
 from rlnf.tta import suta_loss
-
-log = logging.getLogger(__name__)
 
 SUTA_PARAMS = ("all", "norm", "encoder")
 NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
@@ -110,9 +107,9 @@ def suta_transcribe(policy, dataset: AudioDataset, config: SUTAConfig,
 
     Per utterance: a fresh AdamW over ``adapted_parameters``; ``config.steps`` times (forward, loss,
     backward, step) in the mode ``config.batchnorm`` sets, dropout, SpecAugment and dither off; then
-    one forward pass in that mode (eval mode for 'frozen') and the greedy transcript; then the model's whole state (weights and
-    buffers) is loaded back from a copy taken at the start. Afterwards the model is bit-identical to
-    what it was, in eval mode, with its ``requires_grad`` flags as they were."""
+    one forward pass in that mode (eval mode for 'frozen') and the greedy transcript; then the model's
+    whole state (weights and buffers) is loaded back from a copy taken at the start. Afterwards the
+    model is bit-identical to what it was, in eval mode, with its ``requires_grad`` flags as they were."""
     device = device or policy.device
     model = policy.model
     original = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}

@@ -171,6 +171,12 @@ def test_suta_resets_the_weights_and_each_utterance_is_adapted_from_the_start(pr
     # The adaptation did something: each utterance's loss fell over its steps.
     assert all(len(losses) == 4 and losses[-1] < losses[0] for losses in forward.losses)
 
+    # BatchNorm on the utterance's own statistics moves the running ones; they are put back too.
+    on_batch_statistics = suta_transcribe(policy, clips, SUTAConfig(steps=1, batchnorm="train"))
+    after = state_of(policy)
+    assert all(torch.equal(before[k], after[k]) for k in before) and not policy.model.training
+    assert on_batch_statistics.losses != suta_transcribe(policy, clips, SUTAConfig(steps=1)).losses
+
 
 def test_suta_with_zero_steps_is_greedy_decoding(pretrained_tiny_nemo, clips):
     from rlnf.adaptation import SUTAConfig, suta_transcribe
@@ -268,7 +274,8 @@ def test_adapt_suta_without_transcripts_and_its_errors(pretrained_tiny_nemo, cor
                  "--output-manifest", str(out), "--steps", "1", "--params", "norm", "--device", "cpu"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert "wer" not in json.dumps(summary) and summary["n"] == len(rows)
-    assert [set(json.loads(line)) for line in out.read_text().splitlines()] == [{"audio_filepath", "pred_text"}] * len(rows)
+    written = [set(json.loads(line)) for line in out.read_text().splitlines()]
+    assert written == [{"audio_filepath", "pred_text"}] * len(rows)
 
     missing = tmp_path / "missing.nemo"
     assert main(["adapt", "suta", "--model", str(missing), "--manifest", str(manifest),

@@ -7,6 +7,8 @@
     rlnf score --reward CKPT --manifest M.json      score (audio, text) pairs with a reward model
     rlnf adapt-batchnorm --model M.nemo --manifest M.json --output A.nemo
                                                     BatchNorm statistics re-estimated on untranscribed audio
+    rlnf adapt suta --model M.nemo --manifest M.json --output-manifest H.json
+                                                    SUTA: per-utterance test-time adaptation, greedy transcripts
     rlnf data synth --output DIR                    synthesise an offline speech corpus
     rlnf demo                                       the end-to-end offline demo
 """
@@ -108,6 +110,19 @@ def cmd_adapt_batchnorm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt_suta(args: argparse.Namespace) -> int:
+    quiet_nemo()
+    from rlnf.commands import adapt_suta
+
+    print(json.dumps(adapt_suta(args.model, args.manifest, args.output_manifest, steps=args.steps, lr=args.lr,
+                                temperature=args.temperature, em_weight=args.em_weight, params=args.params,
+                                weight_decay=args.weight_decay, exclude_blank_frames=args.exclude_blank_frames,
+                                mcc_reweight=args.mcc_reweight, batchnorm=args.batchnorm,
+                                batch_size=args.batch_size, device=args.device, text_key=args.text_key,
+                                force=args.force), indent=2))
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from rlnf.synth import synthesize_corpus_cli
 
@@ -182,6 +197,40 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     adapt.set_defaults(func=cmd_adapt_batchnorm)
 
+    tta = commands.add_parser("adapt", help="test-time adaptation on untranscribed audio (SUTA; BatchNorm)")
+    tta_commands = tta.add_subparsers(dest="adapt_command", required=True)
+    suta = tta_commands.add_parser("suta", help="SUTA: each utterance transcribed after a few entropy + class-"
+                                                "confusion minimisation steps on it alone, weights reset after each")
+    suta.add_argument("--model", required=True, help=".nemo file or pretrained name")
+    suta.add_argument("--manifest", required=True, help="the audio to transcribe (text optional: adds WER/CER)")
+    suta.add_argument("--output-manifest", required=True, help="the manifest's rows with pred_text added")
+    suta.add_argument("--steps", type=int, default=10, help="adaptation steps per utterance (0: plain greedy)")
+    suta.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
+    suta.add_argument("--temperature", type=float, default=2.5, help="softmax temperature of both losses")
+    suta.add_argument("--em-weight", type=float, default=0.3, help="weight of the entropy loss; 1 minus it weighs "
+                                                                   "the class-confusion loss")
+    suta.add_argument("--params", default="all", choices=["all", "norm", "encoder"], help="parameters adapted")
+    suta.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    suta.add_argument("--exclude-blank-frames", action=argparse.BooleanOptionalAction, default=True,
+                      help="leave frames whose argmax is blank out of the entropy loss")
+    suta.add_argument("--mcc-reweight", action=argparse.BooleanOptionalAction, default=True,
+                      help="weight frames by certainty in the class-confusion matrix, as SUTA's authors do")
+    suta.add_argument("--batchnorm", default="frozen", choices=["frozen", "train"],
+                      help="BatchNorm statistics while adapting: running (frozen) or the utterance's own")
+    suta.add_argument("--batch-size", type=positive_int, default=16,
+                      help="clips per pass of the plain greedy comparison (SUTA adapts one utterance at a time)")
+    suta.add_argument("--text-key", default="text")
+    suta.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    suta.add_argument("--force", action="store_true", help="overwrite --output-manifest")
+    suta.set_defaults(func=cmd_adapt_suta)
+    batchnorm = tta_commands.add_parser("batchnorm", help="the same as rlnf adapt-batchnorm")
+    batchnorm.add_argument("--model", required=True, help=".nemo file or pretrained name")
+    batchnorm.add_argument("--manifest", required=True, help="the audio to adapt to (no text needed)")
+    batchnorm.add_argument("--output", required=True, help="the adapted .nemo")
+    batchnorm.add_argument("--batch-size", type=positive_int, default=16)
+    batchnorm.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    batchnorm.set_defaults(func=cmd_adapt_batchnorm)
+
     data = commands.add_parser("data", help="data tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     synth = data_commands.add_parser("synth", help="synthesise a deterministic offline speech corpus (flite, espeak-ng)")
@@ -208,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 def command_name(args: argparse.Namespace) -> str:
     """'rlnf run rl_finetune', 'rlnf evaluate', ...: how an error message names the command."""
     words = ["rlnf", args.command]
-    words += [word for word in (getattr(args, "recipe", None), getattr(args, "data_command", None)) if word]
+    words += [word for word in (getattr(args, "recipe", None), getattr(args, "data_command", None),
+                                          getattr(args, "adapt_command", None)) if word]
     return " ".join(words)
 
 

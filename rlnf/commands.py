@@ -1,4 +1,5 @@
-"""The `rlnf evaluate`, `rlnf score` and `rlnf adapt-batchnorm` commands, callable from Python too."""
+"""The `rlnf evaluate`, `rlnf score`, `rlnf adapt-batchnorm` and `rlnf adapt suta` commands, callable from
+Python too."""
 
 from __future__ import annotations
 
@@ -77,3 +78,76 @@ def adapt_batchnorm(model: str, manifest: str, output: str, batch_size: int = 16
         raise DataError(f"--manifest {manifest}: {exc}") from None
     policy.save(out)
     return {"model": model, "manifest": manifest, "output": str(out), **counted}
+
+
+def adapt_suta(model: str, manifest: str, output_manifest: str, steps: int = 10, lr: float = 3e-4,
+               temperature: float = 2.5, em_weight: float = 0.3, params: str = "all", weight_decay: float = 0.0,
+               exclude_blank_frames: bool = True, mcc_reweight: bool = True, batchnorm: str = "frozen",
+               batch_size: int = 16, device: str = "auto", text_key: str = "text",
+               force: bool = False) -> dict[str, Any]:
+    """SUTA test-time adaptation (``rlnf.adaptation.suta_transcribe``): each utterance of ``manifest``
+    transcribed greedily by ``model`` after ``steps`` steps of entropy + minimum-class-confusion
+    minimisation on that utterance alone, the weights reset before the next. Writes ``output_manifest``:
+    every input row with ``pred_text`` added, in the input's order. Returns a summary; when every row has
+    a reference (``text_key``), the WER/CER of the adapted transcripts and of plain greedy decoding
+    (as ``rlnf evaluate`` computes them, ``batch_size`` clips per pass) and the relative WER change."""
+    import time
+
+    from rlnf.adaptation import SUTAConfig, suta_transcribe
+    from rlnf.config import DataConfig
+    from rlnf.data.loader import AudioDataset
+    from rlnf.errors import CheckpointError, ConfigError, DataError
+    from rlnf.evaluation import evaluate_policy, summarize
+    from rlnf.policy import CTCPolicy
+    from rlnf.recipe_utils import load_utterances
+    from rlnf.training import resolve_device
+
+    flags = {"steps": "--steps", "lr": "--lr", "temperature": "--temperature", "em_weight": "--em-weight",
+             "params": "--params", "weight_decay": "--weight-decay", "batchnorm": "--batchnorm"}
+    try:
+        config = SUTAConfig(steps=steps, lr=lr, temperature=temperature, em_weight=em_weight, params=params,
+                            weight_decay=weight_decay, exclude_blank_frames=exclude_blank_frames,
+                            mcc_reweight=mcc_reweight, batchnorm=batchnorm)
+    except ConfigError as exc:  # "steps=-1 must be >= 0" -> "--steps -1 must be >= 0"
+        key, _, rest = str(exc).partition("=")
+        raise ConfigError(f"{flags.get(key, key)} {rest}") from None
+    out = check_output_file("--output-manifest", output_manifest, {"manifest": manifest, "model": model})
+    if out.exists() and not force:
+        raise ConfigError(f"--output-manifest {output_manifest} exists; pass --force to overwrite it, or choose "
+                          "another file")
+    torch_device = resolve_device(device, "--device")
+    try:
+        utterances, _ = load_utterances(DataConfig(train_manifest=manifest, text_key=text_key), manifest, False)
+    except DataError as exc:
+        raise DataError(f"--manifest {manifest}: {exc}") from None
+    try:
+        policy = CTCPolicy.load(model, torch_device)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--model {model}: {exc}") from None
+    dataset = AudioDataset(utterances, policy.sample_rate)
+    summary: dict[str, Any] = {"model": model, "manifest": manifest, "output_manifest": str(out),
+                               "n": len(utterances), "settings": vars(config).copy()}
+    try:
+        if all(utterance.text is not None for utterance in utterances):  # from the same, unadapted weights
+            greedy = evaluate_policy(policy, dataset, batch_size, torch_device).metrics
+            summary["greedy"] = {key: greedy[key] for key in ("wer", "cer")}
+        started = time.perf_counter()
+        result = suta_transcribe(policy, dataset, config, torch_device)
+    except ConfigError as exc:  # --params names no parameter of this model
+        raise ConfigError(f"--model {model}: {exc}".replace("params=", "--params ")) from None
+    except DataError as exc:  # a clip that cannot be read
+        raise DataError(f"--manifest {manifest}: {exc}") from None
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    if result.losses:
+        summary["loss_before_adaptation"] = sum(losses[0] for losses in result.losses) / len(result.losses)
+        summary["loss_after_adaptation"] = sum(losses[-1] for losses in result.losses) / len(result.losses)
+    adapted = summarize(result.rows)
+    if "greedy" in summary and "wer" in adapted:
+        summary["suta"] = {key: adapted[key] for key in ("wer", "cer")}
+        baseline = summary["greedy"]["wer"]
+        summary["wer_change"] = (adapted["wer"] - baseline) / baseline if baseline > 0 else None
+    lines = []
+    for utterance, row in zip(utterances, result.rows, strict=True):
+        lines.append(json.dumps({**utterance.fields, "pred_text": row["pred_text"]}, ensure_ascii=False) + "\n")
+    atomic_write_text(out, "".join(lines))
+    return summary

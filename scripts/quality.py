@@ -26,6 +26,11 @@ self-training) start from the starting policy with its BatchNorm statistics re-e
 voice's untranscribed audio; that model is the row "batchnorm_adapted" (the same for every seed), and
 the oracle-gap fraction is also given from it (what RL itself added).
 
+SUTA rows (``--no-suta`` leaves them out): "suta" is single-utterance test-time adaptation
+(``rlnf adapt suta``, its default settings, chosen on the held-out voice's validation set) of the
+held-out runs' start on the test sentences, the same for every seed; "rl_learned_reward+suta" applies
+it to each seed's learned-reward RL model. Each is a cached stage; its "seconds" is the SUTA pass alone.
+
 --presets adds, per seed, the two RL runs (learned reward, 1 - CER) of every other preset named,
 against the same reward model: runs "rl_learned_reward-PRESET" and "rl_cer_reward-PRESET".
 
@@ -52,6 +57,8 @@ from rlnf.demo import ADAPTED, REWARD_MODELS, RL_SETTINGS, check_reward_model  #
 from rlnf.errors import ConfigError
 
 BASE_SEED = 42  # the demo's run_seed
+SUTA = "suta"
+SUTA_AFTER_RL = "rl_learned_reward+suta"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -138,6 +145,8 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
             entry.update({f"{metric}_change_mean": mean, f"{metric}_change_std": std,
                           f"{metric}_change_per_seed": changes,
                           f"{metric}_mean": statistics.fmean(seed[metric][name] for seed in per_seed)})
+        if name in per_seed[0].get("seconds", {}):  # the runs whose cost is measured per seed
+            entry["seconds"] = statistics.fmean(seed["seconds"][name] for seed in per_seed)
         if name in per_seed[0].get("val_wer", {}):  # RL runs: their last validation, and the steps they made
             val = mean_std([seed["val_wer"][name] for seed in per_seed])
             entry.update({"final_val_wer_mean": val[0], "final_val_wer_std": val[1],
@@ -155,6 +164,9 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
         adapted = {"oracle_fraction_from_adapted_mean": from_mean, "oracle_fraction_from_adapted_std": from_std,
                    "learned_beats_adapted_every_seed": all(
                        seed["wer"]["rl_learned_reward"] < seed["wer"][ADAPTED] for seed in per_seed)}
+    if SUTA in run_names:
+        adapted["learned_beats_suta_every_seed"] = all(
+            seed["wer"]["rl_learned_reward"] < seed["wer"][SUTA] for seed in per_seed)
     final_val = mean_std([seed["final_val_wer"] for seed in per_seed])
     return {
         "seeds": len(per_seed),
@@ -177,6 +189,37 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
     }
 
 
+def suta_runs(shared, stages, base: dict[str, Any], learned: dict[str, Any], device: str,
+              suta_settings: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Two cached stages of ``rlnf adapt suta`` on the held-out voice's test sentences: SUTA from the
+    held-out runs' start (``base["start"]``, in ``shared``: one for every seed) and SUTA_AFTER_RL from
+    the learned-reward run ``learned`` (a stage result, in this seed's ``stages``). ``suta_settings``
+    overrides ``rlnf.adaptation.SUTAConfig``'s defaults. Returns {run: {"wer", "cer", "seconds", "greedy",
+    "output_manifest"}}: the adapted transcripts' figures, the stage's own time, and plain greedy decoding's
+    figures of the same model for comparison."""
+    from dataclasses import asdict
+
+    from rlnf.adaptation import SUTAConfig
+    from rlnf.commands import adapt_suta
+    from rlnf.demo import content_key
+
+    settings = asdict(SUTAConfig(**(suta_settings or {})))
+    test = base["data"]["heldout_test"]
+
+    def stage(runner, name: str, model: str, upstream: dict[str, Any]) -> dict[str, Any]:
+        def body(folder: Path) -> dict[str, Any]:
+            summary = adapt_suta(model, test, str(folder / "hyps.json"), **settings, device=device)
+            return {"wer": summary["suta"]["wer"], "cer": summary["suta"]["cer"], "greedy": summary["greedy"],
+                    "output_manifest": summary["output_manifest"]}
+
+        result = runner.run(name, {"policy": upstream, **content_key(base["data"], "corpus"), "test": test,
+                                   "suta": settings}, body)
+        return {**result, "seconds": runner.timings[name]}
+
+    return {SUTA: stage(shared, SUTA, base["start"], base["start_stage"]),
+            SUTA_AFTER_RL: stage(stages, SUTA_AFTER_RL, learned["last_checkpoint"], learned)}
+
+
 def print_table(summary: dict[str, Any]) -> None:
     print(f"\n{summary['seeds']} seeds {summary['seed_values']}; held-out voice test set; changes relative to the "
           "pretrained policy, mean +- std")
@@ -190,6 +233,8 @@ def print_table(summary: dict[str, Any]) -> None:
     print(f"oracle-gap fraction of rl_learned_reward: {summary['oracle_fraction_mean']:.2f} +- "
           f"{summary['oracle_fraction_std']:.2f}; beats self-training on every seed: "
           f"{summary['learned_beats_self_training_every_seed']}")
+    if "learned_beats_suta_every_seed" in summary:
+        print(f"rl_learned_reward beats {SUTA} on every seed: {summary['learned_beats_suta_every_seed']}")
     if "oracle_fraction_from_adapted_mean" in summary:
         print(f"from the {ADAPTED} start: oracle-gap fraction {summary['oracle_fraction_from_adapted_mean']:.2f} +- "
               f"{summary['oracle_fraction_from_adapted_std']:.2f}; beats {ADAPTED} on every seed: "
@@ -253,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                         help='also run learned-reward RL with these demo settings (repeatable), e.g. '
                              'kl02=\'{"rl_kl_coef": 0.2}\'; add "reward_model": "card" or "listening" to score '
                              'with that reward model (default: the demo\'s): run rl_learned_reward-NAME')
+    parser.add_argument("--no-suta", dest="suta", action="store_false",
+                        help=f"leave out the {SUTA} and {SUTA_AFTER_RL} rows (SUTA on the test sentences)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -289,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{exc} (--other-reward-model is the variant named '{other}')" if other_item else str(exc))
     run_names = (*demo_runs(settings)[1:], *[f"{run}-{preset}" for preset in presets
                                   for run in ("rl_learned_reward", "rl_cer_reward")],
-                 *[f"rl_learned_reward-{name}" for name in variants])
+                 *[f"rl_learned_reward-{name}" for name in variants], *((SUTA, SUTA_AFTER_RL) if args.suta else ()))
     shared = Stages(root, fresh=False)
     base = prepare(shared, settings)
     per_seed, curves, timings = [], {}, [shared.timings]
@@ -316,14 +363,21 @@ def main(argv: list[str] | None = None) -> int:
             tried = rl_runs(stages, {**seeded, **variant["settings"]}, base, scorer, suffix=f"-{name}", oracle=False)
             results.update(evaluate_runs(stages, base, reward, tried, device, name=f"evaluate_variant-{name}",
                                          baselines=False))
+        seconds = {}
+        if args.suta:
+            tta = suta_runs(shared, stages, base, runs["rl_learned_reward"], device)
+            results.update(tta)
+            seconds = {name: result["seconds"] for name, result in tta.items()}
         rows = read_metrics(folder / "rl_learned_reward")
         curves[seed] = [(row["step"], row["val/wer"]) for row in rows if "val/wer" in row]
-        rl_rows = {name: read_metrics(folder / name) for name in run_names if name.startswith("rl_")}
+        rl_rows = {name: read_metrics(folder / name) for name in run_names  # the RL runs' own logs
+                   if name.startswith("rl_") and name != SUTA_AFTER_RL}
         per_seed.append({
             "steps": {name: max((row["step"] for row in rows_), default=0) for name, rows_ in rl_rows.items()},
             "val_wer": {name: next((row["val/wer"] for row in reversed(rows_) if "val/wer" in row), float("nan"))
                         for name, rows_ in rl_rows.items()},
             "seed": seed,
+            "seconds": seconds,
             "wer": {name: results[name]["wer"] for name in ("pretrained", *run_names)},
             "cer": {name: results[name]["cer"] for name in ("pretrained", *run_names)},
             "reward_heldout": reward["heldout"],

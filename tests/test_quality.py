@@ -102,6 +102,10 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
         assert len(run["wer_change_per_seed"]) == 2
         if name.startswith("rl_"):  # step-boxed by --rl-steps, whatever the machine's load
             assert run["steps_per_seed"] == [3, 3]
+    for name in ("suta", "rl_learned_reward+suta"):  # SUTA on the test sentences: cached stages with their time
+        assert len(summary["runs"][name]["wer_change_per_seed"]) == 2 and summary["runs"][name]["seconds"] > 0
+    assert summary["runs"]["suta"]["wer_change_per_seed"][0] == summary["runs"]["suta"]["wer_change_per_seed"][1]
+    assert "learned_beats_suta_every_seed" in summary
     assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model"])
     assert summary["reward_model"]["name"] == "listening"  # the demo's; the other one scored the variant
     assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model_card"])
@@ -133,3 +137,56 @@ def test_demo_settings_refuse_an_unknown_key_or_reward_model_before_any_stage():
     with pytest.raises(ConfigError, match="reward_model: 'cards' is not one of listening, card"):
         scaled_settings(15.0, {"reward_model": "cards"})
     assert scaled_settings(7.5, {"reward_model": "card"})["rl_minutes"] == pytest.approx(0.425)
+
+
+def test_summary_of_the_suta_rows():
+    quality = load_quality()
+    runs = (*RUNS, "suta", "rl_learned_reward+suta")
+    per_seed = [seed_result(42, 0.72, 0.60, 0.76, 0.74, 0.1, 0.6), seed_result(43, 0.68, 0.60, 0.76, 0.78, 0.2, 0.7)]
+    for seed, suta, stacked in zip(per_seed, (0.76, 0.70), (0.70, 0.64)):
+        seed["wer"].update({"suta": suta, "rl_learned_reward+suta": stacked})
+        seed["cer"].update({"suta": suta / 2, "rl_learned_reward+suta": stacked / 2})
+        seed["seconds"] = {"suta": 30.0, "rl_learned_reward+suta": 20.0 + seed["seed"] - 42}
+    summary = quality.summarise(per_seed, runs)
+    assert summary["runs"]["suta"]["wer_change_per_seed"] == pytest.approx([-0.05, -0.125])
+    assert summary["runs"]["rl_learned_reward+suta"]["wer_change_per_seed"] == pytest.approx([-0.125, -0.2])
+    assert summary["runs"]["suta"]["seconds"] == 30.0 and summary["runs"]["rl_learned_reward+suta"]["seconds"] == 20.5
+    assert "seconds" not in summary["runs"]["self_training"] and "final_val_wer_mean" not in summary["runs"]["suta"]
+    assert summary["learned_beats_suta_every_seed"] is True  # 0.72 < 0.76 and 0.68 < 0.70
+    per_seed[1]["wer"]["suta"] = 0.66
+    assert quality.summarise(per_seed, runs)["learned_beats_suta_every_seed"] is False
+    assert "learned_beats_suta_every_seed" not in quality.summarise(per_seed, RUNS)  # --no-suta
+
+
+def test_suta_stages_transcribe_the_test_set_and_are_cached(pretrained_tiny_nemo, corpus, tmp_path, monkeypatch):
+    """The two SUTA rows as cached stages, on a tiny model (not the benchmark): figures equal to the
+    WER of the transcripts they wrote; a second call re-uses both; a new learned-reward model reruns
+    only its own row."""
+    import rlnf.commands
+    from rlnf.demo import Stages
+    from rlnf.metrics import corpus_error_rate, normalize_text
+
+    quality = load_quality()
+    base = {"data": {"heldout_test": corpus["heldout_test"], "sha256": "corpus"}, "start": pretrained_tiny_nemo,
+            "start_stage": {"output": pretrained_tiny_nemo, "sha256": "adapted"}}
+    learned = {"last_checkpoint": pretrained_tiny_nemo, "sha256": "rl"}
+    shared, seeded = Stages(tmp_path, fresh=False), Stages(tmp_path / "seed_43", fresh=False)
+    results = quality.suta_runs(shared, seeded, base, learned, "cpu", {"steps": 1})
+    assert set(results) == {"suta", "rl_learned_reward+suta"}
+    for name, result in results.items():
+        rows = [json.loads(line) for line in open(result["output_manifest"])]
+        assert result["wer"] == pytest.approx(corpus_error_rate(
+            [normalize_text(row["text"], lowercase=True) for row in rows], [row["pred_text"] for row in rows], "word"))
+        assert result["seconds"] > 0 and set(result["greedy"]) == {"wer", "cer"}
+    assert (tmp_path / "suta" / "hyps.json").exists() and (tmp_path / "seed_43" / "rl_learned_reward+suta").is_dir()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached SUTA stage ran again")
+
+    monkeypatch.setattr(rlnf.commands, "adapt_suta", fail)
+    again = quality.suta_runs(Stages(tmp_path, fresh=False), Stages(tmp_path / "seed_43", fresh=False), base,
+                              learned, "cpu", {"steps": 1})
+    assert again == {name: {**result, "seconds": pytest.approx(result["seconds"])} for name, result in results.items()}
+    with pytest.raises(AssertionError, match="ran again"):  # a new RL model: its row reruns
+        quality.suta_runs(Stages(tmp_path, fresh=False), Stages(tmp_path / "seed_43", fresh=False), base,
+                          {**learned, "sha256": "rl2"}, "cpu", {"steps": 1})

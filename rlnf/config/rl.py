@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -12,6 +13,8 @@ from rlnf.config.sections import DataConfig, TrainerConfig
 from rlnf.errors import ConfigError
 from rlnf.schema import check_choice, check_positive, opt
 
+# The smallest KL coefficient the benchmark found safe against a learned reward (0.01 was exploited).
+SAFE_LEARNED_KL_COEF = 0.05
 ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo", "mwer")
 POLICY_DECODERS = ("auto", "ctc")  # rlnf.policy.ctc_head
 
@@ -56,7 +59,8 @@ class RewardSpec:
 
     def __post_init__(self) -> None:
         if self.name == "learned" and not self.path:
-            raise ConfigError("rewards: a 'learned' reward needs 'path' (the reward checkpoint folder)")
+            raise ConfigError("rewards: a 'learned' reward needs 'path' (the reward checkpoint folder), e.g. "
+                              "'rewards=[{name: learned, path: REWARD_RUN/checkpoints/best}]'")
         if self.name not in ("cer", "wer", "learned") and (
                 "." not in self.name or not all(part.isidentifier() for part in self.name.split("."))):
             raise ConfigError(f"rewards: unknown reward name {self.name!r}; use cer, wer, learned or a dotted "
@@ -72,7 +76,8 @@ class RewardSpec:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = opt("rloo", "Preset: reinforce | rloo | grpo | ppo | mwer. It fills every key below left at null.")
+    name: str = opt("grpo", "Preset: reinforce | rloo | grpo | ppo | mwer. It fills every key below left at null "
+                            "(grpo: the benchmark's validated setting).")
     num_samples: int = opt(8, "K: hypotheses per utterance from one encoder pass (sampled, or the beam's K best).")
     rollout: Optional[str] = opt(None, "Where the K hypotheses come from: 'sample' (the policy's samples), 'nbest' (the "
                                        "K best of a CTC prefix beam search, NeMo's) or 'mixed' (K//2 best + the rest "
@@ -93,7 +98,8 @@ class AlgorithmConfig:
                                  "use a clip_eps of about 1e-3 to 1e-2 with it).")
     resample_zero_std: int = opt(0, "Dynamic resampling: a group whose K rewards are all equal (it teaches nothing) is "
                                     "re-drawn from the same frame distributions up to this many times; 0 is off.")
-    kl_coef: float = opt(0.01, "beta: weight of the KL to the frozen reference policy; 0 loads no reference.")
+    kl_coef: float = opt(0.05, "beta: weight of the KL to the frozen reference policy; 0 loads no reference. "
+                               "With a learned reward, below 0.05 warns (0.01 was exploited in the benchmark).")
     kl_estimator: Optional[str] = opt(None, "exact (sum of per-frame KLs) | k1 | k3 (sequence-level, on sampled "
                                             "hypotheses) (null: preset).")
     kl_in_reward: Optional[bool] = opt(None, "Fold -beta*KL into each sample's reward (RLOO/PPO style) instead of "
@@ -185,7 +191,9 @@ class RLFinetuneConfig(RunConfig):
                                    "summary.json.")
     policy: PolicyConfig = opt(factory=PolicyConfig, help="The policy to fine-tune.")
     data: DataConfig = opt(factory=DataConfig, help="Training and validation data.")
-    trainer: TrainerConfig = opt(factory=TrainerConfig, help="Optimisation, logging and checkpointing.")
+    trainer: TrainerConfig = opt(factory=lambda: TrainerConfig(lr=1e-4),
+                                 help="Optimisation, logging and checkpointing (lr 1e-4: the benchmark's validated "
+                                      "setting).")
     algorithm: AlgorithmConfig = opt(factory=AlgorithmConfig, help="The RL algorithm.")
     rewards: List[RewardSpec] = opt(factory=lambda: [RewardSpec(name="cer")],
                                     help="Rewards summed with their weights (default: 1 - CER).")
@@ -199,4 +207,14 @@ class RLFinetuneConfig(RunConfig):
         if all(spec.weight == 0 for spec in self.rewards):
             raise ConfigError("rewards: every weight is 0, so every reward would be 0 and nothing would be learned; "
                               "give at least one reward a non-zero weight")
+
+    def finalize(self) -> None:
+        """Once per loaded config (``finalize_config``): warn about a learned reward with a KL
+        coefficient below what the benchmark found safe."""
+        if self.algorithm.kl_coef < SAFE_LEARNED_KL_COEF and any(spec.name == "learned" and spec.weight
+                                                                 for spec in self.rewards):
+            logging.getLogger("rlnf.config").warning(
+                "algorithm.kl_coef=%g with a learned reward: below %g, the smallest the benchmark found safe (at 0.01 "
+                "the policy exploited the reward model: reward up, CER up 19 %%); set algorithm.kl_coef=%g or more",
+                self.algorithm.kl_coef, SAFE_LEARNED_KL_COEF, SAFE_LEARNED_KL_COEF)
 

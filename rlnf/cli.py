@@ -244,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="each sentence is spoken by this many training voices (seeded); default: all")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
+    from rlnf.reward_model import pairs as scored_pairs  # light (no torch): its defaults are the one definition
+
+    def listed(values) -> str:
+        return ",".join(f"{value:g}" for value in values)
+
     pairs = data_commands.add_parser("pairs", help="scored pairs for train_reward_model: a policy's hypotheses of "
                                                    "labelled audio (and negatives), each scored 1 - CER")
     pairs.add_argument("--model", required=True, help="the policy: .nemo file or pretrained name")
@@ -251,12 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--output", required=True, help="the scored pairs, JSONL (written atomically)")
     pairs.add_argument("--limit", type=positive_int, default=None, help="at most this many clips, drawn with --seed "
                                                                         "(default: all)")
-    pairs.add_argument("--temperatures", type=float_list, default=[0.6, 1.0, 1.4],
-                       help="sampling temperatures, comma-separated (default: 0.6,1.0,1.4)")
-    pairs.add_argument("--samples-per-temperature", type=int, default=2,
-                       help="samples per clip at each temperature (default: 2; the greedy transcript is always in)")
-    pairs.add_argument("--error-rates", type=float_list, default=[0.1, 0.3],
-                       help="character error rates of the corrupted-reference negatives (default: 0.1,0.3)")
+    pairs.add_argument("--temperatures", type=float_list, default=list(scored_pairs.DEFAULT_TEMPERATURES),
+                       help=f"sampling temperatures, comma-separated (default: {listed(scored_pairs.DEFAULT_TEMPERATURES)})")
+    pairs.add_argument("--samples-per-temperature", type=int, default=scored_pairs.DEFAULT_SAMPLES_PER_TEMPERATURE,
+                       help=f"samples per clip at each temperature (default: {scored_pairs.DEFAULT_SAMPLES_PER_TEMPERATURE}; "
+                            "the greedy transcript is always in)")
+    pairs.add_argument("--error-rates", type=float_list, default=list(scored_pairs.DEFAULT_ERROR_RATES),
+                       help="character error rates of the corrupted-reference negatives "
+                            f"(default: {listed(scored_pairs.DEFAULT_ERROR_RATES)})")
     pairs.add_argument("--text-key", default="text", help="manifest field of the transcript")
     pairs.add_argument("--seed", type=int, default=0, help="clip draw, sampling and negatives (default: 0)")
     pairs.add_argument("--batch-size", type=positive_int, default=16)

@@ -4,7 +4,10 @@ schema, the finite-number rule, the resume rules, and the views of a schema (``i
 
 A recipe's YAML file and ``key=value`` overrides are merged onto its dataclass schema with
 OmegaConf, so an unknown key or a value of the wrong type fails *before any model loads*, with
-a message naming the full key. ``__post_init__`` methods check values and cross-key rules.
+a message naming the full key (and the closest valid key, when one is close). ``__post_init__``
+methods check values and cross-key rules. A config file's top-level ``recipe:`` key names the recipe
+it is for: ``rlnf.launcher.resolve`` checks it, and it is removed before the merge (so neither the
+run folder's ``config.yaml`` nor ``--print-config`` holds it).
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return f"{key}: {message}" if key else message
 
 
-RECIPE_KEY = "recipe"  # a config file's top-level key naming its recipe; the launcher checks it, the schema never sees it
+# A config file's top-level key naming its recipe: the launcher checks it, the schema never sees it.
+RECIPE_KEY = "recipe"
 
 
 def declared_recipe(loaded: DictConfig, config_path: Path) -> str | None:
@@ -146,8 +150,8 @@ def load_config(schema: type, config_path: str | os.PathLike | None, overrides: 
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
     except ConfigKeyError as exc:
-        raise ConfigError(f"unknown config key {_describe(exc)}{did_you_mean(schema, str(exc.full_key or ''), exc.object_type)}") \
-            from None
+        suggestion = did_you_mean(schema, str(exc.full_key or ""), exc.object_type)
+        raise ConfigError(f"unknown config key {_describe(exc)}{suggestion}") from None
     except (ValidationError, OmegaConfBaseException) as exc:
         raise ConfigError(f"bad config value {_describe(exc)}") from None
     missing = sorted(OmegaConf.missing_keys(merged))

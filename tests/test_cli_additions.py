@@ -196,3 +196,16 @@ def test_the_validated_configs_hold_the_benchmarks_settings():
         assert [spec.name for spec in cfg.rewards] == [reward]
     with pytest.raises(ConfigError, match="needs 'path'"):
         load_config(RLFinetuneConfig, configs_dir() / "rl" / "grpo_learned_reward.yaml", [*REQUIRED, "output_dir=o"])
+
+
+def test_config_reference_shows_each_recipes_own_section_defaults():
+    """`rlnf config` shows the defaults a recipe gives a shared section (rl_finetune's trainer.lr
+    1e-4, train_ctc's 2e-3), not the shared class's."""
+    from rlnf.config import CTCTrainConfig, iter_keys
+
+    rl = {key: default for key, default, _ in iter_keys(RLFinetuneConfig)}
+    ctc = {key: default for key, default, _ in iter_keys(CTCTrainConfig)}
+    assert rl["trainer.lr"] == RLFinetuneConfig(output_dir="o").trainer.lr == 1e-4
+    assert rl["algorithm.name"] == "grpo" and rl["algorithm.kl_coef"] == 0.05
+    assert ctc["trainer.lr"] == 2e-3 and ctc["trainer.batch_size"] == 16 and ctc["trainer.warmup_steps"] == 100
+    assert rl["output_dir"] == "(required)" and rl["data.train_manifest"] == "(required)"

@@ -185,16 +185,21 @@ def to_yaml(config: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def iter_keys(schema: type, prefix: str = "") -> List[tuple[str, Any, str]]:
-    """(dotted key, default, help) for every leaf key of a schema, for docs and `rlnf config`."""
+def iter_keys(schema: type, prefix: str = "", section: Any = None) -> List[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf key of a schema, for docs and `rlnf config`.
+    ``section``: the default instance of a nested section, whose values are the defaults shown (a
+    recipe may change a shared section's default, as rl_finetune's ``TrainerConfig(lr=1e-4)``)."""
     rows: List[tuple[str, Any, str]] = []
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING)
+        if section is not None:
+            default = getattr(section, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING)
         if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or (
                 dataclasses.is_dataclass(default) and not isinstance(default, type)):
-            rows.extend(iter_keys(type(default), prefix=f"{key}."))
+            rows.extend(iter_keys(type(default), prefix=f"{key}.", section=default))
         else:
             if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
                 default = [dataclasses.asdict(item) for item in default]

@@ -113,8 +113,11 @@ def test_pairs_are_reproducible_and_the_output_is_never_overwritten_silently(pai
     assert run_pairs(pretrained_tiny_nemo, corpus["train"], again, "--limit", "5", "--temperatures", "0.5,2.0",
                      "--samples-per-temperature", "3", "--seed", "7") == 0
     assert again.read_bytes() == before
-    assert run_pairs(pretrained_tiny_nemo, corpus["train"], again, "--limit", "2", "--seed", "7", "--force") == 0
-    assert len({json.loads(line)["audio_filepath"] for line in again.read_text().splitlines()}) == 2
+    assert run_pairs(pretrained_tiny_nemo, corpus["train"], again, "--limit", "2", "--seed", "7", "--force",
+                     "--samples-per-temperature", "0") == 0
+    rows = [json.loads(line) for line in again.read_text().splitlines()]
+    assert len({row["audio_filepath"] for row in rows}) == 2
+    assert sum(row["kind"] == "policy" for row in rows) == 2  # the greedy transcripts alone
 
 
 def test_bad_manifest_lines_and_audio_are_named_and_nothing_is_written(tmp_path, pretrained_tiny_nemo, corpus, capsys):

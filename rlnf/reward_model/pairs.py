@@ -55,7 +55,8 @@ def write_scored_pairs(policy_path: str, manifest: str, output: str | Path, *, l
     """Write the scored pairs of ``limit`` clips of ``manifest`` (all when None), drawn with ``seed``,
     as the policy ``policy_path`` hears them (see the module docstring), to ``output`` atomically.
 
-    Sampling is seeded by ``seed`` (a CPU generator, so the pairs are the same on any device).
+    Sampling is seeded by ``seed`` (uniforms drawn from a CPU generator: the same draws on any device).
+    ``samples_per_temperature=0``: the greedy transcript only.
     Returns a summary: clips, pairs, pairs per kind, mean score, seconds, output.
 
     Raises:
@@ -98,7 +99,7 @@ def write_scored_pairs(policy_path: str, manifest: str, output: str | Path, *, l
             audio, audio_len = batch.audio.to(torch_device), batch.audio_len.to(torch_device)
             log_probs, encoded_len = policy.forward(audio, audio_len)
             hypotheses = [[text] for text in policy.transcribe(audio, audio_len)]
-            for temperature in temperatures:
+            for temperature in temperatures if samples_per_temperature else ():
                 # The uniforms come from the CPU generator whatever the device: the same draws everywhere.
                 uniforms = torch.rand(log_probs.shape[0], samples_per_temperature, log_probs.shape[1],
                                       generator=generator).to(log_probs.device)

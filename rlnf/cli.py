@@ -1,7 +1,11 @@
 """The ``rlnf`` command. Heavy imports (torch, NeMo) happen inside the commands, so ``--help`` is instant.
 
+    rlnf --version                                  the installed version
     rlnf run RECIPE --config FILE [key=value ...]   run a recipe (torchtune style)
+    rlnf run RECIPE --config FILE [...] --print-config
+                                                    print the resolved config (presets filled) and exit
     rlnf ls                                         list recipes and shipped configs
+    rlnf cp CONFIG DEST [--force]                   copy a shipped config (e.g. rl/grpo_learned_reward) to edit
     rlnf config RECIPE                              every config key with its default and help
     rlnf evaluate --model M.nemo --manifest M.json  greedy WER/CER (+ mean reward)
     rlnf score --reward CKPT --manifest M.json      score (audio, text) pairs with a reward model
@@ -10,6 +14,8 @@
     rlnf adapt suta --model M.nemo --manifest M.json --output-manifest H.json
                                                     SUTA: per-utterance test-time adaptation, greedy transcripts
     rlnf data synth --output DIR                    synthesise an offline speech corpus
+    rlnf data pairs --model M.nemo --manifest L.json --output P.jsonl
+                                                    scored pairs (the reward model's training data)
     rlnf demo                                       the end-to-end offline demo
 """
 
@@ -24,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from rlnf import __version__
 from rlnf.errors import RlnfError, TrainingInterrupted
 from rlnf.launcher import list_configs, list_recipes, load_recipe, resolve
 from rlnf.resources import configs_dir
@@ -54,7 +61,13 @@ def quiet_nemo() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from rlnf.run_folder import open_run_folder
 
-    recipe, cfg = resolve(args.recipe, args.config, args.overrides)  # config errors before any heavy import
+    # config errors before any heavy import; --print-config neither checks nor touches the run folder
+    recipe, cfg = resolve(args.recipe, args.config, args.overrides, check_output=not args.print_config)
+    if args.print_config:
+        from rlnf.config import to_yaml
+
+        print(to_yaml(cfg), end="")
+        return 0
     with open_run_folder(cfg) as args.log_dir:  # a crash's log goes into the run's folder
         quiet_nemo()
         result = recipe.main(cfg)
@@ -67,9 +80,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print("RECIPES")
     for name in list_recipes():
         print(f"  {name}")
-    print(f"CONFIGS in {configs_dir()} (pass to --config by name, or copy one and pass its path)")
+    print(f"CONFIGS in {configs_dir()} (pass to --config by name, or `rlnf cp NAME my.yaml` and pass its path)")
     for name in list_configs():
         print(f"  {name}")
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from rlnf.launcher import copy_config
+
+    print(copy_config(args.config, args.dest, force=args.force))
     return 0
 
 
@@ -130,6 +150,18 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_pairs(args: argparse.Namespace) -> int:
+    quiet_nemo()
+    from rlnf.reward_model.pairs import write_scored_pairs
+
+    summary = write_scored_pairs(args.model, args.manifest, args.output, limit=args.limit,
+                                 temperatures=args.temperatures, samples_per_temperature=args.samples_per_temperature,
+                                 error_rates=args.error_rates, seed=args.seed, batch_size=args.batch_size,
+                                 device=args.device, text_key=args.text_key, force=args.force)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     quiet_nemo()
     from rlnf.demo import run_demo
@@ -139,6 +171,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ parser
+def float_list(text: str) -> list[float]:
+    """'0.6,1.0,1.4' -> [0.6, 1.0, 1.4]."""
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -153,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlnf", description="RL fine-tuning of NeMo CTC speech-recognition models "
                                                               "against a learned reward.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"rlnf {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a recipe with a YAML config and key=value overrides")
@@ -160,9 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML config file, or a shipped config name such as rl/rloo")
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="overrides, e.g. trainer.max_steps=100 (before or after --config)")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the resolved config (YAML, presets filled) and exit: no run folder, no model")
     run.set_defaults(func=cmd_run)
 
     commands.add_parser("ls", help="list recipes and shipped configs").set_defaults(func=cmd_ls)
+
+    cp = commands.add_parser("cp", help="copy a shipped config to edit (like torchtune's `tune cp`)")
+    cp.add_argument("config", help="shipped config name, e.g. rl/grpo_learned_reward (see `rlnf ls`)")
+    cp.add_argument("dest", help="destination file, or a folder to copy into under the config's file name")
+    cp.add_argument("--force", action="store_true", help="replace the destination if it exists")
+    cp.set_defaults(func=cmd_cp)
 
     config = commands.add_parser("config", help="print every config key of a recipe with default and help")
     config.add_argument("recipe")
@@ -244,6 +293,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="each sentence is spoken by this many training voices (seeded); default: all")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
+    from rlnf.reward_model import pairs as scored_pairs  # light (no torch): its defaults are the one definition
+
+    def listed(values) -> str:
+        return ",".join(f"{value:g}" for value in values)
+
+    pairs = data_commands.add_parser("pairs", help="scored pairs for train_reward_model: a policy's hypotheses of "
+                                                   "labelled audio (and negatives), each scored 1 - CER")
+    pairs.add_argument("--model", required=True, help="the policy: .nemo file or pretrained name")
+    pairs.add_argument("--manifest", required=True, help="labelled manifest (audio_filepath, text)")
+    pairs.add_argument("--output", required=True, help="the scored pairs, JSONL (written atomically)")
+    pairs.add_argument("--limit", type=positive_int, default=None, help="at most this many clips, drawn with --seed "
+                                                                        "(default: all)")
+    pairs.add_argument("--temperatures", type=float_list, default=list(scored_pairs.DEFAULT_TEMPERATURES),
+                       help=f"sampling temperatures, comma-separated (default: {listed(scored_pairs.DEFAULT_TEMPERATURES)})")
+    pairs.add_argument("--samples-per-temperature", type=int, default=scored_pairs.DEFAULT_SAMPLES_PER_TEMPERATURE,
+                       help=f"samples per clip at each temperature (default: {scored_pairs.DEFAULT_SAMPLES_PER_TEMPERATURE}; "
+                            "the greedy transcript is always in)")
+    pairs.add_argument("--error-rates", type=float_list, default=list(scored_pairs.DEFAULT_ERROR_RATES),
+                       help="character error rates of the corrupted-reference negatives "
+                            f"(default: {listed(scored_pairs.DEFAULT_ERROR_RATES)})")
+    pairs.add_argument("--text-key", default="text", help="manifest field of the transcript")
+    pairs.add_argument("--seed", type=int, default=0, help="clip draw, sampling and negatives (default: 0)")
+    pairs.add_argument("--batch-size", type=positive_int, default=16)
+    pairs.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pairs.add_argument("--force", action="store_true", help="replace --output if it exists")
+    pairs.set_defaults(func=cmd_data_pairs)
 
     demo = commands.add_parser("demo", help="the offline end-to-end demo (corpus, policy, reward model, RL, report)")
     demo.add_argument("--output", default="demo_output", help="output folder (stages are cached there)")
@@ -293,6 +368,18 @@ def describe_unexpected(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}{where}"
 
 
+def closed_pipe() -> int:
+    """The reader of stdout went away (``rlnf config rl_finetune | head``): stop quietly, as a Unix
+    tool does. stdout is pointed at devnull so the interpreter's final flush cannot fail again
+    (the Python docs' recipe for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -305,7 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.log_dir = None  # cmd_run sets the run's folder: a crash's log goes there
     command = command_name(args)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        return closed_pipe()
     except TrainingInterrupted as exc:
         print(f"rlnf: {exc}", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -160,49 +160,15 @@ def _pseudo_labels(policy_path: str, manifest: str, out: Path, min_confidence: f
 
 
 def _scored_pairs(policy_path: str, manifest: str, out: Path, limit: int, settings: dict, seed: int) -> int:
-    """The policy's hypotheses + corrupted references for ``limit`` utterances, scored 1 - CER."""
-    import random
+    """The policy's hypotheses + corrupted references for ``limit`` utterances, scored 1 - CER
+    (``rlnf data pairs``'s code: ``rlnf.reward_model.pairs.write_scored_pairs``). Returns the pairs written."""
+    from rlnf.reward_model.pairs import write_scored_pairs
 
-    import torch
-
-    from rlnf import ctc
-    from rlnf.data.loader import AudioDataset, eval_batches
-    from rlnf.data.manifest import read_manifest, write_manifest
-    from rlnf.policy import CTCPolicy
-    from rlnf.reward_model.negatives import cer_score, hard_negatives
-
-    utterances, _ = read_manifest(manifest)
-    rng = random.Random(seed)
-    utterances = rng.sample(utterances, min(limit, len(utterances)))
-    references = [u.text for u in utterances]
-    policy = CTCPolicy.load(policy_path, "cpu")
-    policy.set_mode("eval")
-    generator = torch.Generator().manual_seed(seed)
-    rows: list[dict[str, Any]] = []
-    with torch.inference_mode():
-        for batch in eval_batches(AudioDataset(utterances, policy.sample_rate), batch_size=16):
-            log_probs, encoded_len = policy.forward(batch.audio, batch.audio_len)
-            hypotheses = [[text] for text in policy.transcribe(batch.audio, batch.audio_len)]
-            for temperature in settings["scored_temperatures"]:
-                samples = policy.sample(ctc.apply_temperature(log_probs.float(), temperature), encoded_len,
-                                        settings["scored_samples_per_temperature"], generator)
-                for group, texts in zip(hypotheses, samples.texts):
-                    group.extend(texts)
-            for utterance, group in zip(batch.utterances, hypotheses):
-                seen = set()
-                candidates = [(text, "policy") for text in group]
-                candidates += [(text, kind) for text, _, kind in hard_negatives(
-                    utterance.text, references, rng, error_rates=[0.1, 0.3], truncated=False, repeated=False)]
-                candidates.append((utterance.text, "reference"))
-                for text, kind in candidates:
-                    if text in seen:
-                        continue
-                    seen.add(text)
-                    rows.append({"audio_filepath": utterance.audio_filepath, "text": text,
-                                 "score": round(cer_score(text, utterance.text), 4), "reference": utterance.text,
-                                 "kind": kind})
-    write_manifest(out, rows)
-    return len(rows)
+    summary = write_scored_pairs(policy_path, manifest, out, limit=limit, temperatures=settings["scored_temperatures"],
+                                 samples_per_temperature=settings["scored_samples_per_temperature"],
+                                 error_rates=(0.1, 0.3), seed=seed, batch_size=16, device="cpu", force=True,
+                                 progress=False)
+    return summary["pairs"]
 
 
 def reward_listening(checkpoint: str, pairs_manifest: str, folder: Path) -> dict[str, float]:

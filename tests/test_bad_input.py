@@ -212,7 +212,7 @@ def test_resume_warns_about_and_records_allowed_changes(tmp_path, capsys, monkey
     out, args = _saved_run(tmp_path)
     main([*args, "resume=true", "trainer.lr=5e-5", "trainer.max_steps=2000"])
     record = json.loads((out / "resumes.jsonl").read_text().splitlines()[-1])
-    assert record["changed"]["trainer.lr"] == [1e-5, 5e-5] and record["changed"]["trainer.max_steps"] == [1000, 2000]
+    assert record["changed"]["trainer.lr"] == [1e-4, 5e-5] and record["changed"]["trainer.max_steps"] == [1000, 2000]
 
 
 @pytest.mark.slow

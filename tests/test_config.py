@@ -28,8 +28,11 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_minimal_yaml_sets_only_three_keys(tmp_path):
     cfg = load_config(RLFinetuneConfig, write(tmp_path, "policy: {path: m.nemo}\ndata: {train_manifest: t.json}\n"
                                                         "output_dir: out\n"))
-    assert cfg.algorithm.name == "rloo" and cfg.rewards[0].name == "cer"
-    assert cfg.algorithm.advantage == "rloo" and cfg.algorithm.kl_in_reward is True  # preset filled
+    # The defaults are the benchmark's validated settings: grpo, kl_coef 0.05, lr 1e-4.
+    assert cfg.algorithm.name == "grpo" and cfg.rewards[0].name == "cer"
+    assert cfg.algorithm.kl_coef == 0.05 and cfg.trainer.lr == 1e-4
+    assert cfg.algorithm.advantage == "group" and cfg.algorithm.policy_loss == "clipped"  # preset filled
+    assert cfg.algorithm.kl_in_reward is False and cfg.algorithm.kl_estimator == "exact"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -43,10 +46,11 @@ def test_minimal_yaml_sets_only_three_keys(tmp_path):
 ])
 def test_bad_key_or_value_names_the_key(override, message):
     if override == "algorithm.kl_estimator=k1":
-        cfg = load_config(RLFinetuneConfig, None, REQUIRED + [override])
+        cfg = load_config(RLFinetuneConfig, None, REQUIRED + ["algorithm.name=rloo", override])
         assert cfg.algorithm.kl_estimator == "k1"
         with pytest.raises(ConfigError, match="k1 as a loss term"):
-            load_config(RLFinetuneConfig, None, REQUIRED + [override, "algorithm.kl_in_reward=false"])
+            load_config(RLFinetuneConfig, None, REQUIRED + ["algorithm.name=rloo", override,
+                                                            "algorithm.kl_in_reward=false"])
         return
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_config(RLFinetuneConfig, None, REQUIRED + [override])
@@ -82,11 +86,17 @@ def test_user_value_beats_preset():
     assert cfg.algorithm.scale_by_std is False and cfg.algorithm.advantage == "group"
 
 
-def test_every_shipped_config_parses():
+def test_every_shipped_config_names_its_recipe_and_parses_with_it():
+    from omegaconf import OmegaConf
+
     for name in list_configs():
-        recipe = load_recipe(_recipe_for(name))
         cfg_path = configs_dir() / f"{name}.yaml"
+        declared = OmegaConf.load(cfg_path).get("recipe")
+        assert declared == _recipe_for(name), (name, declared)
+        recipe = load_recipe(declared)
         overrides = [f"{key}=x" for key, default, _ in iter_keys(recipe.CONFIG_CLASS) if default == "(required)"]
+        if "path: ???" in cfg_path.read_text().split("rewards:")[-1]:  # a learned reward whose folder the user gives
+            overrides.append("rewards=[{name: learned, path: x}]")
         load_config(recipe.CONFIG_CLASS, cfg_path, overrides)
 
 
@@ -150,6 +160,7 @@ def test_shipped_rl_configs_say_only_what_differs_from_their_preset(name):
 
     shipped = OmegaConf.to_container(OmegaConf.load(configs_dir() / "rl" / f"{name}.yaml"))
     assert shipped["algorithm"]["name"] == name
+    assert shipped.pop("recipe") == "rl_finetune"  # the launcher's key, not the schema's
     defaults = OmegaConf.to_container(OmegaConf.structured(RLFinetuneConfig))
     algorithm = AlgorithmConfig(name=name)
     algorithm.finalize()  # the preset's values

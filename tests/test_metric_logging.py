@@ -109,7 +109,7 @@ def test_csv_widens_its_header_and_drops_steps_after_the_resume_point(tmp_path):
 
 
 def test_wandb_offline_gets_config_scalars_table_and_audio(tmp_path, wandb_offline):
-    cfg = load_config(RLFinetuneConfig, None, REQUIRED + ["trainer.loggers=[wandb]"])
+    cfg = load_config(RLFinetuneConfig, None, REQUIRED + ["algorithm.name=rloo", "trainer.loggers=[wandb]"])
     logger = WandbLogger(tmp_path, config=cfg)
     logger.log_dict({"reward/mean": 0.25, "kl": float("nan")}, 1)
     logger.log_table("samples", ["utt", "kind", "text", "reward"], [[0, "reference", "a cat", ""],

@@ -48,7 +48,7 @@ def test_updates_raise_the_preferred_hypothesis_and_lower_the_others(preset, cor
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"audio_filepath": utterance.audio_filepath, "target": ""}) + "\n")
     overrides = [f"policy.path={pretrained_tiny_nemo}", f"data.train_manifest={manifest}",
-                 f"output_dir={tmp_path / 'run'}", f"algorithm.name={preset}", "algorithm.num_samples=64",
+                 f"output_dir={tmp_path / 'run'}", f"algorithm.name={preset}", "algorithm.num_samples=64", "algorithm.kl_coef=0.01",
                  "trainer.batch_size=1", "trainer.lr=3e-4", "trainer.lr_schedule=constant",
                  "trainer.progress_bar=false", "rewards=[{name: tests.test_rl_update.TargetReward}]"]
     recipe = RLFinetuneRecipe(load_config(RLFinetuneConfig, None, overrides))
@@ -96,14 +96,14 @@ class LengthReward:
 
 
 def test_self_critical_scores_greedy_in_the_same_reward_call(pretrained_tiny_nemo, corpus):
-    from rlnf.config import RLFinetuneConfig, RewardSpec, finalize_config
+    from rlnf.config import AlgorithmConfig, RLFinetuneConfig, RewardSpec, finalize_config
     from rlnf.data.loader import AudioDataset, collate
     from rlnf.data.manifest import read_manifest
     from rlnf.policy import CTCPolicy
     from rlnf.rewards import build_rewards
     from rlnf.rl import StepContext, make_rollout
 
-    cfg = finalize_config(RLFinetuneConfig(output_dir="unused"))
+    cfg = finalize_config(RLFinetuneConfig(output_dir="unused", algorithm=AlgorithmConfig(name="rloo", kl_coef=0.01)))
     algo = cfg.algorithm
     algo.name, algo.advantage, algo.num_samples = "reinforce", "self_critical", 5
     utterances, _ = read_manifest(corpus["train"])
@@ -143,7 +143,7 @@ def test_reference_cache_gives_the_reference_forward_and_runs_only_the_missing_u
     """Through make_rollout: a batch whose utterances are partly cached sends only the others
     through the reference, as one smaller batch, and every rollout quantity matches the run
     without a cache."""
-    from rlnf.config import RLFinetuneConfig, RewardSpec, finalize_config
+    from rlnf.config import AlgorithmConfig, RLFinetuneConfig, RewardSpec, finalize_config
     from rlnf.data.loader import AudioDataset, collate
     from rlnf.data.manifest import read_manifest
     from rlnf.policy import CTCPolicy
@@ -151,7 +151,7 @@ def test_reference_cache_gives_the_reference_forward_and_runs_only_the_missing_u
     from rlnf.reference import ReferenceCache
     from rlnf.rl import StepContext, make_rollout
 
-    cfg = finalize_config(RLFinetuneConfig(output_dir="unused"))
+    cfg = finalize_config(RLFinetuneConfig(output_dir="unused", algorithm=AlgorithmConfig(name="rloo", kl_coef=0.01)))
     algo = cfg.algorithm
     algo.kl_estimator, algo.kl_in_reward, algo.temperature = "k1", True, 1.3
     utterances, _ = read_manifest(corpus["train"])
@@ -197,7 +197,7 @@ def test_dynamic_resampling_redraws_uninformative_groups_from_the_tempered_polic
     """Groups whose advantages are all 0 are re-drawn from the same tempered frame distributions
     (draw n of utterance b keyed by key_b + (n,)), other groups are untouched, and the old log-probs
     are those of the final samples under pi_tau: they count as samples of the policy the loss uses."""
-    from rlnf.config import RLFinetuneConfig, RewardSpec, finalize_config
+    from rlnf.config import AlgorithmConfig, RLFinetuneConfig, RewardSpec, finalize_config
     from rlnf.data.loader import AudioDataset, collate
     from rlnf.data.manifest import read_manifest
     from rlnf.policy import CTCPolicy
@@ -206,7 +206,7 @@ def test_dynamic_resampling_redraws_uninformative_groups_from_the_tempered_polic
     from rlnf.hypotheses import sampling_uniforms
     from rlnf.rl import StepContext, make_rollout
 
-    cfg = finalize_config(RLFinetuneConfig(output_dir="unused"))
+    cfg = finalize_config(RLFinetuneConfig(output_dir="unused", algorithm=AlgorithmConfig(name="rloo", kl_coef=0.01)))
     algo = cfg.algorithm
     algo.num_samples, algo.temperature, tries = 2, 1.3, 4
     utterances, _ = read_manifest(corpus["train"])

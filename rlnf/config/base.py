@@ -4,7 +4,10 @@ schema, the finite-number rule, the resume rules, and the views of a schema (``i
 
 A recipe's YAML file and ``key=value`` overrides are merged onto its dataclass schema with
 OmegaConf, so an unknown key or a value of the wrong type fails *before any model loads*, with
-a message naming the full key. ``__post_init__`` methods check values and cross-key rules.
+a message naming the full key (and the closest valid key, when one is close). ``__post_init__``
+methods check values and cross-key rules. A config file's top-level ``recipe:`` key names the recipe
+it is for: ``rlnf.launcher.resolve`` checks it, and it is removed before the merge (so neither the
+run folder's ``config.yaml`` nor ``--print-config`` holds it).
 """
 
 from __future__ import annotations
@@ -73,6 +76,48 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return f"{key}: {message}" if key else message
 
 
+# A config file's top-level key naming its recipe: the launcher checks it, the schema never sees it.
+RECIPE_KEY = "recipe"
+
+
+def declared_recipe(loaded: DictConfig, config_path: Path) -> str | None:
+    """The recipe a loaded config file names with its top-level ``recipe:`` key, or None."""
+    name = loaded.get(RECIPE_KEY) if RECIPE_KEY in loaded else None
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{config_path}: the top-level key 'recipe' must be a recipe name such as rl_finetune, "
+                          f"got {name!r}")
+    return name
+
+
+def schema_keys(schema: type, section: str) -> List[str]:
+    """The key names of ``schema``'s dotted ``section`` ('' for the top level; list items such as
+    ``rewards[0]`` as their element type): what an unknown key there could have meant."""
+    import typing
+
+    cls = schema
+    for part in [p for p in section.split(".") if p]:
+        hint = typing.get_type_hints(cls).get(part.split("[")[0])
+        if typing.get_origin(hint) in (list, List):
+            hint = typing.get_args(hint)[0]
+        if not dataclasses.is_dataclass(hint):
+            return []
+        cls = hint
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def did_you_mean(schema: type, full_key: str, section_type: Any = None) -> str:
+    """'; did you mean algorithm.kl_coef?' for an unknown ``full_key`` close to a valid one, else ''.
+    ``section_type``: the dataclass the key was given in, when known (OmegaConf names only the key
+    of a list item's section, as in ``rewards=[{wieght: 2}]``)."""
+    import difflib
+
+    section, _, name = full_key.rpartition(".")
+    keys = ([f.name for f in dataclasses.fields(section_type)] if dataclasses.is_dataclass(section_type)
+            else schema_keys(schema, section))
+    match = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+    return f"; did you mean {section + '.' if section else ''}{match[0]}?" if match else ""
+
+
 def load_config(schema: type, config_path: str | os.PathLike | None, overrides: List[str] | None = None) -> Any:
     """Merge ``config_path`` (YAML) and ``key=value`` overrides onto ``schema`` and validate.
 
@@ -94,6 +139,8 @@ def load_config(schema: type, config_path: str | os.PathLike | None, overrides: 
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{config_path}: the top level must be a mapping of keys (key: value), not a "
                               f"{type(loaded).__name__.replace('Config', '').lower() or 'value'}")
+        if declared_recipe(loaded, config_path) is not None and RECIPE_KEY not in schema_keys(schema, ""):
+            loaded.pop(RECIPE_KEY)  # checked by rlnf.launcher.resolve against the recipe that runs
         layers.append(loaded)
     for item in overrides or []:
         if "=" not in item:
@@ -103,7 +150,8 @@ def load_config(schema: type, config_path: str | os.PathLike | None, overrides: 
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
     except ConfigKeyError as exc:
-        raise ConfigError(f"unknown config key {_describe(exc)}") from None
+        suggestion = did_you_mean(schema, str(exc.full_key or ""), exc.object_type)
+        raise ConfigError(f"unknown config key {_describe(exc)}{suggestion}") from None
     except (ValidationError, OmegaConfBaseException) as exc:
         raise ConfigError(f"bad config value {_describe(exc)}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
@@ -137,16 +185,21 @@ def to_yaml(config: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def iter_keys(schema: type, prefix: str = "") -> List[tuple[str, Any, str]]:
-    """(dotted key, default, help) for every leaf key of a schema, for docs and `rlnf config`."""
+def iter_keys(schema: type, prefix: str = "", section: Any = None) -> List[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf key of a schema, for docs and `rlnf config`.
+    ``section``: the default instance of a nested section, whose values are the defaults shown (a
+    recipe may change a shared section's default, as rl_finetune's ``TrainerConfig(lr=1e-4)``)."""
     rows: List[tuple[str, Any, str]] = []
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING)
+        if section is not None:
+            default = getattr(section, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING)
         if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or (
                 dataclasses.is_dataclass(default) and not isinstance(default, type)):
-            rows.extend(iter_keys(type(default), prefix=f"{key}."))
+            rows.extend(iter_keys(type(default), prefix=f"{key}.", section=default))
         else:
             if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
                 default = [dataclasses.asdict(item) for item in default]

@@ -14,6 +14,8 @@ from rlnf.config.sections import DataConfig, TrainerConfig
 from rlnf.errors import ConfigError
 from rlnf.schema import check_choice, check_positive, opt
 
+# The smallest KL coefficient the benchmark found safe against a learned reward (0.01 was exploited).
+SAFE_LEARNED_KL_COEF = 0.05
 ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo", "mwer")
 # Above this clip_eps the per-frame ratio practically never clips (on 200 frames: |log rho| > 10 nats).
 PER_FRAME_CLIP_WARNING = 0.05
@@ -61,7 +63,8 @@ class RewardSpec:
 
     def __post_init__(self) -> None:
         if self.name == "learned" and not self.path:
-            raise ConfigError("rewards: a 'learned' reward needs 'path' (the reward checkpoint folder)")
+            raise ConfigError("rewards: a 'learned' reward needs 'path' (the reward checkpoint folder), e.g. "
+                              "'rewards=[{name: learned, path: REWARD_RUN/checkpoints/best}]'")
         if self.name not in ("cer", "wer", "learned") and (
                 "." not in self.name or not all(part.isidentifier() for part in self.name.split("."))):
             raise ConfigError(f"rewards: unknown reward name {self.name!r}; use cer, wer, learned or a dotted "
@@ -77,7 +80,8 @@ class RewardSpec:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = opt("rloo", "Preset: reinforce | rloo | grpo | ppo | mwer. It fills every key below left at null.")
+    name: str = opt("grpo", "Preset: reinforce | rloo | grpo | ppo | mwer. It fills every key below left at null "
+                            "(grpo: the benchmark's validated setting).")
     num_samples: int = opt(8, "K: hypotheses per utterance from one encoder pass (sampled, or the beam's K best).")
     rollout: Optional[str] = opt(None, "Where the K hypotheses come from: 'sample' (the policy's samples), 'nbest' (the "
                                        "K best of a CTC prefix beam search, NeMo's) or 'mixed' (K//2 best + the rest "
@@ -103,7 +107,8 @@ class AlgorithmConfig:
     resample_zero_std: int = opt(0, "Dynamic resampling: a group whose advantages are all 0 (it teaches nothing: equal "
                                     "shaped rewards, or all equal to the greedy one's) is re-drawn from the same "
                                     "frame distributions up to this many times; 0 is off.")
-    kl_coef: float = opt(0.01, "beta: weight of the KL to the frozen reference policy; 0 loads no reference.")
+    kl_coef: float = opt(0.05, "beta: weight of the KL to the frozen reference policy; 0 loads no reference. "
+                               "With a learned reward, below 0.05 warns (0.01 was exploited in the benchmark).")
     kl_estimator: Optional[str] = opt(None, "exact (sum of per-frame KLs, one value per utterance; in the loss) | k1 "
                                             "(log pi(y) - log pi_ref(y) per sample; in the reward) | k3 ((r - 1) - log "
                                             "r per sample, r = pi_ref(y)/pi(y); in the loss, as w * k3) (null: preset). "
@@ -204,7 +209,9 @@ class RLFinetuneConfig(RunConfig):
                                    "summary.json.")
     policy: PolicyConfig = opt(factory=PolicyConfig, help="The policy to fine-tune.")
     data: DataConfig = opt(factory=DataConfig, help="Training and validation data.")
-    trainer: TrainerConfig = opt(factory=TrainerConfig, help="Optimisation, logging and checkpointing.")
+    trainer: TrainerConfig = opt(factory=lambda: TrainerConfig(lr=1e-4),
+                                 help="Optimisation, logging and checkpointing (lr 1e-4: the benchmark's validated "
+                                      "setting).")
     algorithm: AlgorithmConfig = opt(factory=AlgorithmConfig, help="The RL algorithm.")
     rewards: List[RewardSpec] = opt(factory=lambda: [RewardSpec(name="cer")],
                                     help="Rewards summed with their weights (default: 1 - CER).")
@@ -218,4 +225,14 @@ class RLFinetuneConfig(RunConfig):
         if all(spec.weight == 0 for spec in self.rewards):
             raise ConfigError("rewards: every weight is 0, so every reward would be 0 and nothing would be learned; "
                               "give at least one reward a non-zero weight")
+
+    def finalize(self) -> None:
+        """Once per loaded config (``finalize_config``): warn about a learned reward with a KL
+        coefficient below what the benchmark found safe."""
+        if self.algorithm.kl_coef < SAFE_LEARNED_KL_COEF and any(spec.name == "learned" and spec.weight
+                                                                 for spec in self.rewards):
+            log.warning(
+                "algorithm.kl_coef=%g with a learned reward: below %g, the smallest the benchmark found safe (at 0.01 "
+                "the policy exploited the reward model: reward up, CER up 19 %%); set algorithm.kl_coef=%g or more",
+                self.algorithm.kl_coef, SAFE_LEARNED_KL_COEF, SAFE_LEARNED_KL_COEF)
 

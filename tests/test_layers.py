@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE_MATH = {"rlnf.ctc", "rlnf.algorithms", "rlnf.metrics", "rlnf.errors", "rlnf.tta"}
+PURE_MATH = {"rlnf.ctc", "rlnf.algorithms", "rlnf.kl", "rlnf.metrics", "rlnf.errors", "rlnf.tta"}
 ENTRY_POINTS = {"rlnf.cli": set(), "rlnf.demo": {"rlnf.cli"}}  # module: who may import it
 
 

@@ -468,7 +468,8 @@ def test_a_reward_raising_on_one_process_stops_both_with_a_checkpoint(corpus, ti
     stderr = run_two_processes_to_failure(
         "rl/grpo", tiny_nemo, corpus["train"], out, "trainer.batch_size=2", "algorithm.num_samples=4",
         "trainer.max_steps=6", "rewards=[{name: tests.test_bad_input.fails_on_rank_one}]")
-    assert "process 1: ConnectionError: the scoring service went away" in stderr
+    assert ("process 1: rewards[0] (tests.test_bad_input.fails_on_rank_one) raised ConnectionError: the scoring "
+            "service went away") in stderr and "Fix the reward" in stderr
     assert torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)["step"] == 2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -37,6 +38,8 @@ def evaluate(model: str, manifest: str, reward: str | None = None, output: str |
              batch_size: int = 16, device: str = "auto", text_key: str = "text") -> dict[str, Any]:
     """Greedy transcripts of ``manifest`` by ``model``; corpus WER/CER against its references and the
     mean reward of ``reward`` (a checkpoint folder) when given. Writes OUT.json and OUT.transcripts.jsonl."""
+    model, manifest, reward, output = (None if value is None else os.fspath(value)
+                                       for value in (model, manifest, reward, output))
     from rlnf.config import DataConfig
     from rlnf.data.loader import AudioDataset
     from rlnf.evaluation import evaluate_policy
@@ -76,6 +79,7 @@ def evaluate(model: str, manifest: str, reward: str | None = None, output: str |
 def score(reward: str, manifest: str, text_keys: Sequence[str] = ("text",), output: str | None = None,
           batch_size: int = 64, device: str = "auto") -> dict[str, float]:
     """Score every (audio, text) pair of ``manifest`` with a reward checkpoint; returns mean score per key."""
+    reward, manifest, output = (None if value is None else os.fspath(value) for value in (reward, manifest, output))
     from rlnf.reward_model.scoring import score_manifest
 
     return score_manifest(reward, manifest, text_keys=list(text_keys), output=output, batch_size=batch_size,
@@ -86,6 +90,7 @@ def adapt_batchnorm(model: str, manifest: str, output: str, batch_size: int = 16
     """Test-time BatchNorm adaptation (``CTCPolicy.adapt_batchnorm``): ``model``'s encoder BatchNorm
     statistics re-estimated on the audio of ``manifest`` (no transcripts needed), written to ``output``
     (a .nemo; every weight unchanged). A starting point for RL or self-training on that audio."""
+    model, manifest, output = os.fspath(model), os.fspath(manifest), os.fspath(output)
     from rlnf.config import DataConfig
     from rlnf.data.loader import AudioDataset, eval_batches
     from rlnf.policy import CTCPolicy

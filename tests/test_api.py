@@ -81,6 +81,10 @@ def test_the_docs_example_runs_as_written(tiny_nemo, manifests, tmp_path, capsys
     assert [row["step"] for row in rows if "reward/mean" in row] == [1, 2]
     assert "reward/not_longer_than_reference/mean" in rows[-1] and "val/wer" in rows[-1]
     assert metrics["n"] == 2 and 0.0 <= metrics["cer"] and "WER" in capsys.readouterr().out
+    # paths as Path objects too; the metrics file holds what evaluate returned
+    again = rlnf.evaluate(model=run / "checkpoints" / "best.nemo", manifest=Path(manifests["val"]),
+                          output=tmp_path / "eval.json", device="cpu")
+    assert again["wer"] == metrics["wer"] and json.loads((tmp_path / "eval.json").read_text()) == again
 
 
 # ------------------------------------------------------------------------------ callable rewards in a run

@@ -39,7 +39,11 @@ def evaluate(model: str, manifest: str, reward: str | None = None, output: str |
     """Greedy transcripts of ``manifest`` by ``model``; corpus WER/CER against its references and the
     mean reward of ``reward`` (a checkpoint folder) when given. Writes OUT.json and OUT.transcripts.jsonl."""
     model, manifest, reward, output = (None if value is None else os.fspath(value)
-                                       for value in (model, manifest, reward, output))
+                                       for value in (model, manifest, reward, output))  # Path objects too
+    if output:  # refused now, not after every clip is transcribed
+        for path in (Path(output), Path(output).with_suffix(".transcripts.jsonl")):
+            check_output_file("--output", path, {"manifest": manifest, "model": model})
+    check_model("--model", model)  # these before torch and NeMo load
     from rlnf.config import DataConfig
     from rlnf.data.loader import AudioDataset
     from rlnf.evaluation import evaluate_policy
@@ -48,10 +52,6 @@ def evaluate(model: str, manifest: str, reward: str | None = None, output: str |
     from rlnf.rewards import RewardSet, WeightedReward
     from rlnf.training import resolve_device
 
-    if output:  # refused now, not after every clip is transcribed
-        for path in (Path(output), Path(output).with_suffix(".transcripts.jsonl")):
-            check_output_file("--output", path, {"manifest": manifest, "model": model})
-    check_model("--model", model)
     torch_device = resolve_device(device, "--device")
     # The recipes' own reading: references lower-cased and whitespace-normalised (data.lowercase's
     # default), so this WER equals the val/wer a recipe logs for the same model and manifest.
@@ -79,8 +79,9 @@ def evaluate(model: str, manifest: str, reward: str | None = None, output: str |
 def score(reward: str, manifest: str, text_keys: Sequence[str] = ("text",), output: str | None = None,
           batch_size: int = 64, device: str = "auto") -> dict[str, float]:
     """Score every (audio, text) pair of ``manifest`` with a reward checkpoint; returns mean score per key."""
-    reward, manifest, output = (None if value is None else os.fspath(value) for value in (reward, manifest, output))
     from rlnf.reward_model.scoring import score_manifest
+
+    reward, manifest, output = (None if value is None else os.fspath(value) for value in (reward, manifest, output))
 
     return score_manifest(reward, manifest, text_keys=list(text_keys), output=output, batch_size=batch_size,
                           device=device)
@@ -91,14 +92,14 @@ def adapt_batchnorm(model: str, manifest: str, output: str, batch_size: int = 16
     statistics re-estimated on the audio of ``manifest`` (no transcripts needed), written to ``output``
     (a .nemo; every weight unchanged). A starting point for RL or self-training on that audio."""
     model, manifest, output = os.fspath(model), os.fspath(manifest), os.fspath(output)
+    out = check_output_file("--output", output, {"model": model, "manifest": manifest})
+    check_model("--model", model)  # these before torch and NeMo load
     from rlnf.config import DataConfig
     from rlnf.data.loader import AudioDataset, eval_batches
     from rlnf.policy import CTCPolicy
     from rlnf.recipe_utils import load_utterances
     from rlnf.training import resolve_device
 
-    out = check_output_file("--output", output, {"model": model, "manifest": manifest})
-    check_model("--model", model)
     torch_device = resolve_device(device, "--device")
     with named("--manifest", manifest):
         utterances, _ = load_utterances(DataConfig(train_manifest=manifest), manifest, False)

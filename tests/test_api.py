@@ -237,3 +237,25 @@ def test_train_reward_model_config_from_arguments(tmp_path):
     assert cfg.trainer.epochs == 2 and cfg.output_dir == str(tmp_path / "rm")
     with pytest.raises(ConfigError, match="unknown config key trainer.epoch"):
         rlnf.train_reward_model("pairs.jsonl", tmp_path / "rm", trainer={"epoch": 2})
+
+
+def test_train_reward_model_writes_the_run_folder_of_rlnf_run(manifests, tmp_path):
+    """Scored pairs of the training clips (each transcript, a corrupted one and an empty one), a
+    tiny reward model, one epoch: the summary and the run folder that `rlnf run train_reward_model` writes."""
+    rows = []
+    for line in Path(manifests["train"]).read_text().splitlines() + Path(manifests["val"]).read_text().splitlines():
+        row = json.loads(line)
+        for text, score in ((row["text"], 1.0), (row["text"][::-1], 0.3), ("", 0.0)):
+            rows.append({"audio_filepath": row["audio_filepath"], "duration": 0.5, "text": text, "score": score,
+                         "reference": row["text"]})
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "rm"
+    summary = rlnf.train_reward_model(
+        pairs, out, config="reward/card", data={"val_split": 0.34},
+        model={"vocab_size": 24, "embed_dim": 8, "lstm_hidden": 8, "audio_conv_channels": 8, "head_hidden": 8},
+        trainer={"epochs": 1, "batch_size": 4, "device": "cpu", "progress_bar": False})
+    assert summary == json.loads((out / "summary.json").read_text())
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/best", "checkpoints/last"):
+        assert (out / name).exists(), name
+    assert "vocab_size: 24" in (out / "config.yaml").read_text()

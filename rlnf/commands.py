@@ -3,17 +3,48 @@ Python too."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from rlnf.io import atomic_write_text, check_output_file
+from rlnf.errors import CheckpointError, DataError
+from rlnf.io import atomic_write_text, check_output_file, nemo_file_problem
+
+
+@contextlib.contextmanager
+def named(flag: str, value: str, kinds: tuple[type[Exception], ...] = (CheckpointError, DataError)) -> Iterator[None]:
+    """An error of ``kinds`` raised inside names the flag that gave the file: '--model M: ...'
+    ('--manifest: ...' when the message names the file already). The one way these commands say
+    which input is wrong."""
+    try:
+        yield
+    except kinds as exc:
+        if str(exc).startswith(flag):
+            raise
+        message = f"{flag}: {exc}" if str(value) in str(exc) else f"{flag} {value}: {exc}"
+        raise type(exc)(message) from exc.__cause__
+
+
+def check_model(flag: str, model: str) -> None:
+    """Refuse, naming ``flag``, a local model path that is no readable .nemo file (a folder gets the
+    .nemo inside it to give instead), before anything is loaded."""
+    problem = nemo_file_problem(model)
+    if problem:
+        raise CheckpointError(f"{flag} {model}: {problem}")
 
 
 def evaluate(model: str, manifest: str, reward: str | None = None, output: str | None = None,
              batch_size: int = 16, device: str = "auto", text_key: str = "text") -> dict[str, Any]:
     """Greedy transcripts of ``manifest`` by ``model``; corpus WER/CER against its references and the
     mean reward of ``reward`` (a checkpoint folder) when given. Writes OUT.json and OUT.transcripts.jsonl."""
+    model, manifest, reward, output = (None if value is None else os.fspath(value)
+                                       for value in (model, manifest, reward, output))  # Path objects too
+    if output:  # refused now, not after every clip is transcribed
+        for path in (Path(output), Path(output).with_suffix(".transcripts.jsonl")):
+            check_output_file("--output", path, {"manifest": manifest, "model": model})
+    check_model("--model", model)  # these before torch and NeMo load
     from rlnf.config import DataConfig
     from rlnf.data.loader import AudioDataset
     from rlnf.evaluation import evaluate_policy
@@ -22,19 +53,19 @@ def evaluate(model: str, manifest: str, reward: str | None = None, output: str |
     from rlnf.rewards import RewardSet, WeightedReward
     from rlnf.training import resolve_device
 
-    if output:  # refused now, not after every clip is transcribed
-        for path in (Path(output), Path(output).with_suffix(".transcripts.jsonl")):
-            check_output_file("--output", path, {"manifest": manifest, "model": model})
     torch_device = resolve_device(device, "--device")
     # The recipes' own reading: references lower-cased and whitespace-normalised (data.lowercase's
     # default), so this WER equals the val/wer a recipe logs for the same model and manifest.
-    utterances, _ = load_utterances(DataConfig(train_manifest=manifest, text_key=text_key), manifest, False)
-    policy = CTCPolicy.load(model, torch_device)
+    with named("--manifest", manifest):
+        utterances, _ = load_utterances(DataConfig(train_manifest=manifest, text_key=text_key), manifest, False)
+    with named("--model", model):
+        policy = CTCPolicy.load(model, torch_device)
     rewards = None
     if reward:
         from rlnf.rewards.learned import LearnedReward
 
-        rewards = RewardSet([WeightedReward("learned", 1.0, LearnedReward(reward, device=device))])
+        with named("--reward", reward):
+            rewards = RewardSet([WeightedReward("learned", 1.0, LearnedReward(reward, device=device))])
     result = evaluate_policy(policy, AudioDataset(utterances, policy.sample_rate), batch_size, torch_device, rewards)
     metrics = {"model": model, "manifest": manifest, **result.metrics, "n": len(result.rows)}
     if output:
@@ -51,6 +82,8 @@ def score(reward: str, manifest: str, text_keys: Sequence[str] = ("text",), outp
     """Score every (audio, text) pair of ``manifest`` with a reward checkpoint; returns mean score per key."""
     from rlnf.reward_model.scoring import score_manifest
 
+    reward, manifest, output = (None if value is None else os.fspath(value) for value in (reward, manifest, output))
+
     return score_manifest(reward, manifest, text_keys=list(text_keys), output=output, batch_size=batch_size,
                           device=device)
 
@@ -59,23 +92,24 @@ def adapt_batchnorm(model: str, manifest: str, output: str, batch_size: int = 16
     """Test-time BatchNorm adaptation (``CTCPolicy.adapt_batchnorm``): ``model``'s encoder BatchNorm
     statistics re-estimated on the audio of ``manifest`` (no transcripts needed), written to ``output``
     (a .nemo; every weight unchanged). A starting point for RL or self-training on that audio."""
+    model, manifest, output = os.fspath(model), os.fspath(manifest), os.fspath(output)
+    out = check_output_file("--output", output, {"model": model, "manifest": manifest})
+    check_model("--model", model)  # these before torch and NeMo load
     from rlnf.config import DataConfig
     from rlnf.data.loader import AudioDataset, eval_batches
-    from rlnf.errors import CheckpointError, DataError
     from rlnf.policy import CTCPolicy
     from rlnf.recipe_utils import load_utterances
     from rlnf.training import resolve_device
 
-    out = check_output_file("--output", output, {"model": model, "manifest": manifest})
     torch_device = resolve_device(device, "--device")
-    utterances, _ = load_utterances(DataConfig(train_manifest=manifest), manifest, False)
-    policy = CTCPolicy.load(model, torch_device)
-    try:
-        counted = policy.adapt_batchnorm(eval_batches(AudioDataset(utterances, policy.sample_rate), batch_size))
-    except CheckpointError as exc:
-        raise CheckpointError(f"--model {model}: {exc}") from None
-    except DataError as exc:
-        raise DataError(f"--manifest {manifest}: {exc}") from None
+    with named("--manifest", manifest):
+        utterances, _ = load_utterances(DataConfig(train_manifest=manifest), manifest, False)
+    with named("--model", model):
+        policy = CTCPolicy.load(model, torch_device)
+    batches = eval_batches(AudioDataset(utterances, policy.sample_rate), batch_size)
+    # The model's side (no BatchNorm to adapt) or the audio's (none of it readable).
+    with named("--model", model, (CheckpointError,)), named("--manifest", manifest, (DataError,)):
+        counted = policy.adapt_batchnorm(batches)
     policy.save(out)
     return {"model": model, "manifest": manifest, "output": str(out), **counted}
 

@@ -91,6 +91,25 @@ def file_problem(path: str | os.PathLike, kind: str = "file") -> str | None:
     return None
 
 
+def nemo_file_problem(path_or_name: str | os.PathLike) -> str | None:
+    """Why a local .nemo checkpoint cannot be read (``file_problem``), or None when it can, or when
+    ``path_or_name`` is no local path (no .nemo suffix and nothing there: a pretrained model's name).
+    A folder gets a .nemo to give instead: a run folder's checkpoints/best.nemo or last.nemo, or a
+    .nemo file inside it."""
+    path = Path(path_or_name).expanduser()
+    if not (path.suffix == ".nemo" or path.exists() or path.is_symlink()):
+        return None
+    problem = file_problem(path)
+    if problem and path.is_dir():
+        shown = Path(path_or_name)
+        candidates = [shown / "checkpoints" / name for name in ("best.nemo", "last.nemo")] + [
+            shown / name for name in ("best.nemo", "last.nemo")]
+        found = [candidate for candidate in candidates if candidate.expanduser().is_file()] or sorted(
+            shown / nemo.name for nemo in path.glob("*.nemo") if nemo.is_file())
+        return "is a directory; give a .nemo file" + (f" such as {found[0]}" if found else "")
+    return problem
+
+
 def check_output_file(option: str, output: str | os.PathLike, inputs: Mapping[str, str | os.PathLike]) -> Path:
     """Refuse an output path that names a folder or one of the command's ``inputs`` ({name: path}),
     before any work is done: writing it would destroy that input."""

@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from rlnf import ctc
+import rlnf.ctc as ctc
 from rlnf.ctc import MAX_LOG_RATIO
 from rlnf.errors import ConfigError
 

@@ -91,14 +91,14 @@ def load_nemo_model(path_or_name: str, map_location: str | torch.device = "cpu",
 
     from rlnf.checkpoint import check_nemo_archive
 
-    from rlnf.io import file_problem
+    from rlnf.io import nemo_file_problem
 
     candidate = Path(path_or_name).expanduser()
     local = candidate.suffix == ".nemo" or candidate.exists() or candidate.is_symlink()
     if local:
-        problem = file_problem(candidate)
+        problem = nemo_file_problem(candidate)
         if problem:
-            raise CheckpointError(f"policy checkpoint {problem}: {path_or_name}")
+            raise CheckpointError(f"policy checkpoint {path_or_name} {problem}")
         check_nemo_archive(candidate)
     restore, source = (ASRModel.restore_from, str(candidate)) if local else (ASRModel.from_pretrained, path_or_name)
     try:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlnf.errors import RlnfError, TrainingInterrupted
+from rlnf.errors import RewardError, RlnfError, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def stopped_by_error(exc: Exception, step: int, checkpoints, save_checkpoint) ->
     except Exception as save_error:  # noqa: BLE001 - the original error matters more
         kept = f"The run stopped at step {step}; writing its checkpoint failed too ({save_error})."
     if isinstance(exc, RlnfError):
-        fix = "Fix the input (or set data.skip_bad_samples=true for unreadable audio)"
+        fix = ("Fix the reward" if isinstance(exc, RewardError)  # RewardSet named it: rewards[i] (its name)
+               else "Fix the input (or set data.skip_bad_samples=true for unreadable audio)")
         error = type(exc)(f"{exc}\n{kept} {fix} and continue with resume=true.")
         error.__cause__ = exc.__cause__
         return error

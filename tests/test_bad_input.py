@@ -71,6 +71,26 @@ def test_evaluate_refuses_to_write_its_output_over_the_manifest(tmp_path, clip, 
         assert manifest.read_text() == before
 
 
+@pytest.mark.parametrize("command", ["evaluate", "adapt-batchnorm"])
+def test_a_folder_given_as_model_names_the_flag_and_the_nemo_inside_it(command, tmp_path, clip, capsys):
+    manifest = write_rows(tmp_path / "m.json", [{"audio_filepath": str(clip), "text": "a"}])
+    output = ["--output", str(tmp_path / "a.nemo")] if command == "adapt-batchnorm" else []
+    run, empty = tmp_path / "runs" / "x", tmp_path / "empty"
+    (run / "checkpoints").mkdir(parents=True)
+    empty.mkdir()
+    for present, expected in ((["last.nemo"], f"{run}/checkpoints/last.nemo"),
+                              (["last.nemo", "best.nemo"], f"{run}/checkpoints/best.nemo")):
+        for name in present:
+            (run / "checkpoints" / name).write_bytes(b"")
+        assert main([command, "--model", str(run), "--manifest", str(manifest), *output]) == 2
+        err = capsys.readouterr().err
+        assert f"--model {run}: is a directory; give a .nemo file such as {expected}" in err, err
+    assert main([command, "--model", str(empty), "--manifest", str(manifest), *output]) == 2
+    assert f"--model {empty}: is a directory; give a .nemo file\n" in capsys.readouterr().err
+    assert main([command, "--model", str(tmp_path / "missing.nemo"), "--manifest", str(manifest), *output]) == 2
+    assert f"--model {tmp_path / 'missing.nemo'}: not found" in capsys.readouterr().err
+
+
 def test_score_refuses_a_directory_as_output_before_scoring(tmp_path, clip, capsys):
     manifest = write_rows(tmp_path / "m.json", [{"audio_filepath": str(clip), "text": "a"}])
     assert main(["score", "--reward", "/nonexistent", "--manifest", str(manifest), "--output", str(tmp_path)]) == 2
@@ -331,7 +351,7 @@ def test_bad_user_rewards_and_paths_are_named_before_training(tmp_path, clip, ca
         ("rewards=[{name: tests.test_bad_input.keyword_function, kwargs: {scal: 2}}]",
          "kwargs ['scal'] do not fit 'tests.test_bad_input.keyword_function'"),
         ("rewards=[{name: broken_reward.reward}]", "broken_reward.py:3: syntax error in the module of reward"),
-        (f"policy.path={tmp_path}", f"policy checkpoint is a directory, not a file: {tmp_path}"),
+        (f"policy.path={tmp_path}", f"policy checkpoint {tmp_path} is a directory; give a .nemo file"),
     ]
     import torch
 
@@ -448,7 +468,8 @@ def test_a_reward_raising_on_one_process_stops_both_with_a_checkpoint(corpus, ti
     stderr = run_two_processes_to_failure(
         "rl/grpo", tiny_nemo, corpus["train"], out, "trainer.batch_size=2", "algorithm.num_samples=4",
         "trainer.max_steps=6", "rewards=[{name: tests.test_bad_input.fails_on_rank_one}]")
-    assert "process 1: ConnectionError: the scoring service went away" in stderr
+    assert ("process 1: rewards[0] (tests.test_bad_input.fails_on_rank_one) raised ConnectionError: the scoring "
+            "service went away") in stderr and "Fix the reward" in stderr
     assert torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)["step"] == 2
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PURE_MATH = {"rlnf.ctc", "rlnf.algorithms", "rlnf.kl", "rlnf.metrics", "rlnf.errors", "rlnf.tta"}
-ENTRY_POINTS = {"rlnf.cli": set(), "rlnf.demo": {"rlnf.cli"}}  # module: who may import it
+# module: who may import it (the Python API, like the CLI, sits above the recipes: nothing imports it;
+# rlnf/__init__.py re-exports it lazily, by name)
+ENTRY_POINTS = {"rlnf.cli": set(), "rlnf.demo": {"rlnf.cli"}, "rlnf.api": set()}
 
 
 def module_name(path: Path) -> str:

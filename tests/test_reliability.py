@@ -211,10 +211,11 @@ def flaky_reward(inputs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, message", [
-    ("nan", "reward 'flaky_reward' returned 1 NaN/infinite score(s)"),
-    ("range", "reward 'flaky_reward' returned scores outside [0, 1]"),
-    ("shape", "reward 'flaky_reward' returned shape (3, 4); expected [4, 4]"),
-    ("raise", "training stopped by ConnectionError: the scoring service went away"),
+    ("nan", "rewards[0] (tests.test_reliability.flaky_reward) returned 1 NaN/infinite score(s)"),
+    ("range", "rewards[0] (tests.test_reliability.flaky_reward) returned scores outside [0, 1]"),
+    ("shape", "rewards[0] (tests.test_reliability.flaky_reward) returned shape (3, 4); expected [4, 4]"),
+    ("raise", "rewards[0] (tests.test_reliability.flaky_reward) raised ConnectionError: the scoring service went "
+              "away"),
 ])
 def test_a_failing_reward_stops_with_a_checkpoint_of_the_last_step(mode, message, corpus, pretrained_tiny_nemo,
                                                                    tmp_path, capsys):
@@ -224,7 +225,8 @@ def test_a_failing_reward_stops_with_a_checkpoint_of_the_last_step(mode, message
                    "rewards=[{name: tests.test_reliability.flaky_reward}]")
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert message in err and "step 2" in err and "Traceback" not in err
+    assert message in err and "The run stopped at step 2" in err and "Traceback" not in err
+    assert "Fix the reward and continue with resume=true" in err
     state = torch.load(out / "checkpoints" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2  # the two good steps are kept
     if mode == "raise":  # the full trace is in a log file inside the run's folder

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -119,3 +124,92 @@ def test_consensus_scores_each_sample_against_the_rest_of_its_group():
     assert total[0].tolist() == pytest.approx(consensus_scores(group[:3], "word"))
     with pytest.raises(ValueError, match="unit"):
         consensus(inputs([group[:2]], [None]), unit="letters")
+
+
+def raising_reward(batch):
+    raise ValueError("the scoring service went away")
+
+
+def nan_reward(batch):
+    return [[float("nan")] * batch.num_samples for _ in range(batch.batch_size)]
+
+
+def test_a_failing_reward_is_named_by_its_place_in_the_list_and_its_name():
+    rewards = build_rewards([RewardSpec(name="cer"), RewardSpec(name="tests.test_rewards.raising_reward")])
+    with pytest.raises(RewardError) as caught:
+        rewards(inputs([["abc", "x"]], ["abc"]))
+    assert str(caught.value) == ("rewards[1] (tests.test_rewards.raising_reward) raised ValueError: the scoring "
+                                 "service went away")
+    assert isinstance(caught.value.__cause__, ValueError)
+    rewards = build_rewards([RewardSpec(name="tests.test_rewards.nan_reward")])
+    with pytest.raises(RewardError, match=re.escape("rewards[0] (tests.test_rewards.nan_reward) returned 2 "
+                                                    "NaN/infinite score(s)")):
+        rewards(inputs([["abc", "x"]], ["abc"]))
+
+
+def test_references_reach_only_the_rewards_that_need_them():
+    seen = {}
+
+    def record(key, needs):
+        def reward(batch):
+            seen[key] = list(batch.references)
+            return [[1.0] * batch.num_samples for _ in range(batch.batch_size)]
+        reward.needs_references = needs
+        return reward
+
+    rewards = RewardSet([WeightedReward("a", 1.0, record("a", True)), WeightedReward("b", 1.0, record("b", False))])
+    rewards(inputs([["x"], ["y"]], ["ref one", "ref two"]))
+    assert seen == {"a": ["ref one", "ref two"], "b": [None, None]}
+
+
+@pytest.fixture()
+def module_in(tmp_path, monkeypatch):
+    """``module_in(name, code)``: a module file in a fresh working folder that is not on sys.path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", ".", str(tmp_path))])
+    created = []
+
+    def write(name: str, code: str) -> Path:
+        (tmp_path / f"{name}.py").write_text(code)
+        created.append(name)
+        return tmp_path
+
+    yield write
+    for name in created:
+        sys.modules.pop(name, None)
+
+
+def test_a_dotted_path_finds_a_module_in_the_working_folder(module_in):
+    folder = module_in("cwd_reward_module", "def half(batch):\n"
+                                            "    return [[0.5] * batch.num_samples for _ in batch.hypotheses]\n")
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("rlnf.rewards")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        rewards = build_rewards([RewardSpec(name="cwd_reward_module.half")])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    total, _ = rewards(inputs([["a", "b"]]))
+    torch.testing.assert_close(total, torch.full((1, 2), 0.5))
+    assert str(folder) in sys.path
+    assert any("found in the working folder" in message and str(folder) in message for message in messages)
+
+
+def test_a_module_found_nowhere_says_where_it_looked_and_how_to_fix_it(module_in):
+    folder = module_in("cwd_reward_broken_dependency", "import no_such_dependency_xyz\n")
+    with pytest.raises(ConfigError) as caught:
+        build_rewards([RewardSpec(name="no_such_module_xyz.reward")])
+    message = str(caught.value)
+    assert "No module named 'no_such_module_xyz'" in message and f"working folder {folder}" in message
+    assert "PYTHONPATH" in message and "pip install" in message
+    assert str(folder) not in sys.path  # tried, and taken off again
+    # A module that is there but imports a missing package: that package is named, with no hint about
+    # where the reward's module was looked for.
+    with pytest.raises(ConfigError, match="No module named 'no_such_dependency_xyz'") as caught:
+        build_rewards([RewardSpec(name="cwd_reward_broken_dependency.reward")])
+    assert "PYTHONPATH" not in str(caught.value)

@@ -181,8 +181,10 @@ def finalize_config(config: Any) -> Any:
 
 
 def to_yaml(config: Any) -> str:
-    """The resolved configuration as YAML (what a run writes to config.yaml)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+    """The resolved configuration as YAML (what a run writes to config.yaml), headed by the config's
+    ``yaml_notes()`` as comments when it has any."""
+    notes = config.yaml_notes() if hasattr(config, "yaml_notes") else []
+    return "".join(f"# {note}\n" for note in notes) + OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
 def iter_keys(schema: type, prefix: str = "", section: Any = None) -> List[tuple[str, Any, str]]:

@@ -21,6 +21,8 @@ ALGORITHM_NAMES = ("reinforce", "rloo", "grpo", "ppo", "mwer")
 PER_FRAME_CLIP_WARNING = 0.05
 log = logging.getLogger(__name__)
 POLICY_DECODERS = ("auto", "ctc")  # rlnf.policy.ctc_head
+# A reward given to rlnf.finetune as a Python object: 'python:<module>.<qualname>' (rlnf.rewards.register_reward).
+IN_PROCESS_PREFIX = "python:"
 
 
 @dataclass
@@ -53,7 +55,9 @@ class PolicyConfig:
 @dataclass
 class RewardSpec:
     name: str = opt(MISSING, "'cer' (1 - CER), 'wer' (1 - WER), 'learned' (a reward-model checkpoint) or a "
-                             "dotted path 'package.module.callable' to your own reward.")
+                             "dotted path 'package.module.callable' to your own reward (a module in the working "
+                             "folder is found too). 'python:<module>.<name>' records a Python object given to "
+                             "rlnf.finetune; only that Python process can run it.")
     weight: float = opt(1.0, "Weight of this reward in the total (rewards are summed with their weights).")
     path: Optional[str] = opt(None, "learned: the reward checkpoint folder.")
     device: str = opt("auto", "learned: 'auto' (CUDA when available), 'cpu' or 'cuda'.")
@@ -65,7 +69,11 @@ class RewardSpec:
         if self.name == "learned" and not self.path:
             raise ConfigError("rewards: a 'learned' reward needs 'path' (the reward checkpoint folder), e.g. "
                               "'rewards=[{name: learned, path: REWARD_RUN/checkpoints/best}]'")
-        if self.name not in ("cer", "wer", "learned") and (
+        if self.name.startswith(IN_PROCESS_PREFIX):
+            if not all(part.isidentifier() for part in self.name[len(IN_PROCESS_PREFIX):].split(".")):
+                raise ConfigError(f"rewards: {self.name!r}: a Python reward's name must be dotted identifiers after "
+                                  f"{IN_PROCESS_PREFIX!r}")
+        elif self.name not in ("cer", "wer", "learned") and (
                 "." not in self.name or not all(part.isidentifier() for part in self.name.split("."))):
             raise ConfigError(f"rewards: unknown reward name {self.name!r}; use cer, wer, learned or a dotted "
                               "path such as mypackage.rewards.my_reward")
@@ -75,7 +83,7 @@ class RewardSpec:
     @property
     def label(self) -> str:
         """Short name used in metric names: reward/<label>/mean."""
-        return self.name.rsplit(".", 1)[-1]
+        return self.name.removeprefix(IN_PROCESS_PREFIX).rsplit(".", 1)[-1]
 
 
 @dataclass
@@ -221,7 +229,9 @@ class RLFinetuneConfig(RunConfig):
             raise ConfigError("rewards: give at least one reward (e.g. rewards=[{name: cer}])")
         labels = [spec.label for spec in self.rewards]
         if len(set(labels)) != len(labels):
-            raise ConfigError(f"rewards: two rewards share a name ({labels}); metric names would collide")
+            hint = ("; give each Python reward its own name (a 'name' attribute)"
+                    if any(spec.name.startswith(IN_PROCESS_PREFIX) for spec in self.rewards) else "")
+            raise ConfigError(f"rewards: two rewards share a name ({labels}); metric names would collide{hint}")
         if all(spec.weight == 0 for spec in self.rewards):
             raise ConfigError("rewards: every weight is 0, so every reward would be 0 and nothing would be learned; "
                               "give at least one reward a non-zero weight")
@@ -235,4 +245,13 @@ class RLFinetuneConfig(RunConfig):
                 "algorithm.kl_coef=%g with a learned reward: below %g, the smallest the benchmark found safe (at 0.01 "
                 "the policy exploited the reward model: reward up, CER up 19 %%); set algorithm.kl_coef=%g or more",
                 self.algorithm.kl_coef, SAFE_LEARNED_KL_COEF, SAFE_LEARNED_KL_COEF)
+
+    def yaml_notes(self) -> List[str]:
+        """Comments heading the run's config.yaml: rewards that this file alone cannot re-run."""
+        in_process = [spec.name for spec in self.rewards if spec.name.startswith(IN_PROCESS_PREFIX)]
+        if not in_process:
+            return []
+        return [f"rewards {', '.join(in_process)}: Python objects given to rlnf.finetune in its process; this file "
+                "alone cannot re-run them", "(resume through rlnf.finetune with the same objects, or name each "
+                "reward by its dotted path, module.function, to run from the command line)"]
 

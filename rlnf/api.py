@@ -125,16 +125,12 @@ def _resolve(recipe: str, config: str | None, values: dict[str, Any], sections: 
              overrides: str | Iterable[str], check_folder: bool) -> tuple[Any, Any]:
     """(recipe module, validated config): the YAML, then the arguments and sections, then the dotted
     ``overrides``; with ``check_folder``, the run folder checked as ``rlnf run`` checks it."""
-    from rlnf.config import load_config
-    from rlnf.launcher import load_recipe, resolve, resolve_config_path
+    from rlnf.launcher import resolve
 
     given = {key: value for key, value in values.items() if value is not None}
     items = as_overrides(given) + as_overrides(sections) + dotted_overrides(overrides)
     config = None if config is None else os.fspath(config)
-    if check_folder:
-        return resolve(recipe, config, items)
-    module = load_recipe(recipe)
-    return module, load_config(module.CONFIG_CLASS, resolve_config_path(config), items)
+    return resolve(recipe, config, items, check_output=check_folder)
 
 
 def _rl_values(policy, train_manifest, output_dir, rewards, val_manifest) -> dict[str, Any]:

@@ -252,3 +252,22 @@ def test_a_cutset_and_shar_train_like_the_nemo_twin_resume_included(corpus, twin
         assert resumed["step"] == 3 and resumed["data"] == state["data"]
         for name, tensor in state["model"].items():
             torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_the_manifest_cache_serves_a_cutset_and_a_shar_directory_until_a_shard_changes(twins, tmp_path):
+    import shutil
+
+    copy = tmp_path / "shar"
+    shutil.copytree(twins["train"]["shar"], copy)
+    for source in (twins["train"]["cuts"], copy):
+        first, _ = read_manifest(source, cache_dir=tmp_path / "cache")
+        assert len(list((tmp_path / "cache" / "manifests").iterdir())) == (1 if source != copy else 2)
+        again, _ = read_manifest(source, cache_dir=tmp_path / "cache")  # served from the entry
+        assert again.texts == first.texts and again.paths == first.paths
+        np.testing.assert_array_equal(again.offsets, first.offsets)
+        assert again[3].fields == first[3].fields
+    rows = cut_rows(str(copy / "cuts.000002.jsonl.gz"))
+    rows[0]["supervisions"][0]["text"] = "changed"
+    write_cuts(copy / "cuts.000002.jsonl.gz", rows)
+    changed, _ = read_manifest(copy, cache_dir=tmp_path / "cache")
+    assert changed.texts[10] == "changed" and changed[10].fields["supervisions"][0]["text"] == "changed"

@@ -247,8 +247,13 @@ def _decompressed(manifest: str, stamp: int) -> bytes:
 
 def compressed_line(manifest: str, offset: int) -> bytes:
     """The line at byte ``offset`` of the decompressed cuts of ``manifest`` (a ``.gz`` CutSet, or a Shar
-    directory's cuts files one after another). The decompressed cuts are kept in memory once asked for
-    (read again when the file or directory changes)."""
+    directory's cuts files one after another). The decompressed cuts are kept in memory once asked for,
+    until the file (or the directory's listing) changes or ``read_manifest`` reads it again (``forget``)."""
     data = _decompressed(manifest, os.stat(manifest).st_mtime_ns)
     end = data.find(b"\n", offset)
     return data[offset:] if end < 0 else data[offset:end + 1]
+
+
+def forget() -> None:
+    """Drop the decompressed cuts kept for ``compressed_line`` (a CutSet read again may have changed in place)."""
+    _decompressed.cache_clear()

@@ -293,6 +293,8 @@ def read_manifest(
         if problem:
             raise DataError(f"manifest {problem}: {path}")
     manifest = Path(path).expanduser().resolve()
+    if format != cuts.NEMO:
+        cuts.forget()  # rows' fields come from the cuts as they are now
     shards = None
     if tarred_audio_filepaths is not None:
         from rlnf.data.tarred import expand_shards

@@ -24,7 +24,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from rlnf.errors import DataError
 
@@ -129,10 +129,11 @@ def _cut_files(manifest: Path, format: str) -> list[tuple[Path, Path | None]]:
 class CutRows:
     """The parsed rows of a CutSet (``rlnf.data.manifest.ParsedRow``: line, byte offset in the
     decompressed cuts, parsed cut or its DataError), and ``where(line)``: the cuts file, its line and
-    the cut's id, for messages."""
+    the cut's id, for messages. ``decode`` turns a line's bytes into JSON (the manifest's decoder, so
+    a bad line reads as in a NeMo manifest)."""
 
-    def __init__(self, manifest: Path, format: str, require_text: bool | str):
-        self.manifest, self.format, self.require_text = manifest, format, require_text
+    def __init__(self, manifest: Path, format: str, require_text: bool | str, decode: Callable[[bytes], Any]):
+        self.manifest, self.format, self.require_text, self.decode = manifest, format, require_text, decode
         self.places: list[tuple[int, Path]] = []  # (first line, cuts file) of each file
         self.cut_ids: dict[int, str] = {}
 
@@ -142,8 +143,6 @@ class CutRows:
         return f"{cuts_file}:{line - first + 1}{cut}"
 
     def __iter__(self) -> Iterator[tuple[int, int, Any]]:
-        from rlnf.data.manifest import decode_row
-
         line = offset = 0
         for cuts_file, audio_tar in _cut_files(self.manifest, self.format):
             self.places.append((line + 1, cuts_file))
@@ -155,7 +154,7 @@ class CutRows:
                     if not raw.strip():  # blank lines count, as in a NeMo manifest
                         continue
                     try:
-                        row = decode_row(raw)
+                        row = self.decode(raw)
                         if isinstance(row, dict) and isinstance(row.get("id"), str):
                             self.cut_ids[line] = row["id"]
                         parsed = parse_cut(row, self.require_text, audio_tar, members)
@@ -169,9 +168,9 @@ class CutRows:
 
 def _audio_members(audio_tar: Path) -> dict[str, str]:
     """{cut id: member name} of the audio members of a Shar recording shard (``<id>.<ext>``)."""
-    from rlnf.data.tarred import _member_index
+    from rlnf.data.tarred import member_names
 
-    return {name.rsplit(".", 1)[0]: name for name in _member_index(str(audio_tar.resolve()))
+    return {name.rsplit(".", 1)[0]: name for name in member_names(str(audio_tar.resolve()))
             if not name.endswith(".json")}
 
 

@@ -324,7 +324,7 @@ def read_manifest(
         if format == cuts.NEMO:
             rows, where = _nemo_rows(manifest, text_key, require_text, shards), None
         else:
-            rows = cuts.CutRows(manifest, format, require_text)
+            rows = cuts.CutRows(manifest, format, require_text, decode_row)
             where = rows.where
         table, stats = _validate(manifest, rows, skip_bad, min_duration, max_duration, validate, rank,
                                  world_size, gather, where)

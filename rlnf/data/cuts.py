@@ -8,12 +8,14 @@ The row's line is the cut's 1-based index (blank lines skipped, Shar shards in o
 its NeMo twin give the same sample keys; a row's ``fields`` (reward metadata) are the cut's JSON.
 Everything downstream (validation, cache, bucketing, process sharding, resume) is the manifest's.
 
-Read as written: cuts of whole recordings (every channel, down-mixed to mono as a NeMo clip is) whose
-recording has one ``file`` source (or lives in a Shar shard). Refused, with the cut's file, line and
-id: a cut of part of a recording, of some channels, a MixedCut, a recording split over several files,
-``url``/``command``/``memory`` sources, and audio transforms other than resampling (every clip is
-resampled to the model's rate anyway). Relative source paths are relative to the current directory,
-as in lhotse.
+Read: MonoCut and MultiCut cuts whose recording has one ``file`` source (or lives in a Shar shard). A
+cut of the whole recording and all its channels is known by the file's path alone (down-mixed to mono,
+as a NeMo clip), so it loads exactly as the same file in a NeMo manifest; a cut of part of it, or of one
+channel, by a segment of it (``rlnf.data.audio.Segment``: frames at the file's rate, counted as lhotse
+counts them). Refused, with the cut's file, line and id: MixedCuts, cuts of several but not all
+channels, recordings split over several files, ``url``/``command``/``memory`` sources, and audio
+transforms other than resampling (every clip is resampled to the model's rate anyway). Relative source
+paths are relative to the current directory, as in lhotse.
 """
 
 from __future__ import annotations
@@ -205,18 +207,16 @@ def parse_cut(row: Any, require_text: bool | str, audio_tar: Path | None = None,
         raise DataError(f"cut {cut.id}: its recording has audio transforms {transforms}; only Resample is accepted "
                         "(clips are resampled to the model's rate)")
     rate = recording.sampling_rate
-    if abs(cut.start) * rate >= 0.5 or compute_num_samples(cut.duration, rate) != recording.num_samples:
-        raise DataError(f"cut {cut.id} covers {cut.start:.3f}-{cut.end:.3f} s of its {recording.duration:.3f} s "
-                        f"recording {recording.id}: only cuts of whole recordings are read (write the segments "
-                        "out first, e.g. cuts.to_shar(folder, fields={'recording': 'flac'}))")
+    whole = abs(cut.start) * rate < 0.5 and compute_num_samples(cut.duration, rate) == recording.num_samples
     channels = sorted(set(cut.channel if isinstance(cut.channel, list) else [cut.channel]))
-    if channels != sorted(recording.channel_ids):
-        raise DataError(f"cut {cut.id} takes channel(s) {channels} of recording {recording.id}, which has "
-                        f"{sorted(recording.channel_ids)}: only cuts of all channels are read (down-mixed to mono)")
     if len(recording.sources) != 1:
         raise DataError(f"cut {cut.id}: recording {recording.id} has {len(recording.sources)} audio sources (a file "
                         "per channel), which is not read")
     source = recording.sources[0]
+    all_channels = channels == sorted(recording.channel_ids)
+    if not all_channels and (len(channels) > 1 or channels[0] not in source.channels):
+        raise DataError(f"cut {cut.id} takes channels {channels} of recording {recording.id}, which has "
+                        f"{sorted(recording.channel_ids)}: a cut of one channel, or of all (down-mixed), is read")
     if source.type == "file":
         audio = os.path.abspath(os.path.expanduser(source.source))  # relative to the current directory, as in lhotse
     elif source.type == "shar" and members is not None:
@@ -226,12 +226,28 @@ def parse_cut(row: Any, require_text: bool | str, audio_tar: Path | None = None,
     else:
         raise DataError(f"cut {cut.id}: audio source type '{source.type}' is not read (only 'file' sources, and "
                         "the audio of Shar shards read as their directory)")
+    if not (whole and all_channels):
+        from rlnf.data.audio import Segment
+
+        file_rate = _file_rate(recording)  # a segment is counted in the file's frames
+        start = compute_num_samples(cut.start, file_rate)
+        channel = None if all_channels else source.channels.index(channels[0])
+        audio = Segment(start, start + compute_num_samples(cut.duration, file_rate), channel).key(audio)
     texts = [s.text for s in sorted(cut.supervisions, key=lambda s: s.start) if s.text is not None]
     text = " ".join(texts) if texts else None
     if require_text and text is None:
         reason = require_text if isinstance(require_text, str) else "a reference is required here"
         raise DataError(f"cut {cut.id} has no supervision text ({reason})")
     return audio, text, float(cut.duration)
+
+
+def _file_rate(recording) -> int:
+    """The sampling rate of the recording's file: before its Resample transforms, if any."""
+    for transform in recording.transforms or []:
+        kwargs = transform.get("kwargs", {}) if isinstance(transform, dict) else vars(transform)
+        if "source_sampling_rate" in kwargs:
+            return int(kwargs["source_sampling_rate"])
+    return recording.sampling_rate
 
 
 @functools.lru_cache(maxsize=4)

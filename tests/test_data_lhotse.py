@@ -183,7 +183,9 @@ def test_the_format_is_detected_and_a_wrong_data_format_is_named(corpus, twins):
     plain_cuts.write_text("".join(json.dumps(row) + "\n" for row in cut_rows(twins["train"]["cuts"])))
     with pytest.raises(DataError, match=r"cuts.jsonl:1: this is a Lhotse cut.*data.format=lhotse_cuts"):
         read_manifest(plain_cuts, format="nemo", cache_dir=None)
-    assert read_manifest(plain_cuts)[0].texts == read_manifest(corpus["train"])[0].texts
+    from_plain = read_manifest(plain_cuts)[0]
+    assert from_plain.texts == read_manifest(corpus["train"])[0].texts
+    assert from_plain[2].fields == cut_rows(twins["train"]["cuts"])[2]  # read at its byte offset
     from rlnf.config import DataConfig
     from rlnf.errors import ConfigError
 
@@ -230,6 +232,8 @@ def test_a_shar_directory_without_shards_or_audio_says_so(twins, tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match=r"empty: no Lhotse Shar shards here"):
         read_manifest(empty)
+    with pytest.raises(DataError, match=r"cuts.000000.jsonl.gz:1 \(cut .*\): .*give the Shar directory"):
+        read_manifest(Path(twins["train"]["shar"], "cuts.000000.jsonl.gz"), cache_dir=None)
     no_audio = tmp_path / "no_audio"
     no_audio.mkdir()
     (no_audio / "cuts.000000.jsonl.gz").write_bytes(Path(twins["train"]["shar"], "cuts.000000.jsonl.gz").read_bytes())
@@ -285,6 +289,14 @@ def test_a_cutset_and_shar_train_like_the_nemo_twin_resume_included(corpus, twin
         assert resumed["step"] == 3 and resumed["data"] == state["data"]
         for name, tensor in state["model"].items():
             torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)
+    # rlnf evaluate reads them too: the same WER, CER and transcripts.
+    from rlnf.commands import evaluate
+
+    reference = evaluate(str(tmp_path / "nemo" / "checkpoints" / "last.nemo"), corpus["val"], device="cpu",
+                         output=str(tmp_path / "nemo.eval.json"))
+    for kind in ("cuts", "shar"):
+        result = evaluate(str(tmp_path / "nemo" / "checkpoints" / "last.nemo"), twins["val"][kind], device="cpu")
+        assert {k: result[k] for k in ("wer", "cer", "n")} == {k: reference[k] for k in ("wer", "cer", "n")}
 
 
 def test_the_manifest_cache_serves_a_cutset_and_a_shar_directory_until_a_shard_changes(twins, tmp_path):

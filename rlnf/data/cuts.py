@@ -223,9 +223,12 @@ def parse_cut(row: Any, require_text: bool | str, audio_tar: Path | None = None,
         if cut.id not in members:
             raise DataError(f"cut {cut.id} has no audio in Shar shard {audio_tar}")
         audio = f"{audio_tar.resolve()}/{members[cut.id]}"
+    elif source.type == "shar":
+        raise DataError(f"cut {cut.id}: its audio is in a Lhotse Shar shard: give the Shar directory as the manifest "
+                        "(data.format=lhotse_shar or auto), not one of its cuts files")
     else:
         raise DataError(f"cut {cut.id}: audio source type '{source.type}' is not read (only 'file' sources, and "
-                        "the audio of Shar shards read as their directory)")
+                        "Shar shards read as their directory)")
     if not (whole and all_channels):
         from rlnf.data.audio import Segment
 

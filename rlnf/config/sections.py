@@ -22,8 +22,8 @@ class DataConfig:
                               "(Lhotse CutSet, .jsonl or .jsonl.gz), 'lhotse_shar' (directory written by "
                               "CutSet.to_shar) or 'auto' (a directory is Shar; a file whose first line is a Lhotse "
                               "cut is a CutSet; otherwise NeMo).")
-    val_manifest: Optional[str] = opt(None, "Manifest for validation (greedy WER/CER when it has text, and mean "
-                                            "reward). None disables validation.")
+    val_manifest: Optional[str] = opt(None, "Manifest (or Lhotse CutSet / Shar directory) for validation (greedy "
+                                            "WER/CER when it has text, and mean reward). None disables validation.")
     tarred_audio_filepaths: Optional[str] = opt(None, "NeMo tarred audio dataset: the tar shards of train_manifest "
                                                       "in NeMo's syntax (e.g. audio_{0..7}.tar); train_manifest is "
                                                       "then the tarred manifest (audio_filepath: member name, "

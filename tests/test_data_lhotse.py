@@ -195,6 +195,9 @@ def test_the_format_is_detected_and_a_wrong_data_format_is_named(corpus, twins):
 
 def test_bad_cuts_name_the_file_the_line_and_the_cut(twins, tmp_path):
     rows = cut_rows(twins["train"]["cuts"])
+    first_bad = write_cuts(tmp_path / "first_bad.jsonl.gz", ['{"id": "broken"', *rows[1:]])
+    with pytest.raises(DataError, match=r"first_bad.jsonl.gz:1: malformed JSON"):  # detected as cuts: it is gzip
+        read_manifest(first_bad, cache_dir=None)
     corrupt = write_cuts(tmp_path / "corrupt.jsonl.gz", [*rows[:2], '{"id": "broken", "type": "MonoCut"', *rows[3:]])
     with pytest.raises(DataError, match=r"corrupt.jsonl.gz:3: malformed JSON"):
         read_manifest(corrupt, cache_dir=None)

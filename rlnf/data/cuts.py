@@ -35,11 +35,18 @@ FORMATS = ("auto", NEMO, CUTS, SHAR)
 _SHAR_CUTS = re.compile(r"^cuts\.(\d+)\.jsonl(\.gz)?$")
 
 
+def _is_gzip(path: Path) -> bool:
+    """Whether ``path`` is a gzip file (told by its first bytes, not its name)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
 def _open_lines(path: Path):
-    """A binary handle on ``path``'s lines, decompressed when it is gzip (told by its first bytes)."""
-    with open(path, "rb") as handle:
-        compressed = handle.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if compressed else open(path, "rb")
+    """A binary handle on ``path``'s lines, decompressed when it is gzip."""
+    return gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")
 
 
 def _first_row(path: Path) -> Any:
@@ -68,7 +75,8 @@ def not_a_nemo_line(row: dict) -> None:
 
 def resolve_format(path: str | Path, format: str) -> str:
     """The format of the manifest ``path`` for the setting ``data.format`` (``auto``: a directory is Shar,
-    a file whose first line is a Lhotse cut is a CutSet, anything else a NeMo manifest).
+    a file whose first line is a Lhotse cut is a CutSet, and so is a gzip file whose first line is no NeMo
+    line (to report what is wrong with it), anything else a NeMo manifest).
 
     Raises:
         DataError naming ``data.format`` and ``path`` when they disagree.
@@ -79,18 +87,18 @@ def resolve_format(path: str | Path, format: str) -> str:
     if format == "auto":
         if source.is_dir():
             return SHAR
-        format = CUTS if looks_like_cut(_first_row(source)) else NEMO if source.is_file() else NEMO
+        first = _first_row(source)
+        nemo_line = isinstance(first, dict) and "audio_filepath" in first
+        format = CUTS if looks_like_cut(first) or (_is_gzip(source) and not nemo_line) else NEMO
     if format == SHAR and not source.is_dir():
         raise DataError(f"data.format=lhotse_shar: {path} is not a directory (give the folder CutSet.to_shar wrote, "
                         "or set data.format=auto for a manifest file)")
     if format != SHAR and source.is_dir():
         raise DataError(f"data.format={format}: {path} is a directory (Lhotse Shar shards are read with "
                         "data.format=lhotse_shar or auto)")
-    if format == NEMO and source.is_file():
-        with open(source, "rb") as handle:
-            if handle.read(2) == b"\x1f\x8b":
-                raise DataError(f"{path} is gzip-compressed, which a NeMo manifest is not: decompress it, or set "
-                                "data.format=lhotse_cuts if it is a Lhotse CutSet")
+    if format == NEMO and _is_gzip(source):
+        raise DataError(f"{path} is gzip-compressed, which a NeMo manifest is not: decompress it, or set "
+                        "data.format=lhotse_cuts if it is a Lhotse CutSet")
     return format
 
 

@@ -201,6 +201,10 @@ def test_bad_cuts_name_the_file_the_line_and_the_cut(twins, tmp_path):
     corrupt = write_cuts(tmp_path / "corrupt.jsonl.gz", [*rows[:2], '{"id": "broken", "type": "MonoCut"', *rows[3:]])
     with pytest.raises(DataError, match=r"corrupt.jsonl.gz:3: malformed JSON"):
         read_manifest(corrupt, cache_dir=None)
+    cut_off = tmp_path / "cut_off.jsonl.gz"
+    cut_off.write_bytes(Path(twins["train"]["cuts"]).read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"cut_off.jsonl.gz: cannot read past line \d+ .*damaged or cut off"):
+        read_manifest(cut_off, cache_dir=None)
     table, stats = read_manifest(corrupt, skip_bad=True, cache_dir=None)
     assert len(table) == len(rows) - 1 and 3 not in table.lines and sum(stats.skipped.values()) == 1
 

@@ -25,6 +25,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -108,14 +109,13 @@ def shar_shards(folder: Path) -> list[tuple[Path, Path]]:
     Raises:
         DataError when the directory holds no shard, or a shard has no audio.
     """
-    found = sorted((int(match.group(1)), entry) for entry in folder.iterdir()
-                   if (match := _SHAR_CUTS.match(entry.name)))
+    found = sorted((match.group(1), entry) for entry in folder.iterdir() if (match := _SHAR_CUTS.match(entry.name)))
     if not found:
         raise DataError(f"{folder}: no Lhotse Shar shards here (no cuts.NNNNNN.jsonl.gz): give the folder that "
                         "CutSet.to_shar wrote")
     shards = []
     for number, cuts_file in found:
-        audio = folder / f"recording.{number:06d}.tar"
+        audio = folder / f"recording.{number}.tar"
         if not audio.is_file():
             raise DataError(f"{cuts_file}: its audio shard {audio.name} is missing (write the Shar with "
                             "fields={'recording': 'flac'} or 'wav'; an uncompressed .tar is needed)")
@@ -157,23 +157,34 @@ class CutRows:
         for cuts_file, audio_tar in _cut_files(self.manifest, self.format):
             self.places.append((line + 1, cuts_file))
             members = _audio_members(audio_tar) if audio_tar is not None else None
-            with _open_lines(cuts_file) as handle:
-                for raw in handle:
-                    line += 1
-                    start, offset = offset, offset + len(raw)
-                    if not raw.strip():  # blank lines count, as in a NeMo manifest
-                        continue
-                    try:
-                        row = self.decode(raw)
-                        if isinstance(row, dict) and isinstance(row.get("id"), str):
-                            self.cut_ids[line] = row["id"]
-                        parsed = parse_cut(row, self.require_text, audio_tar, members)
-                    except DataError as exc:
-                        yield line, start, exc
-                        continue
-                    except (OSError, EOFError) as exc:  # a damaged gzip stream
-                        raise DataError(f"{cuts_file}: cannot read after line {line - 1}: {exc}") from None
-                    yield line, start, parsed
+            for raw in _read_lines(cuts_file):
+                line += 1
+                start, offset = offset, offset + len(raw)
+                if not raw.strip():  # blank lines count, as in a NeMo manifest
+                    continue
+                try:
+                    row = self.decode(raw)
+                    if isinstance(row, dict) and isinstance(row.get("id"), str):
+                        self.cut_ids[line] = row["id"]
+                    parsed = parse_cut(row, self.require_text, audio_tar, members)
+                except DataError as exc:
+                    yield line, start, exc
+                    continue
+                yield line, start, parsed
+
+
+def _read_lines(cuts_file: Path) -> Iterator[bytes]:
+    """The raw lines of a cuts file; DataError naming it when it cannot be read to the end (a damaged or
+    cut-off gzip stream)."""
+    line = 0
+    try:
+        with _open_lines(cuts_file) as handle:
+            for raw in handle:
+                line += 1
+                yield raw
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{cuts_file}: cannot read past line {line} ({type(exc).__name__}: {exc}): is the file "
+                        "damaged or cut off?") from None
 
 
 def _audio_members(audio_tar: Path) -> dict[str, str]:

@@ -111,8 +111,8 @@ def shar_shards(folder: Path) -> list[tuple[Path, Path]]:
     """
     found = sorted((match.group(1), entry) for entry in folder.iterdir() if (match := _SHAR_CUTS.match(entry.name)))
     if not found:
-        raise DataError(f"{folder}: no Lhotse Shar shards here (no cuts.NNNNNN.jsonl.gz): give the folder that "
-                        "CutSet.to_shar wrote")
+        raise DataError(f"{folder} is a directory without Lhotse Shar shards (no cuts.NNNNNN.jsonl.gz): give a "
+                        "manifest file (NeMo JSONL or Lhotse cuts), or the folder that CutSet.to_shar wrote")
     shards = []
     for number, cuts_file in found:
         audio = folder / f"recording.{number}.tar"

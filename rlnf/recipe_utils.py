@@ -17,7 +17,8 @@ def load_utterances(data_cfg, manifest: str, require_text: bool | str,
     are normalised (Unicode NFC, whitespace, and lower case when ``data.lowercase``) so rewards and
     targets compare like with like. In a process group each process checks only its share of the clips.
     ``data.tarred_audio_filepaths`` holds the audio of ``data.train_manifest`` (validation manifests
-    are plain, unless they are that same file)."""
+    are plain, unless they are that same file). ``data.format`` says whether a manifest is NeMo JSONL or a
+    Lhotse CutSet or Shar directory (``rlnf.data.cuts``)."""
     from rlnf.data.cache import cache_folder
     from rlnf.distributed import running_group
 
@@ -27,7 +28,8 @@ def load_utterances(data_cfg, manifest: str, require_text: bool | str,
                                       skip_bad=data_cfg.skip_bad_samples, min_duration=data_cfg.min_duration,
                                       max_duration=data_cfg.max_duration, validate=data_cfg.validate,
                                       cache_dir=cache_folder(data_cfg.cache_dir), rank=rank, world_size=world_size,
-                                      gather=gather, tarred_audio_filepaths=tarred)
+                                      gather=gather, tarred_audio_filepaths=tarred,
+                                      format=data_cfg.format)
     utterances = utterances.with_texts(lambda text: normalize_text(text, data_cfg.lowercase))
     if limit is not None:
         utterances = utterances[:limit]

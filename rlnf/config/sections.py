@@ -16,9 +16,14 @@ from rlnf.schema import check_choice, check_positive, check_range, opt
 @dataclass
 class DataConfig:
     train_manifest: str = opt(MISSING, "NeMo JSONL manifest of training audio (audio_filepath, optional duration "
-                                       "and text).")
-    val_manifest: Optional[str] = opt(None, "Manifest for validation (greedy WER/CER when it has text, and mean "
-                                            "reward). None disables validation.")
+                                       "and text), or a Lhotse CutSet (cuts.jsonl.gz) or Shar directory (see "
+                                       "data.format).")
+    format: str = opt("auto", "What train_manifest and val_manifest are: 'nemo' (JSONL manifest), 'lhotse_cuts' "
+                              "(Lhotse CutSet, .jsonl or .jsonl.gz), 'lhotse_shar' (directory written by "
+                              "CutSet.to_shar) or 'auto' (a directory is Shar; a file whose first line is a Lhotse "
+                              "cut is a CutSet; otherwise NeMo).")
+    val_manifest: Optional[str] = opt(None, "Manifest (or Lhotse CutSet / Shar directory) for validation (greedy "
+                                            "WER/CER when it has text, and mean reward). None disables validation.")
     tarred_audio_filepaths: Optional[str] = opt(None, "NeMo tarred audio dataset: the tar shards of train_manifest "
                                                       "in NeMo's syntax (e.g. audio_{0..7}.tar); train_manifest is "
                                                       "then the tarred manifest (audio_filepath: member name, "
@@ -47,6 +52,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_choice("data.oov", self.oov, ("error", "skip", "drop"))
         check_choice("data.validate", self.validate, ("full", "lazy"))
+        check_choice("data.format", self.format, ("auto", "nemo", "lhotse_cuts", "lhotse_shar"))
         check_positive("data.bucket_size", self.bucket_size)
         check_positive("data.num_workers", self.num_workers, allow_zero=True)
         check_positive("data.min_duration", self.min_duration, allow_zero=True)

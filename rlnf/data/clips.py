@@ -22,11 +22,13 @@ HEADER_THREADS = min(32, 4 * (os.cpu_count() or 1))
 
 
 def audio_info(path: str) -> tuple[int, int]:
-    """(frames, sample_rate) from the header of a file, or of a tar member (``rlnf.data.tarred``),
-    raising DataError when unreadable or truncated."""
-    from rlnf.data.tarred import clip_source
+    """(frames, sample_rate) from the header of a file, or of a tar member (``rlnf.data.tarred``), or of
+    a segment of either (``rlnf.data.audio``: its frames), raising DataError when unreadable or truncated."""
+    from rlnf.data.audio import open_clip
 
-    return header_info(clip_source(path), path)
+    file, source, segment = open_clip(path)
+    frames, rate = header_info(source, file)
+    return (frames if segment is None else segment.frames(frames, rate, file)), rate
 
 
 def header_info(source: str | BinaryIO, path: str) -> tuple[int, int]:
@@ -87,11 +89,12 @@ ClipResult = tuple[Optional[str], Optional[float], Optional[str]]
 
 
 def _check_clip(audio: str, manifest_folder: Path, read_header: bool) -> ClipResult:
+    from rlnf.data.audio import split_segment
     from rlnf.data.tarred import split_member
 
     try:
-        # A tar member's path (rlnf.data.tarred) is already absolute; it is no file to resolve.
-        path = audio if split_member(audio) else resolve_audio_path(audio, manifest_folder)
+        # A tar member's path (rlnf.data.tarred) and a segment's (rlnf.data.audio) are already absolute.
+        path = audio if split_member(audio) or split_segment(audio)[1] else resolve_audio_path(audio, manifest_folder)
         if not read_header:
             return path, None, None
         frames, sample_rate = audio_info(path)

@@ -92,14 +92,16 @@ class AudioDataset(torch.utils.data.Dataset):
         return len(self.utterances)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, Utterance] | None:
+        from rlnf.data.audio import open_clip
         from rlnf.data.clips import header_info
-        from rlnf.data.tarred import clip_source
 
         utterance = self.utterances[index]
         try:
-            source = clip_source(utterance.audio_filepath)  # a tar member is read once, for both steps
-            header_info(source, utterance.audio_filepath)
-            return decode_audio(source, self.sample_rate, utterance.audio_filepath), utterance
+            file, source, segment = open_clip(utterance.audio_filepath)  # a tar member is read once, for both steps
+            frames, rate = header_info(source, file)
+            if segment is not None:
+                segment.frames(frames, rate, file)
+            return decode_audio(source, self.sample_rate, file, segment), utterance
         except DataError as exc:
             if self.skip_bad:
                 log.warning("skipping %s: %s", utterance.where, exc)

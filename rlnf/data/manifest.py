@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -95,10 +96,16 @@ def iter_manifest_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
 
 
 def read_row(manifest: str, offset: int, line: int) -> dict[str, Any]:
-    """The JSON object on ``line`` of ``manifest``, which starts at byte ``offset``."""
-    with open(manifest, "rb") as handle:
-        handle.seek(offset)
-        raw = handle.readline()
+    """The JSON object on ``line`` of ``manifest``, which starts at byte ``offset`` (of the decompressed
+    cuts, for a compressed Lhotse CutSet or a Shar directory: ``rlnf.data.cuts``)."""
+    if manifest.endswith(".gz") or os.path.isdir(manifest):
+        from rlnf.data.cuts import compressed_line
+
+        raw = compressed_line(manifest, offset)
+    else:
+        with open(manifest, "rb") as handle:
+            handle.seek(offset)
+            raw = handle.readline()
     try:
         row = decode_row(raw)
     except DataError as exc:
@@ -252,6 +259,7 @@ def read_manifest(
     world_size: int = 1,
     gather: Callable[[Any], list[Any]] | None = None,
     tarred_audio_filepaths: str | None = None,
+    format: str = "auto",
 ) -> tuple[UtteranceTable, ManifestStats]:
     """Read and validate a manifest. ``require_text`` may be a string: the reason shown when a row lacks text.
 
@@ -264,6 +272,9 @@ def read_manifest(
     (an all-gather of Python objects) pools them; every process gets the whole table.
     ``tarred_audio_filepaths``: the tar shards (NeMo's brace syntax) of a NeMo tarred manifest, whose
     ``audio_filepath`` values are member names and ``shard_id`` their shards (``rlnf.data.tarred``).
+    ``format``: 'nemo' (JSONL lines), 'lhotse_cuts' (a Lhotse CutSet, ``.jsonl`` or ``.jsonl.gz``),
+    'lhotse_shar' (a directory of Lhotse Shar shards) or 'auto' (told apart by ``rlnf.data.cuts``);
+    a CutSet becomes the same table as its NeMo twin (line: the cut's 1-based index).
 
     Raises:
         DataError naming ``path:line`` for the first bad line (unless ``skip_bad``), and when no
@@ -274,14 +285,23 @@ def read_manifest(
 
     if validate not in VALIDATE_MODES:
         raise ValueError(f"validate={validate!r}: choose one of {', '.join(VALIDATE_MODES)}")
-    problem = file_problem(Path(path).expanduser())
-    if problem:
-        raise DataError(f"manifest {problem}: {path}")
+    from rlnf.data import cuts
+
+    format = cuts.resolve_format(path, format)
+    if format != cuts.SHAR:
+        problem = file_problem(Path(path).expanduser())
+        if problem:
+            raise DataError(f"manifest {problem}: {path}")
     manifest = Path(path).expanduser().resolve()
+    if format != cuts.NEMO:
+        cuts.forget()  # rows' fields come from the cuts as they are now
     shards = None
     if tarred_audio_filepaths is not None:
         from rlnf.data.tarred import expand_shards
 
+        if format != cuts.NEMO:
+            raise DataError(f"data.tarred_audio_filepaths is set but {path} is a Lhotse {format} source, which "
+                            "holds its own audio: unset data.tarred_audio_filepaths (or set data.format=nemo)")
         shards = expand_shards(tarred_audio_filepaths)
     key = entry = None
     if cache_dir is not None:
@@ -289,6 +309,8 @@ def read_manifest(
                    "min_duration": min_duration, "max_duration": max_duration, "validate": validate}
         if shards is not None:  # a plain manifest's key stays what it was
             options["tar_shards"] = shards
+        if format != cuts.NEMO:  # so is a NeMo manifest's
+            options.update(format=format, files=cuts.source_files(manifest, format))
         key = cache_key(manifest, options)
         entry = load_entry(cache_dir, key)
         if world_size > 1 and not all(gather(entry is not None)):  # one process missing: all rebuild together
@@ -299,8 +321,13 @@ def read_manifest(
         stats = ManifestStats.from_dict(meta["stats"])
         log.info("%s: validated table read from the cache (%d rows)", manifest, len(table))
     else:
-        table, stats = _validate(manifest, text_key, require_text, skip_bad, min_duration, max_duration,
-                                 validate, rank, world_size, gather, shards)
+        if format == cuts.NEMO:
+            rows, where = _nemo_rows(manifest, text_key, require_text, shards), None
+        else:
+            rows = cuts.CutRows(manifest, format, require_text, decode_row)
+            where = rows.where
+        table, stats = _validate(manifest, rows, skip_bad, min_duration, max_duration, validate, rank,
+                                 world_size, gather, where)
         if key is not None:
             save_entry(cache_dir, key, table.columns(), {"paths": table.paths, "texts": table.distinct_texts,
                                                          "stats": stats.to_dict()})
@@ -309,40 +336,64 @@ def read_manifest(
     return table, stats
 
 
-def _skip(stats: ManifestStats, manifest: Path, line: int, problem: str) -> None:
+def _skip(stats: ManifestStats, where: str, problem: str) -> None:
     stats.skipped[problem.split(":")[0]] += 1
-    log.warning("skipping %s:%d: %s", manifest, line, problem)
+    log.warning("skipping %s: %s", where, problem)
 
 
-def _validate(manifest: Path, text_key: str, require_text: bool | str, skip_bad: bool, min_duration: float,
-              max_duration: float | None, validate: str, rank: int, world_size: int,
-              gather: Callable[[Any], list[Any]] | None,
-              shards: list[str] | None = None) -> tuple[UtteranceTable, ManifestStats]:
-    """Read every line, check each distinct clip once, and build the table (see ``read_manifest``).
-    With tar ``shards`` each row's audio becomes the path of its member (``rlnf.data.tarred``)."""
-    from rlnf.data.clips import check_clips
+# One parsed line: (1-based line, byte offset, (audio path, text, duration or None) or the DataError
+# (without location) that makes it unusable).
+ParsedRow = tuple[int, int, "tuple[str, str | None, float | None] | DataError"]
+
+
+def _nemo_rows(manifest: Path, text_key: str, require_text: bool | str,
+               shards: list[str] | None) -> Iterator[ParsedRow]:
+    """The parsed lines of a NeMo manifest. With tar ``shards`` each row's audio becomes the path of
+    its member (``rlnf.data.tarred``)."""
+    from rlnf.data.cuts import not_a_nemo_line
     from rlnf.data.tarred import member_key
 
+    for line, offset, raw in iter_manifest_lines(manifest):
+        try:
+            row = decode_row(raw)
+            if isinstance(row, dict) and "audio_filepath" not in row:
+                not_a_nemo_line(row)
+            audio, text, duration = check_row(row, text_key, require_text)
+            if shards is not None:
+                audio = member_key(row, audio, shards)
+        except DataError as exc:
+            yield line, offset, exc
+            continue
+        yield line, offset, (audio, text, duration)
+
+
+def _validate(manifest: Path, rows: Iterator[ParsedRow], skip_bad: bool, min_duration: float,
+              max_duration: float | None, validate: str, rank: int, world_size: int,
+              gather: Callable[[Any], list[Any]] | None,
+              where: Callable[[int], str] | None = None) -> tuple[UtteranceTable, ManifestStats]:
+    """Take every parsed row (a NeMo manifest's or a Lhotse CutSet's), check each distinct clip once,
+    and build the table (see ``read_manifest``). Relative audio paths are relative to ``manifest``'s
+    folder. ``where(line)`` names a row in messages (default ``manifest:line``)."""
+    from rlnf.data.clips import check_clips
+
+    where = where or (lambda line: f"{manifest}:{line}")
+
     stats = ManifestStats()
-    # 1. Parse the lines into compact columns; each distinct audio string and text gets one index.
+    # 1. Collect the rows into compact columns; each distinct audio string and text gets one index.
     raw_paths: dict[str, int] = {}
     texts: dict[str, int] = {}
     raw_index, text_index, lines, offsets = array("i"), array("i"), array("q"), array("q")
     manifest_seconds = array("d")
     first_error = None  # a bad row stops the scan: no later line can change the error reported
-    for line, offset, raw in iter_manifest_lines(manifest):
+    for line, offset, parsed in rows:
         stats.lines += 1
-        try:
-            row = decode_row(raw)
-            audio, text, duration = check_row(row, text_key, require_text)
-            if shards is not None:
-                audio = member_key(row, audio, shards)
-        except DataError as exc:
+        if isinstance(parsed, DataError):
             if not skip_bad:
-                first_error = DataError(f"{manifest}:{line}: {exc}")
+                first_error = DataError(f"{where(line)}: {parsed}")
                 break
-            _skip(stats, manifest, line, str(exc))
+            _skip(stats, where(line), str(parsed))
             continue
+        audio, text, duration = parsed
         raw_index.append(raw_paths.setdefault(audio, len(raw_paths)))
         text_index.append(-1 if text is None else texts.setdefault(text, len(texts)))
         lines.append(line)
@@ -365,8 +416,8 @@ def _validate(manifest: Path, text_key: str, require_text: bool | str, skip_bad:
     for row in np.flatnonzero(~keep):
         problem = results[raw_index[row]][2]
         if not skip_bad:
-            raise DataError(f"{manifest}:{lines[row]}: {problem}")
-        _skip(stats, manifest, int(lines[row]), problem)
+            raise DataError(f"{where(int(lines[row]))}: {problem}")
+        _skip(stats, where(int(lines[row])), problem)
     if first_error is not None:
         raise first_error
 

@@ -96,6 +96,11 @@ def _member_index(shard: str) -> dict[str, tuple[int, int]]:
         return _indexes[key]
 
 
+def member_names(shard: str) -> list[str]:
+    """The names of the regular files in the tar file ``shard`` (read once per process, as for loading)."""
+    return list(_member_index(shard))
+
+
 def clip_source(path: str) -> str | io.BytesIO:
     """What soundfile should open for ``path``: the path itself, or a tar member's bytes in memory.
 

@@ -20,6 +20,8 @@ _LAZY = {
     "evaluate": "rlnf.api",
     "score": "rlnf.api",
     "adapt_batchnorm": "rlnf.api",
+    "adapt_suta": "rlnf.api",
+    "scored_pairs": "rlnf.api",
     "rl_config": "rlnf.api",
     "reward_model_config": "rlnf.api",
     "RewardInputs": "rlnf.rewards",

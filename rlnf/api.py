@@ -15,7 +15,7 @@ file, then the keyword arguments and ``overrides`` as ``key=value`` overrides), 
 check and error message applies, and they write the same run folder: config.yaml, metrics.jsonl,
 TensorBoard events, checkpoints/, summary.json. Errors a user can fix raise ``rlnf.errors.RlnfError``
 (``ConfigError``, ``DataError``, ``RewardError``, ``CheckpointError``) with the message the command
-prints. ``evaluate``, ``score`` and ``adapt_batchnorm`` are those of ``rlnf.commands`` (their
+prints. ``evaluate``, ``score``, ``scored_pairs``, ``adapt_batchnorm`` and ``adapt_suta`` are those of ``rlnf.commands`` (their
 messages name the command-line flag of an argument: ``--model`` for ``model``).
 
 This module is light: torch and NeMo load when a run starts. The page docs/python-api.md is its manual.
@@ -28,10 +28,10 @@ import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
-from rlnf.commands import adapt_batchnorm, evaluate, score
+from rlnf.commands import adapt_batchnorm, adapt_suta, evaluate, score, scored_pairs
 from rlnf.errors import ConfigError
 
-__all__ = ["adapt_batchnorm", "evaluate", "finetune", "reward_model_config", "rl_config", "score",
+__all__ = ["adapt_batchnorm", "adapt_suta", "evaluate", "scored_pairs", "finetune", "reward_model_config", "rl_config", "score",
            "train_reward_model"]
 
 PathLike = str | os.PathLike
@@ -84,6 +84,10 @@ def reward_specs(rewards: Sequence[Any]) -> list[dict[str, Any]]:
     ``python:<its name attribute>``."""
     if isinstance(rewards, (str, Mapping)) or callable(rewards):
         rewards = [rewards]
+    elif (isinstance(rewards, tuple) and len(rewards) == 2 and isinstance(rewards[1], (int, float))
+          and not isinstance(rewards[1], bool)):
+        raise ConfigError(f"rewards={rewards!r} is one (reward, weight) pair: put it in a list, "
+                          f"rewards=[{rewards!r}], so that it is not read as two rewards")
     specs = []
     for index, item in enumerate(rewards):
         weight = None
@@ -126,11 +130,33 @@ def _resolve(recipe: str, config: str | None, values: dict[str, Any], sections: 
     """(recipe module, validated config): the YAML, then the arguments and sections, then the dotted
     ``overrides``; with ``check_folder``, the run folder checked as ``rlnf run`` checks it."""
     from rlnf.launcher import resolve
+    from rlnf.run_folder import check_output_dir
 
     given = {key: value for key, value in values.items() if value is not None}
     items = as_overrides(given) + as_overrides(sections) + dotted_overrides(overrides)
     config = None if config is None else os.fspath(config)
-    return resolve(recipe, config, items, check_output=check_folder)
+    module, cfg = resolve(recipe, config, items, check_output=False)
+    if check_folder:  # as rlnf run checks it, after what only the Python API refuses
+        _refuse_spawning(cfg)
+        check_output_dir(cfg.output_dir, getattr(cfg, "resume", None))
+    return module, cfg
+
+
+def _refuse_spawning(cfg) -> None:
+    """Several processes from Python need a launcher: without one, Lightning would start the others by
+    re-running this script from its first line (an earlier step of it included), and in a notebook it
+    cannot. Refused before the run folder is made, naming the keys and the launcher to use."""
+    from rlnf.distributed import launcher_layout
+    from rlnf.errors import ConfigError
+
+    trainer = getattr(cfg, "trainer", None)
+    if not hasattr(trainer, "devices") or launcher_layout() is not None:  # a single-process recipe, or launched
+        return
+    processes = (trainer.devices or 1) * (trainer.num_nodes or 1)
+    if processes > 1:
+        raise ConfigError(f"trainer.devices={trainer.devices}, trainer.num_nodes={trainer.num_nodes}: several "
+                          "processes from the Python API need a launcher; run this script under `torchrun "
+                          "--nproc_per_node=N script.py` (or srun) with trainer.devices left null, or use `rlnf run`")
 
 
 def _rl_values(policy, train_manifest, output_dir, rewards, val_manifest) -> dict[str, Any]:

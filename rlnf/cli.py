@@ -152,9 +152,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_pairs(args: argparse.Namespace) -> int:
     quiet_nemo()
-    from rlnf.reward_model.pairs import write_scored_pairs
+    from rlnf.commands import scored_pairs
 
-    summary = write_scored_pairs(args.model, args.manifest, args.output, limit=args.limit,
+    summary = scored_pairs(args.model, args.manifest, args.output, limit=args.limit,
                                  temperatures=args.temperatures, samples_per_temperature=args.samples_per_temperature,
                                  error_rates=args.error_rates, seed=args.seed, batch_size=args.batch_size,
                                  device=args.device, text_key=args.text_key, force=args.force)
@@ -237,14 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     score.set_defaults(func=cmd_score)
 
-    adapt = commands.add_parser("adapt-batchnorm", help="re-estimate a model's BatchNorm statistics on untranscribed "
-                                                        "audio (test-time adaptation; weights unchanged)")
-    adapt.add_argument("--model", required=True, help=".nemo file or pretrained name")
-    adapt.add_argument("--manifest", required=True, help="the audio to adapt to (no text needed)")
-    adapt.add_argument("--output", required=True, help="the adapted .nemo")
-    adapt.add_argument("--batch-size", type=positive_int, default=16)
-    adapt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    adapt.set_defaults(func=cmd_adapt_batchnorm)
+    def batchnorm_arguments(adapt: argparse.ArgumentParser) -> None:  # rlnf adapt-batchnorm = rlnf adapt batchnorm
+        adapt.add_argument("--model", required=True, help=".nemo file or pretrained name")
+        adapt.add_argument("--manifest", required=True, help="the audio to adapt to (no text needed)")
+        adapt.add_argument("--output", required=True, help="the adapted .nemo")
+        adapt.add_argument("--batch-size", type=positive_int, default=16)
+        adapt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        adapt.set_defaults(func=cmd_adapt_batchnorm)
+
+    batchnorm_arguments(commands.add_parser("adapt-batchnorm", help="re-estimate a model's BatchNorm statistics on "
+                                                                    "untranscribed audio (test-time adaptation; "
+                                                                    "weights unchanged)"))
 
     tta = commands.add_parser("adapt", help="test-time adaptation on untranscribed audio (SUTA; BatchNorm)")
     tta_commands = tta.add_subparsers(dest="adapt_command", required=True)
@@ -272,13 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     suta.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     suta.add_argument("--force", action="store_true", help="overwrite --output-manifest")
     suta.set_defaults(func=cmd_adapt_suta)
-    batchnorm = tta_commands.add_parser("batchnorm", help="the same as rlnf adapt-batchnorm")
-    batchnorm.add_argument("--model", required=True, help=".nemo file or pretrained name")
-    batchnorm.add_argument("--manifest", required=True, help="the audio to adapt to (no text needed)")
-    batchnorm.add_argument("--output", required=True, help="the adapted .nemo")
-    batchnorm.add_argument("--batch-size", type=positive_int, default=16)
-    batchnorm.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    batchnorm.set_defaults(func=cmd_adapt_batchnorm)
+    batchnorm_arguments(tta_commands.add_parser("batchnorm", help="the same as rlnf adapt-batchnorm"))
 
     data = commands.add_parser("data", help="data tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from rlnf.errors import CheckpointError, DataError
+from rlnf.errors import CheckpointError, ConfigError, DataError
 from rlnf.io import atomic_write_text, check_output_file, nemo_file_problem
 
 
@@ -125,12 +125,12 @@ def adapt_suta(model: str, manifest: str, output_manifest: str, steps: int = 10,
     every input row with ``pred_text`` added, in the input's order. Returns a summary; when every row has
     a reference (``text_key``), the WER/CER of the adapted transcripts and of plain greedy decoding
     (as ``rlnf evaluate`` computes them, ``batch_size`` clips per pass) and the relative WER change."""
+    check_model("--model", model)  # before torch and NeMo load
     import time
 
     from rlnf.adaptation import SUTAConfig, suta_transcribe
     from rlnf.config import DataConfig
     from rlnf.data.loader import AudioDataset
-    from rlnf.errors import CheckpointError, ConfigError, DataError
     from rlnf.evaluation import evaluate_policy, summarize
     from rlnf.policy import CTCPolicy
     from rlnf.recipe_utils import load_utterances
@@ -150,27 +150,22 @@ def adapt_suta(model: str, manifest: str, output_manifest: str, steps: int = 10,
         raise ConfigError(f"--output-manifest {output_manifest} exists; pass --force to overwrite it, or choose "
                           "another file")
     torch_device = resolve_device(device, "--device")
-    try:
+    with named("--manifest", manifest):
         utterances, _ = load_utterances(DataConfig(train_manifest=manifest, text_key=text_key), manifest, False)
-    except DataError as exc:
-        raise DataError(f"--manifest {manifest}: {exc}") from None
-    try:
+    with named("--model", model):
         policy = CTCPolicy.load(model, torch_device)
-    except CheckpointError as exc:
-        raise CheckpointError(f"--model {model}: {exc}") from None
     dataset = AudioDataset(utterances, policy.sample_rate)
     summary: dict[str, Any] = {"model": model, "manifest": manifest, "output_manifest": str(out),
                                "n": len(utterances), "settings": vars(config).copy()}
     try:
-        if all(utterance.text is not None for utterance in utterances):  # from the same, unadapted weights
-            greedy = evaluate_policy(policy, dataset, batch_size, torch_device).metrics
-            summary["greedy"] = {key: greedy[key] for key in ("wer", "cer")}
-        started = time.perf_counter()
-        result = suta_transcribe(policy, dataset, config, torch_device)
+        with named("--manifest", manifest, (DataError,)):  # a clip that cannot be read
+            if all(utterance.text is not None for utterance in utterances):  # from the same, unadapted weights
+                greedy = evaluate_policy(policy, dataset, batch_size, torch_device).metrics
+                summary["greedy"] = {key: greedy[key] for key in ("wer", "cer")}
+            started = time.perf_counter()
+            result = suta_transcribe(policy, dataset, config, torch_device)
     except ConfigError as exc:  # --params names no parameter of this model
         raise ConfigError(f"--model {model}: {exc}".replace("params=", "--params ")) from None
-    except DataError as exc:  # a clip that cannot be read
-        raise DataError(f"--manifest {manifest}: {exc}") from None
     summary["seconds"] = round(time.perf_counter() - started, 3)
     if result.losses:
         summary["loss_before_adaptation"] = sum(losses[0] for losses in result.losses) / len(result.losses)
@@ -185,3 +180,13 @@ def adapt_suta(model: str, manifest: str, output_manifest: str, steps: int = 10,
         lines.append(json.dumps({**utterance.fields, "pred_text": row["pred_text"]}, ensure_ascii=False) + "\n")
     atomic_write_text(out, "".join(lines))
     return summary
+
+
+def scored_pairs(model: str, manifest: str, output: str, **options: Any) -> dict[str, Any]:
+    """``rlnf data pairs``: ``rlnf.reward_model.pairs.write_scored_pairs`` with its errors naming
+    ``--model`` and ``--manifest``. ``options``: that function's keyword arguments."""
+    from rlnf.reward_model.pairs import write_scored_pairs
+
+    model, manifest, output = (os.fspath(value) for value in (model, manifest, output))
+    with named("--model", model, (CheckpointError,)), named("--manifest", manifest, (DataError,)):
+        return write_scored_pairs(model, manifest, output, **options)

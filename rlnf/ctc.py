@@ -87,7 +87,7 @@ def sample_alignments(
         blank_id: index written at padded frames.
         generator: optional torch.Generator for the uniforms (ignored when ``uniforms`` is given).
         uniforms: optional [B, K, T] draws in [0, 1). Passing them makes each utterance's samples
-            a function of its own draws only (see ``rlnf.rl.sampling_uniforms``), whatever batch or
+            a function of its own draws only (see ``rlnf.hypotheses.sampling_uniforms``), whatever batch or
             process it lands in.
     Returns:
         alignments: [B, K, T] int64; frames t >= encoded_len[b] hold ``blank_id``.

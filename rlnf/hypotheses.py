@@ -8,7 +8,7 @@ else shares its batch and whichever process it lands on; re-draw n of a group us
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,9 +39,8 @@ def sampling_uniforms(keys: Sequence[Sequence[int]], encoded_len: torch.Tensor, 
 
 class HypothesisSource:
     """K hypotheses per utterance from frame log-probs. ``draw(..., attempt=n)`` with n >= 1 is the
-    n-th re-draw of those utterances (only sources whose hypotheses are samples can re-draw)."""
-
-    redraws: ClassVar[bool] = False  # whether a re-draw gives new hypotheses (dynamic resampling)
+    n-th re-draw of those utterances: new samples for the sampling sources (a beam's list is the same
+    every time, so the config allows dynamic resampling with ``rollout: sample`` only)."""
 
     def __init__(self, num_samples: int):
         self.num_samples = num_samples
@@ -53,8 +52,6 @@ class HypothesisSource:
 
 class PolicySamples(HypothesisSource):
     """K alignments sampled from the per-frame categoricals, collapsed to transcripts."""
-
-    redraws = True
 
     def draw(self, policy, log_probs, encoded_len, keys, generator, attempt=0):
         return sample(policy, log_probs, encoded_len, self.num_samples, keys, generator, attempt)

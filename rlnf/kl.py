@@ -79,14 +79,17 @@ def k3_loss(seq_log_probs: torch.Tensor, old_seq_log_probs: torch.Tensor, ref_se
     penalty. It is not raised from below: rho * k3 ~ pi_ref / pi_old stays bounded for a sample whose
     probability fell, while a raised weight would multiply its exploding k3.
 
-    The surrogate w * (k3 + sg(k3) * (log pi - sg(log pi))) has the value w * k3 and, since
-    d k3 / d log pi = 1 - r, the gradient w * (1 - r + k3) * grad log pi = w * k1 * grad log pi."""
+    The surrogate w * (sg(k3) + sg(k1) * (log pi - sg(log pi))) has the value w * k3 and the gradient
+    w * k1 * grad log pi, computed directly: differentiating k3 itself (d k3 / d log pi = 1 - r) and
+    adding k3 would give the same only through a cancellation of r = e^x, which breaks past k3's
+    exponent bound and loses precision near it."""
     log_ratio = (seq_log_probs.detach() - old_seq_log_probs.detach()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     weight = log_ratio.exp()
     if max_weight is not None:
         weight = weight.clamp(max=max_weight)
-    k3 = ctc.kl_k3(seq_log_probs, ref_seq_log_probs)
-    return weight * (k3 + k3.detach() * (seq_log_probs - seq_log_probs.detach()))
+    k3 = ctc.kl_k3(seq_log_probs.detach(), ref_seq_log_probs)
+    k1 = ctc.kl_k1(seq_log_probs.detach(), ref_seq_log_probs)
+    return weight * (k3 + k1 * (seq_log_probs - seq_log_probs.detach()))
 
 
 class KLEstimator:

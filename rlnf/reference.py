@@ -69,7 +69,7 @@ class ReferenceCache:
 
 
 # Largest batch dependence (nats, ``batch_dependence``) the reference cache accepts: float32 rounding
-# of the supported families is ~1e-6 (README "Model families"); a forward whose padding leaks into a
+# of the supported families is ~1e-6 (docs/model-families.md); a forward whose padding leaks into a
 # clip's output (an unmasked convolution or pooling) differs by orders of magnitude more.
 CACHE_TOLERANCE = 1e-3
 

@@ -192,12 +192,15 @@ class Judge:
     penalty: KLPenalty
     beta: float
 
-    def __call__(self, batch: AudioBatch, frames: KLInputs, samples: Samples, greedy: Samples) -> Judged:
-        """``frames``: the policy's (maybe with graph) and the reference's (or None) frame log-probs."""
+    def __call__(self, batch: AudioBatch, frames: KLInputs, samples: Samples, greedy: Samples,
+                 greedy_rewards: torch.Tensor | None = None) -> Judged:
+        """``frames``: the policy's (maybe with graph) and the reference's (or None) frame log-probs.
+        The self-critical baseline scores ``greedy`` with the samples, unless its ``greedy_rewards``
+        [B] are already known (re-drawn groups keep their baseline)."""
         algo = self.algo
-        self_critical = algo.advantage == "self_critical"
-        rewards, components, greedy_rewards = score(self.rewards, batch, self.policy.sample_rate, samples,
-                                                    greedy if self_critical else None)
+        to_score = greedy if algo.advantage == "self_critical" and greedy_rewards is None else None
+        rewards, components, scored_greedy = score(self.rewards, batch, self.policy.sample_rate, samples, to_score)
+        greedy_rewards = scored_greedy if to_score is not None else greedy_rewards
         seq_log_probs = ctc.distinct_sequence_log_probs(frames.log_probs, frames.encoded_len, samples.labels,
                                                         samples.label_len, self.policy.blank_id)
         ref_seq_log_probs = penalised = None
@@ -251,7 +254,8 @@ def resample(judge: Judge, source: HypothesisSource, batch: AudioBatch, frames: 
                        frames.encoded_len[index])
         keys = None if step.sample_keys is None else [step.sample_keys[b] for b in rows]
         fresh = source.draw(judge.policy, sub.log_probs.detach(), sub.encoded_len, keys, step.generator, attempt)
-        judged = judged.with_rows(rows, judge(batch.subset(rows), sub, fresh, greedy.select(rows)))
+        known = None if judged.greedy_rewards is None else judged.greedy_rewards[index]
+        judged = judged.with_rows(rows, judge(batch.subset(rows), sub, fresh, greedy.select(rows), known))
     return judged
 
 

@@ -208,6 +208,8 @@ def test_overrides_as_dicts_and_strings_and_reward_forms(tmp_path):
     ({"rewards": [("cer", "heavy")]}, "rewards[0]: the weight of a (reward, weight) pair must be a number"),
     ({"rewards": [named_function, named_function]}, "two rewards share a name"),
     ({"overrides": ["trainer.max_steps"]}, "is not of the form key=value"),
+    ({"rewards": ("cer", 0.5)}, "is one (reward, weight) pair: put it in a list"),
+    ({"trainer": {"devices": 2}}, "several processes from the Python API need a launcher"),
 ])
 def test_bad_arguments_raise_the_config_error_naming_the_key(arguments, message, tmp_path):
     arguments = {"policy": "m.nemo", "train_manifest": "a.json", "output_dir": str(tmp_path / "out"), **arguments}

@@ -166,3 +166,31 @@ def test_output_that_is_the_manifest_is_refused(tmp_path, capsys):
     manifest.write_text("{}\n")
     assert run_pairs("model.nemo", str(manifest), manifest, "--force") == 2
     assert "would destroy the input" in capsys.readouterr().err and manifest.read_text() == "{}\n"
+
+
+def test_references_are_normalised_as_the_recipes_read_them(tmp_path, pretrained_tiny_nemo, corpus, capsys):
+    """A cased, spaced manifest gives the same pairs as its lower-case twin: a lower-case policy's
+    hypotheses are not penalised for case, and the reference rows are the normalised text."""
+    folder = Path(corpus["train"]).parent  # audio paths made absolute: the twins live elsewhere
+    rows = [json.loads(line) for line in Path(corpus["train"]).read_text().splitlines()[:2]]
+    rows = [{**row, "audio_filepath": str(folder / row["audio_filepath"])} for row in rows]
+    cased = tmp_path / "cased.json"
+    cased.write_text("".join(json.dumps({**row, "text": "  " + row["text"].upper() + " "}) + "\n" for row in rows))
+    plain = tmp_path / "plain.json"
+    plain.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for manifest in (cased, plain):
+        assert run_pairs(pretrained_tiny_nemo, str(manifest), tmp_path / f"{manifest.stem}.jsonl",
+                         "--samples-per-temperature", "1", "--seed", "3") == 0
+    capsys.readouterr()
+    from_cased = [json.loads(line) for line in (tmp_path / "cased.jsonl").read_text().splitlines()]
+    from_plain = [json.loads(line) for line in (tmp_path / "plain.jsonl").read_text().splitlines()]
+    assert from_cased == from_plain
+    assert all(row["reference"] == row["reference"].lower() for row in from_cased)
+
+
+def test_a_folder_given_as_model_names_the_flag(tmp_path, corpus, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "best.nemo").write_bytes(b"")
+    assert run_pairs(str(tmp_path / "run"), corpus["train"], tmp_path / "pairs.jsonl") != 0
+    assert "--model" in capsys.readouterr().err
+

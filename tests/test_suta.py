@@ -283,7 +283,8 @@ def test_adapt_suta_without_transcripts_and_its_errors(pretrained_tiny_nemo, cor
     assert f"--model {missing}" in capsys.readouterr().err and not (tmp_path / "h2.json").exists()
     assert main(["adapt", "suta", "--model", pretrained_tiny_nemo, "--manifest", str(tmp_path / "none.json"),
                  "--output-manifest", str(tmp_path / "h2.json")]) == 2
-    assert f"--manifest {tmp_path / 'none.json'}" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--manifest" in error and str(tmp_path / "none.json") in error
     assert main(["adapt", "suta", "--model", pretrained_tiny_nemo, "--manifest", str(manifest),
                  "--output-manifest", str(tmp_path / "h2.json"), "--em-weight", "2"]) == 2
     assert "--em-weight 2.0 must be in [0.0, 1.0]" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """What every recipe's configuration shares: loading a YAML file and ``key=value`` overrides onto a
 schema, the finite-number rule, the resume rules, and the views of a schema (``iter_keys``,
-``to_yaml``) that ``rlnf config`` and the README show. Fields and value checks: ``rlnf.schema``.
+``to_yaml``) that ``rlnf config`` and docs/configuration.md show. Fields and value checks: ``rlnf.schema``.
 
 A recipe's YAML file and ``key=value`` overrides are merged onto its dataclass schema with
 OmegaConf, so an unknown key or a value of the wrong type fails *before any model loads*, with

@@ -36,7 +36,7 @@ FORMATS = ("auto", NEMO, CUTS, SHAR)
 _SHAR_CUTS = re.compile(r"^cuts\.(\d+)\.jsonl(\.gz)?$")
 
 
-def _is_gzip(path: Path) -> bool:
+def is_gzip(path: Path) -> bool:
     """Whether ``path`` is a gzip file (told by its first bytes, not its name)."""
     try:
         with open(path, "rb") as handle:
@@ -47,7 +47,7 @@ def _is_gzip(path: Path) -> bool:
 
 def _open_lines(path: Path):
     """A binary handle on ``path``'s lines, decompressed when it is gzip."""
-    return gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
 
 
 def _first_row(path: Path) -> Any:
@@ -90,14 +90,14 @@ def resolve_format(path: str | Path, format: str) -> str:
             return SHAR
         first = _first_row(source)
         nemo_line = isinstance(first, dict) and "audio_filepath" in first
-        format = CUTS if looks_like_cut(first) or (_is_gzip(source) and not nemo_line) else NEMO
+        format = CUTS if looks_like_cut(first) or (is_gzip(source) and not nemo_line) else NEMO
     if format == SHAR and not source.is_dir():
         raise DataError(f"data.format=lhotse_shar: {path} is not a directory (give the folder CutSet.to_shar wrote, "
                         "or set data.format=auto for a manifest file)")
     if format != SHAR and source.is_dir():
         raise DataError(f"data.format={format}: {path} is a directory (Lhotse Shar shards are read with "
                         "data.format=lhotse_shar or auto)")
-    if format == NEMO and _is_gzip(source):
+    if format == NEMO and is_gzip(source):
         raise DataError(f"{path} is gzip-compressed, which a NeMo manifest is not: decompress it, or set "
                         "data.format=lhotse_cuts if it is a Lhotse CutSet")
     return format

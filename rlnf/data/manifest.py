@@ -98,9 +98,9 @@ def iter_manifest_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
 def read_row(manifest: str, offset: int, line: int) -> dict[str, Any]:
     """The JSON object on ``line`` of ``manifest``, which starts at byte ``offset`` (of the decompressed
     cuts, for a compressed Lhotse CutSet or a Shar directory: ``rlnf.data.cuts``)."""
-    if manifest.endswith(".gz") or os.path.isdir(manifest):
-        from rlnf.data.cuts import compressed_line
+    from rlnf.data.cuts import compressed_line, is_gzip
 
+    if os.path.isdir(manifest) or manifest.endswith(".gz") or is_gzip(Path(manifest)):  # gzip told by its bytes
         raw = compressed_line(manifest, offset)
     else:
         with open(manifest, "rb") as handle:

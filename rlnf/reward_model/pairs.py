@@ -10,7 +10,8 @@ For every clip (``limit`` of them, drawn with ``seed``), the candidates are, in 
    reference (``other_clip``);
 3. the reference itself (``reference``, score 1).
 
-Each distinct text of a clip is written once, as a manifest row
+References are normalised as the recipes read them (Unicode NFC, whitespace, lower case). Each
+distinct text of a clip is written once, as a manifest row
 ``{"audio_filepath", "text", "score", "reference", "kind"}`` with
 ``score = max(0, 1 - CER(text, reference))`` rounded to 4 decimals: what ``rlnf run
 train_reward_model`` reads (``data.score_key: score``, ``data.reference_key: reference``).
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rlnf.errors import ConfigError
+from rlnf.metrics import normalize_text
 from rlnf.reward_model.negatives import cer_score, hard_negatives
 
 log = logging.getLogger("rlnf.pairs")
@@ -86,6 +88,9 @@ def write_scored_pairs(policy_path: str, manifest: str, output: str | Path, *, l
     torch_device = resolve_device(device, "--device")
     utterances, _ = read_manifest(manifest, text_key=text_key,
                                   require_text="scored pairs are scored against the manifest's transcripts")
+    # The references as the recipes read them (NFC, whitespace, lower case: data.lowercase's default),
+    # so a cased manifest does not penalise a lower-case policy's every hypothesis for case.
+    utterances = utterances.with_texts(lambda text: normalize_text(text, lowercase=True))
     rng = random.Random(seed)
     utterances = rng.sample(utterances, len(utterances) if limit is None else min(limit, len(utterances)))
     references = [u.text for u in utterances]

@@ -1,6 +1,6 @@
 """Rewards: map (audio, K hypotheses per utterance, optional references) to scores in [0, 1].
 
-The contract (also in the README, "Plugging in a reward"):
+The contract (also in docs/rewards.md and docs/python-api.md):
 
     reward(inputs: RewardInputs) -> array-like [B, K] of floats in [0, 1]
 

@@ -49,6 +49,7 @@ SETTINGS: dict[str, Any] = {
     "voices_per_sentence": 3,
     "heldout_voice": "espeak:en+f4",
     "seed": 0,
+    "other_text_sentences": None,  # the other-text test set: the first N everyday sentences (None: all 175)
     "policy_size": "small",
     "pretrain_minutes": 4.5,
     "pretrain_lr": 3e-3,
@@ -74,7 +75,15 @@ SETTINGS: dict[str, Any] = {
     "rl_kl_coef": 0.05,
     "rl_consensus_weight": 0.0,  # > 0: the learned-reward run adds rlnf.rewards.consensus with this weight
     "supervised_lr": 5e-4,
-    "self_training_min_confidence": 0.0,  # keep pseudo-labels whose mean per-frame max probability is >= this
+    "self_training_min_confidence": 0.0,
+    # scripts/quality.py's supervised baselines on the held-out voice's transcripts (not run by the demo):
+    # train_ctc from the RL runs' start, validated every ctc_finetune_val_every steps, stopped when the
+    # validation WER has not improved for ctc_finetune_patience validations or after ctc_finetune_max_minutes
+    # (or ctc_finetune_max_steps steps, when set); not scaled by the budget.
+    "ctc_finetune_max_minutes": 10.0,
+    "ctc_finetune_max_steps": None,
+    "ctc_finetune_val_every": 50,
+    "ctc_finetune_patience": 5,  # keep pseudo-labels whose mean per-frame max probability is >= this
     "run_seed": 42,  # trainer.seed of the reward model and of every run (scripts/quality.py varies it)
 }
 OTHER_TEXT = "heldout_other_test"  # the other-text test set's manifest (stage other_text_corpus)
@@ -248,8 +257,9 @@ def content_key(result: dict[str, Any], name: str) -> dict[str, str]:
 
 def other_text_corpus(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
     """Stage other_text_corpus: every sentence of rlnf/data/everyday_sentences.txt (everyday English,
-    none of it in the Bible sentences) spoken by the held-out voice alone, deterministically; its key
-    is that voice and the file's digest, so the corpus stage's own key and files stay as they were.
+    none of it in the Bible sentences; the first ``other_text_sentences`` when set, for toy runs) spoken
+    by the held-out voice alone, deterministically; its key is that voice, that count and the file's
+    digest, so the corpus stage's own key and files stay as they were.
     Read by nothing but the final evaluation. Returns {OTHER_TEXT: manifest, "sentences", "sha256"}."""
     from rlnf.resources import everyday_sentences_file
 
@@ -258,11 +268,12 @@ def other_text_corpus(stages: Stages, settings: dict[str, Any]) -> dict[str, Any
     def synthesise(folder: Path) -> dict[str, Any]:
         from rlnf.synth import read_sentences, synthesize_sentences
 
-        sentences = read_sentences(source)
+        sentences = read_sentences(source)[: settings.get("other_text_sentences")]
         made = synthesize_sentences(folder, sentences, settings["heldout_voice"], OTHER_TEXT)
         return {OTHER_TEXT: made["manifest"], "sentences": len(sentences), "sha256": file_sha256(made["index"])}
 
     return stages.run("other_text_corpus", {"heldout_voice": settings["heldout_voice"],
+                                            "sentences": settings.get("other_text_sentences"),
                                             "sentences_sha256": file_sha256(source)}, synthesise)
 
 
@@ -478,13 +489,14 @@ def evaluate_runs(stages: Stages, base: dict[str, Any], reward: dict[str, Any], 
     only stage that reads them) of every run in ``runs`` and, with ``baselines``, of the pretrained
     model and the BatchNorm-adapted one (when the runs start from it), and of both on the validation
     sentences (``baselines=False``: the runs only, for a stage that adds runs to an evaluated set).
+    A run is evaluated at its "evaluated_checkpoint" when its result names one, else its last checkpoint.
     Every model is also evaluated (greedy WER / CER) on the other-text test set, in stage
     ``NAME-other_text`` (so an in-domain evaluation cached before it existed stays cached): its figures
     are each run's "other_text"."""
     data, policy = base["data"], base["policy"]
     adapted = {ADAPTED: base["start"]} if baselines and base["start"] != policy else {}
     models = {**({"pretrained": policy} if baselines else {}), **adapted,
-              **{run: result["last_checkpoint"] for run, result in runs.items()}}
+              **{run: result.get("evaluated_checkpoint", result["last_checkpoint"]) for run, result in runs.items()}}
 
     def evaluate(folder: Path) -> dict[str, Any]:
         from rlnf.commands import evaluate as evaluate_command

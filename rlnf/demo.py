@@ -1,6 +1,8 @@
 """`rlnf demo`: the offline end-to-end demo on synthetic speech, within ~15 minutes on 2 CPU cores.
 
 1. corpus            flite/espeak speech of public-domain sentences; one voice held out entirely
+   other_text_corpus the held-out voice reading everyday English (rlnf/data/everyday_sentences.txt): a
+                     second test set with other text, read by the final evaluation only
 2. pretrain          a small QuartzNet trained with CTC on the other voices (the starting policy)
    batchnorm_adapted that policy with its BatchNorm statistics re-estimated on the held-out voice's
                      untranscribed audio (``adapt_batchnorm``): where the held-out voice's runs start
@@ -15,7 +17,8 @@
 6. rl_cer            the same RL budget with the 1 - CER reward (transcripts given), for comparison
 7. supervised        the same wall-clock of continued supervised training on the labelled voices
 8. self_training     the same wall-clock of supervised training of the start on its pseudo-labels
-9. evaluate          greedy WER / CER / mean learned reward on the held-out voice's test sentences
+9. evaluate          greedy WER / CER / mean learned reward on the held-out voice's test sentences;
+                     evaluate-other_text: greedy WER / CER on the other-text test set
 
 The stages are functions (``prepare``, ``train_reward``, ``rl_runs``, ...) that ``scripts/quality.py``
 also runs, once per seed, to judge the same comparison over several seeds.
@@ -46,6 +49,7 @@ SETTINGS: dict[str, Any] = {
     "voices_per_sentence": 3,
     "heldout_voice": "espeak:en+f4",
     "seed": 0,
+    "other_text_sentences": None,  # the other-text test set: the first N everyday sentences (None: all 175)
     "policy_size": "small",
     "pretrain_minutes": 4.5,
     "pretrain_lr": 3e-3,
@@ -71,9 +75,18 @@ SETTINGS: dict[str, Any] = {
     "rl_kl_coef": 0.05,
     "rl_consensus_weight": 0.0,  # > 0: the learned-reward run adds rlnf.rewards.consensus with this weight
     "supervised_lr": 5e-4,
-    "self_training_min_confidence": 0.0,  # keep pseudo-labels whose mean per-frame max probability is >= this
+    "self_training_min_confidence": 0.0,
+    # scripts/quality.py's supervised baselines on the held-out voice's transcripts (not run by the demo):
+    # train_ctc from the RL runs' start, validated every ctc_finetune_val_every steps, stopped when the
+    # validation WER has not improved for ctc_finetune_patience validations or after ctc_finetune_max_minutes
+    # (or ctc_finetune_max_steps steps, when set); not scaled by the budget.
+    "ctc_finetune_max_minutes": 10.0,
+    "ctc_finetune_max_steps": None,
+    "ctc_finetune_val_every": 50,
+    "ctc_finetune_patience": 5,  # keep pseudo-labels whose mean per-frame max probability is >= this
     "run_seed": 42,  # trainer.seed of the reward model and of every run (scripts/quality.py varies it)
 }
+OTHER_TEXT = "heldout_other_test"  # the other-text test set's manifest (stage other_text_corpus)
 RUN_NAMES = ("pretrained", "rl_learned_reward", "rl_cer_reward", "supervised_continued", "self_training")
 TRAINED_RUNS = RUN_NAMES[1:]
 ADAPTED = "batchnorm_adapted"  # the report's row for the BatchNorm-adapted starting point, when adapt_batchnorm
@@ -242,10 +255,33 @@ def content_key(result: dict[str, Any], name: str) -> dict[str, str]:
     return {name: result["sha256"]} if "sha256" in result else {}
 
 
+def other_text_corpus(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
+    """Stage other_text_corpus: every sentence of rlnf/data/everyday_sentences.txt (everyday English,
+    none of it in the Bible sentences; the first ``other_text_sentences`` when set, for toy runs) spoken
+    by the held-out voice alone, deterministically; its key is that voice, that count and the file's
+    digest, so the corpus stage's own key and files stay as they were.
+    Read by nothing but the final evaluation. Returns {OTHER_TEXT: manifest, "sentences", "sha256"}."""
+    from rlnf.resources import everyday_sentences_file
+
+    source = everyday_sentences_file()
+
+    def synthesise(folder: Path) -> dict[str, Any]:
+        from rlnf.synth import read_sentences, synthesize_sentences
+
+        sentences = read_sentences(source)[: settings.get("other_text_sentences")]
+        made = synthesize_sentences(folder, sentences, settings["heldout_voice"], OTHER_TEXT)
+        return {OTHER_TEXT: made["manifest"], "sentences": len(sentences), "sha256": file_sha256(made["index"])}
+
+    return stages.run("other_text_corpus", {"heldout_voice": settings["heldout_voice"],
+                                            "sentences": settings.get("other_text_sentences"),
+                                            "sentences_sha256": file_sha256(source)}, synthesise)
+
+
 def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
     """Stages 1-3, shared by every seed: corpus, starting policy, its BatchNorm adaptation to the
     held-out voice's untranscribed audio (``adapt_batchnorm``; the held-out runs' start), scored pairs,
-    and the held-out runs' starting policy's pseudo-labels of that audio (for self-training)."""
+    and the held-out runs' starting policy's pseudo-labels of that audio (for self-training); and the
+    other-text test set (``other_text_corpus``, base["other_text"])."""
     def corpus(folder: Path) -> dict[str, Any]:
         from rlnf.data.manifest import write_manifest
         from rlnf.synth import synthesize_corpus
@@ -264,6 +300,7 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
     data = stages.run("corpus", {k: settings[k] for k in ("sentences", "split", "voices", "voices_per_sentence",
                                                           "heldout_voice", "seed")},
                       corpus)
+    other_text = other_text_corpus(stages, settings)
     pretrain = stages.run("pretrain", {"data": data["train"], **content_key(data, "corpus"), **{k: settings[k] for k in (
         "policy_size", "pretrain_minutes", "pretrain_lr", "seed")}}, lambda folder: _run_recipe("train_ctc", [
             f"output_dir={folder}", f"data.train_manifest={data['train']}", f"data.val_manifest={data['val']}",
@@ -310,7 +347,7 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
     labels = stages.run("pseudo_labels", {"policy": start_stage, "min_confidence": settings["self_training_min_confidence"]},
                         pseudo_labels)
     return {"data": data, "pretrain": pretrain, "policy": policy, "start_stage": start_stage, "start": start,
-            "pairs": pairs, "heldout_pairs": heldout_pairs, "pseudo_labels": labels}
+            "pairs": pairs, "heldout_pairs": heldout_pairs, "pseudo_labels": labels, "other_text": other_text}
 
 
 REWARD_MODELS = ("listening", "card")
@@ -451,11 +488,15 @@ def evaluate_runs(stages: Stages, base: dict[str, Any], reward: dict[str, Any], 
     """Stage 9: greedy WER / CER / mean learned reward on the held-out voice's test sentences (the
     only stage that reads them) of every run in ``runs`` and, with ``baselines``, of the pretrained
     model and the BatchNorm-adapted one (when the runs start from it), and of both on the validation
-    sentences (``baselines=False``: the runs only, for a stage that adds runs to an evaluated set)."""
+    sentences (``baselines=False``: the runs only, for a stage that adds runs to an evaluated set).
+    A run is evaluated at its "evaluated_checkpoint" when its result names one, else its last checkpoint.
+    Every model is also evaluated (greedy WER / CER) on the other-text test set, in stage
+    ``NAME-other_text`` (so an in-domain evaluation cached before it existed stays cached): its figures
+    are each run's "other_text"."""
     data, policy = base["data"], base["policy"]
     adapted = {ADAPTED: base["start"]} if baselines and base["start"] != policy else {}
     models = {**({"pretrained": policy} if baselines else {}), **adapted,
-              **{run: result["last_checkpoint"] for run, result in runs.items()}}
+              **{run: result.get("evaluated_checkpoint", result["last_checkpoint"]) for run, result in runs.items()}}
 
     def evaluate(folder: Path) -> dict[str, Any]:
         from rlnf.commands import evaluate as evaluate_command
@@ -472,7 +513,18 @@ def evaluate_runs(stages: Stages, base: dict[str, Any], reward: dict[str, Any], 
 
     # The key holds the upstream stages' results (not just paths, which stay the same when they rerun).
     starts = [base["pretrain"], *([base["start_stage"]] if adapted else [])] if baselines else []
-    return stages.run(name, {"runs": [*starts, *runs.values()], "reward": reward, "val": baselines}, evaluate)
+    in_domain = stages.run(name, {"runs": [*starts, *runs.values()], "reward": reward, "val": baselines}, evaluate)
+    other_text = base["other_text"]
+
+    def evaluate_other_text(folder: Path) -> dict[str, Any]:
+        from rlnf.commands import evaluate as evaluate_command
+
+        return {run: evaluate_command(path, other_text[OTHER_TEXT], output=str(folder / f"{run}.json"), device=device)
+                for run, path in models.items()}
+
+    other = stages.run(f"{name}-other_text", {"runs": [*starts, *runs.values()], "corpus": other_text},
+                       evaluate_other_text)
+    return {**in_domain, **{run: {**in_domain[run], "other_text": other[run]} for run in models}}
 
 
 def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fresh: bool = False,
@@ -499,9 +551,11 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
     report = {
         "heldout_voice": settings["heldout_voice"],
         "test_manifest": base["data"]["heldout_test"],
+        "other_text_test_manifest": base["other_text"][OTHER_TEXT],
         "device": device,
         "runs": [{"name": name, "model": models[name], "wer": results[name]["wer"], "cer": results[name]["cer"],
-                  "reward": results[name]["reward"], "seconds": round(seconds[name], 1)} for name in names],
+                  "reward": results[name]["reward"], "seconds": round(seconds[name], 1),
+                  "other_text": {k: results[name]["other_text"][k] for k in ("wer", "cer")}} for name in names],
         "timings": {name: round(value, 1) for name, value in stages.timings.items()},
         "total_seconds": round(sum(stages.timings.values()), 1),  # every stage, cached ones as they ran
         "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
@@ -513,19 +567,25 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
                          "heldout_voice": reward["heldout"]},
         "settings": settings,
     }
-    base_wer = report["runs"][0]["wer"]
+    base_wer, base_other = report["runs"][0]["wer"], report["runs"][0]["other_text"]["wer"]
     for run in report["runs"]:
-        run["wer_relative_change"] = round((run["wer"] - base_wer) / base_wer, 4) if base_wer else None
+        run["wer_relative_change"] = relative_change(run["wer"], base_wer)
+        run["other_text"]["wer_relative_change"] = relative_change(run["other_text"]["wer"], base_other)
     atomic_write_text(root / "report.json", json.dumps(report, indent=2))
     _plot(report, {name: root / name for name in TRAINED_RUNS}, root / "report.png")
 
     print()
-    print(f"Held-out voice {report['heldout_voice']}: {results['pretrained']['n']} test utterances, greedy decoding")
-    print(f"{'model':<22} {'WER':>7} {'CER':>7} {'reward':>7} {'WER change':>11} {'seconds':>8}")
+    print(f"Held-out voice {report['heldout_voice']}: {results['pretrained']['n']} test utterances, greedy decoding; "
+          f"other text: {results['pretrained']['other_text']['n']} everyday sentences")
+    print(f"{'model':<22} {'WER':>7} {'CER':>7} {'reward':>7} {'WER change':>11} {'other WER':>10} "
+          f"{'other change':>13} {'seconds':>8}")
     for run in report["runs"]:
-        change = f"{100 * run['wer_relative_change']:+.1f} %" if run["name"] != "pretrained" else ""
+        first = run["name"] == "pretrained"
+        change = "" if first else f"{100 * run['wer_relative_change']:+.1f} %"
+        other = run["other_text"]
+        other_change = "" if first else f"{100 * other['wer_relative_change']:+.1f} %"
         print(f"{run['name']:<22} {run['wer']:7.3f} {run['cer']:7.3f} {run['reward']:7.3f} {change:>11} "
-              f"{run['seconds']:8.0f}")
+              f"{other['wer']:10.3f} {other_change:>13} {run['seconds']:8.0f}")
     quality = report["reward_model"]["val"]
     print(f"\nreward model (validation pairs): Pearson {quality.get('val/pearson', float('nan')):.3f}, within-clip "
           f"Spearman {quality.get('val/group_spearman', float('nan')):.3f} (audio gain "
@@ -535,6 +595,11 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
     print(f"report: {root / 'report.json'} and {root / 'report.png'}")
     print(f"TensorBoard: tensorboard --logdir {root}")
     return report
+
+
+def relative_change(value: float, reference: float) -> float | None:
+    """(value - reference) / reference, rounded to 4 places (None when the reference is 0)."""
+    return round((value - reference) / reference, 4) if reference else None
 
 
 def scaled_settings(budget_minutes: float = 15.0, settings: dict[str, Any] | None = None) -> dict[str, Any]:

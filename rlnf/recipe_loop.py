@@ -23,17 +23,54 @@ validation and checkpoint cadence, and the best-checkpoint window are written on
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
 
-from rlnf.errors import RewardError, RlnfError, TrainingInterrupted
+from rlnf.errors import ConfigError, RewardError, RlnfError, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
 
 def out_of_time(started: float, max_minutes: float | None) -> bool:
     return max_minutes is not None and time.perf_counter() - started >= 60.0 * max_minutes
+
+
+class EarlyStopping:
+    """``trainer.early_stop_patience``: stop after ``patience`` validations in a row that did not
+    improve the best value of ``metric`` (strictly lower in mode "min", higher in "max"; a
+    non-finite value never improves). ``patience`` None: never stops. Every process updates it from
+    the same pooled validation metrics, so every process stops at the same step. Its state
+    (best value, validations since it) is part of the trainer state, so a resumed run goes on counting."""
+
+    def __init__(self, patience: int | None, metric: str, mode: str):
+        self.patience = patience
+        self.metric = metric
+        self.mode = mode
+        self.best: float | None = None
+        self.validations_since_best = 0
+
+    def update(self, validated: dict[str, float] | None) -> bool:
+        """Offer one step's validation metrics (None: no validation this step); True when the run
+        should stop now."""
+        if self.patience is None or validated is None or self.metric not in validated:
+            return False
+        value = float(validated[self.metric])
+        improved = math.isfinite(value) and (self.best is None or (
+            value < self.best if self.mode == "min" else value > self.best))
+        if improved:
+            self.best, self.validations_since_best = value, 0
+        else:
+            self.validations_since_best += 1
+        return self.validations_since_best >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "best": self.best, "validations_since_best": self.validations_since_best}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state and state.get("metric") == self.metric:
+            self.best, self.validations_since_best = state["best"], int(state["validations_since_best"])
 
 
 def step_progress_bar(total_steps: int, trainer_cfg, step: int, desc: str, enabled: bool = True):
@@ -93,6 +130,8 @@ class Recipe:
         self.max_steps = 0
         self.has_validation = False
         self.train_window: list[float] = []
+        self.stopped_early = False
+        self._early_stopping: EarlyStopping | None = None
 
     # ------------------------------------------------------------------------------ hooks
     def setup(self) -> None:
@@ -155,6 +194,7 @@ class Recipe:
         from rlnf.training import StopSignal
 
         trainer = self.cfg.trainer
+        early_stopping = self.early_stopping()
         iterator = iter(self.stream)
         bar = step_progress_bar(self.max_steps, trainer, self.step, self.name, enabled=self.is_main)
         started_training = time.perf_counter()
@@ -180,6 +220,11 @@ class Recipe:
                 self.train_window.append(metrics[self.train_metric])
                 last = self.step >= self.max_steps or timed_out
                 validated = self.validate() if self.validation_due(last) else None
+                if early_stopping.update(validated) and not last:
+                    log.info("step %d: stopping early, %s has not improved on %.4f for %d validations",
+                             self.step, early_stopping.metric, early_stopping.best, early_stopping.patience)
+                    last = True
+                    self.stopped_early = True
                 if self.step % trainer.log_every == 0 or last or validated:
                     self.logger.log_dict({**metrics, **(validated or {})}, self.step)
                 self.after_log(metrics)
@@ -193,6 +238,19 @@ class Recipe:
                 if last:
                     break
         bar.close()
+
+    def early_stopping(self) -> EarlyStopping:
+        """The run's ``EarlyStopping`` on the checkpoints' best metric (``trainer.early_stop_patience``);
+        refuses the key when the run has no validation metric to watch."""
+        if self._early_stopping is None:
+            patience = getattr(self.cfg.trainer, "early_stop_patience", None)
+            metric = self.checkpoints.best_metric
+            if patience is not None and (not self.has_validation or not metric.startswith("val/")):
+                raise ConfigError(f"trainer.early_stop_patience={patience} watches a validation metric, but this run "
+                                  f"has none (best metric {metric}): set data.val_manifest, or "
+                                  "trainer.early_stop_patience=null")
+            self._early_stopping = EarlyStopping(patience, metric, self.checkpoints.best_mode)
+        return self._early_stopping
 
     def stopped(self, exc: Exception) -> Exception:
         """What to raise when ``exc`` stops training: an error whose checkpoint keeps the last
@@ -224,7 +282,8 @@ class Recipe:
         from rlnf.recipe_utils import training_state
 
         return training_state(self.step, self.trained_model, self.optimizer, self.scheduler, self.stream,
-                              skipped_steps=self.skipped_steps, **self.extra_state())
+                              skipped_steps=self.skipped_steps, early_stopping=self.early_stopping().state_dict(),
+                              **self.extra_state())
 
     def load_trainer_state(self, state: dict[str, Any]) -> int:
         """Restore what ``trainer_state`` saved; returns its step."""
@@ -233,5 +292,6 @@ class Recipe:
         step = restore_training_state(state, self.trained_model, self.optimizer, self.scheduler, self.stream,
                                       source=self.checkpoints.state_path)
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.early_stopping().load_state_dict(state.get("early_stopping"))
         self.load_extra_state(state)
         return step

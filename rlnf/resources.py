@@ -2,7 +2,7 @@
 
     recipes/*.py            rlnf/recipes/*.py in an installed wheel
     configs/**/*.yaml       rlnf/configs/**/*.yaml in an installed wheel
-    rlnf/data/sentences.txt the same in both
+    rlnf/data/sentences.txt the same in both (and rlnf/data/everyday_sentences.txt)
 
 The repository keeps ``recipes/`` and ``configs/`` at its top level (torchtune's layout: a user
 reads them beside the code); ``pyproject.toml`` maps both into the ``rlnf`` package when a wheel
@@ -47,3 +47,8 @@ def configs_dir() -> Path:
 def sentences_file() -> Path:
     """The public-domain sentences the speech synthesiser reads (``rlnf data synth``, the demo)."""
     return Path(str(importlib.resources.files("rlnf.data") / "sentences.txt"))
+
+
+def everyday_sentences_file() -> Path:
+    """Everyday modern English written for rlnf: the demo's other-text test set (``other_text_corpus``)."""
+    return Path(str(importlib.resources.files("rlnf.data") / "everyday_sentences.txt"))

@@ -10,6 +10,13 @@ Corpus layout (``synthesize_corpus``), split by *sentence* so test sentences are
     DIR/{train,val,test}.json                 the training voices
     DIR/heldout_{train,val,test}.json         the held-out voice (if any)
     DIR/corpus.json                           parameters and file checksums (cache key)
+
+``synthesize_sentences`` speaks a list of sentences with one voice (the demo's other-text test set:
+``rlnf/data/everyday_sentences.txt`` read by the held-out voice):
+
+    DIR/wav/<engine>_<voice>/<NAME>_<index>.wav
+    DIR/<NAME>.json                           the manifest, in the file's order
+    DIR/<NAME>.index.json                     parameters and file checksums
 """
 
 from __future__ import annotations
@@ -109,8 +116,7 @@ def synthesize(text: str, voice: Voice, path: str | Path, noise_snr: float | Non
 def load_sentences(count: int, seed: int = 0, source: str | Path | None = None) -> list[str]:
     """``count`` distinct sentences from ``source`` (default: the shipped public-domain list), in a seeded order."""
     source = source or sentences_file()
-    lines = [line.strip() for line in Path(source).read_text(encoding="utf-8").splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = read_sentences(source)
     if count > len(lines):
         raise RlnfError(f"asked for {count} sentences but {source} has {len(lines)}")
     order = np.random.default_rng(seed).permutation(len(lines))[:count]
@@ -210,6 +216,50 @@ def synthesize_corpus(
     atomic_write_text(index_path, json.dumps({"params": params, "manifests": manifests, "sha256": checksums},
                                              indent=1))
     return {name: str(output / path) for name, path in manifests.items()}
+
+
+def read_sentences(source: str | Path) -> list[str]:
+    """The sentences of a file: one a line, blank lines and lines starting with '#' left out."""
+    return [line.strip() for line in Path(source).read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def synthesize_sentences(output: str | Path, sentences: Sequence[str], voice: str, name: str,
+                         workers: int = 2, progress: bool = True) -> dict[str, str]:
+    """Speak every sentence of ``sentences`` (in their order) with ``voice`` into ``output``: the
+    manifest ``NAME.json`` (audio_filepath relative to ``output``, duration, text, speaker, sentence_id)
+    and ``NAME.index.json`` (parameters and every file's checksum). Deterministic: the same sentences
+    and voice give identical files (no noise, no random choice). Returns {"manifest", "index"} paths."""
+    from tqdm.auto import tqdm
+
+    import soundfile
+
+    from rlnf.data.manifest import write_manifest
+    from rlnf.io import atomic_write_text
+
+    output = Path(output).expanduser().resolve()
+    speaker = Voice.parse(voice)
+    require_tools([speaker])
+    relative = [f"wav/{speaker.folder}/{name}_{index:05d}.wav" for index in range(len(sentences))]
+
+    def run(job) -> None:
+        text, path = job
+        synthesize(text, speaker, output / path)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(tqdm(pool.map(run, zip(sentences, relative)), total=len(sentences), desc=f"synthesising {name}",
+                  disable=not progress))
+    rows = []
+    for index, (text, path) in enumerate(zip(sentences, relative)):
+        info = soundfile.info(str(output / path))
+        rows.append({"audio_filepath": path, "duration": round(info.frames / info.samplerate, 4), "text": text,
+                     "speaker": speaker.tag, "sentence_id": index})
+    manifest, index_path = output / f"{name}.json", output / f"{name}.index.json"
+    write_manifest(manifest, rows)
+    atomic_write_text(index_path, json.dumps({"params": {"voice": speaker.tag, "sentences": len(sentences)},
+                                              "sha256": {path: file_sha256(output / path) for path in relative}},
+                                             indent=1))
+    return {"manifest": str(manifest), "index": str(index_path)}
 
 
 def synthesize_corpus_cli(args) -> None:

@@ -12,11 +12,17 @@ with the learned reward (no transcripts), RL with 1 - CER (the oracle), continue
 training and self-training (the held-out runs' start's greedy transcripts of the same untranscribed audio
 the learned-reward run sees, as labels). Every run has the demo's wall-clock budget, so run it on an
 otherwise idle machine, or give --rl-steps (the RL runs then stop after that many steps, whatever
-the machine's load; the supervised baselines keep their minutes). The test set is read by the final evaluation of each seed only: nothing is
-chosen on it.
+the machine's load; the supervised baselines keep their minutes). The test sets are read by the final
+evaluation of each seed only: nothing is chosen on them.
+
+Two test sets, every run on both: the held-out voice's test sentences (in-domain: the Bible text of
+pretraining, pairs and RL) and the other-text set (the held-out voice reading rlnf/data/everyday_sentences.txt,
+stage other_text_corpus, used for nothing else).
 
 Reported per run: the relative change of test WER and CER against the pretrained policy (negative when
-they fall), mean +- std over seeds; the oracle-gap fraction (WER_pre - WER_run) / (WER_pre - WER_cer);
+they fall) on each test set, per seed and mean +- std over seeds (JSON: runs[name]["wer_change_per_seed"],
+["other_text_wer_change_per_seed"], ...); "seconds": the mean over seeds of the run's stage wall-clock
+seconds (training or adaptation, as it ran; "seconds_per_seed" each); the oracle-gap fraction (WER_pre - WER_run) / (WER_pre - WER_cer);
 for the reward model, the within-clip Spearman on the held-out voice's own policy hypotheses and its
 audio gain (the same with every clip's transcripts scored against another clip's audio); and, for the
 learned-reward run, the largest rise of its validation WER while its validation reward rose.
@@ -29,7 +35,16 @@ the oracle-gap fraction is also given from it (what RL itself added).
 SUTA rows (``--no-suta`` leaves them out): "suta" is single-utterance test-time adaptation
 (``rlnf adapt suta``, its default settings, chosen on the held-out voice's validation set) of the
 held-out runs' start on the test sentences, the same for every seed; "rl_learned_reward+suta" applies
-it to each seed's learned-reward RL model. Each is a cached stage; its "seconds" is the SUTA pass alone.
+it to each seed's learned-reward RL model. Each is a cached stage; its "seconds" is the SUTA pass over the
+in-domain test set alone (one more pass, its own stage NAME-other_text, transcribes the other-text set).
+
+Supervised baselines (``--no-supervised-baselines`` leaves them out), per seed, on the held-out voice's
+training transcripts (the oracle's data): "ctc_finetune_heldout", train_ctc from the RL runs' start to
+convergence (early stopping on the validation WER: settings ctc_finetune_val_every, ctc_finetune_patience,
+ctc_finetune_max_minutes, ctc_finetune_max_steps), evaluated at its best checkpoint; from there, for the
+RL runs' budget, "ctc_finetune_heldout+more" (train_ctc continued) and "ctc_finetune_heldout+rl_cer" (RL
+with 1 - CER): rl_cer_beats_more_every_seed and rl_cer_vs_more_gap_mean/std/per_seed (relative test WER
+gap, negative when RL is lower). See ``supervised_baselines``.
 
 --presets adds, per seed, the two RL runs (learned reward, 1 - CER) of every other preset named,
 against the same reward model: runs "rl_learned_reward-PRESET" and "rl_cer_reward-PRESET".
@@ -51,14 +66,18 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from rlnf.demo import ADAPTED, REWARD_MODELS, RL_SETTINGS, check_reward_model  # neither torch nor NeMo
+from rlnf.demo import ADAPTED, OTHER_TEXT, REWARD_MODELS, RL_SETTINGS, check_reward_model  # neither torch nor NeMo
 from rlnf.errors import ConfigError
 
 BASE_SEED = 42  # the demo's run_seed
 SUTA = "suta"
 SUTA_AFTER_RL = "rl_learned_reward+suta"
+CTC_CONVERGED = "ctc_finetune_heldout"  # supervised CTC on the held-out voice's transcripts, to convergence
+CTC_MORE = "ctc_finetune_heldout+more"  # ... continued for the RL runs' budget
+CTC_RL = "ctc_finetune_heldout+rl_cer"  # ... RL with 1 - CER for the same budget instead
+SUPERVISED_BASELINES = (CTC_CONVERGED, CTC_MORE, CTC_RL)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -134,19 +153,25 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
 
     per_seed[i]: {"seed", "wer": {run: WER}, "cer": {run: CER}, "reward_heldout": {"group_spearman",
     "audio_gain"}, "reward_val": {...}, "wer_rise": float, "final_val_wer": float}; "pretrained" is
-    one of the runs. Changes are relative: (x_run - x_pre) / x_pre."""
+    one of the runs. Optional: "other_text_wer" / "other_text_cer" (the same on the other-text test
+    set: runs[name]["other_text_wer_change_per_seed"] ...), "seconds": {run: the stage's seconds}
+    (runs[name]["seconds_per_seed"] and their mean "seconds"). Changes are relative: (x_run - x_pre) / x_pre."""
     runs: dict[str, Any] = {}
     for name in run_names:
         entry: dict[str, Any] = {}
-        for metric in ("wer", "cer"):
-            changes = [(seed[metric][name] - seed[metric]["pretrained"]) / seed[metric]["pretrained"]
-                       for seed in per_seed]
-            mean, std = mean_std(changes)
-            entry.update({f"{metric}_change_mean": mean, f"{metric}_change_std": std,
-                          f"{metric}_change_per_seed": changes,
-                          f"{metric}_mean": statistics.fmean(seed[metric][name] for seed in per_seed)})
-        if name in per_seed[0].get("seconds", {}):  # the runs whose cost is measured per seed
-            entry["seconds"] = statistics.fmean(seed["seconds"][name] for seed in per_seed)
+        for test_set, prefix in (("", ""), ("other_text_", "other_text_")):
+            if f"{test_set}wer" not in per_seed[0]:
+                continue
+            for metric in ("wer", "cer"):
+                key = f"{test_set}{metric}"
+                changes = [relative(seed[key][name], seed[key]["pretrained"]) for seed in per_seed]
+                mean, std = mean_std(changes)
+                entry.update({f"{prefix}{metric}_change_mean": mean, f"{prefix}{metric}_change_std": std,
+                              f"{prefix}{metric}_change_per_seed": changes,
+                              f"{prefix}{metric}_mean": statistics.fmean(seed[key][name] for seed in per_seed)})
+        if name in per_seed[0].get("seconds", {}):  # the stage's own wall-clock seconds, per seed
+            entry["seconds_per_seed"] = [seed["seconds"][name] for seed in per_seed]
+            entry["seconds"] = statistics.fmean(entry["seconds_per_seed"])
         if name in per_seed[0].get("val_wer", {}):  # RL runs: their last validation, and the steps they made
             val = mean_std([seed["val_wer"][name] for seed in per_seed])
             entry.update({"final_val_wer_mean": val[0], "final_val_wer_std": val[1],
@@ -167,10 +192,18 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
     if SUTA in run_names:
         adapted["learned_beats_suta_every_seed"] = all(
             seed["wer"]["rl_learned_reward"] < seed["wer"][SUTA] for seed in per_seed)
+    if CTC_RL in run_names:  # does sequence-level RL add to converged supervised fine-tuning?
+        adapted.update(rl_after_supervised(per_seed))
     final_val = mean_std([seed["final_val_wer"] for seed in per_seed])
+    # The reference of every change: the pretrained policy's figures, and its pretraining's seconds.
+    pretrained = {key: statistics.fmean(seed[key]["pretrained"] for seed in per_seed)
+                  for key in ("wer", "cer", "other_text_wer", "other_text_cer") if key in per_seed[0]}
+    if "pretrained" in per_seed[0].get("seconds", {}):
+        pretrained["seconds"] = per_seed[0]["seconds"]["pretrained"]
     return {
         "seeds": len(per_seed),
         "seed_values": [seed["seed"] for seed in per_seed],
+        "pretrained": pretrained,
         "runs": runs,
         "oracle_fraction_mean": fraction_mean,
         "oracle_fraction_std": fraction_std,
@@ -189,14 +222,102 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
     }
 
 
+def relative(value: float, reference: float) -> float:
+    """(value - reference) / reference: negative when ``value`` is lower (NaN for a reference of 0)."""
+    return (value - reference) / reference if reference else float("nan")
+
+
+def rl_after_supervised(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """CTC_RL against CTC_MORE, the same extra budget from the same converged model: per seed the relative
+    gap of test WER (WER_rl - WER_more) / WER_more (negative when RL is better), mean +- std, on each test
+    set, and whether RL is below on every seed."""
+    figures: dict[str, Any] = {}
+    for test_set in ("", "other_text_"):
+        if f"{test_set}wer" not in per_seed[0]:
+            continue
+        gaps = [relative(seed[f"{test_set}wer"][CTC_RL], seed[f"{test_set}wer"][CTC_MORE]) for seed in per_seed]
+        mean, std = mean_std(gaps)
+        figures.update({f"{test_set}rl_cer_vs_more_gap_per_seed": gaps, f"{test_set}rl_cer_vs_more_gap_mean": mean,
+                        f"{test_set}rl_cer_vs_more_gap_std": std,
+                        f"{test_set}rl_cer_beats_more_every_seed": all(gap < 0 for gap in gaps)})
+    return figures
+
+
+def ctc_finetune_overrides(settings: dict[str, Any], folder: Path, policy: str, train_manifest: str,
+                           val_manifest: str, minutes: float | None, max_steps: int | None,
+                           patience: int | None) -> list[str]:
+    """``train_ctc`` overrides of the supervised baselines on the held-out voice's transcripts: from
+    ``policy``, ``supervised_lr`` constant, batch 16, seeded by ``run_seed``, validating on
+    ``val_manifest`` every ``ctc_finetune_val_every`` steps. ``patience``: early stopping
+    (trainer.early_stop_patience), a checkpoint at every validation so checkpoints/best.nemo is the best
+    validation WER; None: a continuation that saves at the end only."""
+    every = settings["ctc_finetune_val_every"]
+    return [f"output_dir={folder}", f"model.path={policy}", f"data.train_manifest={train_manifest}",
+            f"data.val_manifest={val_manifest}", f"trainer.max_steps={max_steps or 100000}",
+            f"trainer.max_minutes={'null' if minutes is None else minutes}", f"trainer.lr={settings['supervised_lr']}",
+            "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.batch_size=16",
+            f"trainer.val_every={every}", f"trainer.save_every={every if patience else 0}", "trainer.log_every=10",
+            "trainer.best_metric=val/wer", f"trainer.early_stop_patience={patience or 'null'}",
+            f"trainer.seed={settings['run_seed']}"]
+
+
+def supervised_baselines(stages, settings: dict[str, Any], base: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Three cached stages per seed, on the held-out voice's training transcripts (heldout_train, the
+    oracle's data), validating on its validation set:
+
+    CTC_CONVERGED  train_ctc from the RL runs' start (``base["start"]``) until the validation WER has not
+                   improved for ``ctc_finetune_patience`` validations (every ``ctc_finetune_val_every``
+                   steps), at most ``ctc_finetune_max_minutes`` (and ``ctc_finetune_max_steps`` when set);
+                   evaluated at its best checkpoint (its "evaluated_checkpoint"), the converged model.
+    CTC_RL         RL with the 1 - CER reward (the demo's RL settings, ``rlnf.demo.rl_overrides``) from
+                   that checkpoint, on the same transcripts: ``rl_minutes``, or ``rl_steps`` steps.
+    CTC_MORE       train_ctc continued from that checkpoint for the same extra budget: ``rl_minutes``; with
+                   ``rl_steps`` (a step budget RL and CTC cannot share: an RL step samples and scores
+                   num_samples hypotheses per utterance) the wall-clock seconds CTC_RL's stage took, so
+                   both get the same time on the same machine (its model loading included: a little in
+                   the continuation's favour).
+    Each is evaluated at its last checkpoint except CTC_CONVERGED."""
+    from rlnf.demo import _run_recipe, content_key, rl_keys, rl_overrides
+    from rlnf.io import file_sha256
+
+    data, seed = base["data"], settings["run_seed"]
+    limits = {"max_minutes": settings["ctc_finetune_max_minutes"], "max_steps": settings["ctc_finetune_max_steps"],
+              "patience": settings["ctc_finetune_patience"], "val_every": settings["ctc_finetune_val_every"],
+              "lr": settings["supervised_lr"], "seed": seed}
+
+    def converge(folder: Path) -> dict[str, Any]:
+        summary = _run_recipe("train_ctc", ctc_finetune_overrides(
+            settings, folder, base["start"], data["heldout_train"], data["heldout_val"],
+            settings["ctc_finetune_max_minutes"], settings["ctc_finetune_max_steps"], settings["ctc_finetune_patience"]))
+        best = summary["best_checkpoint"] or summary["last_checkpoint"]
+        # Its digest keys the two stages that start from it (see rlnf.demo.content_key).
+        return {**summary, "evaluated_checkpoint": best, "sha256": file_sha256(best)}
+
+    converged = stages.run(CTC_CONVERGED, {"policy": base["start_stage"], **content_key(data, "corpus"), **limits},
+                           converge)
+    start = converged["evaluated_checkpoint"]
+    keys = rl_keys(settings)
+    with_rl = stages.run(CTC_RL, {"policy": converged, **keys}, lambda folder: _run_recipe(
+        "rl_finetune", rl_overrides(settings, start, data["heldout_val"], folder, data["heldout_train"],
+                                    "[{name: cer}]")))
+    minutes = max(round(stages.timings[CTC_RL] / 60, 3), 0.001) if settings.get("rl_steps") else settings["rl_minutes"]
+    more = stages.run(CTC_MORE, {"policy": converged, "minutes": minutes, "lr": settings["supervised_lr"],
+                                 "val_every": settings["ctc_finetune_val_every"], "seed": seed},
+                      lambda folder: _run_recipe("train_ctc", ctc_finetune_overrides(
+                          settings, folder, start, data["heldout_train"], data["heldout_val"], minutes, None, None)))
+    return {CTC_CONVERGED: converged, CTC_MORE: more, CTC_RL: with_rl}
+
+
 def suta_runs(shared, stages, base: dict[str, Any], learned: dict[str, Any], device: str,
               suta_settings: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Two cached stages of ``rlnf adapt suta`` on the held-out voice's test sentences: SUTA from the
     held-out runs' start (``base["start"]``, in ``shared``: one for every seed) and SUTA_AFTER_RL from
     the learned-reward run ``learned`` (a stage result, in this seed's ``stages``). ``suta_settings``
     overrides ``rlnf.adaptation.SUTAConfig``'s defaults. Returns {run: {"wer", "cer", "seconds", "greedy",
-    "output_manifest"}}: the adapted transcripts' figures, the stage's own time, and plain greedy decoding's
-    figures of the same model for comparison."""
+    "output_manifest", "other_text"}}: the adapted transcripts' figures, the stage's own time (the pass over
+    the in-domain test set), and plain greedy decoding's figures of the same model for comparison;
+    "other_text" holds the same for one more pass (its own stage, NAME-other_text) over the other-text
+    test set."""
     from dataclasses import asdict
 
     from rlnf.adaptation import SUTAConfig
@@ -204,17 +325,23 @@ def suta_runs(shared, stages, base: dict[str, Any], learned: dict[str, Any], dev
     from rlnf.demo import content_key
 
     settings = asdict(SUTAConfig(**(suta_settings or {})))
-    test = base["data"]["heldout_test"]
+    test, other_text = base["data"]["heldout_test"], base["other_text"]
 
     def stage(runner, name: str, model: str, upstream: dict[str, Any]) -> dict[str, Any]:
-        def body(folder: Path) -> dict[str, Any]:
-            summary = adapt_suta(model, test, str(folder / "hyps.json"), **settings, device=device)
-            return {"wer": summary["suta"]["wer"], "cer": summary["suta"]["cer"], "greedy": summary["greedy"],
-                    "output_manifest": summary["output_manifest"]}
+        def body(manifest: str) -> Callable[[Path], dict[str, Any]]:
+            def adapt(folder: Path) -> dict[str, Any]:
+                summary = adapt_suta(model, manifest, str(folder / "hyps.json"), **settings, device=device)
+                return {"wer": summary["suta"]["wer"], "cer": summary["suta"]["cer"], "greedy": summary["greedy"],
+                        "output_manifest": summary["output_manifest"]}
+            return adapt
 
         result = runner.run(name, {"policy": upstream, **content_key(base["data"], "corpus"), "test": test,
-                                   "suta": settings}, body)
-        return {**result, "seconds": runner.timings[name]}
+                                   "suta": settings}, body(test))
+        seconds = runner.timings[name]
+        # Its own stage, so a SUTA pass cached before the other-text set existed stays cached.
+        other = runner.run(f"{name}-other_text", {"policy": upstream, "corpus": other_text, "suta": settings},
+                           body(other_text[OTHER_TEXT]))
+        return {**result, "seconds": seconds, "other_text": {**other, "seconds": runner.timings[f"{name}-other_text"]}}
 
     return {SUTA: stage(shared, SUTA, base["start"], base["start_stage"]),
             SUTA_AFTER_RL: stage(stages, SUTA_AFTER_RL, learned["last_checkpoint"], learned)}
@@ -223,18 +350,26 @@ def suta_runs(shared, stages, base: dict[str, Any], learned: dict[str, Any], dev
 def print_table(summary: dict[str, Any]) -> None:
     print(f"\n{summary['seeds']} seeds {summary['seed_values']}; held-out voice test set; changes relative to the "
           "pretrained policy, mean +- std")
-    print(f"{'run':<30} {'WER':>7} {'WER change':>18} {'CER change':>18} {'final val WER':>16}  steps")
+    print(f"{'run':<30} {'WER':>7} {'WER change':>18} {'CER change':>18} {'other-text WER change':>22} "
+          f"{'final val WER':>16} {'seconds':>8}  steps")
     for name, run in summary["runs"].items():
         val = f"{run['final_val_wer_mean']:.3f} +- {run['final_val_wer_std']:.3f}" if "final_val_wer_mean" in run else ""
+        other = (f"{100 * run['other_text_wer_change_mean']:+8.1f} +- {100 * run['other_text_wer_change_std']:4.1f} %"
+                 if "other_text_wer_change_mean" in run else "")
+        seconds = f"{run['seconds']:8.0f}" if "seconds" in run else f"{'':>8}"
         print(f"{name:<30} {run['wer_mean']:7.3f} {100 * run['wer_change_mean']:+8.1f} +- {100 * run['wer_change_std']:4.1f} % "
-              f"{100 * run['cer_change_mean']:+8.1f} +- {100 * run['cer_change_std']:4.1f} % {val:>16}  "
-              f"{run.get('steps_per_seed', '')}")
+              f"{100 * run['cer_change_mean']:+8.1f} +- {100 * run['cer_change_std']:4.1f} % {other:>22} {val:>16} "
+              f"{seconds}  {run.get('steps_per_seed', '')}")
     reward = summary["reward_model"]
     print(f"oracle-gap fraction of rl_learned_reward: {summary['oracle_fraction_mean']:.2f} +- "
           f"{summary['oracle_fraction_std']:.2f}; beats self-training on every seed: "
           f"{summary['learned_beats_self_training_every_seed']}")
     if "learned_beats_suta_every_seed" in summary:
         print(f"rl_learned_reward beats {SUTA} on every seed: {summary['learned_beats_suta_every_seed']}")
+    if "rl_cer_beats_more_every_seed" in summary:
+        print(f"{CTC_RL} against {CTC_MORE}: test WER {100 * summary['rl_cer_vs_more_gap_mean']:+.1f} +- "
+              f"{100 * summary['rl_cer_vs_more_gap_std']:.1f} % (relative), below on every seed: "
+              f"{summary['rl_cer_beats_more_every_seed']}")
     if "oracle_fraction_from_adapted_mean" in summary:
         print(f"from the {ADAPTED} start: oracle-gap fraction {summary['oracle_fraction_from_adapted_mean']:.2f} +- "
               f"{summary['oracle_fraction_from_adapted_std']:.2f}; beats {ADAPTED} on every seed: "
@@ -300,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
                              'with that reward model (default: the demo\'s): run rl_learned_reward-NAME')
     parser.add_argument("--no-suta", dest="suta", action="store_false",
                         help=f"leave out the {SUTA} and {SUTA_AFTER_RL} rows (SUTA on the test sentences)")
+    parser.add_argument("--no-supervised-baselines", dest="supervised_baselines", action="store_false",
+                        help=f"leave out the {', '.join(SUPERVISED_BASELINES)} rows (supervised CTC fine-tuning on "
+                             "the held-out voice's transcripts, then RL with 1 - CER or more of it)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -336,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{exc} (--other-reward-model is the variant named '{other}')" if other_item else str(exc))
     run_names = (*demo_runs(settings)[1:], *[f"{run}-{preset}" for preset in presets
                                   for run in ("rl_learned_reward", "rl_cer_reward")],
-                 *[f"rl_learned_reward-{name}" for name in variants], *((SUTA, SUTA_AFTER_RL) if args.suta else ()))
+                 *[f"rl_learned_reward-{name}" for name in variants], *((SUTA, SUTA_AFTER_RL) if args.suta else ()),
+                 *(SUPERVISED_BASELINES if args.supervised_baselines else ()))
     shared = Stages(root, fresh=False)
     base = prepare(shared, settings)
     per_seed, curves, timings = [], {}, [shared.timings]
@@ -363,15 +502,21 @@ def main(argv: list[str] | None = None) -> int:
             tried = rl_runs(stages, {**seeded, **variant["settings"]}, base, scorer, suffix=f"-{name}", oracle=False)
             results.update(evaluate_runs(stages, base, reward, tried, device, name=f"evaluate_variant-{name}",
                                          baselines=False))
-        seconds = {}
+        if args.supervised_baselines:
+            supervised = supervised_baselines(stages, seeded, base)
+            results.update(evaluate_runs(stages, base, reward, supervised, device, name="evaluate_supervised",
+                                         baselines=False))
+        # Every run's cost: its stage's wall-clock seconds as it ran (cached stages: as recorded then).
+        seconds = {name: stages.timings.get(name, shared.timings.get(name)) for name in run_names}
+        seconds["pretrained"] = shared.timings["pretrain"]
         if args.suta:
             tta = suta_runs(shared, stages, base, runs["rl_learned_reward"], device)
             results.update(tta)
-            seconds = {name: result["seconds"] for name, result in tta.items()}
+            seconds.update({name: result["seconds"] for name, result in tta.items()})
         rows = read_metrics(folder / "rl_learned_reward")
         curves[seed] = [(row["step"], row["val/wer"]) for row in rows if "val/wer" in row]
         rl_rows = {name: read_metrics(folder / name) for name in run_names  # the RL runs' own logs
-                   if name.startswith("rl_") and name != SUTA_AFTER_RL}
+                   if (name.startswith("rl_") and name != SUTA_AFTER_RL) or name == CTC_RL}
         per_seed.append({
             "steps": {name: max((row["step"] for row in rows_), default=0) for name, rows_ in rl_rows.items()},
             "val_wer": {name: next((row["val/wer"] for row in reversed(rows_) if "val/wer" in row), float("nan"))
@@ -380,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": seconds,
             "wer": {name: results[name]["wer"] for name in ("pretrained", *run_names)},
             "cer": {name: results[name]["cer"] for name in ("pretrained", *run_names)},
+            "other_text_wer": {name: results[name]["other_text"]["wer"] for name in ("pretrained", *run_names)},
+            "other_text_cer": {name: results[name]["other_text"]["cer"] for name in ("pretrained", *run_names)},
             "reward_heldout": reward["heldout"],
             "reward_model": settings["reward_model"],
             **{f"reward_heldout_{model}": scorer["heldout"] for model, scorer in scorers.items()

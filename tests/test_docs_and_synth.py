@@ -147,3 +147,47 @@ def test_demo_report_plot_is_written_from_the_runs_metrics(tmp_path):
     out = tmp_path / "report.png"
     _plot({"pretrained_val_wer": 0.8, "heldout_voice": "espeak:en+f4"}, runs, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+
+
+def test_everyday_sentences_are_new_text_the_policy_can_spell():
+    """The other-text test set: at least 160 distinct sentences of 5-15 words in the English policy's
+    vocabulary, already normalised, and none of them among the Bible sentences."""
+    from rlnf.metrics import normalize_text
+    from rlnf.models import ENGLISH_LABELS
+    from rlnf.resources import everyday_sentences_file, sentences_file
+    from rlnf.synth import read_sentences
+
+    everyday, bible = read_sentences(everyday_sentences_file()), read_sentences(sentences_file())
+    assert len(everyday) >= 160 and len(set(everyday)) == len(everyday)
+    for sentence in everyday:
+        assert set(sentence) <= set(ENGLISH_LABELS), sentence
+        assert normalize_text(sentence, lowercase=True) == sentence and 5 <= len(sentence.split()) <= 15, sentence
+    assert not set(everyday) & set(bible)
+
+
+def test_other_text_corpus_is_deterministic_and_keyed_by_the_heldout_voice_only(tmp_path, monkeypatch):
+    from tests.conftest import require_tool
+
+    require_tool("espeak-ng", "sox")
+    import rlnf.resources
+    from rlnf.demo import OTHER_TEXT, SETTINGS, Stages, other_text_corpus
+
+    source = tmp_path / "three.txt"
+    source.write_text("# a comment\nthe bus leaves at ten\n\ncould you call me back later\nit is raining again today\n")
+    monkeypatch.setattr(rlnf.resources, "everyday_sentences_file", lambda: source)
+    first = other_text_corpus(Stages(tmp_path / "a", fresh=False), SETTINGS)
+    second = other_text_corpus(Stages(tmp_path / "b", fresh=False), SETTINGS)
+    rows = [json.loads(line) for line in Path(first[OTHER_TEXT]).read_text().splitlines()]
+    assert [row["text"] for row in rows] == ["the bus leaves at ten", "could you call me back later",
+                                              "it is raining again today"]
+    assert {row["speaker"] for row in rows} == {SETTINGS["heldout_voice"]} and first["sentences"] == 3
+    sums = [json.loads(Path(result[OTHER_TEXT]).with_suffix(".index.json").read_text())["sha256"]
+            for result in (first, second)]
+    assert sums[0] == sums[1] and len(sums[0]) == 3 and first["sha256"] == second["sha256"]
+    assert Path(second[OTHER_TEXT]).read_text() == Path(first[OTHER_TEXT]).read_text()  # relative paths
+    # Its key is the held-out voice and the sentences: other corpus settings leave it cached.
+    stages = Stages(tmp_path / "a", fresh=False)
+    assert other_text_corpus(stages, {**SETTINGS, "sentences": 10, "voices": ["flite:kal16"], "seed": 5}) == first
+    assert stages.timings["other_text_corpus"] > 0  # the recorded time of the run it re-used
+    other = other_text_corpus(Stages(tmp_path / "a", fresh=False), {**SETTINGS, "heldout_voice": "espeak:en+m3"})
+    assert other["sha256"] != first["sha256"]

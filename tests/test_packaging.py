@@ -59,6 +59,7 @@ def test_wheel_holds_code_recipes_configs_and_data(wheel):
     wanted |= {f"rlnf/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.py")}
     wanted |= {f"rlnf/configs/{p.relative_to(ROOT / 'configs').as_posix()}" for p in (ROOT / "configs").rglob("*.yaml")}
     assert "rlnf/data/sentences.txt" in wanted and "rlnf/configs/rl/grpo.yaml" in wanted
+    assert "rlnf/data/everyday_sentences.txt" in wanted
     assert wanted <= names, sorted(wanted - names)
     assert not any(name.startswith("recipes/") for name in names)  # no top-level 'recipes' package
     # pyproject.toml's SPDX license: setuptools puts the LICENSE file into the wheel's metadata.

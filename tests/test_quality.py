@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 
@@ -89,18 +91,21 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
                 "voices_per_sentence": 2, "heldout_voice": "flite:rms", "policy_size": "tiny",
                 "pretrain_minutes": 0.1, "scored_utterances": 8, "scored_temperatures": [1.0],
                 "reward_epochs": 1, "reward_vocab_size": 40, "rl_minutes": 0.03, "rl_num_samples": 2,
-                "rl_batch_size": 4}
+                "rl_batch_size": 4, "other_text_sentences": 4, "ctc_finetune_max_minutes": 0.05,
+                "ctc_finetune_max_steps": 6, "ctc_finetune_val_every": 2, "ctc_finetune_patience": 1}
     out, figures = tmp_path / "demo", tmp_path / "quality.json"
     quality = load_quality()
     assert quality.main(["--output", str(out), "--seeds", "2", "--json", str(figures), "--presets", "rloo",
                          "--rl-steps", "3", "--other-reward-model", "--settings", json.dumps(settings)]) == 0
     summary = json.loads(figures.read_text())
     assert summary["seeds"] == 2 and summary["seconds"] > 0 and summary["stage_seconds"] >= summary["seconds"] * 0.5
-    for name in (*RUNS, "rl_learned_reward-rloo", "rl_cer_reward-rloo", "rl_learned_reward-card"):
-        run = summary["runs"][name]
-        assert {"wer_change_mean", "wer_change_std", "wer_change_per_seed"} <= set(run)
-        assert len(run["wer_change_per_seed"]) == 2
-        if name.startswith("rl_"):  # step-boxed by --rl-steps, whatever the machine's load
+    for name in (*RUNS, "rl_learned_reward-rloo", "rl_cer_reward-rloo", "rl_learned_reward-card", "suta",
+                 "rl_learned_reward+suta", *SUPERVISED, "batchnorm_adapted"):
+        run = summary["runs"][name]  # the Output section's keys, on both test sets
+        assert {"wer_change_mean", "wer_change_std", "wer_change_per_seed", "other_text_wer_change_per_seed",
+                "seconds"} <= set(run), name
+        assert len(run["wer_change_per_seed"]) == len(run["other_text_wer_change_per_seed"]) == 2
+        if name.startswith("rl_") and not name.endswith("+suta"):  # step-boxed by --rl-steps, whatever the load
             assert run["steps_per_seed"] == [3, 3]
     for name in ("suta", "rl_learned_reward+suta"):  # SUTA on the test sentences: cached stages with their time
         assert len(summary["runs"][name]["wer_change_per_seed"]) == 2 and summary["runs"][name]["seconds"] > 0
@@ -111,6 +116,16 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
     assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model_card"])
     assert (out / "reward_model-listening" / "checkpoints").is_dir() and (out / "reward_model" / "checkpoints").is_dir()
     assert "oracle_fraction_mean" in summary
+    assert {"rl_cer_beats_more_every_seed", "rl_cer_vs_more_gap_mean", "rl_cer_vs_more_gap_std"} <= set(summary)
+    assert summary["runs"]["ctc_finetune_heldout+rl_cer"]["steps_per_seed"] == [3, 3]
+    converged = (out / "ctc_finetune_heldout" / "config.yaml").read_text()
+    assert "heldout_train.json" in converged and "early_stop_patience: 1" in converged
+    best = json.loads((out / "ctc_finetune_heldout" / "stage.json").read_text())["result"]["evaluated_checkpoint"]
+    assert best == str(out / "ctc_finetune_heldout" / "checkpoints" / "best.nemo")
+    for run in ("ctc_finetune_heldout+more", "ctc_finetune_heldout+rl_cer"):  # both from the converged model
+        assert best in (out / run / "config.yaml").read_text(), run
+    other_rows = (out / "other_text_corpus" / "heldout_other_test.json").read_text().splitlines()
+    assert len(other_rows) == 4 and summary["pretrained"]["other_text_wer"] > 0
     # The held-out voice's runs start from the BatchNorm-adapted policy (the demo's adapt_batchnorm), its own row.
     adapted = out / "batchnorm_adapted" / "adapted.nemo"
     assert summary["runs"]["batchnorm_adapted"]["wer_change_per_seed"][0] == \
@@ -168,17 +183,23 @@ def test_suta_stages_transcribe_the_test_set_and_are_cached(pretrained_tiny_nemo
 
     quality = load_quality()
     base = {"data": {"heldout_test": corpus["heldout_test"], "sha256": "corpus"}, "start": pretrained_tiny_nemo,
-            "start_stage": {"output": pretrained_tiny_nemo, "sha256": "adapted"}}
+            "start_stage": {"output": pretrained_tiny_nemo, "sha256": "adapted"},
+            "other_text": {"heldout_other_test": corpus["heldout_val"], "sha256": "other"}}  # stands in for it
     learned = {"last_checkpoint": pretrained_tiny_nemo, "sha256": "rl"}
     shared, seeded = Stages(tmp_path, fresh=False), Stages(tmp_path / "seed_43", fresh=False)
     results = quality.suta_runs(shared, seeded, base, learned, "cpu", {"steps": 1})
     assert set(results) == {"suta", "rl_learned_reward+suta"}
     for name, result in results.items():
-        rows = [json.loads(line) for line in open(result["output_manifest"])]
-        assert result["wer"] == pytest.approx(corpus_error_rate(
-            [normalize_text(row["text"], lowercase=True) for row in rows], [row["pred_text"] for row in rows], "word"))
-        assert result["seconds"] > 0 and set(result["greedy"]) == {"wer", "cer"}
+        for figures, manifest in ((result, corpus["heldout_test"]), (result["other_text"], corpus["heldout_val"])):
+            rows = [json.loads(line) for line in open(figures["output_manifest"])]
+            assert [row["audio_filepath"] for row in rows] == [
+                json.loads(line)["audio_filepath"] for line in open(manifest)]  # both test sets, one pass each
+            assert figures["wer"] == pytest.approx(corpus_error_rate(
+                [normalize_text(row["text"], lowercase=True) for row in rows], [row["pred_text"] for row in rows],
+                "word"))
+            assert figures["seconds"] > 0 and set(figures["greedy"]) == {"wer", "cer"}
     assert (tmp_path / "suta" / "hyps.json").exists() and (tmp_path / "seed_43" / "rl_learned_reward+suta").is_dir()
+    assert (tmp_path / "suta-other_text" / "hyps.json").exists()
 
     def fail(*args, **kwargs):
         raise AssertionError("a cached SUTA stage ran again")
@@ -186,7 +207,149 @@ def test_suta_stages_transcribe_the_test_set_and_are_cached(pretrained_tiny_nemo
     monkeypatch.setattr(rlnf.commands, "adapt_suta", fail)
     again = quality.suta_runs(Stages(tmp_path, fresh=False), Stages(tmp_path / "seed_43", fresh=False), base,
                               learned, "cpu", {"steps": 1})
-    assert again == {name: {**result, "seconds": pytest.approx(result["seconds"])} for name, result in results.items()}
+    assert again == {name: {**result, "seconds": pytest.approx(result["seconds"]),
+                            "other_text": {**result["other_text"], "seconds": pytest.approx(result["other_text"]["seconds"])}}
+                     for name, result in results.items()}
     with pytest.raises(AssertionError, match="ran again"):  # a new RL model: its row reruns
         quality.suta_runs(Stages(tmp_path, fresh=False), Stages(tmp_path / "seed_43", fresh=False), base,
                           {**learned, "sha256": "rl2"}, "cpu", {"steps": 1})
+
+
+SUPERVISED = ("ctc_finetune_heldout", "ctc_finetune_heldout+more", "ctc_finetune_heldout+rl_cer")
+
+
+def test_summary_on_both_test_sets_with_the_supervised_baselines():
+    """Hand-made per-seed results: every run's change on the in-domain and the other-text set, its
+    seconds, and RL after converged supervised fine-tuning against more of it."""
+    quality = load_quality()
+    runs = (*RUNS, *SUPERVISED)
+    per_seed = [seed_result(42, 0.72, 0.60, 0.76, 0.74, 0.1, 0.6), seed_result(43, 0.68, 0.60, 0.76, 0.78, 0.2, 0.7)]
+    # (converged, more, rl_cer) test WER per seed, in-domain and other-text; pretrained: 0.8 and 0.5.
+    in_domain, other_text = [(0.50, 0.48, 0.44), (0.50, 0.46, 0.47)], [(0.45, 0.45, 0.40), (0.44, 0.42, 0.41)]
+    for seed, wers, others in zip(per_seed, in_domain, other_text):
+        seed["wer"].update(zip(SUPERVISED, wers))
+        seed["cer"].update(zip(SUPERVISED, (w / 2 for w in wers)))
+        seed["other_text_wer"] = {"pretrained": 0.5, "rl_learned_reward": 0.45, "rl_cer_reward": 0.4,
+                                  "supervised_continued": 0.5, "self_training": 0.55, **dict(zip(SUPERVISED, others))}
+        seed["other_text_cer"] = {k: v / 4 for k, v in seed["other_text_wer"].items()}
+        seed["seconds"] = {name: 10.0 * (i + 1) + seed["seed"] - 42 for i, name in enumerate(runs)}
+        seed["seconds"]["pretrained"] = 270.0
+    summary = quality.summarise(per_seed, runs)
+    converged, more, rl = (summary["runs"][name] for name in SUPERVISED)
+    assert converged["wer_change_per_seed"] == pytest.approx([-0.375, -0.375])
+    assert rl["wer_change_per_seed"] == pytest.approx([-0.45, -0.4125])
+    assert rl["other_text_wer_change_per_seed"] == pytest.approx([-0.2, -0.18])
+    assert more["other_text_wer_change_per_seed"] == pytest.approx([-0.1, -0.16])
+    assert summary["runs"]["self_training"]["other_text_wer_change_mean"] == pytest.approx(0.1)
+    assert summary["runs"]["rl_learned_reward"]["other_text_cer_change_per_seed"] == pytest.approx([-0.1, -0.1])
+    assert more["seconds_per_seed"] == [60.0, 61.0] and more["seconds"] == pytest.approx(60.5)
+    assert summary["pretrained"] == {"wer": 0.8, "cer": 0.4, "other_text_wer": 0.5, "other_text_cer": 0.125,
+                                     "seconds": 270.0}
+    # rl_cer against more: (0.44 - 0.48) / 0.48 and (0.47 - 0.46) / 0.46: below on seed 42 only.
+    gaps = [(0.44 - 0.48) / 0.48, (0.47 - 0.46) / 0.46]
+    assert summary["rl_cer_vs_more_gap_per_seed"] == pytest.approx(gaps)
+    assert summary["rl_cer_vs_more_gap_mean"] == pytest.approx(sum(gaps) / 2)
+    assert summary["rl_cer_vs_more_gap_std"] == pytest.approx(abs(gaps[0] - gaps[1]) / 2 ** 0.5)
+    assert summary["rl_cer_beats_more_every_seed"] is False
+    assert summary["other_text_rl_cer_beats_more_every_seed"] is True  # 0.40 < 0.45 and 0.41 < 0.42
+    per_seed[1]["wer"]["ctc_finetune_heldout+rl_cer"] = 0.45
+    assert quality.summarise(per_seed, runs)["rl_cer_beats_more_every_seed"] is True
+    assert "rl_cer_beats_more_every_seed" not in quality.summarise(per_seed, RUNS)  # --no-supervised-baselines
+    json.dumps(quality.finite_or_null(summary))  # what --json writes
+
+
+def fake_recipes(monkeypatch):
+    """rlnf.demo._run_recipe recording (recipe, {key: value}) and returning a summary naming
+    checkpoints in the run's folder (nothing trains)."""
+    import rlnf.demo
+
+    calls = []
+
+    def run_recipe(recipe, overrides, config=None):
+        keys = dict(item.split("=", 1) for item in overrides)
+        calls.append((recipe, keys))
+        if recipe == "rl_finetune":
+            time.sleep(0.15)  # a measurable wall-clock time for the continuation to match
+        folder = keys["output_dir"]
+        (Path(folder) / "checkpoints").mkdir(parents=True)
+        for name in ("best", "last"):  # what it started from, so a new start makes new files
+            (Path(folder) / "checkpoints" / f"{name}.nemo").write_text(keys.get("model.path", keys.get("policy.path")))
+        return {"best_checkpoint": f"{folder}/checkpoints/best.nemo", "last_checkpoint": f"{folder}/checkpoints/last.nemo"}
+
+    monkeypatch.setattr(rlnf.demo, "_run_recipe", run_recipe)
+    return calls
+
+
+@pytest.mark.parametrize("rl_steps", [None, 30])
+def test_supervised_baselines_train_on_the_heldout_transcripts_from_the_start_and_its_best(tmp_path, monkeypatch,
+                                                                                          rl_steps):
+    from rlnf.demo import SETTINGS, Stages
+
+    quality = load_quality()
+    calls = fake_recipes(monkeypatch)
+    settings = {**SETTINGS, "rl_steps": rl_steps, "run_seed": 43}
+    data = {"heldout_train": "/c/heldout_train.json", "heldout_val": "/c/heldout_val.json",
+            "heldout_test": "/c/heldout_test.json", "train": "/c/train.json", "sha256": "corpus"}
+    base = {"data": data, "start": "/adapted.nemo", "start_stage": {"output": "/adapted.nemo", "sha256": "a"}}
+    other = {**base, "start": "/other.nemo", "start_stage": {"output": "/other.nemo", "sha256": "b"}}
+    stages = Stages(tmp_path, fresh=False)
+    runs = quality.supervised_baselines(stages, settings, base)
+    assert list(runs) == list(SUPERVISED)
+    (first, converge), (second, rl), (third, more) = calls  # RL runs before the continuation takes its time
+    assert (first, second, third) == ("train_ctc", "rl_finetune", "train_ctc")
+    best = str(tmp_path / "ctc_finetune_heldout" / "checkpoints" / "best.nemo")
+    assert runs["ctc_finetune_heldout"]["evaluated_checkpoint"] == best
+    assert converge["model.path"] == "/adapted.nemo"  # the RL runs' start
+    assert rl["policy.path"] == best and more["model.path"] == best  # both from the converged model
+    for keys in (converge, rl, more):
+        assert keys["data.train_manifest"] == data["heldout_train"] and keys["data.val_manifest"] == data["heldout_val"]
+        assert keys["trainer.seed"] == "43"
+    assert converge["trainer.early_stop_patience"] == "5" and converge["trainer.val_every"] == "50"
+    assert converge["trainer.save_every"] == "50"  # every validation offered to best.nemo
+    assert converge["trainer.max_minutes"] == "10.0" and converge["trainer.best_metric"] == "val/wer"
+    assert more["trainer.early_stop_patience"] == "null" and more["trainer.save_every"] == "0"
+    assert rl["rewards"] == "[{name: cer}]" and rl["algorithm.name"] == settings["rl_algorithm"]
+    if rl_steps:  # the continuation gets the RL run's wall-clock time
+        assert rl["trainer.max_steps"] == "30"
+        seconds = stages.timings["ctc_finetune_heldout+rl_cer"]
+        assert 0.15 <= seconds < 1 and float(more["trainer.max_minutes"]) == round(seconds / 60, 3)
+    else:
+        assert rl["trainer.max_minutes"] == more["trainer.max_minutes"] == str(settings["rl_minutes"])
+    # Cached: a second call runs nothing; a new start reruns all three.
+    quality.supervised_baselines(Stages(tmp_path, fresh=False), settings, base)
+    assert len(calls) == 3
+    quality.supervised_baselines(Stages(tmp_path, fresh=False), settings, other)
+    assert len(calls) == 6 and calls[3][1]["model.path"] == "/other.nemo"
+
+
+def test_every_evaluation_reads_both_test_sets_at_the_evaluated_checkpoint(tmp_path, monkeypatch):
+    import rlnf.commands
+    from rlnf.demo import Stages, evaluate_runs
+
+    calls = []
+
+    def evaluate(model, manifest, reward=None, output=None, device="auto"):
+        calls.append((model, manifest))
+        return {"wer": len(calls) / 100, "cer": 0.1, "reward": 0.5 if reward else None, "n": 2}
+
+    monkeypatch.setattr(rlnf.commands, "evaluate", evaluate)
+    base = {"data": {"heldout_test": "/test.json", "heldout_val": "/val.json"}, "policy": "/policy.nemo",
+            "start": "/adapted.nemo", "pretrain": {"sha256": "p"}, "start_stage": {"sha256": "a"},
+            "other_text": {"heldout_other_test": "/other.json", "sha256": "o"}}
+    runs = {"rl": {"last_checkpoint": "/rl/last.nemo"},
+            "ctc": {"last_checkpoint": "/ctc/last.nemo", "evaluated_checkpoint": "/ctc/best.nemo"}}
+    results = evaluate_runs(Stages(tmp_path, fresh=False), base, {"best_checkpoint": "/reward"}, runs, "cpu")
+    models = {"pretrained": "/policy.nemo", "batchnorm_adapted": "/adapted.nemo", "rl": "/rl/last.nemo",
+              "ctc": "/ctc/best.nemo"}
+    assert results["models"] == models
+    for manifest in ("/test.json", "/other.json"):
+        assert {model for model, read in calls if read == manifest} == set(models.values())
+    for run in models:
+        assert set(results[run]["other_text"]) >= {"wer", "cer"} and results[run]["other_text"] != results[run]
+    assert (tmp_path / "evaluate-other_text" / "stage.json").exists()
+    count = len(calls)
+    evaluate_runs(Stages(tmp_path, fresh=False), base, {"best_checkpoint": "/reward"}, runs, "cpu")
+    assert len(calls) == count  # both cached
+    evaluate_runs(Stages(tmp_path, fresh=False), {**base, "other_text": {**base["other_text"], "sha256": "o2"}},
+                  {"best_checkpoint": "/reward"}, runs, "cpu")
+    assert {read for _, read in calls[count:]} == {"/other.json"}  # a new other-text set: only its evaluation reruns

@@ -80,6 +80,9 @@ class OptimizerTrainerConfig:
     device: str = opt("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'.")
     precision: str = opt("auto", "'auto' (bf16 autocast on CUDA when supported, else fp32), 'fp32' or 'bf16'.")
     progress_bar: bool = opt(True, "Show a tqdm progress bar.")
+    early_stop_patience: Optional[int] = opt(None, "Stop after this many validations in a row without a new best "
+                                                   "of the best-checkpoint metric (checkpoints/best holds the best "
+                                                   "one); null: never stop early. Needs a validation set.")
     loggers: List[str] = opt(factory=lambda: ["tensorboard"],
                              help="Trackers besides metrics.jsonl (always written): any of 'tensorboard', 'csv' "
                                   "(metrics.csv), 'wandb' (pip install 'rlnf[wandb]'; WANDB_MODE=offline needs no "
@@ -92,6 +95,8 @@ class OptimizerTrainerConfig:
         for key in ("batch_size", "log_every"):
             check_positive(f"trainer.{key}", getattr(self, key))
         check_positive("trainer.lr", self.lr)
+        if self.early_stop_patience is not None:
+            check_positive("trainer.early_stop_patience", self.early_stop_patience)
         check_positive("trainer.eps", self.eps)
         check_positive("trainer.weight_decay", self.weight_decay, allow_zero=True)
         if len(self.betas) != 2:

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from rlnf.data.loader import AudioDataset, TrainStream
+from rlnf.data.loader import AudioDataset
 from rlnf.data.manifest import read_manifest
 from rlnf.errors import DataError
+from tests.test_data_tarred import first_batches
 
 
 def lhotse_twin(manifest: str, folder: Path) -> dict[str, str]:
@@ -144,14 +145,6 @@ def test_the_loader_gives_the_same_batches_as_the_nemo_twin(corpus, twins):
     """Two processes' shards of the same global batches, from the start and from a saved position."""
     plain, _ = read_manifest(corpus["train"])
     tables = {kind: read_manifest(path)[0] for kind, path in twins["train"].items()}
-
-    def first_batches(table, rank: int, position: int) -> list:
-        stream = TrainStream(AudioDataset(table, 16000), batch_size=2, bucket_size=2, shuffle=True, seed=3,
-                             rank=rank, world_size=2)
-        stream.load_state_dict({"epoch": 0, "batch_in_epoch": position})
-        batches = iter(stream)
-        return [next(batches) for _ in range(3)]
-
     for rank in (0, 1):
         for position in (0, 2):
             expected = first_batches(plain, rank, position)

@@ -72,20 +72,23 @@ def test_tarred_manifest_reads_as_its_plain_twin(corpus, twin, validate):
         np.testing.assert_array_equal(tarred_audio[index][0], plain_audio[index][0])
 
 
-def test_each_process_shard_and_resume_position_loads_what_the_plain_twin_does(corpus, twin):
-    """Two processes' shards of the same global batches, from the start and from a saved position."""
+def first_batches(table, rank: int, position: int) -> list:
+    """The first 3 batches process ``rank`` of 2 gets from ``table`` (shuffled, seed 3), starting at
+    batch ``position`` of epoch 0: what a twin of a manifest must reproduce."""
     from rlnf.data.loader import TrainStream
 
+    stream = TrainStream(AudioDataset(table, 16000), batch_size=2, bucket_size=2, shuffle=True, seed=3,
+                         rank=rank, world_size=2)
+    stream.load_state_dict({"epoch": 0, "batch_in_epoch": position})
+    batches = iter(stream)
+    return [next(batches) for _ in range(3)]
+
+
+def test_each_process_shard_and_resume_position_loads_what_the_plain_twin_does(corpus, twin):
+    """Two processes' shards of the same global batches, from the start and from a saved position."""
     manifest, shards = twin
     plain, _ = read_manifest(corpus["train"])
     tarred, _ = read_manifest(manifest, tarred_audio_filepaths=shards)
-
-    def first_batches(table, rank: int, position: int) -> list:
-        stream = TrainStream(AudioDataset(table, 16000), batch_size=2, bucket_size=2, shuffle=True, seed=3,
-                             rank=rank, world_size=2)
-        stream.load_state_dict({"epoch": 0, "batch_in_epoch": position})
-        batches = iter(stream)
-        return [next(batches) for _ in range(3)]
 
     for rank in (0, 1):
         for position in (0, 2):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rlnf import __version__
+from rlnf.config.suta import SUTA_DEFAULTS, SUTA_PARAMS
 from rlnf.errors import RlnfError, TrainingInterrupted
 from rlnf.launcher import list_configs, list_recipes, load_recipe, resolve
 from rlnf.resources import configs_dir
@@ -256,18 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     suta.add_argument("--model", required=True, help=".nemo file or pretrained name")
     suta.add_argument("--manifest", required=True, help="the audio to transcribe (text optional: adds WER/CER)")
     suta.add_argument("--output-manifest", required=True, help="the manifest's rows with pred_text added")
-    suta.add_argument("--steps", type=int, default=10, help="adaptation steps per utterance (0: plain greedy)")
-    suta.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    suta.add_argument("--temperature", type=float, default=2.5, help="softmax temperature of both losses")
-    suta.add_argument("--em-weight", type=float, default=0.3, help="weight of the entropy loss; 1 minus it weighs "
-                                                                   "the class-confusion loss")
-    suta.add_argument("--params", default="all", choices=["all", "norm", "encoder"], help="parameters adapted")
-    suta.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    suta.add_argument("--exclude-blank-frames", action=argparse.BooleanOptionalAction, default=True,
+    suta.add_argument("--steps", type=int, default=SUTA_DEFAULTS.steps,
+                      help="adaptation steps per utterance (0: plain greedy)")
+    suta.add_argument("--lr", type=float, default=SUTA_DEFAULTS.lr, help="AdamW learning rate")
+    suta.add_argument("--temperature", type=float, default=SUTA_DEFAULTS.temperature,
+                      help="softmax temperature of both losses")
+    suta.add_argument("--em-weight", type=float, default=SUTA_DEFAULTS.em_weight,
+                      help="weight of the entropy loss; 1 minus it weighs the class-confusion loss")
+    suta.add_argument("--params", default=SUTA_DEFAULTS.params, choices=SUTA_PARAMS, help="parameters adapted")
+    suta.add_argument("--weight-decay", type=float, default=SUTA_DEFAULTS.weight_decay, help="AdamW weight decay")
+    suta.add_argument("--exclude-blank-frames", action=argparse.BooleanOptionalAction,
+                      default=SUTA_DEFAULTS.exclude_blank_frames,
                       help="leave frames whose argmax is blank out of the entropy loss")
-    suta.add_argument("--mcc-reweight", action=argparse.BooleanOptionalAction, default=True,
+    suta.add_argument("--mcc-reweight", action=argparse.BooleanOptionalAction, default=SUTA_DEFAULTS.mcc_reweight,
                       help="weight frames by certainty in the class-confusion matrix, as SUTA's authors do")
-    suta.add_argument("--batchnorm", default="frozen", choices=["frozen", "train"],
+    suta.add_argument("--batchnorm", default=SUTA_DEFAULTS.batchnorm, choices=["frozen", "train"],
                       help="BatchNorm statistics while adapting: running (frozen) or the utterance's own")
     suta.add_argument("--batch-size", type=positive_int, default=16,
                       help="clips per pass of the plain greedy comparison (SUTA adapts one utterance at a time)")

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from rlnf.config.suta import SUTA_DEFAULTS, SUTAConfig
 from rlnf.errors import CheckpointError, ConfigError, DataError
 from rlnf.io import atomic_write_text, check_output_file, nemo_file_problem
 
@@ -114,9 +115,12 @@ def adapt_batchnorm(model: str, manifest: str, output: str, batch_size: int = 16
     return {"model": model, "manifest": manifest, "output": str(out), **counted}
 
 
-def adapt_suta(model: str, manifest: str, output_manifest: str, steps: int = 10, lr: float = 3e-4,
-               temperature: float = 2.5, em_weight: float = 0.3, params: str = "all", weight_decay: float = 0.0,
-               exclude_blank_frames: bool = True, mcc_reweight: bool = True, batchnorm: str = "frozen",
+def adapt_suta(model: str, manifest: str, output_manifest: str, steps: int = SUTA_DEFAULTS.steps,
+               lr: float = SUTA_DEFAULTS.lr, temperature: float = SUTA_DEFAULTS.temperature,
+               em_weight: float = SUTA_DEFAULTS.em_weight, params: str = SUTA_DEFAULTS.params,
+               weight_decay: float = SUTA_DEFAULTS.weight_decay,
+               exclude_blank_frames: bool = SUTA_DEFAULTS.exclude_blank_frames,
+               mcc_reweight: bool = SUTA_DEFAULTS.mcc_reweight, batchnorm: str = SUTA_DEFAULTS.batchnorm,
                batch_size: int = 16, device: str = "auto", text_key: str = "text",
                force: bool = False) -> dict[str, Any]:
     """SUTA test-time adaptation (``rlnf.adaptation.suta_transcribe``): each utterance of ``manifest``
@@ -128,7 +132,7 @@ def adapt_suta(model: str, manifest: str, output_manifest: str, steps: int = 10,
     check_model("--model", model)  # before torch and NeMo load
     import time
 
-    from rlnf.adaptation import SUTAConfig, suta_transcribe
+    from rlnf.adaptation import suta_transcribe
     from rlnf.config import DataConfig
     from rlnf.data.loader import AudioDataset
     from rlnf.evaluation import evaluate_policy, summarize

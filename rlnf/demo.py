@@ -74,6 +74,10 @@ SETTINGS: dict[str, Any] = {
     "rl_batch_size": 8,
     "rl_kl_coef": 0.05,
     "rl_consensus_weight": 0.0,  # > 0: the learned-reward run adds rlnf.rewards.consensus with this weight
+    # > 1: the learned-reward run is scored by an ensemble of this many reward models (the demo's and more
+    # of the same kind, seeded run_seed + 1000 j), as mean - rl_reward_std_coef * std (rewards[].paths).
+    "rl_reward_ensemble": 1,
+    "rl_reward_std_coef": 0.0,
     "supervised_lr": 5e-4,
     "self_training_min_confidence": 0.0,
     # scripts/quality.py's supervised baselines on the held-out voice's transcripts (not run by the demo):
@@ -365,18 +369,24 @@ def reward_stage(model: str) -> str:
     return "reward_model-listening" if model == "listening" else "reward_model"
 
 
-def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any], model: str | None = None) -> dict[str, Any]:
+ENSEMBLE_SEED_STRIDE = 1000  # reward-ensemble member j of seed s is trained with trainer.seed s + 1000 j
+
+
+def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any], model: str | None = None,
+                 member: int = 0) -> dict[str, Any]:
     """Stage 4: the reward model on the scored pairs (seeded by ``run_seed``), and whether it listens
     on the held-out voice (``reward_listening`` on that voice's validation clips: its key "heldout").
     ``model`` (default ``settings["reward_model"]``): "card", the card's model for ``reward_epochs``
     epochs, in stages "reward_model" and "reward_heldout"; or "listening", the model of
     configs/reward/listening.yaml (a CTC head over letters, CTC pre-training, one epoch of pairs), in
-    stages "reward_model-listening" and "reward_heldout-listening"."""
+    stages "reward_model-listening" and "reward_heldout-listening". ``member`` j > 0: another member of a
+    reward ensemble, seeded run_seed + ENSEMBLE_SEED_STRIDE * j, in stages ending "-member<j>"."""
     model = model or settings["reward_model"]
     check_reward_model(model)
     listening = model == "listening"
     pairs = base["pairs"]
-    stage = reward_stage(model)
+    stage = reward_stage(model) + (f"-member{member}" if member else "")
+    settings = {**settings, "run_seed": settings["run_seed"] + ENSEMBLE_SEED_STRIDE * member}
     config = "reward/listening" if listening else None
     epochs = [] if listening else [f"trainer.epochs={settings['reward_epochs']}"]  # the config's own otherwise
     reward = stages.run(stage, {"pairs": pairs, "epochs": None if listening else settings["reward_epochs"],
@@ -419,7 +429,7 @@ def rl_overrides(settings: dict[str, Any], policy: str, val_manifest: str, folde
 # The settings of one RL run alone (what scripts/quality.py's --variant may change); the others shape
 # the stages every run shares: the corpus, the starting policy, the pairs, the reward model.
 RL_SETTINGS = ("rl_algorithm", "rl_minutes", "rl_steps", "rl_lr", "rl_num_samples", "rl_batch_size", "rl_kl_coef",
-               "rl_consensus_weight")
+               "rl_consensus_weight", "rl_reward_ensemble", "rl_reward_std_coef")
 
 
 def rl_keys(settings: dict[str, Any]) -> dict[str, Any]:
@@ -428,14 +438,34 @@ def rl_keys(settings: dict[str, Any]) -> dict[str, Any]:
                                      "rl_lr", "rl_num_samples", "rl_batch_size", "rl_kl_coef", "run_seed")}
     if settings.get("rl_consensus_weight"):  # only when set, so the stage keys of earlier runs still match
         keys["rl_consensus_weight"] = settings["rl_consensus_weight"]
+    if settings.get("rl_reward_ensemble", 1) > 1:  # likewise
+        keys.update({k: settings[k] for k in ("rl_reward_ensemble", "rl_reward_std_coef")})
     return keys
 
 
+def learned_reward_spec(settings: dict[str, Any], stages: Stages, base: dict[str, Any], reward: dict[str, Any],
+                        model: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """The learned-reward run's ``rewards`` entry (flow YAML) and the ensemble's other members (their
+    stage results, trained here when missing; none for one reward model): ``reward``'s checkpoint, or
+    with ``rl_reward_ensemble`` = M > 1 the checkpoints of ``reward`` and M - 1 more reward models of
+    kind ``model`` (``train_reward``'s members), std_coef ``rl_reward_std_coef``."""
+    count = settings.get("rl_reward_ensemble", 1)
+    if count < 1:
+        raise ConfigError(f"demo setting rl_reward_ensemble: must be >= 1, got {count}")
+    if count == 1:
+        return f"{{name: learned, path: '{reward['best_checkpoint']}'}}", []
+    members = [train_reward(stages, settings, base, model, member=j) for j in range(1, count)]
+    paths = ", ".join(f"'{item['best_checkpoint']}'" for item in (reward, *members))
+    return f"{{name: learned, paths: [{paths}], std_coef: {settings['rl_reward_std_coef']}}}", members
+
+
 def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], reward: dict[str, Any],
-            suffix: str = "", oracle: bool = True) -> dict[str, dict[str, Any]]:
+            suffix: str = "", oracle: bool = True, model: str | None = None) -> dict[str, dict[str, Any]]:
     """Stages 5-6: RL with the learned reward (no transcripts) and RL with 1 - CER (the oracle), with
     ``rl_overrides``, seeded by ``run_seed``; stage names end in ``suffix`` (scripts/quality.py compares
-    presets this way). ``oracle=False``: the learned-reward run only. Both start from ``base["start"]``."""
+    presets this way). ``oracle=False``: the learned-reward run only. Both start from ``base["start"]``.
+    ``model``: the kind of reward model ``reward`` is (default the demo's), for an ensemble's members
+    (``learned_reward_spec``)."""
     data, policy = base["data"], base["start"]
 
     def rl(train_manifest: str, rewards: str) -> Callable[[Path], dict[str, Any]]:
@@ -443,12 +473,12 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
                                                                       train_manifest, rewards))
 
     keys = rl_keys(settings)
-    checkpoint = reward["best_checkpoint"]
+    learned, members = learned_reward_spec(settings, stages, base, reward, model)
     consensus = settings.get("rl_consensus_weight")
-    learned = f"{{name: learned, path: '{checkpoint}'}}" + (
-        f", {{name: rlnf.rewards.consensus, weight: {consensus}}}" if consensus else "")
-    runs = {f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}",
-                                                     {"policy": base["start_stage"], "reward": reward, **keys},
+    if consensus:
+        learned += f", {{name: rlnf.rewards.consensus, weight: {consensus}}}"
+    key = {"policy": base["start_stage"], "reward": reward, **keys, **({"members": members} if members else {})}
+    runs = {f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}", key,
                                                      rl(data["heldout_unlabelled"], f"[{learned}]"))}
     if oracle:
         runs[f"rl_cer_reward{suffix}"] = stages.run(f"rl_cer_reward{suffix}", {"policy": base["start_stage"], **keys},

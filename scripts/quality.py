@@ -499,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             scorers[model] = train_reward(stages, seeded, base, model)
         for name, variant in variants.items():  # test WER/CER; each reward model is judged on held-out pairs
             scorer = scorers[variant["reward_model"]]
-            tried = rl_runs(stages, {**seeded, **variant["settings"]}, base, scorer, suffix=f"-{name}", oracle=False)
+            tried = rl_runs(stages, {**seeded, **variant["settings"]}, base, scorer, suffix=f"-{name}", oracle=False,
+                            model=variant["reward_model"])
             results.update(evaluate_runs(stages, base, reward, tried, device, name=f"evaluate_variant-{name}",
                                          baselines=False))
         if args.supervised_baselines:

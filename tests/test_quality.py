@@ -273,7 +273,7 @@ def fake_recipes(monkeypatch):
         folder = keys["output_dir"]
         (Path(folder) / "checkpoints").mkdir(parents=True)
         for name in ("best", "last"):  # what it started from, so a new start makes new files
-            (Path(folder) / "checkpoints" / f"{name}.nemo").write_text(keys.get("model.path", keys.get("policy.path")))
+            (Path(folder) / "checkpoints" / f"{name}.nemo").write_text(keys.get("model.path") or keys.get("policy.path") or folder)
         return {"best_checkpoint": f"{folder}/checkpoints/best.nemo", "last_checkpoint": f"{folder}/checkpoints/last.nemo"}
 
     monkeypatch.setattr(rlnf.demo, "_run_recipe", run_recipe)
@@ -353,3 +353,43 @@ def test_every_evaluation_reads_both_test_sets_at_the_evaluated_checkpoint(tmp_p
     evaluate_runs(Stages(tmp_path, fresh=False), {**base, "other_text": {**base["other_text"], "sha256": "o2"}},
                   {"best_checkpoint": "/reward"}, runs, "cpu")
     assert {read for _, read in calls[count:]} == {"/other.json"}  # a new other-text set: only its evaluation reruns
+
+
+def test_a_reward_ensemble_variant_trains_its_members_once_and_scores_with_all(tmp_path, monkeypatch):
+    """rl_reward_ensemble = 3: two more reward models of the variant's kind (seeds run_seed + 1000 j,
+    their own stages), the learned run scored by all three checkpoints as an ensemble; the default (1)
+    leaves the run's rewards and stage key as they were."""
+    from omegaconf import OmegaConf
+
+    import rlnf.demo
+    from rlnf.config import RewardSpec
+    from rlnf.demo import SETTINGS, Stages, rl_keys, rl_runs
+
+    calls = fake_recipes(monkeypatch)
+    monkeypatch.setattr(rlnf.demo, "reward_listening", lambda checkpoint, pairs, folder: {"audio_gain": 0.3})
+    base = {"data": {"heldout_train": "/c/t.json", "heldout_val": "/c/v.json", "heldout_unlabelled": "/c/u.json"},
+            "start": "/adapted.nemo", "start_stage": {"output": "/adapted.nemo", "sha256": "a"},
+            "pairs": {"train": "/p/train.json", "val": "/p/val.json", "sha256": "p"}, "heldout_pairs": {"val": "/p/h.json"}}
+    reward = {"best_checkpoint": "/rm/best", "sha256": "r"}
+    plain = {**SETTINGS, "rl_steps": 5, "run_seed": 43}
+    assert "rl_reward_ensemble" not in rl_keys(plain)  # earlier runs' stage keys still match
+    rl_runs(Stages(tmp_path / "one", fresh=False), plain, base, reward, oracle=False)
+    assert [recipe for recipe, _ in calls] == ["rl_finetune"]
+    assert calls[0][1]["rewards"] == "[{name: learned, path: '/rm/best'}]"
+
+    calls.clear()
+    ensemble = {**plain, "rl_reward_ensemble": 3, "rl_reward_std_coef": 1.0}
+    folder = tmp_path / "three"
+    rl_runs(Stages(folder, fresh=False), ensemble, base, reward, suffix="-ens", oracle=False, model="listening")
+    trained = [keys for recipe, keys in calls if recipe == "train_reward_model"]
+    assert [keys["trainer.seed"] for keys in trained] == ["1043", "2043"]
+    assert [keys["output_dir"] for keys in trained] == [str(folder / f"reward_model-listening-member{j}") for j in (1, 2)]
+    spec = OmegaConf.to_container(OmegaConf.from_dotlist([f"rewards={calls[-1][1]['rewards']}"]))["rewards"][0]
+    assert RewardSpec(**spec).paths == ["/rm/best", *(f"{folder}/reward_model-listening-member{j}/checkpoints/best.nemo"
+                                                      for j in (1, 2))]
+    assert spec["std_coef"] == 1.0
+    # Cached: a second variant with another std_coef re-uses the members and reruns only RL.
+    calls.clear()
+    rl_runs(Stages(folder, fresh=False), {**ensemble, "rl_reward_std_coef": 0.0}, base, reward, suffix="-ens0",
+            oracle=False, model="listening")
+    assert [recipe for recipe, _ in calls] == ["rl_finetune"]

@@ -486,6 +486,41 @@ def test_learned_reward_in_rl_finetune(trained_reward, corpus, pretrained_tiny_n
 
 
 @pytest.mark.slow
+def test_a_learned_ensemble_scores_mean_minus_k_std_of_its_members_and_logs_their_spread(
+        trained_reward, corpus, pretrained_tiny_nemo, tmp_path):
+    """Two members (the run's best and last checkpoints): the reward equals mean - k * std of the
+    members' own scores, and an RL run with it logs reward/learned/ensemble_std/mean."""
+    from rlnf.cli import main
+    from rlnf.config import RewardSpec
+    from rlnf.data.loader import AudioDataset, collate
+    from rlnf.data.manifest import read_manifest
+    from rlnf.metric_logging import read_metrics
+    from rlnf.reward_model.scorer import RewardScorer
+    from rlnf.rewards import RewardInputs, build_rewards
+
+    members = [str(trained_reward / "checkpoints" / name) for name in ("best", "last")]
+    utterances, _ = read_manifest(corpus["val"])
+    batch = collate([AudioDataset(utterances, 16000)[i] for i in range(2)])
+    hypotheses = [[u.text, u.text[:8], "zzz"] for u in batch.utterances]
+    singles = torch.stack([RewardScorer(path, device="cpu").score_groups(batch.audio, batch.audio_len, 16000, hypotheses)
+                           for path in members])
+    rewards = build_rewards([RewardSpec(name="learned", paths=members, std_coef=1.5, device="cpu")])
+    total, components = rewards(RewardInputs(batch.audio, batch.audio_len, 16000, hypotheses, [None, None]))
+    spread = singles.std(dim=0, correction=0)
+    torch.testing.assert_close(total, (singles.mean(dim=0) - 1.5 * spread).clamp(min=0.0))
+    torch.testing.assert_close(components["learned/ensemble_std"], spread)
+
+    paths = ", ".join(f"'{path}'" for path in members)
+    code = main(["run", "rl_finetune", "--config", "rl/grpo_learned_reward", f"policy.path={pretrained_tiny_nemo}",
+                 f"data.train_manifest={corpus['train']}", f"output_dir={tmp_path / 'run'}", "trainer.max_steps=1",
+                 "trainer.batch_size=2", "algorithm.num_samples=3", "trainer.progress_bar=false",
+                 "trainer.val_every=0", f"rewards=[{{name: learned, paths: [{paths}], std_coef: 1.0, device: cpu}}]"])
+    assert code == 0
+    row = read_metrics(tmp_path / "run")[-1]
+    assert 0.0 <= row["reward/learned/mean"] <= 1.0 and row["reward/learned/ensemble_std/mean"] >= 0.0
+
+
+@pytest.mark.slow
 def test_policy_and_reward_sample_rates_differ_through_the_rl_command(trained_reward, corpus, tmp_path, warnings_of):
     """An 8 kHz policy with the 16 kHz reward model: the policy hears 8 kHz audio, the reward model
     gets it resampled to 16 kHz, with one warning."""

@@ -213,3 +213,62 @@ def test_a_module_found_nowhere_says_where_it_looked_and_how_to_fix_it(module_in
     with pytest.raises(ConfigError, match="No module named 'no_such_dependency_xyz'") as caught:
         build_rewards([RewardSpec(name="cwd_reward_broken_dependency.reward")])
     assert "PYTHONPATH" not in str(caught.value)
+
+
+def test_ensemble_score_is_mean_minus_k_population_std_clamped_at_zero():
+    """Against a brute force over every (b, k): statistics.fmean / pstdev of the members' scores."""
+    import statistics
+
+    from rlnf.rewards.learned import ensemble_score
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 4, 5, generator=generator, dtype=torch.float64)
+    scores[:, 0, 0] = torch.tensor([0.0, 0.0, 1.0])  # a wide disagreement: clamped at 0 for k = 2
+    for k in (0.0, 0.5, 2.0):
+        combined, std = ensemble_score(scores, k)
+        for b in range(4):
+            for j in range(5):
+                members = scores[:, b, j].tolist()
+                spread = statistics.pstdev(members)
+                assert std[b, j].item() == pytest.approx(spread, abs=1e-12)
+                assert combined[b, j].item() == pytest.approx(max(0.0, statistics.fmean(members) - k * spread),
+                                                              abs=1e-12)
+    assert ensemble_score(scores, 2.0)[0][0, 0] == 0.0
+    one, spread = ensemble_score(scores[:1], 1.0)  # one member: no spread, its own scores
+    assert torch.equal(one, scores[0]) and not spread.any()
+
+
+def test_a_reward_s_diagnostics_are_logged_beside_it_not_summed():
+    class Rated:
+        def __init__(self):
+            self.diagnostics = {}
+
+        def __call__(self, inputs):
+            self.diagnostics = {"ensemble_std": torch.full((inputs.batch_size, inputs.num_samples), 0.25)}
+            return torch.full((inputs.batch_size, inputs.num_samples), 0.5)
+
+    total, components = RewardSet([WeightedReward("learned", 2.0, Rated())])(inputs([["a", "b"]]))
+    torch.testing.assert_close(total, torch.tensor([[1.0, 1.0]]))
+    assert set(components) == {"learned", "learned/ensemble_std"}
+    torch.testing.assert_close(components["learned/ensemble_std"], torch.tensor([[0.25, 0.25]]))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"paths": ["a"]}, "two or more checkpoints"),
+    ({"path": "a", "paths": ["b", "c"]}, "not both"),
+    ({"paths": ["a", "a"]}, "lists a checkpoint twice"),
+    ({"paths": ["a", "b"], "std_coef": -1.0}, "std_coef: must be a finite number >= 0"),
+    ({"paths": ["a", "b"], "std_coef": float("nan")}, "std_coef: must be a finite number >= 0"),
+    ({"path": "a", "std_coef": 1.0}, "std_coef needs an ensemble"),
+    ({}, "needs 'path'"),
+])
+def test_a_learned_ensemble_s_config_is_checked(fields, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RewardSpec(name="learned", **fields)
+
+
+def test_paths_belong_to_the_learned_reward():
+    with pytest.raises(ConfigError, match="'paths' is for the 'learned' reward"):
+        RewardSpec(name="cer", paths=["a", "b"])
+    spec = RewardSpec(name="learned", paths=["a", "b"], std_coef=1.0)
+    assert spec.label == "learned" and list(spec.paths) == ["a", "b"]

@@ -300,3 +300,20 @@ def test_adapt_batchnorm_has_an_adapt_subcommand_alias():
                                       "--output", "b.nemo", "--batch-size", "4"])
     assert args.func is cmd_adapt_batchnorm and (args.model, args.manifest, args.output, args.batch_size,
                                                  args.device) == ("m.nemo", "a.json", "b.nemo", 4, "auto")
+
+
+def test_suta_defaults_live_in_one_place():
+    """The CLI flags and rlnf.commands.adapt_suta's signature take their defaults from SUTAConfig's."""
+    import dataclasses
+    import inspect
+
+    from rlnf.cli import build_parser
+    from rlnf.commands import adapt_suta
+    from rlnf.config.suta import SUTAConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SUTAConfig)}
+    signature = inspect.signature(adapt_suta).parameters
+    assert {name: signature[name].default for name in defaults} == defaults
+    args = build_parser().parse_args(["adapt", "suta", "--model", "m.nemo", "--manifest", "a.json",
+                                      "--output-manifest", "h.json"])
+    assert {name: getattr(args, name) for name in defaults} == defaults

@@ -60,15 +60,24 @@ class RewardSpec:
                              "rlnf.finetune; only that Python process can run it.")
     weight: float = opt(1.0, "Weight of this reward in the total (rewards are summed with their weights).")
     path: Optional[str] = opt(None, "learned: the reward checkpoint folder.")
+    paths: List[str] = opt(factory=list, help="learned: several reward checkpoint folders instead of 'path', scored "
+                                              "as an ensemble: the reward is their mean score minus std_coef times "
+                                              "their std (population), clamped at 0. Train the members with "
+                                              "different trainer.seed (or data).")
+    std_coef: float = opt(0.0, "learned with 'paths': k in mean - k * std over the ensemble's scores. 0 is the "
+                               "plain mean; about 1 penalises hypotheses the members disagree on, which resists "
+                               "over-optimising any one reward model (reward-model ensembles in RLHF).")
     device: str = opt("auto", "learned: 'auto' (CUDA when available), 'cpu' or 'cuda'.")
     batch_size: int = opt(64, "learned: (audio, hypothesis) pairs scored per forward pass.")
     kwargs: Dict[str, Any] = opt(factory=dict, help="Dotted-path rewards: keyword arguments for the callable "
                                                     "(or the class constructor).")
 
     def __post_init__(self) -> None:
-        if self.name == "learned" and not self.path:
+        if self.name == "learned" and not self.path and not self.paths:
             raise ConfigError("rewards: a 'learned' reward needs 'path' (the reward checkpoint folder), e.g. "
-                              "'rewards=[{name: learned, path: REWARD_RUN/checkpoints/best}]'")
+                              "'rewards=[{name: learned, path: REWARD_RUN/checkpoints/best}]', or 'paths' (an "
+                              "ensemble of them)")
+        self._check_ensemble()
         if self.name.startswith(IN_PROCESS_PREFIX):
             if not all(part.isidentifier() for part in self.name[len(IN_PROCESS_PREFIX):].split(".")):
                 raise ConfigError(f"rewards: {self.name!r}: a Python reward's name must be dotted identifiers after "
@@ -79,6 +88,23 @@ class RewardSpec:
                               "path such as mypackage.rewards.my_reward")
         check_choice("rewards[].device", self.device, ("auto", "cpu", "cuda"))
         check_positive("rewards[].batch_size", self.batch_size)
+
+    def _check_ensemble(self) -> None:
+        if self.paths and self.name != "learned":
+            raise ConfigError(f"rewards: {self.name!r}: 'paths' is for the 'learned' reward (an ensemble of reward "
+                              "checkpoints)")
+        if self.paths and self.path:
+            raise ConfigError("rewards: a 'learned' reward takes 'path' (one checkpoint) or 'paths' (an ensemble), "
+                              "not both")
+        if len(self.paths) == 1:
+            raise ConfigError("rewards: 'paths' names an ensemble: give two or more checkpoints (or one as 'path')")
+        if len(set(self.paths)) != len(self.paths):
+            raise ConfigError(f"rewards: 'paths' lists a checkpoint twice: {list(self.paths)}")
+        if not math.isfinite(self.std_coef) or self.std_coef < 0:
+            raise ConfigError(f"rewards[].std_coef: must be a finite number >= 0, got {self.std_coef}")
+        if self.std_coef and not self.paths:
+            raise ConfigError("rewards[].std_coef needs an ensemble: give the checkpoints as 'paths' (one model has "
+                              "no spread to penalise)")
 
     @property
     def label(self) -> str:

@@ -324,6 +324,9 @@ class RewardSet:
             if problem:
                 raise RewardError(f"{self.describe(index)} {problem}")
             components[item.label] = scores
+            # Optional per-hypothesis figures of the last call (a learned ensemble's std): logged, not summed.
+            for key, values in getattr(item.reward, "diagnostics", {}).items():
+                components[f"{item.label}/{key}"] = values.float().cpu()
             total = total + item.weight * scores
         return total, components
 
@@ -337,7 +340,8 @@ def build_reward(spec: Any) -> Callable[[RewardInputs], Any]:
     if spec.name == "learned":
         from rlnf.rewards.learned import LearnedReward
 
-        return LearnedReward(spec.path, device=spec.device, batch_size=spec.batch_size, device_key="rewards[].device")
+        return LearnedReward(list(spec.paths) or spec.path, device=spec.device, batch_size=spec.batch_size,
+                             device_key="rewards[].device", std_coef=spec.std_coef)
     return CallableReward(spec.name, dict(spec.kwargs))
 
 

@@ -46,6 +46,12 @@ RL runs' budget, "ctc_finetune_heldout+more" (train_ctc continued) and "ctc_fine
 with 1 - CER): rl_cer_beats_more_every_seed and rl_cer_vs_more_gap_mean/std/per_seed (relative test WER
 gap, negative when RL is lower). See ``supervised_baselines``.
 
+--start strong runs the same comparison from a stronger starting policy (rlnf.demo.STRONG_START: a 5M-parameter
+QuartzNet with SpecAugment, pretrained for an hour on the corpus's training voices plus 5,000 more sentences and 5
+more voices; stage pretrain_corpus), in its own folder (demo_output_strong): the corpus, the held-out voice and both
+test sets are the demo's. The JSON's "start" names the start and "start_train_voices_wer" (stage start_train_voices)
+is the pretrained policy's WER on its training voices' test sentences, for either start.
+
 --presets adds, per seed, the two RL runs (learned reward, 1 - CER) of every other preset named,
 against the same reward model: runs "rl_learned_reward-PRESET" and "rl_cer_reward-PRESET".
 
@@ -68,7 +74,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rlnf.demo import ADAPTED, OTHER_TEXT, REWARD_MODELS, RL_SETTINGS, check_reward_model  # neither torch nor NeMo
+from rlnf.demo import (ADAPTED, OTHER_TEXT, REWARD_MODELS, RL_SETTINGS, STRONG_START,  # neither torch nor NeMo
+                       check_reward_model)
 from rlnf.errors import ConfigError
 
 BASE_SEED = 42  # the demo's run_seed
@@ -78,6 +85,7 @@ CTC_CONVERGED = "ctc_finetune_heldout"  # supervised CTC on the held-out voice's
 CTC_MORE = "ctc_finetune_heldout+more"  # ... continued for the RL runs' budget
 CTC_RL = "ctc_finetune_heldout+rl_cer"  # ... RL with 1 - CER for the same budget instead
 SUPERVISED_BASELINES = (CTC_CONVERGED, CTC_MORE, CTC_RL)
+STARTS = {"demo": "demo_output", "strong": "demo_output_strong"}  # --start: its default folder
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -347,8 +355,20 @@ def suta_runs(shared, stages, base: dict[str, Any], learned: dict[str, Any], dev
             SUTA_AFTER_RL: stage(stages, SUTA_AFTER_RL, learned["last_checkpoint"], learned)}
 
 
+def start_train_voices(stages, base: dict[str, Any], device: str) -> dict[str, Any]:
+    """Stage start_train_voices: the starting (pretrained) policy's greedy WER / CER on its training
+    voices' test sentences (the corpus's "test": how strong the start is where it was trained)."""
+    from rlnf.commands import evaluate
+
+    return stages.run("start_train_voices", {"policy": base["pretrain"], "test": base["data"]["test"]},
+                      lambda folder: evaluate(base["policy"], base["data"]["test"], output=str(folder / "pretrained.json"),
+                                              device=device))
+
+
 def print_table(summary: dict[str, Any]) -> None:
-    print(f"\n{summary['seeds']} seeds {summary['seed_values']}; held-out voice test set; changes relative to the "
+    print(f"\nstart: {summary.get('start', 'demo')} (pretrained WER on its training voices' test sentences "
+          f"{summary.get('start_train_voices_wer', float('nan')):.3f})")
+    print(f"{summary['seeds']} seeds {summary['seed_values']}; held-out voice test set; changes relative to the "
           "pretrained policy, mean +- std")
     print(f"{'run':<30} {'WER':>7} {'WER change':>18} {'CER change':>18} {'other-text WER change':>22} "
           f"{'final val WER':>16} {'seconds':>8}  steps")
@@ -416,7 +436,12 @@ def plot(summary: dict[str, Any], curves: dict[int, list[tuple[int, float]]], pa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="demo_output", help="the demo's folder (default: demo_output)")
+    parser.add_argument("--output", help="the demo's folder (default: demo_output, or demo_output_strong with "
+                                         "--start strong)")
+    parser.add_argument("--start", choices=STARTS, default="demo",
+                        help="the starting policy: the demo's (a 0.5M-parameter QuartzNet, 4.5 minutes of "
+                             "pretraining) or 'strong' (rlnf.demo.STRONG_START: 5M parameters, SpecAugment, "
+                             "more text and voices, an hour of pretraining; the same corpus and test sets)")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     parser.add_argument("--json", help="write the figures to this JSON file")
     parser.add_argument("--png", help="write the plot here (default: OUTPUT/quality/quality.png)")
@@ -453,10 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     quiet_nemo()
     started = time.perf_counter()
-    root = Path(args.output).expanduser().resolve()
+    root = Path(args.output or STARTS[args.start]).expanduser().resolve()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        settings = scaled_settings(args.budget_minutes, json.loads(args.settings))
+        settings = scaled_settings(args.budget_minutes, {**(STRONG_START if args.start == "strong" else {}),
+                                                         **json.loads(args.settings)})
     except (ValueError, ConfigError) as exc:
         parser.error(f"--settings: {exc}")
     if args.rl_steps:
@@ -478,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                  *(SUPERVISED_BASELINES if args.supervised_baselines else ()))
     shared = Stages(root, fresh=False)
     base = prepare(shared, settings)
+    start_check = start_train_voices(shared, base, device)
     per_seed, curves, timings = [], {}, [shared.timings]
     for index in range(args.seeds):
         seed = BASE_SEED + index
@@ -537,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
             "final_val_wer": curves[seed][-1][1] if curves[seed] else float("nan"),
         })
     summary = summarise(per_seed, run_names)
-    summary["per_seed"] = per_seed
+    summary.update({"start": args.start, "start_train_voices_wer": start_check["wer"],
+                    "start_train_voices_cer": start_check["cer"], "per_seed": per_seed})
     summary["seconds"] = round(time.perf_counter() - started, 1)  # this invocation (cached stages are free)
     # Every stage's own time as it ran, cached or not: the cost of the whole benchmark from scratch.
     summary["stage_seconds"] = round(sum(sum(t.values()) for t in timings), 1)

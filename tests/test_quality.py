@@ -94,12 +94,24 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
                 "rl_batch_size": 4, "other_text_sentences": 4, "ctc_finetune_max_minutes": 0.05,
                 "ctc_finetune_max_steps": 6, "ctc_finetune_val_every": 2, "ctc_finetune_patience": 1}
     out, figures = tmp_path / "demo", tmp_path / "quality.json"
+    # --start strong with toy sizes: more text and a voice for pretraining alone, SpecAugment.
+    settings.update({"pretrain_extra_sentences": 4, "pretrain_extra_voices": ["flite:slt"]})
     quality = load_quality()
     assert quality.main(["--output", str(out), "--seeds", "2", "--json", str(figures), "--presets", "rloo",
-                         "--rl-steps", "3", "--other-reward-model", "--settings", json.dumps(settings)]) == 0
+                         "--rl-steps", "3", "--other-reward-model", "--settings", json.dumps(settings),
+                         "--start", "strong",
+                         "--variant", 'ens2={"rl_reward_ensemble": 2, "rl_reward_std_coef": 1.0}']) == 0
     summary = json.loads(figures.read_text())
+    assert summary["start"] == "strong" and 0 <= summary["start_train_voices_wer"]
+    pretrain = (out / "pretrain" / "config.yaml").read_text()
+    assert "pretrain_corpus/pretrain_train.json" in pretrain and "spec_augment: true" in pretrain
+    assert len((out / "pretrain_corpus" / "pretrain_train.json").read_text().splitlines()) == 4 * 2 + 8 * 2
+    for folder in (out, out / "quality" / "seed_43"):  # the ensemble's second member, trained once per seed
+        assert (folder / "reward_model-listening-member1" / "checkpoints").is_dir()
+        assert "ensemble_std" in (folder / "rl_learned_reward-ens2" / "metrics.jsonl").read_text()
     assert summary["seeds"] == 2 and summary["seconds"] > 0 and summary["stage_seconds"] >= summary["seconds"] * 0.5
     for name in (*RUNS, "rl_learned_reward-rloo", "rl_cer_reward-rloo", "rl_learned_reward-card", "suta",
+                 "rl_learned_reward-ens2",
                  "rl_learned_reward+suta", *SUPERVISED, "batchnorm_adapted"):
         run = summary["runs"][name]  # the Output section's keys, on both test sets
         assert {"wer_change_mean", "wer_change_std", "wer_change_per_seed", "other_text_wer_change_per_seed",
@@ -393,3 +405,35 @@ def test_a_reward_ensemble_variant_trains_its_members_once_and_scores_with_all(t
     rl_runs(Stages(folder, fresh=False), {**ensemble, "rl_reward_std_coef": 0.0}, base, reward, suffix="-ens0",
             oracle=False, model="listening")
     assert [recipe for recipe, _ in calls] == ["rl_finetune"]
+
+
+def test_the_strong_start_s_extra_text_is_none_of_the_corpus_s_and_the_demo_s_start_is_unchanged(tmp_path):
+    """pretrain_corpus: the next sentences of the corpus's seeded order (none of its train, validation or
+    test sentences), each by voices_per_sentence voices; the corpus's training rows added with absolute
+    paths. The demo's settings add nothing, and STRONG_START changes only what makes the start."""
+    from tests.conftest import require_tool
+
+    require_tool("flite")
+    from rlnf.demo import SETTINGS, START_SETTINGS, STRONG_START, Stages, pretrain_corpus
+    from rlnf.synth import load_sentences
+
+    train = tmp_path / "corpus" / "train.json"
+    train.parent.mkdir()
+    train.write_text(json.dumps({"audio_filepath": "wav/a.wav", "duration": 1.0, "text": "x"}) + "\n")
+    data = {"train": str(train), "sha256": "c"}
+    assert pretrain_corpus(Stages(tmp_path, fresh=False), dict(SETTINGS), data) == {}
+    settings = {**SETTINGS, "sentences": 12, "voices": ["flite:kal16", "flite:awb"], "voices_per_sentence": 2,
+                "pretrain_extra_sentences": 3, "pretrain_extra_voices": ["flite:slt"]}
+    made = pretrain_corpus(Stages(tmp_path, fresh=False), settings, data)
+    rows = [json.loads(line) for line in Path(made["manifest"]).read_text().splitlines()]
+    assert made["utterances"] == len(rows) == 3 * 2 + 1
+    extra = [row for row in rows if row["text"] != "x"]
+    corpus_sentences = set(load_sentences(12, settings["seed"]))
+    assert {row["text"] for row in extra} == set(load_sentences(15, settings["seed"])[12:])
+    assert not {row["text"] for row in extra} & corpus_sentences
+    for sentence in {row["text"] for row in extra}:  # two different voices each
+        assert len({row["speaker"] for row in extra if row["text"] == sentence}) == 2
+    assert all(Path(row["audio_filepath"]).is_absolute() and Path(row["audio_filepath"]).exists() for row in extra)
+    assert rows[-1]["audio_filepath"] == str(train.parent / "wav" / "a.wav")
+    assert set(STRONG_START) == set(START_SETTINGS) and set(START_SETTINGS) <= set(SETTINGS)
+    assert {k for k in STRONG_START if STRONG_START[k] != SETTINGS[k]} >= {"policy_size", "pretrain_extra_sentences"}

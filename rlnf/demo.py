@@ -87,6 +87,9 @@ SETTINGS: dict[str, Any] = {
     # of the same kind, seeded run_seed + 1000 j), as mean - rl_reward_std_coef * std (rewards[].paths).
     "rl_reward_ensemble": 1,
     "rl_reward_std_coef": 0.0,
+    # > 0: the learned-reward run trains on the pseudo-labels (the start's greedy transcripts of the same
+    # audio, the self-training data) with a supervised CTC term of this weight (algorithm.supervised_coef).
+    "rl_pseudo_label_coef": 0.0,
     "supervised_lr": 5e-4,
     "self_training_min_confidence": 0.0,
     # scripts/quality.py's supervised baselines on the held-out voice's transcripts (not run by the demo):
@@ -502,7 +505,7 @@ def rl_overrides(settings: dict[str, Any], policy: str, val_manifest: str, folde
 # The settings of one RL run alone (what scripts/quality.py's --variant may change); the others shape
 # the stages every run shares: the corpus, the starting policy, the pairs, the reward model.
 RL_SETTINGS = ("rl_algorithm", "rl_minutes", "rl_steps", "rl_lr", "rl_num_samples", "rl_batch_size", "rl_kl_coef",
-               "rl_consensus_weight", "rl_reward_ensemble", "rl_reward_std_coef")
+               "rl_consensus_weight", "rl_reward_ensemble", "rl_reward_std_coef", "rl_pseudo_label_coef")
 
 
 def rl_keys(settings: dict[str, Any]) -> dict[str, Any]:
@@ -513,6 +516,8 @@ def rl_keys(settings: dict[str, Any]) -> dict[str, Any]:
         keys["rl_consensus_weight"] = settings["rl_consensus_weight"]
     if settings.get("rl_reward_ensemble", 1) > 1:  # likewise
         keys.update({k: settings[k] for k in ("rl_reward_ensemble", "rl_reward_std_coef")})
+    if settings.get("rl_pseudo_label_coef"):  # likewise
+        keys["rl_pseudo_label_coef"] = settings["rl_pseudo_label_coef"]
     return keys
 
 
@@ -541,9 +546,9 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
     (``learned_reward_spec``)."""
     data, policy = base["data"], base["start"]
 
-    def rl(train_manifest: str, rewards: str) -> Callable[[Path], dict[str, Any]]:
-        return lambda folder: _run_recipe("rl_finetune", rl_overrides(settings, policy, data["heldout_val"], folder,
-                                                                      train_manifest, rewards))
+    def rl(train_manifest: str, rewards: str, extra: tuple[str, ...] = ()) -> Callable[[Path], dict[str, Any]]:
+        return lambda folder: _run_recipe("rl_finetune", [*rl_overrides(settings, policy, data["heldout_val"], folder,
+                                                                         train_manifest, rewards), *extra])
 
     keys = rl_keys(settings)
     learned, members = learned_reward_spec(settings, stages, base, reward, model)
@@ -551,8 +556,12 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
     if consensus:
         learned += f", {{name: rlnf.rewards.consensus, weight: {consensus}}}"
     key = {"policy": base["start_stage"], "reward": reward, **keys, **({"members": members} if members else {})}
+    audio, extra = data["heldout_unlabelled"], ()
+    if settings.get("rl_pseudo_label_coef"):  # the same audio with the start's transcripts, and a CTC term on them
+        audio, extra = base["pseudo_labels"]["manifest"], (f"algorithm.supervised_coef={settings['rl_pseudo_label_coef']}",)
+        key["labels"] = base["pseudo_labels"]
     runs = {f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}", key,
-                                                     rl(data["heldout_unlabelled"], f"[{learned}]"))}
+                                                     rl(audio, f"[{learned}]", extra))}
     if oracle:
         runs[f"rl_cer_reward{suffix}"] = stages.run(f"rl_cer_reward{suffix}", {"policy": base["start_stage"], **keys},
                                                     rl(data["heldout_train"], "[{name: cer}]"))

@@ -437,3 +437,26 @@ def test_the_strong_start_s_extra_text_is_none_of_the_corpus_s_and_the_demo_s_st
     assert rows[-1]["audio_filepath"] == str(train.parent / "wav" / "a.wav")
     assert set(STRONG_START) == set(START_SETTINGS) and set(START_SETTINGS) <= set(SETTINGS)
     assert {k for k in STRONG_START if STRONG_START[k] != SETTINGS[k]} >= {"policy_size", "pretrain_extra_sentences"}
+
+
+def test_a_pseudo_label_variant_trains_the_learned_run_on_the_start_s_transcripts_with_a_ctc_term(tmp_path,
+                                                                                                   monkeypatch):
+    from rlnf.demo import SETTINGS, Stages, rl_runs
+
+    calls = fake_recipes(monkeypatch)
+    base = {"data": {"heldout_train": "/c/t.json", "heldout_val": "/c/v.json", "heldout_unlabelled": "/c/u.json"},
+            "start": "/adapted.nemo", "start_stage": {"output": "/adapted.nemo", "sha256": "a"},
+            "pseudo_labels": {"manifest": "/p/pseudo.json", "kept": 3, "sha256": "l"}}
+    reward = {"best_checkpoint": "/rm/best", "sha256": "r"}
+    settings = {**SETTINGS, "rl_steps": 5, "rl_pseudo_label_coef": 0.2}
+    rl_runs(Stages(tmp_path, fresh=False), settings, base, reward, suffix="-pl")
+    learned, oracle = (keys for _, keys in calls)
+    assert learned["data.train_manifest"] == "/p/pseudo.json" and learned["algorithm.supervised_coef"] == "0.2"
+    assert learned["rewards"] == "[{name: learned, path: '/rm/best'}]"
+    assert oracle["data.train_manifest"] == "/c/t.json" and "algorithm.supervised_coef" not in oracle
+    plain = dict(calls[0][1])
+    calls.clear()
+    rl_runs(Stages(tmp_path / "plain", fresh=False), {**settings, "rl_pseudo_label_coef": 0.0}, base, reward,
+            oracle=False)
+    assert calls[0][1]["data.train_manifest"] == "/c/u.json" and "algorithm.supervised_coef" not in calls[0][1]
+    assert plain != calls[0][1]

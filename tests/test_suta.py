@@ -243,7 +243,7 @@ def test_adapt_suta_command_writes_pred_text_and_compares_with_greedy(pretrained
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [{k: v for k, v in row.items() if k != "pred_text"} for row in written] == rows
     assert all(isinstance(row["pred_text"], str) for row in written)
-    assert summary["n"] == len(rows) and summary["settings"]["steps"] == 2 and summary["settings"]["lr"] == 3e-4
+    assert summary["n"] == len(rows) and summary["settings"]["steps"] == 2 and summary["settings"]["lr"] == 1e-4
     references = [normalize_text(row["text"], lowercase=True) for row in rows]
     assert summary["suta"]["wer"] == pytest.approx(
         corpus_error_rate(references, [row["pred_text"] for row in written], "word"))

@@ -19,6 +19,11 @@ Two test sets, every run on both: the held-out voice's test sentences (in-domain
 pretraining, pairs and RL) and the other-text set (the held-out voice reading rlnf/data/everyday_sentences.txt,
 stage other_text_corpus, used for nothing else).
 
+"targets" (``issue_targets``): the learned-reward run against every unsupervised baseline (suta,
+self_training, batchnorm_adapted) per seed on both test sets, its mean test WER's relative margin below the
+best of them, and whether RL with 1 - CER beat the continued CTC fine-tune by 5 % on every seed. --markdown
+writes the runs' table as the docs' results page shows it.
+
 Reported per run: the relative change of test WER and CER against the pretrained policy (negative when
 they fall) on each test set, per seed and mean +- std over seeds (JSON: runs[name]["wer_change_per_seed"],
 ["other_text_wer_change_per_seed"], ...); "seconds": the mean over seeds of the run's stage wall-clock
@@ -228,6 +233,57 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
         "learned_validation": {"largest_wer_rise_while_reward_rose": [seed["wer_rise"] for seed in per_seed],
                                "final_val_wer_mean": final_val[0], "final_val_wer_std": final_val[1]},
     }
+
+
+UNSUPERVISED_BASELINES = (SUTA, "self_training", ADAPTED)  # what a user without transcripts runs instead
+
+
+def issue_targets(per_seed: list[dict[str, Any]], run_names: tuple[str, ...], learned: str = "rl_learned_reward"
+                  ) -> dict[str, Any]:
+    """Issue 24's targets, as measured: ``learned`` against every unsupervised baseline present (SUTA,
+    self-training, BatchNorm adaptation) per seed on each test set, and its mean in-domain WER's relative
+    margin below the best baseline's mean (negative when below: the target is <= -0.05); RL with 1 - CER
+    after converged CTC fine-tuning against more of it, per seed (target: every gap <= -0.05)."""
+    baselines = [name for name in UNSUPERVISED_BASELINES if name in run_names]
+    figures: dict[str, Any] = {"learned_run": learned, "baselines": baselines}
+    for test_set in ("", "other_text_"):
+        key = f"{test_set}wer"
+        if key not in per_seed[0] or not baselines:
+            continue
+        figures[f"{test_set}learned_beats_every_baseline_every_seed"] = all(
+            seed[key][learned] < seed[key][name] for seed in per_seed for name in baselines)
+        means = {name: statistics.fmean(seed[key][name] for seed in per_seed) for name in (learned, *baselines)}
+        best = min(baselines, key=means.get)
+        figures[f"{test_set}best_baseline"] = best
+        figures[f"{test_set}margin_below_best_baseline"] = relative(means[learned], means[best])
+    if CTC_RL in run_names and CTC_MORE in run_names:
+        gaps = [relative(seed["wer"][CTC_RL], seed["wer"][CTC_MORE]) for seed in per_seed]
+        figures["rl_cer_beats_more_by_5_percent_every_seed"] = all(gap <= -0.05 for gap in gaps)
+    return figures
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The runs of ``summary`` as the docs' results table (Markdown, minus signs typeset): test WER mean,
+    change per seed and mean +- std on each test set, final validation WER (RL runs), seconds."""
+    def number(value: float, spec: str) -> str:
+        return format(value, spec).replace("-", "\u2212")
+
+    def change(run: dict[str, Any], prefix: str = "") -> str:
+        if f"{prefix}wer_change_mean" not in run:
+            return ""
+        return (f"{number(100 * run[f'{prefix}wer_change_mean'], '+.1f')} ± "
+                f"{number(100 * run[f'{prefix}wer_change_std'], '.1f')} %")
+
+    lines = ["| run | test WER | change per seed | change, mean ± std | other-text change, mean ± std | "
+             "final val WER | seconds |", "|---|---|---|---|---|---|---|"]
+    for name, run in summary["runs"].items():
+        per_seed = ", ".join(number(100 * value, "+.1f") for value in run["wer_change_per_seed"]) + " %"
+        val = (f"{run['final_val_wer_mean']:.3f} ± {run['final_val_wer_std']:.3f}"
+               if run.get("final_val_wer_mean") is not None else "")
+        seconds = f"{run['seconds']:.0f}" if run.get("seconds") is not None else ""
+        lines.append(f"| {name} | {run['wer_mean']:.3f} | {per_seed} | {change(run)} | {change(run, 'other_text_')} | "
+                     f"{val} | {seconds} |")
+    return "\n".join(lines) + "\n"
 
 
 def relative(value: float, reference: float) -> float:
@@ -444,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                              "more text and voices, an hour of pretraining; the same corpus and test sets)")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     parser.add_argument("--json", help="write the figures to this JSON file")
+    parser.add_argument("--markdown", help="write the runs' table (the docs' results table) to this Markdown file")
     parser.add_argument("--png", help="write the plot here (default: OUTPUT/quality/quality.png)")
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="the demo's budget (scales every run)")
     parser.add_argument("--settings", default="{}", help="JSON overrides of rlnf.demo.SETTINGS (e.g. smaller runs)")
@@ -564,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             "final_val_wer": curves[seed][-1][1] if curves[seed] else float("nan"),
         })
     summary = summarise(per_seed, run_names)
+    summary["targets"] = issue_targets(per_seed, run_names)
     summary.update({"start": args.start, "start_train_voices_wer": start_check["wer"],
                     "start_train_voices_cer": start_check["cer"], "per_seed": per_seed})
     summary["seconds"] = round(time.perf_counter() - started, 1)  # this invocation (cached stages are free)
@@ -571,6 +629,12 @@ def main(argv: list[str] | None = None) -> int:
     summary["stage_seconds"] = round(sum(sum(t.values()) for t in timings), 1)
     summary["device"] = device
     print_table(summary)
+    targets = summary["targets"]
+    if "margin_below_best_baseline" in targets:
+        print(f"rl_learned_reward against {', '.join(targets['baselines'])}: below every one on every seed "
+              f"{targets['learned_beats_every_baseline_every_seed']} (other-text set "
+              f"{targets.get('other_text_learned_beats_every_baseline_every_seed')}); mean test WER "
+              f"{100 * targets['margin_below_best_baseline']:+.1f} % against the best, {targets['best_baseline']}")
     png = Path(args.png) if args.png else root / "quality" / "quality.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(summary, curves, png)
@@ -579,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(finite_or_null(summary), indent=2))
         print(f"figures: {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(summary))
+        print(f"table: {args.markdown}")
     return 0
 
 

@@ -460,3 +460,30 @@ def test_a_pseudo_label_variant_trains_the_learned_run_on_the_start_s_transcript
             oracle=False)
     assert calls[0][1]["data.train_manifest"] == "/c/u.json" and "algorithm.supervised_coef" not in calls[0][1]
     assert plain != calls[0][1]
+
+
+def test_issue_targets_and_the_markdown_table_against_hand_values():
+    quality = load_quality()
+    runs = (*RUNS, "suta", "batchnorm_adapted", "rl_learned_reward-ens3", *SUPERVISED)
+    per_seed = [seed_result(42, 0.60, 0.50, 0.76, 0.70, 0.1, 0.6), seed_result(43, 0.66, 0.50, 0.76, 0.72, 0.2, 0.7)]
+    extra = {"suta": (0.68, 0.70), "batchnorm_adapted": (0.72, 0.72), "rl_learned_reward-ens3": (0.6, 0.6),
+             "ctc_finetune_heldout": (0.40, 0.40), "ctc_finetune_heldout+more": (0.40, 0.40),
+             "ctc_finetune_heldout+rl_cer": (0.37, 0.39)}
+    for index, seed in enumerate(per_seed):
+        for name, wers in extra.items():
+            seed["wer"][name], seed["cer"][name] = wers[index], wers[index] / 2
+        seed["other_text_wer"] = {**{name: 0.8 for name in seed["wer"]}, "rl_learned_reward": 0.79}
+        seed["other_text_cer"] = dict(seed["other_text_wer"])
+    targets = quality.issue_targets(per_seed, runs)
+    assert targets["baselines"] == ["suta", "self_training", "batchnorm_adapted"]
+    assert targets["learned_beats_every_baseline_every_seed"] is True  # 0.60 < 0.68 and 0.66 < 0.70
+    assert targets["best_baseline"] == "suta"  # mean 0.69 against self-training's 0.71
+    assert targets["margin_below_best_baseline"] == pytest.approx((0.63 - 0.69) / 0.69)
+    assert targets["other_text_learned_beats_every_baseline_every_seed"] is True
+    assert targets["rl_cer_beats_more_by_5_percent_every_seed"] is False  # -7.5 % and -2.5 %
+    per_seed[1]["other_text_wer"]["suta"] = 0.78  # below the learned run on one seed
+    assert quality.issue_targets(per_seed, runs)["other_text_learned_beats_every_baseline_every_seed"] is False
+    table = quality.markdown_table(quality.summarise(per_seed, runs)).splitlines()
+    assert table[0].startswith("| run | test WER |") and len(table) == 2 + len(runs)
+    ens3 = next(line for line in table if line.startswith("| rl_learned_reward-ens3 |"))
+    assert "| 0.600 | −25.0, −25.0 % | −25.0 ± 0.0 % |" in ens3  # named with its hyphen; minus signs typeset

@@ -167,7 +167,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     quiet_nemo()
     from rlnf.demo import run_demo
 
-    run_demo(output_dir=args.output, budget_minutes=args.minutes, fresh=args.fresh)
+    run_demo(output_dir=args.output, budget_minutes=args.minutes, fresh=args.fresh,
+             settings=None if args.suta else {"suta": False})
     return 0
 
 
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--minutes", type=float, default=15.0,
                       help="wall-clock budget: the time-boxed stages scale with it (default fits 2 CPU cores)")
     demo.add_argument("--fresh", action="store_true", help="ignore cached stages")
+    demo.add_argument("--no-suta", dest="suta", action="store_false",
+                      help="leave out the suta row (SUTA of the adapted start on both test sets, about 2 minutes)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

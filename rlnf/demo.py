@@ -75,6 +75,8 @@ SETTINGS: dict[str, Any] = {
     "reward_epochs": 3,  # the card model's epochs (the listening model's are its config's)
     "reward_vocab_size": 384,
     "reward_rank_loss_weight": 1.0,
+    # The report's row "suta": rlnf adapt suta (its defaults) of the held-out runs' start on both test sets.
+    "suta": True,
     "rl_minutes": 0.85,
     "rl_steps": None,  # when set, the RL runs stop after this many steps, not rl_minutes (scripts/quality.py)
     "rl_algorithm": "grpo",
@@ -119,6 +121,7 @@ START_SETTINGS = tuple(STRONG_START)  # the settings a start is made of (their d
 OTHER_TEXT = "heldout_other_test"  # the other-text test set's manifest (stage other_text_corpus)
 RUN_NAMES = ("pretrained", "rl_learned_reward", "rl_cer_reward", "supervised_continued", "self_training")
 TRAINED_RUNS = RUN_NAMES[1:]
+SUTA_ROW = "suta"  # the report's row for SUTA from the held-out runs' start (setting "suta")
 ADAPTED = "batchnorm_adapted"  # the report's row for the BatchNorm-adapted starting point, when adapt_batchnorm
 
 
@@ -639,6 +642,37 @@ def evaluate_runs(stages: Stages, base: dict[str, Any], reward: dict[str, Any], 
     return {**in_domain, **{run: {**in_domain[run], "other_text": other[run]} for run in models}}
 
 
+def suta_stage(stages: Stages, base: dict[str, Any], name: str, model: str, upstream: dict[str, Any], device: str,
+               suta_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stage NAME: ``rlnf adapt suta`` (``rlnf.config.suta.SUTAConfig``'s defaults, or
+    ``suta_settings``) of ``model`` (the result of stage ``upstream``, in its key) on the held-out voice's
+    test sentences, and stage NAME-other_text: the same on the other-text test set (its own stage, so a
+    pass cached before that set existed stays cached). Returns {"wer", "cer", "greedy" (plain greedy
+    decoding's figures of the same model), "output_manifest", "seconds" (the in-domain pass's wall clock),
+    "other_text": the same for the other-text pass}."""
+    from dataclasses import asdict
+
+    from rlnf.commands import adapt_suta
+    from rlnf.config.suta import SUTAConfig
+
+    settings = asdict(SUTAConfig(**(suta_settings or {})))
+    test, other_text = base["data"]["heldout_test"], base["other_text"]
+
+    def body(manifest: str) -> Callable[[Path], dict[str, Any]]:
+        def adapt(folder: Path) -> dict[str, Any]:
+            summary = adapt_suta(model, manifest, str(folder / "hyps.json"), **settings, device=device)
+            return {"wer": summary["suta"]["wer"], "cer": summary["suta"]["cer"], "greedy": summary["greedy"],
+                    "output_manifest": summary["output_manifest"]}
+        return adapt
+
+    result = stages.run(name, {"policy": upstream, **content_key(base["data"], "corpus"), "test": test,
+                               "suta": settings}, body(test))
+    seconds = stages.timings[name]
+    other = stages.run(f"{name}-other_text", {"policy": upstream, "corpus": other_text, "suta": settings},
+                       body(other_text[OTHER_TEXT]))
+    return {**result, "seconds": seconds, "other_text": {**other, "seconds": stages.timings[f"{name}-other_text"]}}
+
+
 def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fresh: bool = False,
              settings: dict[str, Any] | None = None) -> dict[str, Any]:
     settings = scaled_settings(budget_minutes, settings)
@@ -659,6 +693,12 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
     seconds = {"pretrained": stages.timings["pretrain"],
                **{name: stages.timings[name] for name in names if name != "pretrained"}}
     models = results["models"]
+    if settings["suta"]:  # test-time adaptation of the held-out runs' start: no training, no reward model
+        results[SUTA_ROW] = {**suta_stage(stages, base, SUTA_ROW, base["start"], base["start_stage"], device),
+                             "reward": None}
+        names = (*names[:names.index(ADAPTED) + 1 if ADAPTED in names else 1], SUTA_ROW,
+                 *names[names.index(ADAPTED) + 1 if ADAPTED in names else 1:])
+        seconds[SUTA_ROW], models[SUTA_ROW] = results[SUTA_ROW]["seconds"], f"{base['start']} + SUTA"
 
     report = {
         "heldout_voice": settings["heldout_voice"],
@@ -696,7 +736,8 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
         change = "" if first else f"{100 * run['wer_relative_change']:+.1f} %"
         other = run["other_text"]
         other_change = "" if first else f"{100 * other['wer_relative_change']:+.1f} %"
-        print(f"{run['name']:<22} {run['wer']:7.3f} {run['cer']:7.3f} {run['reward']:7.3f} {change:>11} "
+        reward_mean = "" if run["reward"] is None else f"{run['reward']:.3f}"  # SUTA's transcripts are not scored
+        print(f"{run['name']:<22} {run['wer']:7.3f} {run['cer']:7.3f} {reward_mean:>7} {change:>11} "
               f"{other['wer']:10.3f} {other_change:>13} {run['seconds']:8.0f}")
     quality = report["reward_model"]["val"]
     print(f"\nreward model (validation pairs): Pearson {quality.get('val/pearson', float('nan')):.3f}, within-clip "

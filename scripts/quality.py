@@ -79,12 +79,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rlnf.demo import (ADAPTED, OTHER_TEXT, REWARD_MODELS, RL_SETTINGS, STRONG_START,  # neither torch nor NeMo
+from rlnf.demo import (ADAPTED, REWARD_MODELS, RL_SETTINGS, STRONG_START, SUTA_ROW,  # neither torch nor NeMo
                        check_reward_model)
 from rlnf.errors import ConfigError
 
 BASE_SEED = 42  # the demo's run_seed
-SUTA = "suta"
+SUTA = SUTA_ROW  # the demo's own row
 SUTA_AFTER_RL = "rl_learned_reward+suta"
 CTC_CONVERGED = "ctc_finetune_heldout"  # supervised CTC on the held-out voice's transcripts, to convergence
 CTC_MORE = "ctc_finetune_heldout+more"  # ... continued for the RL runs' budget
@@ -374,41 +374,16 @@ def supervised_baselines(stages, settings: dict[str, Any], base: dict[str, Any])
 
 def suta_runs(shared, stages, base: dict[str, Any], learned: dict[str, Any], device: str,
               suta_settings: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Two cached stages of ``rlnf adapt suta`` on the held-out voice's test sentences: SUTA from the
-    held-out runs' start (``base["start"]``, in ``shared``: one for every seed) and SUTA_AFTER_RL from
-    the learned-reward run ``learned`` (a stage result, in this seed's ``stages``). ``suta_settings``
-    overrides ``rlnf.adaptation.SUTAConfig``'s defaults. Returns {run: {"wer", "cer", "seconds", "greedy",
-    "output_manifest", "other_text"}}: the adapted transcripts' figures, the stage's own time (the pass over
-    the in-domain test set), and plain greedy decoding's figures of the same model for comparison;
-    "other_text" holds the same for one more pass (its own stage, NAME-other_text) over the other-text
-    test set."""
-    from dataclasses import asdict
+    """Two cached stages of ``rlnf adapt suta`` on the held-out voice's test sentences
+    (``rlnf.demo.suta_stage``, each also over the other-text set): SUTA from the held-out runs' start
+    (``base["start"]``, in ``shared``: one for every seed, the demo's own row) and SUTA_AFTER_RL from the
+    learned-reward run ``learned`` (a stage result, in this seed's ``stages``). ``suta_settings`` overrides
+    ``rlnf.config.suta.SUTAConfig``'s defaults. Returns {run: ``suta_stage``'s result}."""
+    from rlnf.demo import suta_stage
 
-    from rlnf.adaptation import SUTAConfig
-    from rlnf.commands import adapt_suta
-    from rlnf.demo import content_key
-
-    settings = asdict(SUTAConfig(**(suta_settings or {})))
-    test, other_text = base["data"]["heldout_test"], base["other_text"]
-
-    def stage(runner, name: str, model: str, upstream: dict[str, Any]) -> dict[str, Any]:
-        def body(manifest: str) -> Callable[[Path], dict[str, Any]]:
-            def adapt(folder: Path) -> dict[str, Any]:
-                summary = adapt_suta(model, manifest, str(folder / "hyps.json"), **settings, device=device)
-                return {"wer": summary["suta"]["wer"], "cer": summary["suta"]["cer"], "greedy": summary["greedy"],
-                        "output_manifest": summary["output_manifest"]}
-            return adapt
-
-        result = runner.run(name, {"policy": upstream, **content_key(base["data"], "corpus"), "test": test,
-                                   "suta": settings}, body(test))
-        seconds = runner.timings[name]
-        # Its own stage, so a SUTA pass cached before the other-text set existed stays cached.
-        other = runner.run(f"{name}-other_text", {"policy": upstream, "corpus": other_text, "suta": settings},
-                           body(other_text[OTHER_TEXT]))
-        return {**result, "seconds": seconds, "other_text": {**other, "seconds": runner.timings[f"{name}-other_text"]}}
-
-    return {SUTA: stage(shared, SUTA, base["start"], base["start_stage"]),
-            SUTA_AFTER_RL: stage(stages, SUTA_AFTER_RL, learned["last_checkpoint"], learned)}
+    return {SUTA: suta_stage(shared, base, SUTA, base["start"], base["start_stage"], device, suta_settings),
+            SUTA_AFTER_RL: suta_stage(stages, base, SUTA_AFTER_RL, learned["last_checkpoint"], learned, device,
+                                      suta_settings)}
 
 
 def start_train_voices(stages, base: dict[str, Any], device: str) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def test_the_demo_report_gives_every_run_on_both_test_sets(tmp_path, monkeypatch
     def prepare(stages, settings):
         stages.timings.update({"pretrain": 270.0, "batchnorm_adapted": 5.0})
         return {"data": {"heldout_test": "/test.json"}, "other_text": {demo.OTHER_TEXT: "/other.json"},
-                "pseudo_labels": {"kept": 3, "dropped": 1}}
+                "pseudo_labels": {"kept": 3, "dropped": 1}, "start": "/adapted.nemo", "start_stage": {}}
 
     def trained_runs(stages, settings, base, reward):
         stages.timings.update({name: 50.0 for name in demo.TRAINED_RUNS})
@@ -64,11 +64,22 @@ def test_the_demo_report_gives_every_run_on_both_test_sets(tmp_path, monkeypatch
     monkeypatch.setattr(demo, "trained_runs", trained_runs)
     monkeypatch.setattr(demo, "evaluate_runs", evaluate_runs)
     monkeypatch.setattr(demo, "_plot", lambda *args: None)
+    suta_calls = []
+
+    def suta_stage(stages, base, name, model, upstream, device, suta_settings=None):  # SUTA of the start
+        suta_calls.append((name, model))
+        return {"wer": wer["suta"], "cer": wer["suta"] / 2, "seconds": 60.0,
+                "other_text": {"wer": other["suta"], "cer": other["suta"] / 2}}
+
+    wer["suta"], other["suta"] = 0.66, 0.8
+    monkeypatch.setattr(demo, "suta_stage", suta_stage)
     demo.run_demo(str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["other_text_test_manifest"] == "/other.json"
     runs = {run["name"]: run for run in report["runs"]}
-    assert list(runs) == list(names)
+    assert suta_calls == [("suta", "/adapted.nemo")]
+    names = ("pretrained", "batchnorm_adapted", "suta", *demo.TRAINED_RUNS)  # SUTA right after its start
+    assert list(runs) == list(names) and runs["suta"]["reward"] is None and runs["suta"]["seconds"] == 60.0
     for name in names:
         assert runs[name]["wer_relative_change"] == round((wer[name] - 0.8) / 0.8, 4)
         assert runs[name]["other_text"] == {"wer": other[name], "cer": other[name] / 2,

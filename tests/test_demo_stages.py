@@ -87,3 +87,14 @@ def test_the_demo_report_gives_every_run_on_both_test_sets(tmp_path, monkeypatch
     table = capsys.readouterr().out
     assert "other WER" in table and "other text: 3 everyday sentences" in table
     assert "+10.0 %" in table  # self_training on the other text: 0.99 against 0.9
+
+
+def test_rlnf_demo_no_suta_leaves_the_suta_row_out(monkeypatch, tmp_path):
+    import rlnf.demo
+    from rlnf.cli import main
+
+    calls = []
+    monkeypatch.setattr(rlnf.demo, "run_demo", lambda **kwargs: calls.append(kwargs))
+    assert main(["demo", "--output", str(tmp_path), "--no-suta"]) == 0
+    assert main(["demo", "--output", str(tmp_path)]) == 0
+    assert [call["settings"] for call in calls] == [{"suta": False}, None]

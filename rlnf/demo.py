@@ -1,4 +1,5 @@
-"""`rlnf demo`: the offline end-to-end demo on synthetic speech, within ~15 minutes on 2 CPU cores.
+"""`rlnf demo`: the offline end-to-end demo on synthetic speech, within ~15 minutes on 2 CPU cores (and ~2
+more for stage 10, SUTA).
 
 1. corpus            flite/espeak speech of public-domain sentences; one voice held out entirely
    other_text_corpus the held-out voice reading everyday English (rlnf/data/everyday_sentences.txt): a
@@ -21,6 +22,8 @@
 8. self_training     the same wall-clock of supervised training of the start on its pseudo-labels
 9. evaluate          greedy WER / CER / mean learned reward on the held-out voice's test sentences;
                      evaluate-other_text: greedy WER / CER on the other-text test set
+10. suta             rlnf adapt suta of the held-out runs' start on both test sets (setting ``suta``,
+                     ``rlnf demo --no-suta``): the test-time adaptation baseline
 
 The stages are functions (``prepare``, ``train_reward``, ``rl_runs``, ...) that ``scripts/quality.py``
 also runs, once per seed, to judge the same comparison over several seeds.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -511,15 +515,19 @@ RL_SETTINGS = ("rl_algorithm", "rl_minutes", "rl_steps", "rl_lr", "rl_num_sample
                "rl_consensus_weight", "rl_reward_ensemble", "rl_reward_std_coef", "rl_pseudo_label_coef")
 
 
-def rl_keys(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings an RL run of ``rl_overrides`` depends on (its stage key)."""
+def rl_keys(settings: dict[str, Any], learned: bool = True) -> dict[str, Any]:
+    """The settings an RL run of ``rl_overrides`` depends on (its stage key); ``learned=False``: a run with
+    the 1 - CER reward, which the learned-reward run's own settings (consensus, ensemble, pseudo-labels)
+    do not change. Each of those enters only when set, so the keys of earlier runs still match."""
     keys = {k: settings[k] for k in ("rl_algorithm", "rl_steps" if settings.get("rl_steps") else "rl_minutes",
                                      "rl_lr", "rl_num_samples", "rl_batch_size", "rl_kl_coef", "run_seed")}
-    if settings.get("rl_consensus_weight"):  # only when set, so the stage keys of earlier runs still match
+    if not learned:
+        return keys
+    if settings.get("rl_consensus_weight"):
         keys["rl_consensus_weight"] = settings["rl_consensus_weight"]
-    if settings.get("rl_reward_ensemble", 1) > 1:  # likewise
+    if settings.get("rl_reward_ensemble", 1) > 1:
         keys.update({k: settings[k] for k in ("rl_reward_ensemble", "rl_reward_std_coef")})
-    if settings.get("rl_pseudo_label_coef"):  # likewise
+    if settings.get("rl_pseudo_label_coef"):
         keys["rl_pseudo_label_coef"] = settings["rl_pseudo_label_coef"]
     return keys
 
@@ -566,7 +574,8 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
     runs = {f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}", key,
                                                      rl(audio, f"[{learned}]", extra))}
     if oracle:
-        runs[f"rl_cer_reward{suffix}"] = stages.run(f"rl_cer_reward{suffix}", {"policy": base["start_stage"], **keys},
+        runs[f"rl_cer_reward{suffix}"] = stages.run(f"rl_cer_reward{suffix}", {"policy": base["start_stage"],
+                                                                               **rl_keys(settings, learned=False)},
                                                     rl(data["heldout_train"], "[{name: cer}]"))
     return runs
 
@@ -755,14 +764,51 @@ def relative_change(value: float, reference: float) -> float | None:
     return round((value - reference) / reference, 4) if reference else None
 
 
+def check_settings(settings: dict[str, Any]) -> None:
+    """Refuse, before any stage runs and naming the setting, what the stages would only find late or
+    ignore silently: the learned-reward run's ensemble and pseudo-label settings, and the start's extra
+    pretraining data (more sentences than the shipped text holds, the held-out voice among its voices,
+    voices without sentences)."""
+    from rlnf.synth import Voice
+
+    ensemble, std_coef = settings["rl_reward_ensemble"], settings["rl_reward_std_coef"]
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+        raise ConfigError(f"demo setting rl_reward_ensemble: a whole number >= 1 of reward models, got {ensemble!r}")
+    if not isinstance(std_coef, (int, float)) or not math.isfinite(std_coef) or std_coef < 0:
+        raise ConfigError(f"demo setting rl_reward_std_coef: a finite number >= 0, got {std_coef!r}")
+    if std_coef and ensemble == 1:
+        raise ConfigError("demo setting rl_reward_std_coef needs rl_reward_ensemble >= 2 (one reward model has no "
+                          "spread to penalise)")
+    if settings["rl_pseudo_label_coef"] < 0:
+        raise ConfigError(f"demo setting rl_pseudo_label_coef: must be >= 0, got {settings['rl_pseudo_label_coef']}")
+    extra, voices = settings["pretrain_extra_sentences"], settings["pretrain_extra_voices"]
+    if extra < 0:
+        raise ConfigError(f"demo setting pretrain_extra_sentences: must be >= 0, got {extra}")
+    if voices and not extra:
+        raise ConfigError("demo setting pretrain_extra_voices needs pretrain_extra_sentences > 0 (they speak only "
+                          "the extra sentences)")
+    if settings["heldout_voice"] and Voice.parse(settings["heldout_voice"]).tag in {Voice.parse(v).tag for v in voices}:
+        raise ConfigError(f"demo setting pretrain_extra_voices: lists the held-out voice {settings['heldout_voice']!r}, "
+                          "which the starting policy must never hear")
+    if extra:
+        from rlnf.synth import read_sentences, sentences_file
+
+        available = len(read_sentences(sentences_file()))
+        if settings["sentences"] + extra > available:
+            raise ConfigError(f"demo setting pretrain_extra_sentences: {extra} more than the corpus's "
+                              f"{settings['sentences']} sentences; the shipped text has {available} in all")
+
+
 def scaled_settings(budget_minutes: float = 15.0, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """SETTINGS with overrides; the time-boxed stages (pretraining, the RL runs, continued supervised
-    training and self-training) scale with the budget; the defaults fill ~15 of 15 minutes on 2 CPU cores."""
+    training and self-training) scale with the budget; the defaults fill ~15 of 15 minutes on 2 CPU cores (the
+    suta row, not time-boxed, adds about 2). The settings are checked first (``check_settings``)."""
     unknown = sorted(set(settings or {}) - set(SETTINGS))
     if unknown:
         raise ConfigError(f"demo settings: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(SETTINGS))}")
     settings = {**SETTINGS, **(settings or {})}
     check_reward_model(settings["reward_model"])
+    check_settings(settings)
     scale = budget_minutes / 15.0
     settings["pretrain_minutes"] = round(settings["pretrain_minutes"] * scale, 3)
     settings["rl_minutes"] = round(settings["rl_minutes"] * scale, 3)

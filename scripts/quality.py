@@ -360,7 +360,7 @@ def supervised_baselines(stages, settings: dict[str, Any], base: dict[str, Any])
     converged = stages.run(CTC_CONVERGED, {"policy": base["start_stage"], **content_key(data, "corpus"), **limits},
                            converge)
     start = converged["evaluated_checkpoint"]
-    keys = rl_keys(settings)
+    keys = rl_keys(settings, learned=False)
     with_rl = stages.run(CTC_RL, {"policy": converged, **keys}, lambda folder: _run_recipe(
         "rl_finetune", rl_overrides(settings, start, data["heldout_val"], folder, data["heldout_train"],
                                     "[{name: cer}]")))

@@ -259,7 +259,7 @@ def test_a_reward_s_diagnostics_are_logged_beside_it_not_summed():
     ({"paths": ["a", "a"]}, "lists a checkpoint twice"),
     ({"paths": ["a", "b"], "std_coef": -1.0}, "std_coef: must be a finite number >= 0"),
     ({"paths": ["a", "b"], "std_coef": float("nan")}, "std_coef: must be a finite number >= 0"),
-    ({"path": "a", "std_coef": 1.0}, "std_coef needs an ensemble"),
+    ({"path": "a", "std_coef": 1.0}, "std_coef is for a 'learned' ensemble"),
     ({}, "needs 'path'"),
 ])
 def test_a_learned_ensemble_s_config_is_checked(fields, message):

@@ -103,8 +103,8 @@ class RewardSpec:
         if not math.isfinite(self.std_coef) or self.std_coef < 0:
             raise ConfigError(f"rewards[].std_coef: must be a finite number >= 0, got {self.std_coef}")
         if self.std_coef and not self.paths:
-            raise ConfigError("rewards[].std_coef needs an ensemble: give the checkpoints as 'paths' (one model has "
-                              "no spread to penalise)")
+            raise ConfigError(f"rewards: {self.name!r}: std_coef is for a 'learned' ensemble: give its checkpoints as "
+                              "'paths' (one model has no spread to penalise)")
 
     @property
     def label(self) -> str:

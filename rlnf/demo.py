@@ -331,14 +331,15 @@ def pretrain_corpus(stages: Stages, settings: dict[str, Any], data: dict[str, An
         import numpy as np
 
         from rlnf.data.manifest import write_manifest
-        from rlnf.synth import load_sentences, synthesize_sentences
+        from rlnf.synth import load_sentences, synthesize_sentences, voices_for_sentences
 
         sentences = load_sentences(settings["sentences"] + count, settings["seed"])[settings["sentences"]:]
-        chooser = np.random.default_rng(settings["seed"] + 1)
+        picks = voices_for_sentences(len(sentences), len(voices), settings["voices_per_sentence"],
+                                     np.random.default_rng(settings["seed"] + 1))
         per_voice: dict[int, list[str]] = {v: [] for v in range(len(voices))}
-        for sentence in sentences:
-            for v in chooser.choice(len(voices), size=min(settings["voices_per_sentence"], len(voices)), replace=False):
-                per_voice[int(v)].append(sentence)
+        for sentence, picked in zip(sentences, picks):
+            for v in picked:
+                per_voice[v].append(sentence)
         rows = []
         for v, said in per_voice.items():
             if said:
@@ -538,9 +539,7 @@ def learned_reward_spec(settings: dict[str, Any], stages: Stages, base: dict[str
     stage results, trained here when missing; none for one reward model): ``reward``'s checkpoint, or
     with ``rl_reward_ensemble`` = M > 1 the checkpoints of ``reward`` and M - 1 more reward models of
     kind ``model`` (``train_reward``'s members), std_coef ``rl_reward_std_coef``."""
-    count = settings.get("rl_reward_ensemble", 1)
-    if count < 1:
-        raise ConfigError(f"demo setting rl_reward_ensemble: must be >= 1, got {count}")
+    count = settings.get("rl_reward_ensemble", 1)  # checked with the settings (check_settings)
     if count == 1:
         return f"{{name: learned, path: '{reward['best_checkpoint']}'}}", []
     members = [train_reward(stages, settings, base, model, member=j) for j in range(1, count)]
@@ -705,8 +704,8 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
     if settings["suta"]:  # test-time adaptation of the held-out runs' start: no training, no reward model
         results[SUTA_ROW] = {**suta_stage(stages, base, SUTA_ROW, base["start"], base["start_stage"], device),
                              "reward": None}
-        names = (*names[:names.index(ADAPTED) + 1 if ADAPTED in names else 1], SUTA_ROW,
-                 *names[names.index(ADAPTED) + 1 if ADAPTED in names else 1:])
+        after = names.index(ADAPTED) + 1 if ADAPTED in names else 1  # right after the start it adapts
+        names = (*names[:after], SUTA_ROW, *names[after:])
         seconds[SUTA_ROW], models[SUTA_ROW] = results[SUTA_ROW]["seconds"], f"{base['start']} + SUTA"
 
     report = {

@@ -123,6 +123,16 @@ def load_sentences(count: int, seed: int = 0, source: str | Path | None = None) 
     return [lines[i] for i in order]
 
 
+def voices_for_sentences(count: int, num_voices: int, per_sentence: int | None,
+                         rng: np.random.Generator) -> list[list[int]]:
+    """For each of ``count`` sentences, the sorted indices of the voices that speak it: all of them when
+    ``per_sentence`` is None or at least ``num_voices`` (``rng`` untouched), else ``per_sentence`` of them
+    drawn without replacement from ``rng``, one draw per sentence in order."""
+    if per_sentence is None or per_sentence >= num_voices:
+        return [list(range(num_voices)) for _ in range(count)]
+    return [sorted(int(i) for i in rng.choice(num_voices, size=per_sentence, replace=False)) for _ in range(count)]
+
+
 def synthesize_corpus(
     output: str | Path,
     num_sentences: int = 600,
@@ -167,16 +177,11 @@ def synthesize_corpus(
     splits = {"train": range(0, n_train), "val": range(n_train, n_train + n_val),
               "test": range(n_train + n_val, num_sentences)}
 
-    chooser = np.random.default_rng([seed, 7])
+    picks = voices_for_sentences(num_sentences, len(train_voices), voices_per_sentence,
+                                 np.random.default_rng([seed, 7]))
     speakers: dict[int, list[Voice]] = {}
-    for sentence_id in range(num_sentences):
-        if voices_per_sentence is None or voices_per_sentence >= len(train_voices):
-            speakers[sentence_id] = list(train_voices)
-        else:
-            picked = sorted(chooser.choice(len(train_voices), size=voices_per_sentence, replace=False))
-            speakers[sentence_id] = [train_voices[i] for i in picked]
-        if heldout:
-            speakers[sentence_id].append(heldout)
+    for sentence_id, picked in enumerate(picks):
+        speakers[sentence_id] = [train_voices[i] for i in picked] + ([heldout] if heldout else [])
     jobs = []
     for voice_index, voice in enumerate(all_voices):
         for sentence_id, text in enumerate(sentences):

@@ -80,7 +80,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlnf.demo import (ADAPTED, REWARD_MODELS, RL_SETTINGS, STRONG_START, SUTA_ROW,  # neither torch nor NeMo
-                       check_reward_model)
+                       check_reward_model, check_settings)
 from rlnf.errors import ConfigError
 
 BASE_SEED = 42  # the demo's run_seed
@@ -149,6 +149,10 @@ def parse_variants(items: list[str], settings: dict[str, Any]) -> dict[str, dict
             raise ValueError(f"--variant {name}: {', '.join(shared)} shape(s) what every run shares (corpus, starting "
                              f"policy, pairs, reward model); give it with --settings. A variant may change "
                              f"{', '.join(RL_SETTINGS)} and reward_model")
+        try:  # the same checks as --settings, before any stage runs
+            check_settings({**settings, **overrides})
+        except ConfigError as exc:
+            raise ValueError(f"--variant {name}: {exc}") from None
         variants[name] = {"settings": overrides, "reward_model": reward_model}
     return variants
 

@@ -61,8 +61,10 @@ def test_largest_wer_rise_counts_rises_while_the_reward_rose():
 
 
 def test_variants_are_parsed_with_the_reward_model_and_bad_ones_named():
+    from rlnf.demo import SETTINGS
+
     quality = load_quality()
-    settings = {"rl_kl_coef": 0.05, "rl_lr": 1e-4, "reward_model": "listening"}
+    settings = {**SETTINGS, "rl_kl_coef": 0.05, "rl_lr": 1e-4, "reward_model": "listening"}  # as scaled_settings gives
     variants = quality.parse_variants(['kl02={"rl_kl_coef": 0.2}',
                                        'card={"reward_model": "card", "rl_lr": 2e-4}'], settings)
     assert variants == {"kl02": {"settings": {"rl_kl_coef": 0.2}, "reward_model": "listening"},  # the demo's
@@ -71,7 +73,8 @@ def test_variants_are_parsed_with_the_reward_model_and_bad_ones_named():
     for item, words in [('a={"rl_kl": 1}', "unknown setting(s) rl_kl"), ("a={bad", "a: bad JSON"),
                         ('a={"adapt_batchnorm": false}', "adapt_batchnorm shape(s) what every run shares"),
                         ("a=[1]", "object"), ('a={"reward_model": "x"}', "one of listening, card"),
-                        ("no_json", "NAME=JSON"), ('a b={}', "NAME=JSON")]:
+                        ("no_json", "NAME=JSON"), ('a b={}', "NAME=JSON"),
+                        ('a={"rl_reward_ensemble": 3.0}', "--variant a: demo setting rl_reward_ensemble: a whole number")]:
         with pytest.raises(ValueError, match=None) as raised:
             quality.parse_variants([item], settings)
         assert words in str(raised.value), (item, raised.value)

@@ -201,6 +201,10 @@ class Judge:
         to_score = greedy if algo.advantage == "self_critical" and greedy_rewards is None else None
         rewards, components, scored_greedy = score(self.rewards, batch, self.policy.sample_rate, samples, to_score)
         greedy_rewards = scored_greedy if to_score is not None else greedy_rewards
+        # Rewards come back on the CPU (RewardSet); the KL, advantages and loss live with the log-probs.
+        device = frames.log_probs.device
+        rewards = rewards.to(device)
+        greedy_rewards = None if greedy_rewards is None else greedy_rewards.to(device)
         seq_log_probs = ctc.distinct_sequence_log_probs(frames.log_probs, frames.encoded_len, samples.labels,
                                                         samples.label_len, self.policy.blank_id)
         ref_seq_log_probs = penalised = None

@@ -1,4 +1,5 @@
-"""scripts/gpu_check.sh: without CUDA it says it skipped and succeeds; its test stage selects tests."""
+"""scripts/gpu_check.sh: without CUDA it says it skipped and succeeds; its test stage selects tests.
+scripts/gpu_bundle.sh refuses a package list it cannot use."""
 
 from __future__ import annotations
 
@@ -25,3 +26,20 @@ def test_the_cuda_marker_selects_the_cuda_tests():
                              "tests"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     selected = [line for line in result.stdout.splitlines() if "::" in line]
     assert len(selected) >= 3 and all(line.startswith("tests/test_cuda.py::") for line in selected), result.stdout
+
+
+def test_gpu_bundle_refuses_a_missing_or_empty_package_list_and_keeps_the_old_bundle(tmp_path):
+    (tmp_path / "scripts").mkdir()  # a copy, so that its bundle folder is tmp_path/.gpu_bundle, not the repo's
+    script = tmp_path / "scripts" / "gpu_bundle.sh"
+    script.write_text((ROOT / "scripts" / "gpu_bundle.sh").read_text())
+    (tmp_path / ".gpu_bundle").mkdir()
+    (tmp_path / ".gpu_bundle" / "run.sh").write_text("kept")
+    env = {**os.environ, "PYTHON": sys.executable}
+    missing = subprocess.run(["bash", str(script), str(tmp_path / "nope.txt")], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 2 and "usage: scripts/gpu_bundle.sh TARGET_PACKAGES" in missing.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    refused = subprocess.run(["bash", str(script), str(empty)], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and f"{empty} names no packages" in refused.stderr
+    assert (tmp_path / ".gpu_bundle" / "run.sh").read_text() == "kept"

@@ -96,6 +96,10 @@ SETTINGS: dict[str, Any] = {
     # > 0: the learned-reward run trains on the pseudo-labels (the start's greedy transcripts of the same
     # audio, the self-training data) with a supervised CTC term of this weight (algorithm.supervised_coef).
     "rl_pseudo_label_coef": 0.0,
+    # True: the learned-reward run is two rounds (``refresh_reward``): RL, then the reward model fine-tuned
+    # on its pairs plus pairs of the round-1 policy's hypotheses of the labelled voices, then RL again
+    # from the round-1 policy with the refreshed reward model (each round rl_steps / rl_minutes).
+    "rl_reward_refresh": False,
     "supervised_lr": 5e-4,
     "self_training_min_confidence": 0.0,
     # scripts/quality.py's supervised baselines on the held-out voice's transcripts (not run by the demo):
@@ -478,17 +482,60 @@ def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
                                                 "batches": "by clip", "rank": settings["reward_rank_loss_weight"],
                                                 "seed": settings["run_seed"], **({"config": config} if listening else {})},
                         lambda folder: _run_recipe("train_reward_model", [
-                            f"output_dir={folder}", f"data.train_manifest={pairs['train']}",
-                            f"data.val_manifest={pairs['val']}", f"model.vocab_size={settings['reward_vocab_size']}",
-                            *epochs, "trainer.batch_size=32", "trainer.lr=1e-3",
-                            "trainer.group_by_clip=true", "trainer.best_metric=val/group_spearman",
-                            f"trainer.rank_loss_weight={settings['reward_rank_loss_weight']}",
-                            "hard_negatives.enabled=false", "augment.prob=0.3", "augment.gain_db=0",
-                            "augment.noise_snr_db=null", "trainer.log_every=20", f"trainer.seed={settings['run_seed']}"],
-                            config))
-    heldout = stages.run(stage.replace("reward_model", "reward_heldout"), {"reward": reward, "pairs": base["heldout_pairs"]},
-                         lambda folder: reward_listening(reward["best_checkpoint"], base["heldout_pairs"]["val"], folder))
-    return {**reward, "heldout": heldout}
+                            *reward_overrides(settings, folder, pairs), *epochs], config))
+    return {**reward, "heldout": reward_heldout(stages, base, reward, stage)}
+
+
+def reward_overrides(settings: dict[str, Any], folder: Path, pairs: dict[str, Any]) -> list[str]:
+    """The ``train_reward_model`` overrides of the demo's reward models (``train_reward``, ``refresh_reward``)."""
+    return [f"output_dir={folder}", f"data.train_manifest={pairs['train']}", f"data.val_manifest={pairs['val']}",
+            f"model.vocab_size={settings['reward_vocab_size']}", "trainer.batch_size=32", "trainer.lr=1e-3",
+            "trainer.group_by_clip=true", "trainer.best_metric=val/group_spearman",
+            f"trainer.rank_loss_weight={settings['reward_rank_loss_weight']}", "hard_negatives.enabled=false",
+            "augment.prob=0.3", "augment.gain_db=0", "augment.noise_snr_db=null", "trainer.log_every=20",
+            f"trainer.seed={settings['run_seed']}"]
+
+
+def reward_heldout(stages: Stages, base: dict[str, Any], reward: dict[str, Any], stage: str) -> dict[str, Any]:
+    """Whether reward model ``reward`` (trained in ``stage``) listens on the held-out voice: ``reward_listening``
+    on that voice's validation pairs, in the stage named like ``stage`` with "reward_heldout"."""
+    return stages.run(stage.replace("reward_model", "reward_heldout"), {"reward": reward, "pairs": base["heldout_pairs"]},
+                      lambda folder: reward_listening(reward["best_checkpoint"], base["heldout_pairs"]["val"], folder))
+
+
+def refresh_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any], reward: dict[str, Any],
+                   model: str, first: dict[str, Any], suffix: str) -> dict[str, Any]:
+    """The reward model refreshed on the hypotheses of the round-1 learned-reward policy (``first``, a
+    stage result), for ``rl_reward_refresh``. Stage ``refresh_pairs{suffix}``: that policy's scored pairs of
+    the labelled training and validation voices (``_scored_pairs``: its greedy and sampled hypotheses and
+    the negatives, each scored 1 - CER against the reference), added to the scored pairs the reward model
+    was trained on. Stage ``reward_model-<model>{suffix}-refreshed``: ``reward`` fine-tuned on them for one
+    epoch (``model.init_from``; no CTC-only epochs), the best checkpoint by val/group_spearman on the merged
+    validation pairs. Returns that stage's result with "heldout" (``reward_heldout``)."""
+    data, pairs, policy = base["data"], base["pairs"], first["last_checkpoint"]
+
+    def scored(folder: Path) -> dict[str, Any]:
+        result = {}
+        for split, source, seed in (("train", data["train"], 4), ("val", data["val"], 5)):
+            new = folder / f"new_{split}.json"
+            count = _scored_pairs(policy, source, new, settings["scored_utterances"] if split == "train" else 10_000,
+                                  settings, seed=seed)
+            lines = [line for path in (pairs[split], new) for line in Path(path).read_text().splitlines() if line.strip()]
+            atomic_write_text(folder / f"scored_{split}.json", "\n".join(lines) + "\n")
+            result.update({split: str(folder / f"scored_{split}.json"), f"new_{split}_pairs": count,
+                           f"{split}_pairs": len(lines)})
+        return {**result, "sha256": file_sha256(folder / "scored_train.json") + file_sha256(folder / "scored_val.json")}
+
+    merged = stages.run(f"refresh_pairs{suffix}", {"policy": first, "pairs": pairs, **{k: settings[k] for k in (
+        "scored_utterances", "scored_temperatures", "scored_samples_per_temperature")}}, scored)
+    stage = f"{reward_stage(model)}{suffix}-refreshed"
+    config = "reward/listening" if model == "listening" else None
+    refreshed = stages.run(stage, {"reward": reward, "pairs": merged, "epochs": 1, "seed": settings["run_seed"]},
+                           lambda folder: _run_recipe("train_reward_model", [
+                               *reward_overrides(settings, folder, merged), "trainer.epochs=1",
+                               f"model.init_from={reward['best_checkpoint']}",
+                               *(["trainer.ctc_pretrain_epochs=0"] if model == "listening" else [])], config))
+    return {**refreshed, "stage": stage, "heldout": reward_heldout(stages, base, refreshed, stage)}
 
 
 def rl_overrides(settings: dict[str, Any], policy: str, val_manifest: str, folder: Path, train_manifest: str,
@@ -513,7 +560,8 @@ def rl_overrides(settings: dict[str, Any], policy: str, val_manifest: str, folde
 # The settings of one RL run alone (what scripts/quality.py's --variant may change); the others shape
 # the stages every run shares: the corpus, the starting policy, the pairs, the reward model.
 RL_SETTINGS = ("rl_algorithm", "rl_minutes", "rl_steps", "rl_lr", "rl_num_samples", "rl_batch_size", "rl_kl_coef",
-               "rl_consensus_weight", "rl_reward_ensemble", "rl_reward_std_coef", "rl_pseudo_label_coef")
+               "rl_consensus_weight", "rl_reward_ensemble", "rl_reward_std_coef", "rl_pseudo_label_coef",
+               "rl_reward_refresh")
 
 
 def rl_keys(settings: dict[str, Any], learned: bool = True) -> dict[str, Any]:
@@ -530,6 +578,8 @@ def rl_keys(settings: dict[str, Any], learned: bool = True) -> dict[str, Any]:
         keys.update({k: settings[k] for k in ("rl_reward_ensemble", "rl_reward_std_coef")})
     if settings.get("rl_pseudo_label_coef"):
         keys["rl_pseudo_label_coef"] = settings["rl_pseudo_label_coef"]
+    if settings.get("rl_reward_refresh"):
+        keys["rl_reward_refresh"] = True
     return keys
 
 
@@ -556,22 +606,38 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
     (``learned_reward_spec``)."""
     data, policy = base["data"], base["start"]
 
-    def rl(train_manifest: str, rewards: str, extra: tuple[str, ...] = ()) -> Callable[[Path], dict[str, Any]]:
-        return lambda folder: _run_recipe("rl_finetune", [*rl_overrides(settings, policy, data["heldout_val"], folder,
+    def rl(train_manifest: str, rewards: str, extra: tuple[str, ...] = (), start: str = policy,
+           seed_offset: int = 0) -> Callable[[Path], dict[str, Any]]:
+        seeded = {**settings, "run_seed": settings["run_seed"] + seed_offset}
+        return lambda folder: _run_recipe("rl_finetune", [*rl_overrides(seeded, start, data["heldout_val"], folder,
                                                                          train_manifest, rewards), *extra])
 
+    def rewards(scorer: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+        learned, members = learned_reward_spec(settings, stages, base, scorer, model)
+        consensus = settings.get("rl_consensus_weight")
+        if consensus:
+            learned += f", {{name: rlnf.rewards.consensus, weight: {consensus}}}"
+        return f"[{learned}]", members
+
     keys = rl_keys(settings)
-    learned, members = learned_reward_spec(settings, stages, base, reward, model)
-    consensus = settings.get("rl_consensus_weight")
-    if consensus:
-        learned += f", {{name: rlnf.rewards.consensus, weight: {consensus}}}"
+    learned, members = rewards(reward)
     key = {"policy": base["start_stage"], "reward": reward, **keys, **({"members": members} if members else {})}
     audio, extra = data["heldout_unlabelled"], ()
     if settings.get("rl_pseudo_label_coef"):  # the same audio with the start's transcripts, and a CTC term on them
         audio, extra = base["pseudo_labels"]["manifest"], (f"algorithm.supervised_coef={settings['rl_pseudo_label_coef']}",)
         key["labels"] = base["pseudo_labels"]
-    runs = {f"rl_learned_reward{suffix}": stages.run(f"rl_learned_reward{suffix}", key,
-                                                     rl(audio, f"[{learned}]", extra))}
+    name = f"rl_learned_reward{suffix}"
+    if settings.get("rl_reward_refresh"):  # round 1 is the run without the refresh (its key too)
+        first = stages.run(f"{name}-round1", {k: v for k, v in key.items() if k != "rl_reward_refresh"},
+                           rl(audio, learned, extra))
+        refreshed = refresh_reward(stages, settings, base, reward, model or settings["reward_model"], first, suffix)
+        # Round 2 from round 1's policy (its KL reference too), other samples (run_seed + 1).
+        second = stages.run(name, {**key, "round1": first, "refreshed": refreshed},
+                            rl(audio, rewards(refreshed)[0], extra, start=first["last_checkpoint"], seed_offset=1))
+        # The stages whose seconds the run's cost adds to its own (scripts/quality.py's "seconds").
+        runs = {name: {**second, "cost_stages": [f"{name}-round1", f"refresh_pairs{suffix}", refreshed["stage"]]}}
+    else:
+        runs = {name: stages.run(name, key, rl(audio, learned, extra))}
     if oracle:
         runs[f"rl_cer_reward{suffix}"] = stages.run(f"rl_cer_reward{suffix}", {"policy": base["start_stage"],
                                                                                **rl_keys(settings, learned=False)},
@@ -778,6 +844,10 @@ def check_settings(settings: dict[str, Any]) -> None:
     if std_coef and ensemble == 1:
         raise ConfigError("demo setting rl_reward_std_coef needs rl_reward_ensemble >= 2 (one reward model has no "
                           "spread to penalise)")
+    if not isinstance(settings["rl_reward_refresh"], bool):
+        raise ConfigError(f"demo setting rl_reward_refresh: true or false, got {settings['rl_reward_refresh']!r}")
+    if settings["rl_reward_refresh"] and ensemble > 1:
+        raise ConfigError("demo setting rl_reward_refresh refreshes one reward model: it needs rl_reward_ensemble 1")
     if settings["rl_pseudo_label_coef"] < 0:
         raise ConfigError(f"demo setting rl_pseudo_label_coef: must be >= 0, got {settings['rl_pseudo_label_coef']}")
     extra, voices = settings["pretrain_extra_sentences"], settings["pretrain_extra_voices"]

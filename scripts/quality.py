@@ -560,10 +560,12 @@ def main(argv: list[str] | None = None) -> int:
         scorers = {settings["reward_model"]: reward}
         for model in sorted({variant["reward_model"] for variant in variants.values()} - set(scorers)):
             scorers[model] = train_reward(stages, seeded, base, model)
+        cost_stages = {}  # a run's other stages whose seconds its cost includes (a refreshed reward's rounds)
         for name, variant in variants.items():  # test WER/CER; each reward model is judged on held-out pairs
             scorer = scorers[variant["reward_model"]]
             tried = rl_runs(stages, {**seeded, **variant["settings"]}, base, scorer, suffix=f"-{name}", oracle=False,
                             model=variant["reward_model"])
+            cost_stages.update({run: result["cost_stages"] for run, result in tried.items() if "cost_stages" in result})
             results.update(evaluate_runs(stages, base, reward, tried, device, name=f"evaluate_variant-{name}",
                                          baselines=False))
         if args.supervised_baselines:
@@ -572,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
                                          baselines=False))
         # Every run's cost: its stage's wall-clock seconds as it ran (cached stages: as recorded then).
         seconds = {name: stages.timings.get(name, shared.timings.get(name)) for name in run_names}
+        for name, parts in cost_stages.items():
+            seconds[name] += sum(stages.timings[part] for part in parts)
         seconds["pretrained"] = shared.timings["pretrain"]
         if args.suta:
             tta = suta_runs(shared, stages, base, runs["rl_learned_reward"], device)

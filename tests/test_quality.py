@@ -411,6 +411,67 @@ def test_a_reward_ensemble_variant_trains_its_members_once_and_scores_with_all(t
     assert [recipe for recipe, _ in calls] == ["rl_finetune"]
 
 
+def test_a_refresh_variant_fine_tunes_the_reward_model_on_the_round_1_policy_s_pairs_then_runs_rl_again(
+        tmp_path, monkeypatch):
+    """rl_reward_refresh: round 1 is the plain learned-reward run; the round-1 policy's scored pairs of the
+    labelled training and validation voices are added to the reward model's pairs; the reward model is
+    fine-tuned on them from its checkpoint (one epoch, no CTC-only epochs); round 2 starts from the round-1
+    policy, scored by the refreshed model, with run_seed + 1. Refused with an ensemble."""
+    import rlnf.demo
+    from rlnf.demo import SETTINGS, Stages, check_settings, rl_keys, rl_runs
+    from rlnf.errors import ConfigError
+
+    calls = fake_recipes(monkeypatch)
+    monkeypatch.setattr(rlnf.demo, "reward_listening", lambda checkpoint, pairs, folder: {"audio_gain": 0.3})
+    drawn = []
+
+    def scored_pairs(policy, manifest, out, limit, settings, seed):
+        drawn.append((policy, manifest, seed))
+        Path(out).write_text(json.dumps({"audio_filepath": f"/{seed}.wav", "text": "new", "score": 0.5}) + "\n")
+        return 1
+
+    monkeypatch.setattr(rlnf.demo, "_scored_pairs", scored_pairs)
+    old_pairs = {}
+    for split in ("train", "val"):
+        old_pairs[split] = tmp_path / f"old_{split}.json"
+        old_pairs[split].write_text(json.dumps({"audio_filepath": "/old.wav", "text": "old", "score": 1.0}) + "\n")
+    base = {"data": {"heldout_train": "/c/t.json", "heldout_val": "/c/v.json", "heldout_unlabelled": "/c/u.json",
+                     "train": "/c/train.json", "val": "/c/val.json"},
+            "start": "/adapted.nemo", "start_stage": {"output": "/adapted.nemo", "sha256": "a"},
+            "pairs": {"train": str(old_pairs["train"]), "val": str(old_pairs["val"]), "sha256": "p"},
+            "heldout_pairs": {"val": "/p/h.json"}}
+    reward = {"best_checkpoint": "/rm/best", "sha256": "r"}
+    plain = {**SETTINGS, "rl_steps": 5, "run_seed": 43}
+    assert "rl_reward_refresh" not in rl_keys(plain)
+    settings = {**plain, "rl_reward_refresh": True}
+    folder = tmp_path / "run"
+    runs = rl_runs(Stages(folder, fresh=False), settings, base, reward, suffix="-refresh", oracle=False)
+    first, tune, second = calls
+    assert first[0] == "rl_finetune" and first[1]["policy.path"] == "/adapted.nemo"
+    assert first[1]["rewards"] == "[{name: learned, path: '/rm/best'}]" and first[1]["trainer.seed"] == "43"
+    round1 = f"{folder}/rl_learned_reward-refresh-round1/checkpoints/last.nemo"
+    assert drawn == [(round1, "/c/train.json", 4), (round1, "/c/val.json", 5)]
+    assert tune[0] == "train_reward_model" and tune[1]["model.init_from"] == "/rm/best"
+    assert tune[1]["trainer.epochs"] == "1" and tune[1]["trainer.ctc_pretrain_epochs"] == "0"
+    for split in ("train", "val"):
+        merged = [json.loads(line)["text"] for line in Path(tune[1][f"data.{split}_manifest"]).read_text().splitlines()]
+        assert merged == ["old", "new"]
+    refreshed = f"{folder}/reward_model-listening-refresh-refreshed/checkpoints/best.nemo"
+    assert second[0] == "rl_finetune" and second[1]["policy.path"] == round1
+    assert second[1]["rewards"] == f"[{{name: learned, path: '{refreshed}'}}]" and second[1]["trainer.seed"] == "44"
+    assert runs["rl_learned_reward-refresh"]["last_checkpoint"] == f"{folder}/rl_learned_reward-refresh/checkpoints/last.nemo"
+    assert runs["rl_learned_reward-refresh"]["cost_stages"] == [
+        "rl_learned_reward-refresh-round1", "refresh_pairs-refresh", "reward_model-listening-refresh-refreshed"]
+    assert (folder / "reward_heldout-listening-refresh-refreshed" / "stage.json").exists()
+    calls.clear()
+    rl_runs(Stages(folder, fresh=False), settings, base, reward, suffix="-refresh", oracle=False)
+    assert calls == []  # every stage cached
+    for bad, message in (({"rl_reward_refresh": 1}, "true or false"),
+                         ({"rl_reward_refresh": True, "rl_reward_ensemble": 2}, "needs rl_reward_ensemble 1")):
+        with pytest.raises(ConfigError, match=message):
+            check_settings({**SETTINGS, **bad})
+
+
 def test_the_strong_start_s_extra_text_is_none_of_the_corpus_s_and_the_demo_s_start_is_unchanged(tmp_path):
     """pretrain_corpus: the next sentences of the corpus's seeded order (none of its train, validation or
     test sentences), each by voices_per_sentence voices; the corpus's training rows added with absolute

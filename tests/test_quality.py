@@ -127,6 +127,10 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
         assert len(summary["runs"][name]["wer_change_per_seed"]) == 2 and summary["runs"][name]["seconds"] > 0
     assert summary["runs"]["suta"]["wer_change_per_seed"][0] == summary["runs"]["suta"]["wer_change_per_seed"][1]
     assert "learned_beats_suta_every_seed" in summary
+    assert summary["targets"]["learned_run"] == "rl_learned_reward"
+    assert set(summary["variant_targets"]) == {"rl_learned_reward-ens2", "rl_learned_reward-card"}
+    assert summary["variant_targets"]["rl_learned_reward-ens2"]["baselines"] == ["suta", "self_training",
+                                                                                 "batchnorm_adapted"]
     assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model"])
     assert summary["reward_model"]["name"] == "listening"  # the demo's; the other one scored the variant
     assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model_card"])

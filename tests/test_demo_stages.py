@@ -37,6 +37,7 @@ def test_the_demo_report_gives_every_run_on_both_test_sets(tmp_path, monkeypatch
     """run_demo's report.json and table from faked stages: each run's other-text WER / CER and its
     change against pretrained on that set."""
     import json
+    import re
 
     import rlnf.demo as demo
 
@@ -66,27 +67,27 @@ def test_the_demo_report_gives_every_run_on_both_test_sets(tmp_path, monkeypatch
     monkeypatch.setattr(demo, "_plot", lambda *args: None)
     suta_calls = []
 
-    def suta_stage(stages, base, name, model, upstream, device, suta_settings=None):  # SUTA of the start
-        suta_calls.append((name, model))
-        return {"wer": wer["suta"], "cer": wer["suta"] / 2, "seconds": 60.0,
-                "other_text": {"wer": other["suta"], "cer": other["suta"] / 2}}
+    def suta_stage(stages, base, name, model, upstream, device, suta_settings=None, other_text=True):
+        suta_calls.append((name, model, other_text))  # SUTA of the start, in-domain only
+        return {"wer": wer["suta"], "cer": wer["suta"] / 2, "seconds": 60.0, "other_text": None}
 
-    wer["suta"], other["suta"] = 0.66, 0.8
+    wer["suta"] = 0.66
     monkeypatch.setattr(demo, "suta_stage", suta_stage)
     demo.run_demo(str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["other_text_test_manifest"] == "/other.json"
     runs = {run["name"]: run for run in report["runs"]}
-    assert suta_calls == [("suta", "/adapted.nemo")]
+    assert suta_calls == [("suta", "/adapted.nemo", False)]
     names = ("pretrained", "batchnorm_adapted", "suta", *demo.TRAINED_RUNS)  # SUTA right after its start
     assert list(runs) == list(names) and runs["suta"]["reward"] is None and runs["suta"]["seconds"] == 60.0
     for name in names:
         assert runs[name]["wer_relative_change"] == round((wer[name] - 0.8) / 0.8, 4)
-        assert runs[name]["other_text"] == {"wer": other[name], "cer": other[name] / 2,
-                                            "wer_relative_change": round((other[name] - 0.9) / 0.9, 4)}
+        assert runs[name]["other_text"] == (None if name == "suta" else {
+            "wer": other[name], "cer": other[name] / 2, "wer_relative_change": round((other[name] - 0.9) / 0.9, 4)})
     table = capsys.readouterr().out
     assert "other WER" in table and "other text: 3 everyday sentences" in table
     assert "+10.0 %" in table  # self_training on the other text: 0.99 against 0.9
+    assert re.search(r"^suta .* n/a ", table, re.M)  # the demo adapts on the in-domain test set only
 
 
 def test_rlnf_demo_no_suta_leaves_the_suta_row_out(monkeypatch, tmp_path):

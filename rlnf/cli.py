@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="wall-clock budget: the time-boxed stages scale with it (default fits 2 CPU cores)")
     demo.add_argument("--fresh", action="store_true", help="ignore cached stages")
     demo.add_argument("--no-suta", dest="suta", action="store_false",
-                      help="leave out the suta row (SUTA of the adapted start on both test sets, about 2 minutes)")
+                      help="leave out the suta row (SUTA of the adapted start on the in-domain test set, about 1 minute)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

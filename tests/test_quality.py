@@ -104,7 +104,8 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
     assert quality.main(["--output", str(out), "--seeds", "2", "--json", str(figures), "--presets", "rloo",
                          "--rl-steps", "3", "--other-reward-model", "--settings", json.dumps(settings),
                          "--start", "strong",
-                         "--variant", 'ens2={"rl_reward_ensemble": 2, "rl_reward_std_coef": 1.0}']) == 0
+                         "--variant", 'ens2={"rl_reward_ensemble": 2, "rl_reward_std_coef": 1.0}',
+                         "--variant", 'ref={"rl_reward_refresh": true}']) == 0
     summary = json.loads(figures.read_text())
     assert summary["start"] == "strong" and 0 <= summary["start_train_voices_wer"]
     pretrain = (out / "pretrain" / "config.yaml").read_text()
@@ -115,7 +116,7 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
         assert "ensemble_std" in (folder / "rl_learned_reward-ens2" / "metrics.jsonl").read_text()
     assert summary["seeds"] == 2 and summary["seconds"] > 0 and summary["stage_seconds"] >= summary["seconds"] * 0.5
     for name in (*RUNS, "rl_learned_reward-rloo", "rl_cer_reward-rloo", "rl_learned_reward-card", "suta",
-                 "rl_learned_reward-ens2",
+                 "rl_learned_reward-ens2", "rl_learned_reward-ref",
                  "rl_learned_reward+suta", *SUPERVISED, "batchnorm_adapted"):
         run = summary["runs"][name]  # the Output section's keys, on both test sets
         assert {"wer_change_mean", "wer_change_std", "wer_change_per_seed", "other_text_wer_change_per_seed",
@@ -128,7 +129,14 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
     assert summary["runs"]["suta"]["wer_change_per_seed"][0] == summary["runs"]["suta"]["wer_change_per_seed"][1]
     assert "learned_beats_suta_every_seed" in summary
     assert summary["targets"]["learned_run"] == "rl_learned_reward"
-    assert set(summary["variant_targets"]) == {"rl_learned_reward-ens2", "rl_learned_reward-card"}
+    assert set(summary["variant_targets"]) == {"rl_learned_reward-ens2", "rl_learned_reward-card",
+                                               "rl_learned_reward-ref"}
+    for folder in (out, out / "quality" / "seed_43"):  # the refresh's reward model: fine-tuned from the seed's
+        tuned = (folder / "reward_model-listening-ref-refreshed" / "config.yaml").read_text()
+        assert f"init_from: {folder}/reward_model-listening/checkpoints/best" in tuned
+        assert (folder / "rl_learned_reward-ref" / "checkpoints" / "last.nemo").is_file()
+    seconds = summary["runs"]["rl_learned_reward-ref"]["seconds_per_seed"]  # both rounds and the refresh
+    assert all(value > summary["runs"]["rl_learned_reward"]["seconds_per_seed"][i] for i, value in enumerate(seconds))
     assert summary["variant_targets"]["rl_learned_reward-ens2"]["baselines"] == ["suta", "self_training",
                                                                                  "batchnorm_adapted"]
     assert {"audio_gain_mean", "heldout_group_spearman_mean"} <= set(summary["reward_model"])

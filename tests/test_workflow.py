@@ -5,9 +5,9 @@ What the test changes, and only through the page's own variables (its block read
 environment, with the page's default otherwise):
 - MODEL, LABELLED, LABELLED_VAL, AUDIO, TEST, RUNS: the tiny pretrained QuartzNet and the synthesised
   corpus (training voices labelled; the held-out voice's audio without its text; its test sentences);
-- PAIRS_OPTIONS, REWARD_OPTIONS, RL_OPTIONS (empty on the page): small sizes so it runs in about a
-  minute on a CPU: 8 clips of pairs, a reward model of 16-wide layers for one epoch, RL for 2 steps
-  of 2 clips x 2 samples.
+- PAIRS_OPTIONS, REWARD_OPTIONS, RL_OPTIONS (empty on the page): small sizes so it runs in a minute or
+  two on a CPU: 8 clips of pairs, a reward model of 16-wide layers for one epoch, RL for 2 steps of
+  2 clips x 2 samples, in each round.
 ``rlnf`` is this checkout's CLI (a wrapper on PATH running ``python -m rlnf.cli``).
 """
 
@@ -45,7 +45,9 @@ def bash_block(page: Path) -> str:
 def test_the_page_block_uses_only_documented_commands_and_its_variables():
     block = bash_block(PAGE)
     commands = [line.split()[:3] for line in block.splitlines() if line.startswith("rlnf ")]
-    assert [c[1] for c in commands] == ["data", "data", "run", "adapt-batchnorm", "run", "evaluate", "evaluate"]
+    assert [c[1] for c in commands] == ["data", "data", "run", "adapt-batchnorm", "run",  # round 1
+                                        "data", "data", "run", "run",  # the refresh and round 2
+                                        "evaluate", "evaluate", "evaluate"]
     assert "--config reward/listening" in block and "--config rl/grpo_learned_reward" in block
     for name in ("MODEL", "LABELLED", "LABELLED_VAL", "AUDIO", "TEST", "RUNS", *FAST):
         assert re.search(rf"^{name}=\$\{{{name}:-", block, flags=re.M), name  # overridable from the environment
@@ -87,4 +89,14 @@ def test_the_documented_workflow_runs_end_to_end(tmp_path, pretrained_tiny_nemo,
     for metrics in (start, result):
         assert 0 <= metrics["wer"] and metrics["n"] == len(Path(corpus["heldout_test"]).read_text().splitlines())
     assert result["model"] == "runs/rl/checkpoints/last.nemo"
+    # The refresh: the first RL model's pairs added to the old ones; the reward model fine-tuned from its
+    # checkpoint for one epoch without CTC-only epochs; round 2 from the first RL model with it.
+    both = (runs / "pairs_train_both.jsonl").read_text().splitlines()
+    assert both == (runs / "pairs_train.jsonl").read_text().splitlines() + \
+        (runs / "pairs_train_2.jsonl").read_text().splitlines()
+    refreshed = (runs / "reward_2" / "config.yaml").read_text()
+    assert "init_from: runs/reward/checkpoints/best" in refreshed and "ctc_pretrain_epochs: 0" in refreshed
+    second = (runs / "rl_2" / "config.yaml").read_text()
+    assert "path: runs/rl/checkpoints/last.nemo" in second and "runs/reward_2/checkpoints/best" in second
+    assert json.loads((runs / "eval_rl_2.json").read_text())["model"] == "runs/rl_2/checkpoints/last.nemo"
     assert not list(ROOT.glob("runs")), "nothing may be written into the checkout"

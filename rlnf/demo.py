@@ -225,6 +225,29 @@ def _scored_pairs(policy_path: str, manifest: str, out: Path, limit: int, settin
     return summary["pairs"]
 
 
+def _labelled_pairs(policy_path: str, data: dict[str, Any], folder: Path, settings: dict, seeds: tuple[int, int],
+                    previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The scored pairs of the labelled voices as the policy hears them (``_scored_pairs`` of the corpus's
+    training sentences, ``scored_utterances`` of them, and of all its validation sentences, drawn with
+    ``seeds``), in FOLDER/scored_{train,val}.json. With ``previous`` (such a result), those files hold its
+    pairs followed by the new ones (FOLDER/new_{train,val}.json). Returns {"train", "val": paths,
+    "train_pairs", "val_pairs": their rows ("new_train_pairs", "new_val_pairs" with ``previous``), "sha256"}."""
+    result: dict[str, Any] = {}
+    for split, limit, seed in (("train", settings["scored_utterances"], seeds[0]), ("val", 10_000, seeds[1])):
+        out = folder / f"scored_{split}.json"
+        if previous is None:
+            result[f"{split}_pairs"] = _scored_pairs(policy_path, data[split], out, limit, settings, seed)
+        else:
+            new = folder / f"new_{split}.json"
+            result[f"new_{split}_pairs"] = _scored_pairs(policy_path, data[split], new, limit, settings, seed)
+            lines = [line for path in (previous[split], new) for line in Path(path).read_text().splitlines()
+                     if line.strip()]
+            atomic_write_text(out, "\n".join(lines) + "\n")
+            result[f"{split}_pairs"] = len(lines)
+        result[split] = str(out)
+    return {**result, "sha256": file_sha256(folder / "scored_train.json") + file_sha256(folder / "scored_val.json")}
+
+
 def reward_listening(checkpoint: str, pairs_manifest: str, folder: Path) -> dict[str, float]:
     """Does the reward model listen? On scored pairs (the policy's own hypotheses of clips it never
     trained on): the mean within-clip Spearman of its scores against 1 - CER, the same with every
@@ -413,16 +436,9 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
         start_stage = stages.run(ADAPTED, {"policy": pretrain, "audio": data["heldout_unlabelled"]}, adapt)
         start = start_stage["output"]
 
-    def scored(folder: Path) -> dict[str, Any]:
-        train_pairs = _scored_pairs(policy, data["train"], folder / "scored_train.json",
-                                    settings["scored_utterances"], settings, seed=1)
-        val_pairs = _scored_pairs(policy, data["val"], folder / "scored_val.json", 10_000, settings, seed=2)
-        return {"train": str(folder / "scored_train.json"), "val": str(folder / "scored_val.json"),
-                "train_pairs": train_pairs, "val_pairs": val_pairs,
-                "sha256": file_sha256(folder / "scored_train.json") + file_sha256(folder / "scored_val.json")}
-
     pairs = stages.run("scored_pairs", {"policy": pretrain, **{k: settings[k] for k in (
-        "scored_utterances", "scored_temperatures", "scored_samples_per_temperature")}}, scored)
+        "scored_utterances", "scored_temperatures", "scored_samples_per_temperature")}},
+        lambda folder: _labelled_pairs(policy, data, folder, settings, seeds=(1, 2)))
     # The reward model is checked on the hypotheses of the policy that RL starts from.
     def heldout(folder: Path) -> dict[str, Any]:
         out = folder / "scored_heldout_val.json"
@@ -451,6 +467,11 @@ def check_reward_model(model: str) -> None:
         raise ConfigError(f"demo setting reward_model: {model!r} is not one of {', '.join(REWARD_MODELS)}")
 
 
+def reward_config(model: str) -> str | None:
+    """The ``train_reward_model`` config of reward model ``model``: reward/listening, or the recipe's defaults."""
+    return "reward/listening" if model == "listening" else None
+
+
 def reward_stage(model: str) -> str:
     """The stage (folder) that trains reward model ``model``: "reward_model-listening" or "reward_model";
     its check on the held-out voice is the same name with "reward_heldout"."""
@@ -458,6 +479,9 @@ def reward_stage(model: str) -> str:
 
 
 ENSEMBLE_SEED_STRIDE = 1000  # reward-ensemble member j of seed s is trained with trainer.seed s + 1000 j
+# Round 2 of a refreshed learned-reward run of seed s samples with trainer.seed s + 500: not a seed that
+# scripts/quality.py gives another run (its seeds are consecutive).
+REFRESH_SEED_OFFSET = 500
 
 
 def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any], model: str | None = None,
@@ -475,7 +499,7 @@ def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
     pairs = base["pairs"]
     stage = reward_stage(model) + (f"-member{member}" if member else "")
     settings = {**settings, "run_seed": settings["run_seed"] + ENSEMBLE_SEED_STRIDE * member}
-    config = "reward/listening" if listening else None
+    config = reward_config(model)
     epochs = [] if listening else [f"trainer.epochs={settings['reward_epochs']}"]  # the config's own otherwise
     reward = stages.run(stage, {"pairs": pairs, "epochs": None if listening else settings["reward_epochs"],
                                                 "vocab": settings["reward_vocab_size"], "augment": "masks-only",
@@ -512,29 +536,18 @@ def refresh_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any
     was trained on. Stage ``reward_model-<model>{suffix}-refreshed``: ``reward`` fine-tuned on them for one
     epoch (``model.init_from``; no CTC-only epochs), the best checkpoint by val/group_spearman on the merged
     validation pairs. Returns that stage's result with "heldout" (``reward_heldout``)."""
-    data, pairs, policy = base["data"], base["pairs"], first["last_checkpoint"]
-
-    def scored(folder: Path) -> dict[str, Any]:
-        result = {}
-        for split, source, seed in (("train", data["train"], 4), ("val", data["val"], 5)):
-            new = folder / f"new_{split}.json"
-            count = _scored_pairs(policy, source, new, settings["scored_utterances"] if split == "train" else 10_000,
-                                  settings, seed=seed)
-            lines = [line for path in (pairs[split], new) for line in Path(path).read_text().splitlines() if line.strip()]
-            atomic_write_text(folder / f"scored_{split}.json", "\n".join(lines) + "\n")
-            result.update({split: str(folder / f"scored_{split}.json"), f"new_{split}_pairs": count,
-                           f"{split}_pairs": len(lines)})
-        return {**result, "sha256": file_sha256(folder / "scored_train.json") + file_sha256(folder / "scored_val.json")}
-
+    pairs = base["pairs"]
     merged = stages.run(f"refresh_pairs{suffix}", {"policy": first, "pairs": pairs, **{k: settings[k] for k in (
-        "scored_utterances", "scored_temperatures", "scored_samples_per_temperature")}}, scored)
+        "scored_utterances", "scored_temperatures", "scored_samples_per_temperature")}},
+        lambda folder: _labelled_pairs(first["last_checkpoint"], base["data"], folder, settings, seeds=(4, 5),
+                                       previous=pairs))
     stage = f"{reward_stage(model)}{suffix}-refreshed"
-    config = "reward/listening" if model == "listening" else None
     refreshed = stages.run(stage, {"reward": reward, "pairs": merged, "epochs": 1, "seed": settings["run_seed"]},
                            lambda folder: _run_recipe("train_reward_model", [
                                *reward_overrides(settings, folder, merged), "trainer.epochs=1",
                                f"model.init_from={reward['best_checkpoint']}",
-                               *(["trainer.ctc_pretrain_epochs=0"] if model == "listening" else [])], config))
+                               *(["trainer.ctc_pretrain_epochs=0"] if model == "listening" else [])],
+                               reward_config(model)))
     return {**refreshed, "stage": stage, "heldout": reward_heldout(stages, base, refreshed, stage)}
 
 
@@ -631,9 +644,11 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
         first = stages.run(f"{name}-round1", {k: v for k, v in key.items() if k != "rl_reward_refresh"},
                            rl(audio, learned, extra))
         refreshed = refresh_reward(stages, settings, base, reward, model or settings["reward_model"], first, suffix)
-        # Round 2 from round 1's policy (its KL reference too), other samples (run_seed + 1).
-        second = stages.run(name, {**key, "round1": first, "refreshed": refreshed},
-                            rl(audio, rewards(refreshed)[0], extra, start=first["last_checkpoint"], seed_offset=1))
+        # Round 2 from round 1's policy (its KL reference too), other samples (REFRESH_SEED_OFFSET).
+        second = stages.run(name, {**key, "round1": first, "refreshed": refreshed,
+                                   "round2_seed": settings["run_seed"] + REFRESH_SEED_OFFSET},
+                            rl(audio, rewards(refreshed)[0], extra, start=first["last_checkpoint"],
+                               seed_offset=REFRESH_SEED_OFFSET))
         # The stages whose seconds the run's cost adds to its own (scripts/quality.py's "seconds").
         runs = {name: {**second, "cost_stages": [f"{name}-round1", f"refresh_pairs{suffix}", refreshed["stage"]]}}
     else:
@@ -670,6 +685,12 @@ def trained_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
                                     lambda folder: _run_recipe("train_ctc", ctc_overrides(
                                         folder, base["start"], base["pseudo_labels"]["manifest"]))),
     }
+
+
+def run_seconds(stages: Stages, name: str, result: dict[str, Any] | None = None) -> float:
+    """A run's cost: its stage's seconds (as it ran, or as recorded when cached), plus those of the stages it
+    needed alone (``result["cost_stages"]``: a refreshed run's round 1, pairs and reward model)."""
+    return stages.timings[name] + sum(stages.timings[part] for part in (result or {}).get("cost_stages", ()))
 
 
 def evaluate_runs(stages: Stages, base: dict[str, Any], reward: dict[str, Any], runs: dict[str, dict[str, Any]],
@@ -767,7 +788,7 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
     results = evaluate_runs(stages, base, reward, runs, device)
     names = run_names(settings)
     seconds = {"pretrained": stages.timings["pretrain"],
-               **{name: stages.timings[name] for name in names if name != "pretrained"}}
+               **{name: run_seconds(stages, name, runs.get(name)) for name in names if name != "pretrained"}}
     models = results["models"]
     if settings["suta"]:  # test-time adaptation of the held-out runs' start: no training, no reward model
         # In-domain only, so the demo fits its budget: scripts/quality.py also adapts on the other-text set.

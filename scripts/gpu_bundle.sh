@@ -37,9 +37,17 @@ rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/whl" "$BUNDLE/tools/bin" "$BUNDLE/tools/li
 platforms=()
 for n in 17 24 27 28 31 34; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 for package in $packages ${EXTRA:-lightning==2.4.0}; do
-  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    "${platforms[@]}" --platform manylinux2014_x86_64 -d "$BUNDLE/whl" "$package" 2>/dev/null \
-  || "$PYTHON" -m pip wheel -q --no-deps --no-binary=:all: -w "$BUNDLE/whl" "$package"  # from its source archive
+  if ! "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      "${platforms[@]}" --platform manylinux2014_x86_64 -d "$BUNDLE/whl" "$package" 2>/dev/null; then
+    # Only a source archive: built here, which is right for pure Python alone (this venv is not 3.12).
+    built="$(mktemp -d)"
+    "$PYTHON" -m pip wheel -q --no-deps --no-binary=:all: -w "$built" "$package"
+    for wheel in "$built"/*.whl; do
+      case "$(basename "$wheel")" in *-py3-none-any.whl|*-py2.py3-none-any.whl) mv "$wheel" "$BUNDLE/whl/" ;;
+        *) echo "gpu_bundle: $package has no wheel for CPython 3.12 and is not pure Python ($(basename "$wheel"))" >&2
+           exit 1 ;; esac
+    done
+  fi
 done
 
 # 2. The speech tools with their libraries (not glibc's own, which the target has) and English espeak-ng data.
@@ -48,7 +56,7 @@ for tool in flite espeak-ng sox; do
   cp -L "$binary" "$BUNDLE/tools/libexec/"
   for library in $(ldd "$binary" | awk '/=>/ {print $3}'); do
     case "$(basename "$library")" in libc.so.*|libm.so.*|libpthread*|libdl.*|librt.*|ld-linux*) ;;
-      *) cp -L -n "$library" "$BUNDLE/tools/lib/" ;; esac
+      *) [ -e "$BUNDLE/tools/lib/$(basename "$library")" ] || cp -L "$library" "$BUNDLE/tools/lib/" ;; esac
   done
 done
 data=/usr/lib/x86_64-linux-gnu/espeak-ng-data
@@ -68,11 +76,13 @@ tar -cJf "$BUNDLE/tools.tar.xz" -C "$BUNDLE" tools && rm -rf "$BUNDLE/tools"
 # 3. What the target runs.
 cat > "$BUNDLE/run.sh" <<'SH'
 #!/usr/bin/env bash
-# On the CUDA machine, from the repository root: install the bundle under /tmp, then run scripts/gpu_check.sh.
-set -u
+# On the CUDA machine, from the repository root: install the bundle under /tmp, then run scripts/gpu_check.sh;
+# the exit status is gpu_check.sh's.
+set -uo pipefail
 if [ ! -f /tmp/site/.done ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu_bundle/whl/*.whl
-  mkdir -p /tmp/b && tar -xJf .gpu_bundle/tools.tar.xz -C /tmp/b && touch /tmp/site/.done
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu_bundle/whl/*.whl && mkdir -p /tmp/b && tar -xJf .gpu_bundle/tools.tar.xz -C /tmp/b \
+    && touch /tmp/site/.done || { echo "run.sh: installing the bundle failed" >&2; exit 1; }
 fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/b/tools/bin:$PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -80,7 +90,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   && echo "speech tools: ok")
 OUT="${OUT:-/tmp/gc-out}"; mkdir -p "$OUT"
 PYTHON=python3 timeout "${GC_LIMIT:-540}" scripts/gpu_check.sh /tmp/gc 2>&1 | tee "$OUT/gpu_check.log"
+status=${PIPESTATUS[0]}
 cp /tmp/gc/bench.json /tmp/gc/*.log "$OUT/" 2>/dev/null
+exit "$status"
 SH
 chmod +x "$BUNDLE/run.sh"
 echo "gpu_bundle: $(ls "$BUNDLE/whl" | wc -l) wheels; $(du -sh "$BUNDLE" | cut -f1) in $BUNDLE"

@@ -508,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlnf.cli import quiet_nemo, setup_logging
     from rlnf.config import ALGORITHM_NAMES
-    from rlnf.demo import (Stages, evaluate_runs, prepare, rl_runs, run_names as demo_runs, scaled_settings, train_reward,
-                           trained_runs)
+    from rlnf.demo import (Stages, evaluate_runs, prepare, rl_runs, run_names as demo_runs, run_seconds, scaled_settings,
+                           train_reward, trained_runs)
     from rlnf.metric_logging import read_metrics
 
     setup_logging()
@@ -552,31 +552,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[quality] seed {seed} ({index + 1}/{args.seeds}) in {folder}", flush=True)
         reward = train_reward(stages, seeded, base)
         runs = trained_runs(stages, seeded, base, reward)
+        produced = dict(runs)  # every run's stage result, for its cost (run_seconds)
         results = evaluate_runs(stages, base, reward, runs, device)
         if presets:
             others = {}
             for preset in presets:
                 others.update(rl_runs(stages, {**seeded, "rl_algorithm": preset}, base, reward, suffix=f"-{preset}"))
+            produced.update(others)
             results.update(evaluate_runs(stages, base, reward, others, device, name="evaluate_presets", baselines=False))
         scorers = {settings["reward_model"]: reward}
         for model in sorted({variant["reward_model"] for variant in variants.values()} - set(scorers)):
             scorers[model] = train_reward(stages, seeded, base, model)
-        cost_stages = {}  # a run's other stages whose seconds its cost includes (a refreshed reward's rounds)
         for name, variant in variants.items():  # test WER/CER; each reward model is judged on held-out pairs
             scorer = scorers[variant["reward_model"]]
             tried = rl_runs(stages, {**seeded, **variant["settings"]}, base, scorer, suffix=f"-{name}", oracle=False,
                             model=variant["reward_model"])
-            cost_stages.update({run: result["cost_stages"] for run, result in tried.items() if "cost_stages" in result})
+            produced.update(tried)
             results.update(evaluate_runs(stages, base, reward, tried, device, name=f"evaluate_variant-{name}",
                                          baselines=False))
         if args.supervised_baselines:
             supervised = supervised_baselines(stages, seeded, base)
+            produced.update(supervised)
             results.update(evaluate_runs(stages, base, reward, supervised, device, name="evaluate_supervised",
                                          baselines=False))
-        # Every run's cost: its stage's wall-clock seconds as it ran (cached stages: as recorded then).
-        seconds = {name: stages.timings.get(name, shared.timings.get(name)) for name in run_names}
-        for name, parts in cost_stages.items():
-            seconds[name] += sum(stages.timings[part] for part in parts)
+        # Every run's cost: its stages' wall-clock seconds as they ran (cached stages: as recorded then).
+        seconds = {name: run_seconds(stages, name, produced.get(name)) if name in stages.timings
+                   else shared.timings.get(name) for name in run_names}
         seconds["pretrained"] = shared.timings["pretrain"]
         if args.suta:
             tta = suta_runs(shared, stages, base, runs["rl_learned_reward"], device)

@@ -60,8 +60,11 @@ def test_learned_reward_under_bf16_matches_fp32(trained_reward, corpus):  # noqa
     assert (bf16 - fp32_cpu).abs().max() < 0.05  # 0.002 with CPU autocast, on scores in [0, 1]
 
 
+# The rewards come back on the CPU and must meet CUDA tensors nowhere: in the policy loss (grpo: KL as a
+# loss term), in the KL shaping (rloo: KL in the reward), in the self-critical baseline and the re-draws.
+@pytest.mark.parametrize("preset, extra", [("grpo", ()), ("rloo", ()), ("reinforce", ("algorithm.resample_zero_std=2",))])
 def test_rl_steps_with_the_learned_reward_on_cuda_bf16(trained_reward, corpus, pretrained_tiny_nemo,  # noqa: F811
-                                                       tmp_path):
+                                                       tmp_path, preset, extra):
     from nemo.collections.asr.models import ASRModel
 
     from rlnf.cli import main
@@ -70,8 +73,9 @@ def test_rl_steps_with_the_learned_reward_on_cuda_bf16(trained_reward, corpus, p
 
     out = tmp_path / "run"
     reward = trained_reward / "checkpoints" / "best"
-    assert main(run_args(pretrained_tiny_nemo, corpus, out, "grpo", "trainer.max_steps=4", "trainer.device=cuda",
-                         "trainer.precision=bf16", f"rewards=[{{name: learned, path: '{reward}', device: cuda}}]")) == 0
+    assert main(run_args(pretrained_tiny_nemo, corpus, out, preset, "trainer.max_steps=4", "trainer.device=cuda",
+                         "trainer.precision=bf16", f"rewards=[{{name: learned, path: '{reward}', device: cuda}}]",
+                         *extra)) == 0
     rows = read_metrics(out)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     for row in rows:

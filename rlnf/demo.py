@@ -97,10 +97,12 @@ SETTINGS: dict[str, Any] = {
     # > 0: the learned-reward run trains on the pseudo-labels (the start's greedy transcripts of the same
     # audio, the self-training data) with a supervised CTC term of this weight (algorithm.supervised_coef).
     "rl_pseudo_label_coef": 0.0,
-    # True: the learned-reward run is two rounds (``refresh_reward``): RL, then the reward model fine-tuned
-    # on its pairs plus pairs of the round-1 policy's hypotheses of the labelled voices, then RL again
-    # from the round-1 policy with the refreshed reward model (each round rl_steps / rl_minutes).
+    # True: the learned-reward run is rounds of RL (``refreshed_rounds``): RL, then the reward model fine-tuned
+    # on its pairs plus pairs of the round's policy's hypotheses of the labelled voices, then RL again
+    # from that policy with the refreshed reward model (each round rl_steps / rl_minutes);
+    # rl_reward_refresh_rounds refreshes (that many + 1 rounds of RL).
     "rl_reward_refresh": False,
+    "rl_reward_refresh_rounds": 1,
     "supervised_lr": 5e-4,
     "self_training_min_confidence": 0.0,
     # scripts/quality.py's supervised baselines on the held-out voice's transcripts (not run by the demo):
@@ -151,16 +153,35 @@ class Stages:
         self.root = root
         self.fresh = fresh
         self.timings: dict[str, float] = {}
+        self.sources: dict[str, str] = {}  # stage name -> the sibling whose cached result it re-used (same_as)
 
-    def run(self, name: str, params: dict[str, Any], body: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    def run(self, name: str, params: dict[str, Any], body: Callable[[Path], dict[str, Any]],
+            same_as: str | None = None) -> dict[str, Any]:
+        """Stage ``name``: its cached result when its folder's key matches ``params``; else, with ``same_as``
+        (a glob of sibling stage names whose stages run the same body, e.g. "rl_learned_reward*"), the
+        cached result of the sibling with that key (the nearest name first: the longest common prefix,
+        then the name), left in its own folder; else ``body(folder)``, run now. Either way the stage's
+        seconds (``timings``) are those it took when it ran."""
         folder = self.root / name
         marker = folder / "stage.json"
         key = _fingerprint(params)
-        if not self.fresh and marker.exists():
-            record = json.loads(marker.read_text())
+        candidates = [marker] if marker.exists() else []
+        if same_as:
+            def nearness(path: Path) -> tuple[int, str]:
+                sibling = path.parent.name
+                common = next((i for i, (a, b) in enumerate(zip(sibling, name)) if a != b), min(len(sibling), len(name)))
+                return -common, sibling
+
+            candidates += sorted((path for path in self.root.glob(f"{same_as}/stage.json") if path != marker),
+                                 key=nearness)
+        for path in [] if self.fresh else candidates:
+            record = json.loads(path.read_text())
             if record.get("key") == key:
-                print(f"[demo] {name}: cached ({record['seconds']:.0f} s when it ran)")
+                same = "" if path == marker else f", the same as {path.parent.name}"
+                print(f"[demo] {name}: cached ({record['seconds']:.0f} s when it ran{same})")
                 self.timings[name] = record["seconds"]
+                if same:
+                    self.sources[name] = path.parent.name
                 return record["result"]
         if folder.exists():
             import shutil
@@ -525,31 +546,55 @@ def reward_heldout(stages: Stages, base: dict[str, Any], reward: dict[str, Any],
     """Whether reward model ``reward`` (trained in ``stage``) listens on the held-out voice: ``reward_listening``
     on that voice's validation pairs, in the stage named like ``stage`` with "reward_heldout"."""
     return stages.run(stage.replace("reward_model", "reward_heldout"), {"reward": reward, "pairs": base["heldout_pairs"]},
-                      lambda folder: reward_listening(reward["best_checkpoint"], base["heldout_pairs"]["val"], folder))
+                      lambda folder: reward_listening(reward["best_checkpoint"], base["heldout_pairs"]["val"], folder),
+                      same_as="reward_heldout*")
 
 
 def refresh_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any], reward: dict[str, Any],
-                   model: str, first: dict[str, Any], suffix: str) -> dict[str, Any]:
-    """The reward model refreshed on the hypotheses of the round-1 learned-reward policy (``first``, a
-    stage result), for ``rl_reward_refresh``. Stage ``refresh_pairs{suffix}``: that policy's scored pairs of
-    the labelled training and validation voices (``_scored_pairs``: its greedy and sampled hypotheses and
-    the negatives, each scored 1 - CER against the reference), added to the scored pairs the reward model
-    was trained on. Stage ``reward_model-<model>{suffix}-refreshed``: ``reward`` fine-tuned on them for one
-    epoch (``model.init_from``; no CTC-only epochs), the best checkpoint by val/group_spearman on the merged
-    validation pairs. Returns that stage's result with "heldout" (``reward_heldout``)."""
-    pairs = base["pairs"]
-    merged = stages.run(f"refresh_pairs{suffix}", {"policy": first, "pairs": pairs, **{k: settings[k] for k in (
-        "scored_utterances", "scored_temperatures", "scored_samples_per_temperature")}},
-        lambda folder: _labelled_pairs(first["last_checkpoint"], base["data"], folder, settings, seeds=(4, 5),
-                                       previous=pairs))
-    stage = f"{reward_stage(model)}{suffix}-refreshed"
+                   model: str, policy: dict[str, Any], suffix: str, pairs: dict[str, Any] | None = None,
+                   refresh: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Refresh ``refresh`` (1, 2, ...) of a learned-reward run's reward model ``reward`` (``rl_reward_refresh``),
+    on the hypotheses of the RL policy of the round before (``policy``, a stage result). Stage
+    ``refresh_pairs{suffix}`` (``-<refresh>`` appended from the second on): that policy's scored pairs of the
+    labelled training and validation voices (``_scored_pairs``: its greedy and sampled hypotheses and the
+    negatives, each scored 1 - CER against the reference, drawn with seeds 2 + 2 refresh and 3 + 2 refresh),
+    added to ``pairs`` (default: the pairs the first reward model was trained on; later refreshes: the
+    merged pairs of the one before). Stage ``reward_model-<model>{suffix}-refreshed`` (``<refresh>``
+    appended from the second on): ``reward`` fine-tuned on them for one epoch (``model.init_from``; no
+    CTC-only epochs), the best checkpoint by val/group_spearman on the merged validation pairs. Either
+    stage is re-used from a sibling of the same key (``Stages.run``'s ``same_as``: another variant's
+    refresh of the same policy). Returns the reward model's stage result with "stage" and "heldout"
+    (``reward_heldout``), and the merged pairs' stage result."""
+    previous = pairs or base["pairs"]
+    seeds = (2 + 2 * refresh, 3 + 2 * refresh)
+    # The first refresh's keys are as they were before later refreshes existed, so its stages stay cached.
+    later = {"seeds": list(seeds)} if refresh > 1 else {}
+    merged = stages.run(merged_stage_name(suffix, refresh),
+                        {"policy": policy, "pairs": previous, **later, **{k: settings[k] for k in (
+                            "scored_utterances", "scored_temperatures", "scored_samples_per_temperature")}},
+                        lambda folder: _labelled_pairs(policy["last_checkpoint"], base["data"], folder, settings,
+                                                       seeds=seeds, previous=previous),
+                        same_as="refresh_pairs*")
+    stage = refreshed_stage_name(model, suffix, refresh)
     refreshed = stages.run(stage, {"reward": reward, "pairs": merged, "epochs": 1, "seed": settings["run_seed"]},
                            lambda folder: _run_recipe("train_reward_model", [
                                *reward_overrides(settings, folder, merged), "trainer.epochs=1",
                                f"model.init_from={reward['best_checkpoint']}",
                                *(["trainer.ctc_pretrain_epochs=0"] if model == "listening" else [])],
-                               reward_config(model)))
-    return {**refreshed, "stage": stage, "heldout": reward_heldout(stages, base, refreshed, stage)}
+                               reward_config(model)),
+                           same_as=f"{reward_stage(model)}*-refreshed*")
+    stage = stages.sources.get(stage, stage)  # where its files are (a sibling's, when re-used)
+    return {**refreshed, "stage": stage, "heldout": reward_heldout(stages, base, refreshed, stage)}, merged
+
+
+def merged_stage_name(suffix: str, refresh: int) -> str:
+    """The stage of refresh ``refresh``'s merged pairs (``refresh_reward``)."""
+    return f"refresh_pairs{suffix}" + (f"-{refresh}" if refresh > 1 else "")
+
+
+def refreshed_stage_name(model: str, suffix: str, refresh: int) -> str:
+    """The stage of refresh ``refresh``'s reward model (``refresh_reward``)."""
+    return f"{reward_stage(model)}{suffix}-refreshed" + (str(refresh) if refresh > 1 else "")
 
 
 def rl_overrides(settings: dict[str, Any], policy: str, val_manifest: str, folder: Path, train_manifest: str,
@@ -575,7 +620,7 @@ def rl_overrides(settings: dict[str, Any], policy: str, val_manifest: str, folde
 # the stages every run shares: the corpus, the starting policy, the pairs, the reward model.
 RL_SETTINGS = ("rl_algorithm", "rl_minutes", "rl_steps", "rl_lr", "rl_num_samples", "rl_batch_size", "rl_kl_coef",
                "rl_consensus_weight", "rl_reward_ensemble", "rl_reward_std_coef", "rl_pseudo_label_coef",
-               "rl_reward_refresh")
+               "rl_reward_refresh", "rl_reward_refresh_rounds")
 
 
 def rl_keys(settings: dict[str, Any], learned: bool = True) -> dict[str, Any]:
@@ -594,6 +639,8 @@ def rl_keys(settings: dict[str, Any], learned: bool = True) -> dict[str, Any]:
         keys["rl_pseudo_label_coef"] = settings["rl_pseudo_label_coef"]
     if settings.get("rl_reward_refresh"):
         keys["rl_reward_refresh"] = True
+        if settings.get("rl_reward_refresh_rounds", 1) != 1:
+            keys["rl_reward_refresh_rounds"] = settings["rl_reward_refresh_rounds"]
     return keys
 
 
@@ -609,6 +656,37 @@ def learned_reward_spec(settings: dict[str, Any], stages: Stages, base: dict[str
     members = [train_reward(stages, settings, base, model, member=j) for j in range(1, count)]
     paths = ", ".join(f"'{item['best_checkpoint']}'" for item in (reward, *members))
     return f"{{name: learned, paths: [{paths}], std_coef: {settings['rl_reward_std_coef']}}}", members
+
+
+def refreshed_rounds(stages: Stages, settings: dict[str, Any], base: dict[str, Any], reward: dict[str, Any],
+                     model: str, suffix: str, key: dict[str, Any],
+                     rl: Callable[[dict[str, Any], str, int], Callable[[Path], dict[str, Any]]]) -> dict[str, Any]:
+    """A learned-reward run with ``rl_reward_refresh``: ``rl_reward_refresh_rounds`` = n refreshes, n + 1 RL
+    rounds. Round 1 is the run without the refresh (stage ``<name>-round1``, its key ``key`` without the
+    refresh: the plain run's, re-used from it when cached); before round r + 1, refresh r of the reward
+    model on round r's policy (``refresh_reward``); round r + 1 starts from round r's policy (its KL
+    reference too), scored by the refreshed model, sampling with run_seed + r REFRESH_SEED_OFFSET. The last
+    round is stage ``<name>``, the others ``<name>-round<r>``. ``rl(scorer, start, seed_offset)``: the
+    body of an RL round. Returns the last round's result with "cost_stages" (the other stages it needed)."""
+    name = f"rl_learned_reward{suffix}"
+    rounds = settings.get("rl_reward_refresh_rounds", 1)
+    plain = {k: v for k, v in key.items() if k not in ("rl_reward_refresh", "rl_reward_refresh_rounds")}
+    policy = stages.run(f"{name}-round1", plain, rl(reward, base["start"], 0), same_as="rl_learned_reward*")
+    cost, scorer, pairs = [f"{name}-round1"], reward, None
+    for refresh in range(1, rounds + 1):
+        scorer, pairs = refresh_reward(stages, settings, base, scorer, model, policy, suffix, pairs, refresh)
+        cost += [merged_stage_name(suffix, refresh), refreshed_stage_name(model, suffix, refresh)]
+        offset = REFRESH_SEED_OFFSET * refresh
+        # Round 2's key is as it was before later rounds existed, so its stage stays cached.
+        chain = {"round1": policy, "refreshed": scorer, "round2_seed": settings["run_seed"] + offset} \
+            if refresh == 1 else {"round": refresh + 1, "previous": policy, "refreshed": scorer,
+                                  "seed": settings["run_seed"] + offset}
+        stage = name if refresh == rounds else f"{name}-round{refresh + 1}"
+        policy = stages.run(stage, {**plain, "rl_reward_refresh": True, **chain},
+                            rl(scorer, policy["last_checkpoint"], offset), same_as="rl_learned_reward*")
+        if stage != name:
+            cost.append(stage)
+    return {**policy, "cost_stages": cost}
 
 
 def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], reward: dict[str, Any],
@@ -641,17 +719,10 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
         audio, extra = base["pseudo_labels"]["manifest"], (f"algorithm.supervised_coef={settings['rl_pseudo_label_coef']}",)
         key["labels"] = base["pseudo_labels"]
     name = f"rl_learned_reward{suffix}"
-    if settings.get("rl_reward_refresh"):  # round 1 is the run without the refresh (its key too)
-        first = stages.run(f"{name}-round1", {k: v for k, v in key.items() if k != "rl_reward_refresh"},
-                           rl(audio, learned, extra))
-        refreshed = refresh_reward(stages, settings, base, reward, model or settings["reward_model"], first, suffix)
-        # Round 2 from round 1's policy (its KL reference too), other samples (REFRESH_SEED_OFFSET).
-        second = stages.run(name, {**key, "round1": first, "refreshed": refreshed,
-                                   "round2_seed": settings["run_seed"] + REFRESH_SEED_OFFSET},
-                            rl(audio, rewards(refreshed)[0], extra, start=first["last_checkpoint"],
-                               seed_offset=REFRESH_SEED_OFFSET))
-        # The stages whose seconds the run's cost adds to its own (scripts/quality.py's "seconds").
-        runs = {name: {**second, "cost_stages": [f"{name}-round1", f"refresh_pairs{suffix}", refreshed["stage"]]}}
+    if settings.get("rl_reward_refresh"):
+        runs = {name: refreshed_rounds(stages, settings, base, reward, model or settings["reward_model"], suffix,
+                                       key, lambda scorer, start, offset: rl(audio, rewards(scorer)[0], extra,
+                                                                             start=start, seed_offset=offset))}
     else:
         runs = {name: stages.run(name, key, rl(audio, learned, extra))}
     if oracle:
@@ -874,6 +945,11 @@ def check_settings(settings: dict[str, Any]) -> None:
                           "spread to penalise)")
     if not isinstance(settings["rl_reward_refresh"], bool):
         raise ConfigError(f"demo setting rl_reward_refresh: true or false, got {settings['rl_reward_refresh']!r}")
+    rounds = settings["rl_reward_refresh_rounds"]
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"demo setting rl_reward_refresh_rounds: a whole number >= 1 of refreshes, got {rounds!r}")
+    if rounds != 1 and not settings["rl_reward_refresh"]:
+        raise ConfigError("demo setting rl_reward_refresh_rounds needs rl_reward_refresh true")
     if settings["rl_reward_refresh"] and ensemble > 1:
         raise ConfigError("demo setting rl_reward_refresh refreshes one reward model: it needs rl_reward_ensemble 1")
     if settings["rl_pseudo_label_coef"] < 0:

@@ -431,7 +431,7 @@ def test_a_refresh_variant_fine_tunes_the_reward_model_on_the_round_1_policy_s_p
     """rl_reward_refresh: round 1 is the plain learned-reward run; the round-1 policy's scored pairs of the
     labelled training and validation voices are added to the reward model's pairs; the reward model is
     fine-tuned on them from its checkpoint (one epoch, no CTC-only epochs); round 2 starts from the round-1
-    policy, scored by the refreshed model, with run_seed + 1. Refused with an ensemble."""
+    policy, scored by the refreshed model, with run_seed + 500. Refused with an ensemble."""
     import rlnf.demo
     from rlnf.demo import SETTINGS, Stages, check_settings, rl_keys, rl_runs
     from rlnf.errors import ConfigError
@@ -482,9 +482,73 @@ def test_a_refresh_variant_fine_tunes_the_reward_model_on_the_round_1_policy_s_p
     rl_runs(Stages(folder, fresh=False), settings, base, reward, suffix="-refresh", oracle=False)
     assert calls == []  # every stage cached
     for bad, message in (({"rl_reward_refresh": 1}, "true or false"),
-                         ({"rl_reward_refresh": True, "rl_reward_ensemble": 2}, "needs rl_reward_ensemble 1")):
+                         ({"rl_reward_refresh": True, "rl_reward_ensemble": 2}, "needs rl_reward_ensemble 1"),
+                         ({"rl_reward_refresh": True, "rl_reward_refresh_rounds": 0}, "a whole number >= 1"),
+                         ({"rl_reward_refresh": True, "rl_reward_refresh_rounds": 2.0}, "a whole number >= 1"),
+                         ({"rl_reward_refresh_rounds": 2}, "needs rl_reward_refresh true")):
         with pytest.raises(ConfigError, match=message):
             check_settings({**SETTINGS, **bad})
+
+    # Two refreshes (another variant, same folder): round 1, the first refresh and round 2 are the stages
+    # above, re-used under the new names (Stages.run's same_as); then the second refresh, on round 2's
+    # policy, with the merged pairs of the first and new draws, from the first refreshed model; round 3
+    # from round 2's policy with run_seed + 1000.
+    calls.clear()
+    drawn.clear()
+    twice = {**settings, "rl_reward_refresh_rounds": 2}
+    assert rl_keys(twice)["rl_reward_refresh_rounds"] == 2 and "rl_reward_refresh_rounds" not in rl_keys(settings)
+    runs = rl_runs(Stages(folder, fresh=False), twice, base, reward, suffix="-twice", oracle=False)
+    tune, third = calls
+    round2 = f"{folder}/rl_learned_reward-refresh/checkpoints/last.nemo"
+    assert drawn == [(round2, "/c/train.json", 6), (round2, "/c/val.json", 7)]
+    assert tune[0] == "train_reward_model" and tune[1]["model.init_from"] == refreshed
+    for split in ("train", "val"):
+        merged = [json.loads(line)["text"] for line in Path(tune[1][f"data.{split}_manifest"]).read_text().splitlines()]
+        assert merged == ["old", "new", "new"]
+    again = f"{folder}/reward_model-listening-twice-refreshed2/checkpoints/best.nemo"
+    assert third[0] == "rl_finetune" and third[1]["policy.path"] == round2
+    assert third[1]["rewards"] == f"[{{name: learned, path: '{again}'}}]" and third[1]["trainer.seed"] == "1043"
+    final = runs["rl_learned_reward-twice"]
+    assert final["last_checkpoint"] == f"{folder}/rl_learned_reward-twice/checkpoints/last.nemo"
+    assert final["cost_stages"] == ["rl_learned_reward-twice-round1", "refresh_pairs-twice",
+                                    "reward_model-listening-twice-refreshed", "rl_learned_reward-twice-round2",
+                                    "refresh_pairs-twice-2", "reward_model-listening-twice-refreshed2"]
+    assert not (folder / "rl_learned_reward-twice-round2").exists()  # the one-refresh run's, re-used
+    stages = Stages(folder, fresh=False)
+    calls.clear()
+    assert rl_runs(stages, twice, base, reward, suffix="-twice", oracle=False)["rl_learned_reward-twice"] == final
+    assert calls == [] and all(stage in stages.timings for stage in final["cost_stages"])
+
+
+def test_a_stage_is_re_used_from_a_sibling_of_the_same_key_only_where_same_as_allows(tmp_path):
+    """Stages.run's same_as: a missing stage takes the cached result of a sibling stage matching the glob
+    and the key (the sibling nearest by name first), with that stage's recorded seconds; without same_as,
+    or with another key, or fresh, the body runs."""
+    from rlnf.demo import Stages
+
+    ran = []
+
+    def body(tag):
+        def run(folder):
+            ran.append((folder.name, tag))
+            return {"folder": folder.name}
+        return run
+
+    stages = Stages(tmp_path, fresh=False)
+    stages.run("rl_a", {"x": 1}, body("a"))
+    stages.run("rl_ab-1", {"x": 1}, body("ab"))  # no same_as: runs although its key is rl_a's
+    stages.run("other", {"x": 2}, body("o"))
+    assert ran == [("rl_a", "a"), ("rl_ab-1", "ab"), ("other", "o")]
+    found = Stages(tmp_path, fresh=False)
+    assert found.run("rl_ab-2", {"x": 1}, body("new"), same_as="rl_*") == {"folder": "rl_ab-1"}  # nearest name
+    assert found.run("rl_c", {"x": 1}, body("new"), same_as="rl_*") == {"folder": "rl_a"}
+    assert found.run("rl_d", {"x": 2}, body("new"), same_as="rl_*") == {"folder": "rl_d"}  # "other" is no rl_
+    assert found.run("rl_e", {"x": 3}, body("new"), same_as="rl_*") == {"folder": "rl_e"}  # no key matches
+    assert set(found.timings) == {"rl_ab-2", "rl_c", "rl_d", "rl_e"}
+    record = json.loads((tmp_path / "rl_a" / "stage.json").read_text())
+    assert found.timings["rl_c"] == record["seconds"] and not (tmp_path / "rl_c").exists()
+    assert Stages(tmp_path, fresh=True).run("rl_f", {"x": 1}, body("fresh"), same_as="rl_*") == {"folder": "rl_f"}
+    assert ran[-3:] == [("rl_d", "new"), ("rl_e", "new"), ("rl_f", "fresh")]
 
 
 def test_the_strong_start_s_extra_text_is_none_of_the_corpus_s_and_the_demo_s_start_is_unchanged(tmp_path):

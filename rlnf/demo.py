@@ -117,8 +117,9 @@ SETTINGS: dict[str, Any] = {
 }
 # scripts/quality.py --start strong: aims at a starting policy of the kind real fine-tuning starts from (WER
 # <= 0.3 on its training voices' test sentences, where the demo's has about 0.5): a 5M-parameter QuartzNet,
-# SpecAugment, 7x the text and 13 voices, an hour of pretraining on 2 CPU cores. Not yet calibrated: the
-# benchmark reports the WER it reached (start_train_voices_wer). Everything downstream is the demo's.
+# SpecAugment, 7x the text and 13 voices, an hour of pretraining on 2 CPU cores. Not yet calibrated: built
+# once, it reached 0.380 (3,319 steps), not 0.30; the benchmark reports the WER it reached
+# (start_train_voices_wer). Everything downstream is the demo's.
 STRONG_START: dict[str, Any] = {
     "policy_size": "medium",
     "pretrain_minutes": 60.0,

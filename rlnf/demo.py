@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -169,9 +170,7 @@ class Stages:
         candidates = [marker] if marker.exists() else []
         if same_as:
             def nearness(path: Path) -> tuple[int, str]:
-                sibling = path.parent.name
-                common = next((i for i, (a, b) in enumerate(zip(sibling, name)) if a != b), min(len(sibling), len(name)))
-                return -common, sibling
+                return -len(os.path.commonprefix([path.parent.name, name])), path.parent.name
 
             candidates += sorted((path for path in self.root.glob(f"{same_as}/stage.json") if path != marker),
                                  key=nearness)

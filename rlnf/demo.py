@@ -157,6 +157,11 @@ class Stages:
         self.timings: dict[str, float] = {}
         self.sources: dict[str, str] = {}  # stage name -> the sibling whose cached result it re-used (same_as)
 
+    def seconds(self) -> float:
+        """Every stage's seconds as it ran (cached ones as recorded), each counted once: a stage re-used
+        under another name (``same_as``) is not counted again."""
+        return sum(value for name, value in self.timings.items() if name not in self.sources)
+
     def run(self, name: str, params: dict[str, Any], body: Callable[[Path], dict[str, Any]],
             same_as: str | None = None) -> dict[str, Any]:
         """Stage ``name``: its cached result when its folder's key matches ``params``; else, with ``same_as``
@@ -880,7 +885,7 @@ def run_demo(output_dir: str = "demo_output", budget_minutes: float = 15.0, fres
                   "other_text": None if results[name]["other_text"] is None else  # the demo's suta row
                   {k: results[name]["other_text"][k] for k in ("wer", "cer")}} for name in names],
         "timings": {name: round(value, 1) for name, value in stages.timings.items()},
-        "total_seconds": round(sum(stages.timings.values()), 1),  # every stage, cached ones as they ran
+        "total_seconds": round(stages.seconds(), 1),  # every stage, cached ones as they ran
         "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
         "pretrained_val_wer": results["pretrained_val"]["wer"],
         "start_val_wer": results.get("start_val", results["pretrained_val"])["wer"],

@@ -542,12 +542,12 @@ def main(argv: list[str] | None = None) -> int:
     shared = Stages(root, fresh=False)
     base = prepare(shared, settings)
     start_check = start_train_voices(shared, base, device)
-    per_seed, curves, timings = [], {}, [shared.timings]
+    per_seed, curves, every_stages = [], {}, [shared]
     for index in range(args.seeds):
         seed = BASE_SEED + index
         folder = root if index == 0 else root / "quality" / f"seed_{seed}"  # seed 42: the demo's own runs
         stages = Stages(folder, fresh=False)
-        timings.append(stages.timings)
+        every_stages.append(stages)
         seeded = {**settings, "run_seed": seed}
         print(f"[quality] seed {seed} ({index + 1}/{args.seeds}) in {folder}", flush=True)
         reward = train_reward(stages, seeded, base)
@@ -614,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
                     "start_train_voices_cer": start_check["cer"], "per_seed": per_seed})
     summary["seconds"] = round(time.perf_counter() - started, 1)  # this invocation (cached stages are free)
     # Every stage's own time as it ran, cached or not: the cost of the whole benchmark from scratch.
-    summary["stage_seconds"] = round(sum(sum(t.values()) for t in timings), 1)
+    summary["stage_seconds"] = round(sum(each.seconds() for each in every_stages), 1)
     summary["device"] = device
     print_table(summary)
     for targets in (summary["targets"], *summary["variant_targets"].values()):

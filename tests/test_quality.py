@@ -549,6 +549,8 @@ def test_a_stage_is_re_used_from_a_sibling_of_the_same_key_only_where_same_as_al
     assert set(found.timings) == {"rl_ab-2", "rl_c", "rl_d", "rl_e"}
     record = json.loads((tmp_path / "rl_a" / "stage.json").read_text())
     assert found.timings["rl_c"] == record["seconds"] and not (tmp_path / "rl_c").exists()
+    assert found.sources == {"rl_ab-2": "rl_ab-1", "rl_c": "rl_a"}
+    assert found.seconds() == pytest.approx(found.timings["rl_d"] + found.timings["rl_e"])  # re-used ones: not again
     assert Stages(tmp_path, fresh=True).run("rl_f", {"x": 1}, body("fresh"), same_as="rl_*") == {"folder": "rl_f"}
     assert ran[-3:] == [("rl_d", "new"), ("rl_e", "new"), ("rl_f", "fresh")]
 

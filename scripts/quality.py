@@ -508,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlnf.cli import quiet_nemo, setup_logging
     from rlnf.config import ALGORITHM_NAMES
-    from rlnf.demo import (Stages, evaluate_runs, prepare, rl_runs, run_names as demo_runs, run_seconds, scaled_settings,
-                           train_reward, trained_runs)
+    from rlnf.demo import (Stages, evaluate_runs, prepare, pretrain_seconds, rl_runs, run_names as demo_runs,
+                           run_seconds, scaled_settings, train_reward, trained_runs)
     from rlnf.metric_logging import read_metrics
 
     setup_logging()
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every run's cost: its stages' wall-clock seconds as they ran (cached stages: as recorded then).
         seconds = {name: run_seconds(stages, name, produced.get(name)) if name in stages.timings
                    else shared.timings.get(name) for name in run_names}
-        seconds["pretrained"] = shared.timings["pretrain"]
+        seconds["pretrained"] = pretrain_seconds(shared)
         if args.suta:
             tta = suta_runs(shared, stages, base, runs["rl_learned_reward"], device)
             results.update(tta)

@@ -99,7 +99,8 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
                 "ctc_finetune_max_steps": 6, "ctc_finetune_val_every": 2, "ctc_finetune_patience": 1}
     out, figures = tmp_path / "demo", tmp_path / "quality.json"
     # --start strong with toy sizes: more text and a voice for pretraining alone, SpecAugment.
-    settings.update({"pretrain_extra_sentences": 4, "pretrain_extra_voices": ["flite:slt"]})
+    # --start strong's decay phase (warmup-stable-decay), 3 steps.
+    settings.update({"pretrain_extra_sentences": 4, "pretrain_extra_voices": ["flite:slt"], "pretrain_decay_steps": 3})
     quality = load_quality()
     assert quality.main(["--output", str(out), "--seeds", "2", "--json", str(figures), "--presets", "rloo",
                          "--rl-steps", "3", "--other-reward-model", "--settings", json.dumps(settings),
@@ -111,6 +112,14 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
     pretrain = (out / "pretrain" / "config.yaml").read_text()
     assert "pretrain_corpus/pretrain_train.json" in pretrain and "spec_augment: true" in pretrain
     assert len((out / "pretrain_corpus" / "pretrain_train.json").read_text().splitlines()) == 4 * 2 + 8 * 2
+    # The decay phase: from the constant phase's last checkpoint, cosine to 0; the start is its last checkpoint,
+    # and the pretrained row's cost is both phases.
+    decay = (out / "pretrain_decay" / "config.yaml").read_text()
+    assert f"path: {out}/pretrain/checkpoints/last.nemo" in decay and "lr_schedule: cosine" in decay
+    assert "max_steps: 3" in decay and "min_lr_ratio: 0.0" in decay
+    assert f"{out}/pretrain_decay/checkpoints/last.nemo" in (out / "batchnorm_adapted" / "stage.json").read_text()
+    assert summary["pretrained"]["seconds"] == pytest.approx(sum(
+        json.loads((out / part / "stage.json").read_text())["seconds"] for part in ("pretrain", "pretrain_decay")))
     for folder in (out, out / "quality" / "seed_43"):  # the ensemble's second member, trained once per seed
         assert (folder / "reward_model-listening-member1" / "checkpoints").is_dir()
         assert "ensemble_std" in (folder / "rl_learned_reward-ens2" / "metrics.jsonl").read_text()
@@ -666,6 +675,8 @@ def test_default_rl_stage_keys_are_unchanged_and_the_oracle_ignores_the_learned_
     ({"pretrain_extra_voices": ["flite:slt"]}, "pretrain_extra_voices needs pretrain_extra_sentences > 0"),
     ({"pretrain_extra_sentences": 10, "pretrain_extra_voices": ["espeak:en+f4"]}, "lists the held-out voice"),
     ({"pretrain_extra_sentences": 5500}, "pretrain_extra_sentences: 5500 more than the corpus's 800"),
+    ({"pretrain_decay_steps": -1}, "pretrain_decay_steps: a whole number >= 0"),
+    ({"pretrain_decay_steps": 10.5}, "pretrain_decay_steps: a whole number >= 0"),
 ])
 def test_demo_settings_the_stages_would_find_late_are_refused_first(overrides, message):
     from rlnf.demo import STRONG_START, scaled_settings

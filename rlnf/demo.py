@@ -109,7 +109,7 @@ SETTINGS: dict[str, Any] = {
     "rl_reward_refresh": False,
     "rl_reward_refresh_rounds": 1,
     "supervised_lr": 5e-4,
-    "self_training_min_confidence": 0.0,
+    "self_training_min_confidence": 0.0,  # keep pseudo-labels whose mean per-frame max probability is >= this
     # scripts/quality.py's supervised baselines on the held-out voice's transcripts (not run by the demo):
     # train_ctc from the RL runs' start, validated every ctc_finetune_val_every steps, stopped when the
     # validation WER has not improved for ctc_finetune_patience validations or after ctc_finetune_max_minutes
@@ -117,7 +117,7 @@ SETTINGS: dict[str, Any] = {
     "ctc_finetune_max_minutes": 10.0,
     "ctc_finetune_max_steps": None,
     "ctc_finetune_val_every": 50,
-    "ctc_finetune_patience": 5,  # keep pseudo-labels whose mean per-frame max probability is >= this
+    "ctc_finetune_patience": 5,
     "run_seed": 42,  # trainer.seed of the reward model and of every run (scripts/quality.py varies it)
 }
 # scripts/quality.py --start strong: aims at a starting policy of the kind real fine-tuning starts from (WER

@@ -135,6 +135,9 @@ STRONG_START: dict[str, Any] = {
                               "espeak:en+m4:speed=140", "espeak:en-us+m6"],
     "pretrain_spec_augment": True,
     "pretrain_decay_steps": 1500,
+    # Chosen on the held-out voice's validation set: BatchNorm re-estimation on its audio raises this start's
+    # validation WER (0.261 -> 0.300), where it lowers the demo's (0.747 -> 0.685); its runs start from the policy.
+    "adapt_batchnorm": False,
 }
 START_SETTINGS = tuple(STRONG_START)  # the settings a start is made of (their defaults: the demo's start)
 OTHER_TEXT = "heldout_other_test"  # the other-text test set's manifest (stage other_text_corpus)

@@ -377,18 +377,21 @@ def supervised_baselines(stages, settings: dict[str, Any], base: dict[str, Any])
     return {CTC_CONVERGED: converged, CTC_MORE: more, CTC_RL: with_rl}
 
 
-def suta_runs(shared, stages, base: dict[str, Any], learned: dict[str, Any], device: str,
+def suta_runs(shared, stages, base: dict[str, Any], learned: dict[str, Any] | None, device: str,
               suta_settings: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Two cached stages of ``rlnf adapt suta`` on the held-out voice's test sentences
     (``rlnf.demo.suta_stage``, each also over the other-text set): SUTA from the held-out runs' start
     (``base["start"]``, in ``shared``: one for every seed, the demo's own row) and SUTA_AFTER_RL from the
-    learned-reward run ``learned`` (a stage result, in this seed's ``stages``). ``suta_settings`` overrides
-    ``rlnf.config.suta.SUTAConfig``'s defaults. Returns {run: ``suta_stage``'s result}."""
+    learned-reward run ``learned`` (a stage result, in this seed's ``stages``; None: SUTA alone).
+    ``suta_settings`` overrides ``rlnf.config.suta.SUTAConfig``'s defaults. Returns {run: ``suta_stage``'s
+    result}."""
     from rlnf.demo import suta_stage
 
-    return {SUTA: suta_stage(shared, base, SUTA, base["start"], base["start_stage"], device, suta_settings),
-            SUTA_AFTER_RL: suta_stage(stages, base, SUTA_AFTER_RL, learned["last_checkpoint"], learned, device,
-                                      suta_settings)}
+    runs = {SUTA: suta_stage(shared, base, SUTA, base["start"], base["start_stage"], device, suta_settings)}
+    if learned is not None:
+        runs[SUTA_AFTER_RL] = suta_stage(stages, base, SUTA_AFTER_RL, learned["last_checkpoint"], learned, device,
+                                         suta_settings)
+    return runs
 
 
 def start_train_voices(stages, base: dict[str, Any], device: str) -> dict[str, Any]:
@@ -497,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
                              'with that reward model (default: the demo\'s): run rl_learned_reward-NAME')
     parser.add_argument("--no-suta", dest="suta", action="store_false",
                         help=f"leave out the {SUTA} and {SUTA_AFTER_RL} rows (SUTA on the test sentences)")
+    parser.add_argument("--no-suta-after-rl", dest="suta_after_rl", action="store_false",
+                        help=f"leave out the {SUTA_AFTER_RL} row (SUTA of each seed's learned-reward model, "
+                             f"a SUTA pass per seed) and keep {SUTA}")
     parser.add_argument("--no-supervised-baselines", dest="supervised_baselines", action="store_false",
                         help=f"leave out the {', '.join(SUPERVISED_BASELINES)} rows (supervised CTC fine-tuning on "
                              "the held-out voice's transcripts, then RL with 1 - CER or more of it)")
@@ -537,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{exc} (--other-reward-model is the variant named '{other}')" if other_item else str(exc))
     run_names = (*demo_runs(settings)[1:], *[f"{run}-{preset}" for preset in presets
                                   for run in ("rl_learned_reward", "rl_cer_reward")],
-                 *[f"rl_learned_reward-{name}" for name in variants], *((SUTA, SUTA_AFTER_RL) if args.suta else ()),
+                 *[f"rl_learned_reward-{name}" for name in variants], *((SUTA, SUTA_AFTER_RL)[:1 + args.suta_after_rl] if args.suta else ()),
                  *(SUPERVISED_BASELINES if args.supervised_baselines else ()))
     shared = Stages(root, fresh=False)
     base = prepare(shared, settings)
@@ -580,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                    else shared.timings.get(name) for name in run_names}
         seconds["pretrained"] = pretrain_seconds(shared)
         if args.suta:
-            tta = suta_runs(shared, stages, base, runs["rl_learned_reward"], device)
+            tta = suta_runs(shared, stages, base, runs["rl_learned_reward"] if args.suta_after_rl else None, device)
             results.update(tta)
             seconds.update({name: result["seconds"] for name, result in tta.items()})
         rows = read_metrics(folder / "rl_learned_reward")

@@ -99,8 +99,10 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
                 "ctc_finetune_max_steps": 6, "ctc_finetune_val_every": 2, "ctc_finetune_patience": 1}
     out, figures = tmp_path / "demo", tmp_path / "quality.json"
     # --start strong with toy sizes: more text and a voice for pretraining alone, SpecAugment.
-    # --start strong's decay phase (warmup-stable-decay), 3 steps.
-    settings.update({"pretrain_extra_sentences": 4, "pretrain_extra_voices": ["flite:slt"], "pretrain_decay_steps": 3})
+    # --start strong's decay phase (warmup-stable-decay), 3 steps; its runs from the BatchNorm-adapted start
+    # here (STRONG_START's own choice is the policy itself), whose rows this test checks.
+    settings.update({"pretrain_extra_sentences": 4, "pretrain_extra_voices": ["flite:slt"], "pretrain_decay_steps": 3,
+                     "adapt_batchnorm": True})
     quality = load_quality()
     assert quality.main(["--output", str(out), "--seeds", "2", "--json", str(figures), "--presets", "rloo",
                          "--rl-steps", "3", "--other-reward-model", "--settings", json.dumps(settings),
@@ -255,6 +257,10 @@ def test_suta_stages_transcribe_the_test_set_and_are_cached(pretrained_tiny_nemo
     with pytest.raises(AssertionError, match="ran again"):  # a new RL model: its row reruns
         quality.suta_runs(Stages(tmp_path, fresh=False), Stages(tmp_path / "seed_43", fresh=False), base,
                           {**learned, "sha256": "rl2"}, "cpu", {"steps": 1})
+    # --no-suta-after-rl: SUTA of the start alone (cached), no pass over a learned model.
+    alone = quality.suta_runs(Stages(tmp_path, fresh=False), Stages(tmp_path / "seed_44", fresh=False), base,
+                              None, "cpu", {"steps": 1})
+    assert set(alone) == {"suta"} and not (tmp_path / "seed_44" / "rl_learned_reward+suta").exists()
 
 
 SUPERVISED = ("ctc_finetune_heldout", "ctc_finetune_heldout+more", "ctc_finetune_heldout+rl_cer")

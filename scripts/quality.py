@@ -41,7 +41,7 @@ the oracle-gap fraction is also given from it (what RL itself added).
 SUTA rows (``--no-suta`` leaves them out): "suta" is single-utterance test-time adaptation
 (``rlnf adapt suta``, its default settings, chosen on the held-out voice's validation set) of the
 held-out runs' start on the test sentences, the same for every seed; "rl_learned_reward+suta" applies
-it to each seed's learned-reward RL model. Each is a cached stage; its "seconds" is the SUTA pass over the
+it to each seed's learned-reward RL model (``--no-suta-after-rl`` leaves it out). Each is a cached stage; its "seconds" is the SUTA pass over the
 in-domain test set alone (one more pass, its own stage NAME-other_text, transcribes the other-text set).
 
 Supervised baselines (``--no-supervised-baselines`` leaves them out), per seed, on the held-out voice's

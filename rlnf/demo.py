@@ -6,7 +6,8 @@
                      second test set with other text, read by the final evaluation only
 2. pretrain          a small QuartzNet trained with CTC on the other voices (the starting policy);
                      pretrain_corpus: more text and voices for it alone (``STRONG_START``, when
-                     ``pretrain_extra_sentences`` is set)
+                     ``pretrain_extra_sentences`` is set); pretrain_decay: pretrain_decay_steps more steps
+                     from its last checkpoint with the rate decayed to 0 (when set)
    batchnorm_adapted that policy with its BatchNorm statistics re-estimated on the held-out voice's
                      untranscribed audio (``adapt_batchnorm``): where the held-out voice's runs start
 3. scored_pairs      the policy's own hypotheses (greedy, samples at several temperatures) and corrupted
@@ -124,8 +125,8 @@ SETTINGS: dict[str, Any] = {
 # <= 0.3 on its training voices' test sentences, where the demo's has about 0.5): a 5M-parameter QuartzNet,
 # SpecAugment, 7x the text and 13 voices, an hour of pretraining at a constant rate then 1,500 steps of
 # cosine decay, on 2 CPU cores. Measured once: 0.380 after the hour (3,319 steps), 0.260 after the decay
-# (25 more minutes); the benchmark reports the WER it reaches (start_train_voices_wer). Everything
-# downstream is the demo's.
+# (25 more minutes); the benchmark reports the WER it reaches (start_train_voices_wer). Its held-out runs
+# start from the policy itself (adapt_batchnorm, below); everything else downstream is the demo's.
 STRONG_START: dict[str, Any] = {
     "policy_size": "medium",
     "pretrain_minutes": 60.0,
@@ -427,7 +428,8 @@ def pretrain_corpus(stages: Stages, settings: dict[str, Any], data: dict[str, An
 
 
 def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
-    """Stages 1-3, shared by every seed: corpus, starting policy, its BatchNorm adaptation to the
+    """Stages 1-3, shared by every seed: corpus, starting policy (its decay phase too, when
+    ``pretrain_decay_steps``: the start is the decayed checkpoint), its BatchNorm adaptation to the
     held-out voice's untranscribed audio (``adapt_batchnorm``; the held-out runs' start), scored pairs,
     and the held-out runs' starting policy's pseudo-labels of that audio (for self-training); and the
     other-text test set (``other_text_corpus``, base["other_text"])."""
@@ -471,9 +473,11 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
                 f"output_dir={folder}", f"data.train_manifest={train}", f"data.val_manifest={data['val']}",
                 f"model.path={stable['last_checkpoint']}", f"trainer.max_steps={settings['pretrain_decay_steps']}",
                 f"trainer.lr={settings['pretrain_lr']}", "trainer.lr_schedule=cosine", "trainer.min_lr_ratio=0.0",
-                # A fresh optimizer's first moments: a short warm-up back to the stable phase's rate.
-                "trainer.batch_size=16", "trainer.warmup_steps=50", "trainer.val_every=0", "trainer.save_every=0",
-                "trainer.log_every=10", f"trainer.seed={settings['seed'] + 1}"]))
+                # A fresh optimizer's first moments: a short warm-up back to the stable phase's rate (a tenth
+                # of a short decay); seed + 1: other batches than the stable phase's first ones.
+                "trainer.batch_size=16", f"trainer.warmup_steps={min(50, settings['pretrain_decay_steps'] // 10)}",
+                "trainer.val_every=0", "trainer.save_every=0", "trainer.log_every=10",
+                f"trainer.seed={settings['seed'] + 1}"]))
     policy = pretrain["last_checkpoint"]
     # Where the held-out voice's runs start: the policy, or the policy adapted to that voice's audio.
     start_stage, start = pretrain, policy
@@ -1005,8 +1009,8 @@ def check_settings(settings: dict[str, Any]) -> None:
 
 
 def scaled_settings(budget_minutes: float = 15.0, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """SETTINGS with overrides; the time-boxed stages (pretraining, the RL runs, continued supervised
-    training and self-training) scale with the budget; the defaults, the suta row (not time-boxed) included, take
+    """SETTINGS with overrides; the time-boxed stages (pretraining's constant phase, the RL runs, continued
+    supervised training and self-training) scale with the budget (a decay phase, counted in steps, does not); the defaults, the suta row (not time-boxed) included, take
     about 14 of 15 minutes on 2 CPU cores (measured: 14.0). The settings are checked first (``check_settings``)."""
     unknown = sorted(set(settings or {}) - set(SETTINGS))
     if unknown:

@@ -54,8 +54,9 @@ gap, negative when RL is lower). See ``supervised_baselines``.
 
 --start strong runs the same comparison from a stronger starting policy (rlnf.demo.STRONG_START: a 5M-parameter
 QuartzNet with SpecAugment, pretrained for an hour on the corpus's training voices plus 5,000 more sentences and 5
-more voices; stage pretrain_corpus), in its own folder (demo_output_strong): the corpus, the held-out voice and both
-test sets are the demo's. The JSON's "start" names the start and "start_train_voices_wer" (stage start_train_voices)
+more voices, stage pretrain_corpus, then 1,500 steps of cosine decay, stage pretrain_decay; its held-out runs start
+from the policy itself, so no batchnorm_adapted row), in its own folder (demo_output_strong): the corpus, the
+held-out voice and both test sets are the demo's. The JSON's "start" names the start and "start_train_voices_wer" (stage start_train_voices)
 is the pretrained policy's WER on its training voices' test sentences, for either start.
 
 --presets adds, per seed, the two RL runs (learned reward, 1 - CER) of every other preset named,
@@ -394,6 +395,11 @@ def suta_runs(shared, stages, base: dict[str, Any], learned: dict[str, Any] | No
     return runs
 
 
+def suta_rows(suta: bool, after_rl: bool) -> tuple[str, ...]:
+    """The SUTA rows run: none (``--no-suta``), SUTA alone (``--no-suta-after-rl``) or both."""
+    return ((SUTA, SUTA_AFTER_RL) if after_rl else (SUTA,)) if suta else ()
+
+
 def start_train_voices(stages, base: dict[str, Any], device: str) -> dict[str, Any]:
     """Stage start_train_voices: the starting (pretrained) policy's greedy WER / CER on its training
     voices' test sentences (the corpus's "test": how strong the start is where it was trained)."""
@@ -480,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", choices=STARTS, default="demo",
                         help="the starting policy: the demo's (a 0.5M-parameter QuartzNet, 4.5 minutes of "
                              "pretraining) or 'strong' (rlnf.demo.STRONG_START: 5M parameters, SpecAugment, "
-                             "more text and voices, an hour of pretraining; the same corpus and test sets)")
+                             "more text and voices, an hour of pretraining then 1,500 steps of decay, no "
+                             "BatchNorm adaptation; the same corpus and test sets)")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     parser.add_argument("--json", help="write the figures to this JSON file")
     parser.add_argument("--markdown", help="write the runs' table (the docs' results table) to this Markdown file")
@@ -543,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{exc} (--other-reward-model is the variant named '{other}')" if other_item else str(exc))
     run_names = (*demo_runs(settings)[1:], *[f"{run}-{preset}" for preset in presets
                                   for run in ("rl_learned_reward", "rl_cer_reward")],
-                 *[f"rl_learned_reward-{name}" for name in variants], *((SUTA, SUTA_AFTER_RL)[:1 + args.suta_after_rl] if args.suta else ()),
+                 *[f"rl_learned_reward-{name}" for name in variants], *suta_rows(args.suta, args.suta_after_rl),
                  *(SUPERVISED_BASELINES if args.supervised_baselines else ()))
     shared = Stages(root, fresh=False)
     base = prepare(shared, settings)

@@ -119,7 +119,9 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
     decay = (out / "pretrain_decay" / "config.yaml").read_text()
     assert f"path: {out}/pretrain/checkpoints/last.nemo" in decay and "lr_schedule: cosine" in decay
     assert "max_steps: 3" in decay and "min_lr_ratio: 0.0" in decay
-    assert f"{out}/pretrain_decay/checkpoints/last.nemo" in (out / "batchnorm_adapted" / "stage.json").read_text()
+    assert "warmup_steps: 0" in decay  # a tenth of a short decay: here the 3 steps are all cosine
+    for stage in ("batchnorm_adapted", "start_train_voices", "scored_pairs", "supervised_continued"):
+        assert f"{out}/pretrain_decay/checkpoints/last.nemo" in (out / stage / "stage.json").read_text(), stage
     assert summary["pretrained"]["seconds"] == pytest.approx(sum(
         json.loads((out / part / "stage.json").read_text())["seconds"] for part in ("pretrain", "pretrain_decay")))
     for folder in (out, out / "quality" / "seed_43"):  # the ensemble's second member, trained once per seed
@@ -573,7 +575,8 @@ def test_a_stage_is_re_used_from_a_sibling_of_the_same_key_only_where_same_as_al
 def test_the_strong_start_s_extra_text_is_none_of_the_corpus_s_and_the_demo_s_start_is_unchanged(tmp_path):
     """pretrain_corpus: the next sentences of the corpus's seeded order (none of its train, validation or
     test sentences), each by voices_per_sentence voices; the corpus's training rows added with absolute
-    paths. The demo's settings add nothing, and STRONG_START changes only what makes the start."""
+    paths. The demo's settings add nothing, and STRONG_START changes what makes the start (and where its
+    held-out runs start)."""
     from tests.conftest import require_tool
 
     require_tool("flite")

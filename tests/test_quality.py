@@ -217,6 +217,12 @@ def test_summary_of_the_suta_rows():
     per_seed[1]["wer"]["suta"] = 0.66
     assert quality.summarise(per_seed, runs)["learned_beats_suta_every_seed"] is False
     assert "learned_beats_suta_every_seed" not in quality.summarise(per_seed, RUNS)  # --no-suta
+    alone = quality.summarise(per_seed, (*RUNS, "suta"))  # --no-suta-after-rl (and no batchnorm_adapted row)
+    assert set(alone["runs"]) == {*RUNS, "suta"} and alone["learned_beats_suta_every_seed"] is False
+    assert quality.issue_targets(per_seed, (*RUNS, "suta"))["baselines"] == ["suta", "self_training"]
+    assert "| suta |" in quality.markdown_table(alone)
+    assert [quality.suta_rows(*flags) for flags in ((True, True), (True, False), (False, True))] == [
+        ("suta", "rl_learned_reward+suta"), ("suta",), ()]
 
 
 def test_suta_stages_transcribe_the_test_set_and_are_cached(pretrained_tiny_nemo, corpus, tmp_path, monkeypatch):

@@ -457,27 +457,28 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
     # The keys of the strong start's settings only when they are set, so the demo's cached pretraining stays.
     strong = {k: settings[k] for k in ("pretrain_extra_sentences", "pretrain_extra_voices", "pretrain_spec_augment")
               if settings[k] != SETTINGS[k]}
+    def pretraining(folder: Path, *overrides: str) -> dict[str, Any]:
+        """train_ctc on the pretraining data, with what both phases share and then ``overrides``."""
+        return _run_recipe("train_ctc", [
+            f"output_dir={folder}", f"data.train_manifest={train}", f"data.val_manifest={data['val']}",
+            "trainer.batch_size=16", "trainer.val_every=0", "trainer.save_every=0", "trainer.log_every=10",
+            *overrides])
+
     pretrain = stages.run("pretrain", {"data": data["train"], **content_key(data, "corpus"), **{k: settings[k] for k in (
         "policy_size", "pretrain_minutes", "pretrain_lr", "seed")}, **strong, **content_key(extra, "extra")},
-        lambda folder: _run_recipe("train_ctc", [
-            f"output_dir={folder}", f"data.train_manifest={train}", f"data.val_manifest={data['val']}",
-            f"model.size={settings['policy_size']}", f"model.spec_augment={str(settings['pretrain_spec_augment']).lower()}",
-            "trainer.max_steps=100000",
+        lambda folder: pretraining(
+            folder, f"model.size={settings['policy_size']}",
+            f"model.spec_augment={str(settings['pretrain_spec_augment']).lower()}", "trainer.max_steps=100000",
             f"trainer.max_minutes={settings['pretrain_minutes']}", f"trainer.lr={settings['pretrain_lr']}",
-            "trainer.batch_size=16", "trainer.warmup_steps=100", "trainer.val_every=0", "trainer.save_every=0",
-            "trainer.log_every=10", f"trainer.seed={settings['seed']}", "trainer.lr_schedule=constant"]))
+            "trainer.warmup_steps=100", f"trainer.seed={settings['seed']}", "trainer.lr_schedule=constant"))
     if settings["pretrain_decay_steps"]:
-        stable = pretrain
-        pretrain = stages.run("pretrain_decay", {"stable": stable, "steps": settings["pretrain_decay_steps"]},
-            lambda folder: _run_recipe("train_ctc", [
-                f"output_dir={folder}", f"data.train_manifest={train}", f"data.val_manifest={data['val']}",
-                f"model.path={stable['last_checkpoint']}", f"trainer.max_steps={settings['pretrain_decay_steps']}",
-                f"trainer.lr={settings['pretrain_lr']}", "trainer.lr_schedule=cosine", "trainer.min_lr_ratio=0.0",
-                # A fresh optimizer's first moments: a short warm-up back to the stable phase's rate (a tenth
-                # of a short decay); seed + 1: other batches than the stable phase's first ones.
-                "trainer.batch_size=16", f"trainer.warmup_steps={min(50, settings['pretrain_decay_steps'] // 10)}",
-                "trainer.val_every=0", "trainer.save_every=0", "trainer.log_every=10",
-                f"trainer.seed={settings['seed'] + 1}"]))
+        stable, steps = pretrain, settings["pretrain_decay_steps"]
+        pretrain = stages.run("pretrain_decay", {"stable": stable, "steps": steps}, lambda folder: pretraining(
+            folder, f"model.path={stable['last_checkpoint']}", f"trainer.max_steps={steps}",
+            f"trainer.lr={settings['pretrain_lr']}", "trainer.lr_schedule=cosine", "trainer.min_lr_ratio=0.0",
+            # A fresh optimizer's first moments: a short warm-up back to the stable phase's rate (a tenth of a
+            # short decay); seed + 1: other batches than the stable phase's first ones.
+            f"trainer.warmup_steps={min(50, steps // 10)}", f"trainer.seed={settings['seed'] + 1}"))
     policy = pretrain["last_checkpoint"]
     # Where the held-out voice's runs start: the policy, or the policy adapted to that voice's audio.
     start_stage, start = pretrain, policy
@@ -1010,8 +1011,9 @@ def check_settings(settings: dict[str, Any]) -> None:
 
 def scaled_settings(budget_minutes: float = 15.0, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """SETTINGS with overrides; the time-boxed stages (pretraining's constant phase, the RL runs, continued
-    supervised training and self-training) scale with the budget (a decay phase, counted in steps, does not); the defaults, the suta row (not time-boxed) included, take
-    about 14 of 15 minutes on 2 CPU cores (measured: 14.0). The settings are checked first (``check_settings``)."""
+    supervised training and self-training) scale with the budget (a decay phase, counted in steps, does
+    not); the defaults, the suta row (not time-boxed) included, take about 14 of 15 minutes on 2 CPU cores
+    (measured: 14.0). The settings are checked first (``check_settings``)."""
     unknown = sorted(set(settings or {}) - set(SETTINGS))
     if unknown:
         raise ConfigError(f"demo settings: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(SETTINGS))}")

@@ -41,8 +41,9 @@ the oracle-gap fraction is also given from it (what RL itself added).
 SUTA rows (``--no-suta`` leaves them out): "suta" is single-utterance test-time adaptation
 (``rlnf adapt suta``, its default settings, chosen on the held-out voice's validation set) of the
 held-out runs' start on the test sentences, the same for every seed; "rl_learned_reward+suta" applies
-it to each seed's learned-reward RL model (``--no-suta-after-rl`` leaves it out). Each is a cached stage; its "seconds" is the SUTA pass over the
-in-domain test set alone (one more pass, its own stage NAME-other_text, transcribes the other-text set).
+it to each seed's learned-reward RL model (``--no-suta-after-rl`` leaves it out). Each is a cached stage;
+its "seconds" is the SUTA pass over the in-domain test set alone (one more pass, its own stage
+NAME-other_text, transcribes the other-text set).
 
 Supervised baselines (``--no-supervised-baselines`` leaves them out), per seed, on the held-out voice's
 training transcripts (the oracle's data): "ctc_finetune_heldout", train_ctc from the RL runs' start to
@@ -56,8 +57,9 @@ gap, negative when RL is lower). See ``supervised_baselines``.
 QuartzNet with SpecAugment, pretrained for an hour on the corpus's training voices plus 5,000 more sentences and 5
 more voices, stage pretrain_corpus, then 1,500 steps of cosine decay, stage pretrain_decay; its held-out runs start
 from the policy itself, so no batchnorm_adapted row), in its own folder (demo_output_strong): the corpus, the
-held-out voice and both test sets are the demo's. The JSON's "start" names the start and "start_train_voices_wer" (stage start_train_voices)
-is the pretrained policy's WER on its training voices' test sentences, for either start.
+held-out voice and both test sets are the demo's. The JSON's "start" names the start and
+"start_train_voices_wer" (stage start_train_voices) is the pretrained policy's WER on its training voices' test
+sentences, for either start.
 
 --presets adds, per seed, the two RL runs (learned reward, 1 - CER) of every other preset named,
 against the same reward model: runs "rl_learned_reward-PRESET" and "rl_cer_reward-PRESET".

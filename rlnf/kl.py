@@ -49,6 +49,8 @@ class KLInputs:
     encoded_len: [B] valid frames.
     seq_log_probs: [B, K] log pi(y) of the K hypotheses (may carry a graph; None before they are drawn).
     ref_seq_log_probs: [B, K] log pi_ref(y), for the sequence-level estimators (None otherwise).
+    exact: [B] KL(pi || pi_ref) of each utterance summed over frames, no graph, when the rollout has it
+    already (it logs it as ``kl`` whatever the estimator); ``ExactKL.value`` re-uses it.
     """
 
     log_probs: torch.Tensor
@@ -56,6 +58,7 @@ class KLInputs:
     encoded_len: torch.Tensor
     seq_log_probs: torch.Tensor | None = None
     ref_seq_log_probs: torch.Tensor | None = None
+    exact: torch.Tensor | None = None
 
 
 def reduce(kl: torch.Tensor, encoded_len: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -115,8 +118,10 @@ class ExactKL(KLEstimator):
                  "group baseline; use it in the loss (kl_in_reward=false), or k1 in the reward")
 
     def value(self, inputs: KLInputs) -> torch.Tensor:
-        with torch.no_grad():
-            per_utterance = ctc.exact_kl(inputs.log_probs.detach(), inputs.ref_log_probs, inputs.encoded_len)
+        per_utterance = inputs.exact
+        if per_utterance is None:
+            with torch.no_grad():
+                per_utterance = ctc.exact_kl(inputs.log_probs.detach(), inputs.ref_log_probs, inputs.encoded_len)
         return per_utterance.unsqueeze(1).expand_as(inputs.seq_log_probs)
 
     def loss_term(self, inputs, old_seq_log_probs, max_weight):

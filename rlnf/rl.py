@@ -104,6 +104,7 @@ class Rollout:
     rewards: torch.Tensor  # total task reward, before any KL shaping
     reward_components: dict[str, torch.Tensor]
     advantages: torch.Tensor
+    penalty: KLPenalty  # the KL penalty that shaped the rewards; the loss applies the same one
     ref_frame_log_probs: torch.Tensor | None = None  # [B, T, V] at tau
     ref_seq_log_probs: torch.Tensor | None = None  # log pi_ref(y), for the sequence-level KL estimators
     greedy_rewards: torch.Tensor | None = None  # [B]
@@ -134,8 +135,10 @@ def make_rollout(policy: CTCPolicy, reference: CTCPolicy | None, rewards: Reward
     source = hypothesis_source(algo.rollout, algo.num_samples)
     samples = source.draw(policy, frames, current.encoded_len, step.sample_keys, step.generator)
     greedy = policy.greedy(frames, current.encoded_len)
-    # 4. Rewards, log-probs, KL, shaped rewards, advantages.
-    inputs = KLInputs(current.log_probs, ref_log_probs, current.encoded_len)
+    # 4. Rewards, log-probs, KL, shaped rewards, advantages. The exact KL per utterance (logged as "kl"
+    # whatever the estimator) is computed once here; the exact estimator's penalty re-uses it.
+    exact = None if ref_log_probs is None else ctc.exact_kl(frames, ref_log_probs, current.encoded_len)
+    inputs = KLInputs(current.log_probs, ref_log_probs, current.encoded_len, exact=exact)
     judge = Judge(policy, rewards, algo, penalty, step.beta)
     judged = judge(batch, inputs, samples, greedy)
     # 5. Dynamic resampling of the groups that teach nothing.
@@ -151,12 +154,12 @@ def make_rollout(policy: CTCPolicy, reference: CTCPolicy | None, rewards: Reward
     if algo.policy_loss == "mwer":
         distinct = ctc.first_occurrences(judged.samples.labels, judged.samples.label_len)
         metrics["mwer/list_mass"] = float(list_mass(judged.seq_log_probs.detach(), distinct).mean())
-    metrics.update(rollout_metrics(judged, frames, current.encoded_len, policy.blank_id, ref_log_probs))
+    metrics.update(rollout_metrics(judged, frames, current.encoded_len, policy.blank_id, exact))
     rollout = Rollout(batch=batch, samples=judged.samples, greedy=greedy, encoded_len=current.encoded_len,
                       old_log_probs=judged.seq_log_probs.detach(), rewards=judged.rewards,
                       reward_components=judged.components, advantages=judged.advantages,
                       ref_frame_log_probs=ref_log_probs, ref_seq_log_probs=judged.ref_seq_log_probs,
-                      greedy_rewards=judged.greedy_rewards, distinct=distinct, metrics=metrics)
+                      greedy_rewards=judged.greedy_rewards, distinct=distinct, metrics=metrics, penalty=penalty)
     live = dataclasses.replace(current, seq_log_probs=judged.seq_log_probs) if step.keep_graph else None
     return rollout, live
 
@@ -255,7 +258,7 @@ def resample(judge: Judge, source: HypothesisSource, batch: AudioBatch, frames: 
             break
         index = torch.tensor(rows, device=frames.encoded_len.device)
         sub = KLInputs(frames.log_probs[index], None if frames.ref_log_probs is None else frames.ref_log_probs[index],
-                       frames.encoded_len[index])
+                       frames.encoded_len[index], exact=None if frames.exact is None else frames.exact[index])
         keys = None if step.sample_keys is None else [step.sample_keys[b] for b in rows]
         fresh = source.draw(judge.policy, sub.log_probs.detach(), sub.encoded_len, keys, step.generator, attempt)
         known = None if judged.greedy_rewards is None else judged.greedy_rewards[index]
@@ -274,8 +277,9 @@ def advantage_metrics(advantages: torch.Tensor) -> dict[str, float]:
 
 
 def rollout_metrics(judged: Judged, frames: torch.Tensor, encoded_len: torch.Tensor, blank_id: int,
-                    ref_log_probs: torch.Tensor | None) -> dict[str, float]:
-    """The rollout's logged metrics (see the docs' Monitoring page)."""
+                    exact: torch.Tensor | None) -> dict[str, float]:
+    """The rollout's logged metrics (see the docs' Monitoring page); ``exact``: the exact KL to the
+    reference per utterance [B], None without a reference."""
     rewards, samples = judged.rewards, judged.samples
     spread = rewards.max(dim=1).values - rewards.min(dim=1).values
     unique = [len(set(group)) / len(group) for group in samples.texts]
@@ -294,8 +298,7 @@ def rollout_metrics(judged: Judged, frames: torch.Tensor, encoded_len: torch.Ten
         "rollout/unique_ratio": sum(unique) / len(unique),
         "reward/group_spread": float(spread.mean()),
     }
-    if ref_log_probs is not None:
-        exact = ctc.exact_kl(frames, ref_log_probs, encoded_len)
+    if exact is not None:
         metrics["kl"] = float(exact.mean())
         metrics["kl/per_frame"] = float((exact / encoded_len.clamp(min=1)).mean())
         metrics[PENALISED_METRIC] = float(judged.penalised.mean())
@@ -350,7 +353,7 @@ def rl_loss(policy: CTCPolicy, rollout: Rollout, algo, beta: float, current: Pol
     if rollout.ref_frame_log_probs is not None:
         inputs = KLInputs(log_probs, rollout.ref_frame_log_probs, encoded_len, seq_log_probs, rollout.ref_seq_log_probs)
         eps_high = algo.clip_eps if algo.clip_eps_high is None else algo.clip_eps_high
-        loss_kl = KLPenalty.from_config(algo).loss(inputs, rollout.old_log_probs, beta, max_weight=1.0 + eps_high)
+        loss_kl = rollout.penalty.loss(inputs, rollout.old_log_probs, beta, max_weight=1.0 + eps_high)
     # Entropy bonus (with its graph only when it is part of the loss) and supervised term.
     with torch.set_grad_enabled(algo.entropy_coef > 0 and torch.is_grad_enabled()):
         entropy = ctc.frame_entropy(log_probs, encoded_len).mean()

@@ -6,6 +6,7 @@ through their behaviour and not only through the new names they import)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -282,6 +283,43 @@ def test_resampling_keeps_groups_whose_kl_shaped_rewards_differ(pretrained_tiny_
         if informative[b]:
             assert resampled.samples.texts[b] == plain.samples.texts[b]
     assert any(informative[b] and equal_task_rewards[b] for b in range(len(batch)))
+
+
+def test_a_rollout_computes_the_exact_kl_once_and_its_loss_applies_the_rollouts_penalty(
+        pretrained_tiny_nemo, tiny_nemo, corpus, monkeypatch):
+    """The exact KL per utterance is computed once per rollout (with resampling too): the logged "kl"
+    and the exact estimator's penalty are that one tensor. The loss applies the penalty that shaped
+    the rollout, not one rebuilt from the config."""
+    from rlnf.config import RewardSpec
+    from rlnf.policy import CTCPolicy
+    from rlnf.rewards import build_rewards
+    from rlnf.rl import StepContext, make_rollout, rl_loss
+
+    policy, batch = rollout_parts(pretrained_tiny_nemo, corpus)
+    reference = CTCPolicy.load(tiny_nemo).freeze()
+    rewards = build_rewards([RewardSpec(name="tests.test_kl_penalty.ParityReward")])
+    algo = algorithm(name="grpo", kl_estimator="exact", kl_in_reward=False, num_samples=2, kl_coef=0.05,
+                     resample_zero_std=2)
+    calls = []
+    exact_kl = ctc.exact_kl
+    monkeypatch.setattr(ctc, "exact_kl", lambda *args: calls.append(args[0].requires_grad) or exact_kl(*args))
+    rollout, _ = make_rollout(policy, reference, rewards, batch, algo, StepContext(0.05))
+    assert calls == [False]  # once, without a graph
+    with torch.no_grad():
+        log_probs, encoded_len = policy.forward(batch.audio, batch.audio_len)
+        expected = exact_kl(ctc.apply_temperature(log_probs.float(), algo.temperature), rollout.ref_frame_log_probs,
+                            encoded_len)
+    assert rollout.metrics["kl"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert rollout.metrics[kl.PENALISED_METRIC] == pytest.approx(rollout.metrics["kl"], rel=1e-6)
+
+    class Doubled(kl.ExactKL):
+        def loss_term(self, inputs, old_seq_log_probs, max_weight):
+            return 2 * super().loss_term(inputs, old_seq_log_probs, max_weight)
+
+    own = dataclasses.replace(rollout, penalty=kl.KLPenalty(Doubled(), in_reward=False))
+    _, plain = rl_loss(policy, rollout, algo, 0.05)
+    _, doubled = rl_loss(policy, own, algo, 0.05)
+    assert doubled["loss/kl"] == pytest.approx(2 * plain["loss/kl"], rel=1e-5)
 
 
 def test_whitening_pools_the_whole_step_outside_the_rollouts_collective(corpus, pretrained_tiny_nemo, tmp_path,

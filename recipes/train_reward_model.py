@@ -395,7 +395,8 @@ class RewardTrainer(Recipe):
         """Regression metrics, the within-clip Spearman, and the same Spearman with every clip's
         transcripts scored against another clip's audio: ``val/group_spearman_wrong_audio``. The gap
         between the two, ``val/audio_gain``, is how much of the ranking comes from the audio at all
-        (about 0 for a model that ranks a clip's transcripts by their text alone)."""
+        (about 0 for a model that ranks a clip's transcripts by their text alone). With a CTC head over
+        letters, also ``val/ctc_wer`` and ``val/ctc_cer`` (``ctc_transcription_metrics``)."""
         import torch
 
         from rlnf.metrics import regression_metrics, within_group_spearman
@@ -422,7 +423,34 @@ class RewardTrainer(Recipe):
         metrics["group_spearman_wrong_audio"] = within_group_spearman(
             [wrong_audio[i] for i in kept], [targets[i] for i in kept], [groups[i] for i in kept])
         metrics["audio_gain"] = metrics["group_spearman"] - metrics["group_spearman_wrong_audio"]
+        metrics.update(self.ctc_transcription_metrics())
         return {f"val/{key}": value for key, value in metrics.items()}
+
+    def ctc_transcription_metrics(self) -> dict[str, float]:
+        """How well a CTC head over letters hears on its own: ``ctc_wer`` and ``ctc_cer``, the corpus WER
+        and CER of its greedy transcripts of the validation clips that have a reference, against the
+        references as it spells them (``spelt_text``). Compare them with the policy's WER: a reward
+        model that hears much worse than the policy it judges cannot tell its near-correct transcripts
+        apart by the audio (docs/reward-model.md). Empty without such a head or references."""
+        import torch
+
+        from rlnf.metrics import corpus_error_rate
+        from rlnf.reward_model.ctc_evidence import spelt_text
+        from rlnf.training import autocast
+
+        alphabet = self.model.config.ctc_alphabet if self.model.config.ctc_head else None
+        clips = {p["audio_filepath"]: p for p in self.val_pairs if p["reference"]} if alphabet else {}
+        if not clips:
+            return {}
+        firsts = list(clips.values())
+        hypotheses = []
+        with torch.inference_mode(), autocast(self.device, self.autocast_dtype):
+            for start in range(0, len(firsts), 32):
+                inputs = self.batch_inputs(firsts[start:start + 32], augment=False)  # one audio row per clip
+                hypotheses += self.model.ctc_transcripts(self.model.embed_audio(inputs["audio"], inputs["audio_len"]))
+        references = [spelt_text(p["reference"], alphabet) for p in firsts]
+        return {"ctc_wer": corpus_error_rate(references, hypotheses, "word"),
+                "ctc_cer": corpus_error_rate(references, hypotheses, "char")}
 
     # ------------------------------------------------------------------------------ checkpoints
     def save_model(self, path) -> None:

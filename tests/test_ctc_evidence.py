@@ -150,6 +150,36 @@ def test_pieces_are_spelt_in_the_alphabet_without_edge_spaces():
     assert decoded == ["and i will", "he'll"]
 
 
+def test_greedy_spelling_is_the_most_probable_frame_path_collapsed():
+    """Against enumeration: the transcript of the single most probable frame labelling, repeats merged
+    and blanks dropped (a blank between two equal letters keeps both), spaces as spelt_text writes them."""
+    from rlnf.reward_model.ctc_evidence import greedy_spelling
+
+    alphabet = " ab"
+    generator = torch.Generator().manual_seed(3)
+    log_probs = torch.log_softmax(torch.randn(6, 5, len(alphabet) + 1, generator=generator), dim=-1)
+    lengths = torch.tensor([5, 5, 4, 3, 1, 0])
+    texts = greedy_spelling(log_probs, lengths, alphabet)
+    for clip in range(6):
+        frames = int(lengths[clip])
+        best = max(itertools.product(range(len(alphabet) + 1), repeat=frames),
+                   key=lambda path: sum(float(log_probs[clip, t, label]) for t, label in enumerate(path)))
+        letters = [alphabet[label] for index, label in enumerate(best)
+                   if label != len(alphabet) and (index == 0 or label != best[index - 1])]
+        assert texts[clip] == " ".join("".join(letters).split())
+    pinned = torch.full((1, 7, 4), -9.0)
+    for t, label in enumerate([1, 1, 3, 1, 0, 0, 2]):  # a a <blank> a ' ' ' ' b
+        pinned[0, t, label] = 0.0
+    assert greedy_spelling(pinned, torch.tensor([7]), alphabet) == ["aa b"]
+
+
+def test_references_are_spelt_as_the_head_writes():
+    from rlnf.reward_model.ctc_evidence import spelt_text
+
+    assert spelt_text("  And THE Lord's 3 sheep,  said ", " abcdefghijklmnopqrstuvwxyz'") == "and the lord's sheep said"
+    assert spelt_text("A b", "ab") == "ab"
+
+
 def test_letter_ctc_head_round_trips_its_spelling(tmp_path):
     from rlnf.reward_model.checkpoint import save_reward_folder
     from rlnf.reward_model.processor import RewardProcessor, load_reward_checkpoint
@@ -180,14 +210,20 @@ def test_letter_ctc_head_round_trips_its_spelling(tmp_path):
 @pytest.mark.slow
 def test_recipe_trains_the_ctc_head_on_the_references(corpus, tmp_path, nemo_quiet):
     """Through the CLI: CTC pre-training, the auxiliary loss beside the MSE, and a checkpoint that scores."""
+    import soundfile
+
     from rlnf.cli import main
+    from rlnf.data.manifest import read_manifest
     from rlnf.metric_logging import read_metrics
+    from rlnf.metrics import corpus_error_rate
+    from rlnf.reward_model.ctc_evidence import spelt_text
     from rlnf.reward_model.scorer import RewardScorer
     from tests.test_reward_model import scored_manifest
 
     manifest = scored_manifest(corpus["train"], tmp_path / "scored.json")  # score-100 rows are the references
+    val = scored_manifest(corpus["val"], tmp_path / "scored_val.json", seed=1)
     code = main(["run", "train_reward_model", "--config", "reward/listening", f"data.train_manifest={manifest}",
-                 f"output_dir={tmp_path / 'run'}", "data.score_scale=100", "data.val_split=0.2", "model.vocab_size=128",
+                 f"output_dir={tmp_path / 'run'}", "data.score_scale=100", f"data.val_manifest={val}", "model.vocab_size=128",
                  "model.ctc_hidden=32", "trainer.ctc_pretrain_epochs=2", "trainer.epochs=1", "trainer.batch_size=16",
                  "trainer.log_every=1", "trainer.progress_bar=false"])
     assert code == 0
@@ -197,3 +233,18 @@ def test_recipe_trains_the_ctc_head_on_the_references(corpus, tmp_path, nemo_qui
     assert any("train/ctc_loss" in row for row in rows)
     scorer = RewardScorer(str(tmp_path / "run" / "checkpoints" / "best"), "cpu")
     assert scorer.model.config.ctc_head and scorer.model.ctc_spelling.max() >= 0  # the spelling table was filled
+    # val/ctc_wer of the last validation: the last checkpoint's greedy transcripts of the validation clips,
+    # computed again here one clip at a time through the scorer's own audio path.
+    logged = [row for row in rows if "val/ctc_wer" in row][-1]
+    last = RewardScorer(str(tmp_path / "run" / "checkpoints" / "last"), "cpu")
+    alphabet = last.model.config.ctc_alphabet
+    references, hypotheses = [], []
+    for utterance in read_manifest(corpus["val"])[0]:
+        wave, rate = soundfile.read(utterance.audio_filepath, dtype="float32")
+        audio, audio_len = last._prepare_audio(torch.from_numpy(wave)[None], torch.tensor([len(wave)]), rate)
+        with torch.no_grad():
+            features, frames = last.processor.features(audio, audio_len)
+            hypotheses += last.model.ctc_transcripts(last.model.embed_audio(features, frames))
+        references.append(spelt_text(utterance.text, alphabet))
+    assert logged["val/ctc_wer"] == pytest.approx(corpus_error_rate(references, hypotheses, "word"), abs=1e-9)
+    assert logged["val/ctc_cer"] == pytest.approx(corpus_error_rate(references, hypotheses, "char"), abs=1e-9)

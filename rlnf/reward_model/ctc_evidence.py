@@ -93,6 +93,27 @@ def spell(targets: torch.Tensor, target_lengths: torch.Tensor, table: torch.Tens
     return spelled, torch.tensor([len(letters) for letters in rows], device=targets.device)
 
 
+def spelt_text(text: str, alphabet: str) -> str:
+    """``text`` as a head over ``alphabet`` spells it (``spell``): lower-cased, letters outside the
+    alphabet dropped, runs of spaces merged, no edge spaces. What its transcripts are judged against."""
+    kept = "".join(c for c in text.lower() if c in alphabet)
+    return " ".join(kept.split()) if " " in alphabet else kept
+
+
+def greedy_spelling(log_probs: torch.Tensor, lengths: torch.Tensor, alphabet: str) -> list[str]:
+    """The head's own transcripts: log_probs [N, S, len(alphabet) + 1] (blank last), lengths [N] frames ->
+    each clip's best path with repeats merged and blanks dropped, in ``alphabet``'s letters, its spaces
+    as ``spelt_text`` writes them. How well the reward model hears, on its own (``val/ctc_wer``)."""
+    blank = log_probs.shape[-1] - 1
+    texts = []
+    for best, length in zip(log_probs.argmax(dim=-1).tolist(), lengths.tolist()):
+        path = best[:length]
+        letters = [alphabet[label] for index, label in enumerate(path)
+                   if label != blank and (index == 0 or label != path[index - 1])]
+        texts.append(spelt_text("".join(letters), alphabet))
+    return texts
+
+
 def ctc_nll(log_probs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor,
             blank: int) -> torch.Tensor:
     """-log p(targets | audio) under CTC, per row: log_probs [N, S, V] (log-softmax), lengths [N] frames,

@@ -48,7 +48,7 @@ from transformers.utils import ModelOutput
 from rlnf.errors import CheckpointError, ConfigError
 from rlnf.reward_model.architecture import ARCHITECTURE_KEYS, RewardArchitecture
 from rlnf.reward_model.ctc_evidence import (EVIDENCE_FEATURES, CTCEvidenceHead, ctc_nll, ctc_targets, evidence_features,
-                                            spell, spelling_table)
+                                            greedy_spelling, spell, spelling_table)
 
 # Feature settings of the QuartzNet front end (NeMo AudioToMelSpectrogramPreprocessor).
 FEATURE_DEFAULTS: dict[str, Any] = {
@@ -319,6 +319,12 @@ class RewardModel(PreTrainedModel):
         """Fill the piece -> letters table of a CTC head over ``ctc_alphabet`` from the tokenizer's pieces."""
         table = spelling_table(pieces, self.config.ctc_alphabet, self.config.ctc_max_piece_chars)
         self.ctc_spelling[: len(pieces)] = table[: self.ctc_spelling.shape[0]].to(self.ctc_spelling.device)
+
+    def ctc_transcripts(self, audio: Encoded) -> list[str]:
+        """The CTC head's greedy transcripts of the clips ``audio`` encodes (a head over ``ctc_alphabet``)."""
+        if not (self.config.ctc_head and self.config.ctc_alphabet):
+            raise ValueError("ctc_transcripts needs a CTC head over letters (model.ctc_head, model.ctc_alphabet)")
+        return greedy_spelling(audio.ctc_log_probs, audio.ctc_lengths, self.config.ctc_alphabet)
 
     def ctc_nll(self, audio: Encoded, text: Encoded) -> torch.Tensor:
         """-log p(text | audio) [N] nats under the CTC head, for matched rows of audio and text."""

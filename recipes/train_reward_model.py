@@ -17,7 +17,7 @@ import random
 from typing import Any
 
 from rlnf.config import RewardTrainConfig, to_yaml
-from rlnf.errors import DataError
+from rlnf.errors import ConfigError, DataError
 from rlnf.recipe_loop import Recipe
 
 CONFIG_CLASS = RewardTrainConfig
@@ -183,10 +183,14 @@ class RewardTrainer(Recipe):
             if tokenizer is None:
                 texts = [p["text"] for p in train] + [p["reference"] for p in train if p["reference"]]
                 tokenizer = train_sentencepiece(texts, self.run_dir / "tokenizer", cfg.model.vocab_size)
-            config = RewardConfig(**cfg.model.hyper_parameters(), padding=cfg.model.kernel_size // 2)
+            ears = self.asr_encoder(cfg.model.asr_encoder_from) if cfg.model.asr_encoder_from else None
+            config = RewardConfig(**cfg.model.hyper_parameters(), padding=cfg.model.kernel_size // 2,
+                                  **({"asr_encoder": ears.config, "asr_encoder_dim": ears.dim} if ears else {}))
             processor = RewardProcessor(config, tokenizer)
             config.eos_token_id = processor.eos_id
             self.model = RewardModel(config)
+            if ears:
+                self.model.asr_encoder.load_state_dict(ears.state)
             if config.ctc_head and config.ctc_alphabet:
                 self.model.set_spelling([processor.sp.id_to_piece(i) for i in range(processor.sp.get_piece_size())])
         self.processor = processor
@@ -208,6 +212,21 @@ class RewardTrainer(Recipe):
                  sum(p.numel() for p in self.model.parameters()), len(train), len(val), self.max_steps)
         if cfg.trainer.ctc_pretrain_epochs and self.step == 0:  # a resumed run holds it in its weights
             self.pretrain_ctc()
+
+    @staticmethod
+    def asr_encoder(path: str):
+        """``model.asr_encoder_from``'s encoder (``asr_encoder.read_asr_encoder``), refused when its
+        preprocessor computes other features than the reward model's (naming the key and the setting)."""
+        from rlnf.reward_model.asr_encoder import feature_mismatches, read_asr_encoder
+        from rlnf.reward_model.modeling import FEATURE_DEFAULTS
+
+        ears = read_asr_encoder(path)
+        problems = feature_mismatches(ears.preprocessor, FEATURE_DEFAULTS)
+        if problems:
+            raise ConfigError(f"model.asr_encoder_from={path}: its preprocessor computes other features than the "
+                              f"reward model's: {'; '.join(problems)}")
+        log.info("reward model: the audio encoder of %s (%d channels, frozen)", path, ears.dim)
+        return ears
 
     # ------------------------------------------------------------------------------ batches
     def waveform(self, path: str):

@@ -514,7 +514,10 @@ def prepare(stages: Stages, settings: dict[str, Any]) -> dict[str, Any]:
             "pairs": pairs, "heldout_pairs": heldout_pairs, "pseudo_labels": labels, "other_text": other_text}
 
 
-REWARD_MODELS = ("listening", "card")
+# "listening-asr": the listening model whose ears are the encoder of the policy the held-out runs start from
+# (train_reward_model model.asr_encoder_from, frozen; its CTC head reads every encoder frame), so the judge
+# hears that voice as well as the policy it judges (docs/reward-model.md, "Ears from an ASR model").
+REWARD_MODELS = ("listening", "card", "listening-asr")
 
 
 def check_reward_model(model: str) -> None:
@@ -524,14 +527,16 @@ def check_reward_model(model: str) -> None:
 
 
 def reward_config(model: str) -> str | None:
-    """The ``train_reward_model`` config of reward model ``model``: reward/listening, or the recipe's defaults."""
-    return "reward/listening" if model == "listening" else None
+    """The ``train_reward_model`` config of reward model ``model``: reward/listening (also under ASR ears), or
+    the recipe's defaults (the card's)."""
+    return None if model == "card" else "reward/listening"
 
 
 def reward_stage(model: str) -> str:
-    """The stage (folder) that trains reward model ``model``: "reward_model-listening" or "reward_model";
-    its check on the held-out voice is the same name with "reward_heldout"."""
-    return "reward_model-listening" if model == "listening" else "reward_model"
+    """The stage (folder) that trains reward model ``model``: "reward_model-listening", "reward_model" (the
+    card's) or "reward_model-listening-asr"; its check on the held-out voice is the same name with
+    "reward_heldout"."""
+    return "reward_model" if model == "card" else f"reward_model-{model}"
 
 
 ENSEMBLE_SEED_STRIDE = 1000  # reward-ensemble member j of seed s is trained with trainer.seed s + 1000 j
@@ -545,24 +550,31 @@ def train_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
     """Stage 4: the reward model on the scored pairs (seeded by ``run_seed``), and whether it listens
     on the held-out voice (``reward_listening`` on that voice's validation clips: its key "heldout").
     ``model`` (default ``settings["reward_model"]``): "card", the card's model for ``reward_epochs``
-    epochs, in stages "reward_model" and "reward_heldout"; or "listening", the model of
+    epochs, in stages "reward_model" and "reward_heldout"; "listening", the model of
     configs/reward/listening.yaml (a CTC head over letters, CTC pre-training, one epoch of pairs), in
-    stages "reward_model-listening" and "reward_heldout-listening". ``member`` j > 0: another member of a
-    reward ensemble, seeded run_seed + ENSEMBLE_SEED_STRIDE * j, in stages ending "-member<j>"."""
+    stages "reward_model-listening" and "reward_heldout-listening"; or "listening-asr", the same with the
+    encoder of the held-out runs' start (``base["start"]``) as its ears, in stages ending "-listening-asr".
+    ``member`` j > 0: another member of a reward ensemble, seeded run_seed + ENSEMBLE_SEED_STRIDE * j, in
+    stages ending "-member<j>"."""
     model = model or settings["reward_model"]
     check_reward_model(model)
-    listening = model == "listening"
+    listening = model != "card"
     pairs = base["pairs"]
     stage = reward_stage(model) + (f"-member{member}" if member else "")
     settings = {**settings, "run_seed": settings["run_seed"] + ENSEMBLE_SEED_STRIDE * member}
     config = reward_config(model)
-    epochs = [] if listening else [f"trainer.epochs={settings['reward_epochs']}"]  # the config's own otherwise
+    extra = [] if listening else [f"trainer.epochs={settings['reward_epochs']}"]  # the config's own otherwise
+    ears = {}
+    if model == "listening-asr":  # one CTC frame per encoder frame: the encoder has already strided
+        ears = {"asr_encoder": base["start_stage"]}
+        extra += [f"model.asr_encoder_from={base['start']}", "model.ctc_stride=1"]
     reward = stages.run(stage, {"pairs": pairs, "epochs": None if listening else settings["reward_epochs"],
                                                 "vocab": settings["reward_vocab_size"], "augment": "masks-only",
                                                 "batches": "by clip", "rank": settings["reward_rank_loss_weight"],
-                                                "seed": settings["run_seed"], **({"config": config} if listening else {})},
+                                                "seed": settings["run_seed"], **({"config": config} if listening else {}),
+                                                **ears},
                         lambda folder: _run_recipe("train_reward_model", [
-                            *reward_overrides(settings, folder, pairs), *epochs], config))
+                            *reward_overrides(settings, folder, pairs), *extra], config))
     return {**reward, "heldout": reward_heldout(stages, base, reward, stage)}
 
 
@@ -614,7 +626,7 @@ def refresh_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any
                            lambda folder: _run_recipe("train_reward_model", [
                                *reward_overrides(settings, folder, merged), "trainer.epochs=1",
                                f"model.init_from={reward['best_checkpoint']}",
-                               *(["trainer.ctc_pretrain_epochs=0"] if model == "listening" else [])],
+                               *(["trainer.ctc_pretrain_epochs=0"] if model != "card" else [])],
                                reward_config(model)),
                            same_as=f"{reward_stage(model)}*-refreshed*")
     stage = stages.sources.get(stage, stage)  # where its files are (a sibling's, when re-used)

@@ -24,6 +24,10 @@ class RewardModelSource:
                                          "instead of random weights.")
     tokenizer: Optional[str] = opt(None, "SentencePiece model for the transcripts; null trains one on the training "
                                          "texts (vocabulary size vocab_size).")
+    asr_encoder_from: Optional[str] = opt(None, "A NeMo CTC model (.nemo) whose encoder, frozen, replaces the audio "
+                                                "conv blocks, so the reward model hears as well as that model (e.g. "
+                                                "the policy it will judge; its preprocessor must compute the reward "
+                                                "model's features). Copied into the checkpoint (docs/reward-model.md).")
 
 
 @dataclass
@@ -33,6 +37,11 @@ class RewardModelSection(RewardArchitecture, RewardModelSource):
 
     def __post_init__(self) -> None:
         self.validate(prefix="model.")
+        if self.asr_encoder_from and self.init_from:
+            raise ConfigError("model.asr_encoder_from and model.init_from: a reward checkpoint brings its own audio "
+                              "encoder; set one of them")
+        if self.asr_encoder_from and self.pooling == "legacy":
+            raise ConfigError("model.asr_encoder_from needs model.pooling 'masked'")
 
 
 @dataclass

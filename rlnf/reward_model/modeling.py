@@ -28,6 +28,10 @@ auxiliary CTC loss on the references (recipe: ``trainer.ctc_loss_weight``), scor
 likelihood under the clip's own audio; three features of it join the head's input (``ctc_evidence.py``).
 Works with either fusion; new parameters (``ctc.*``), not loadable into the card's layout.
 
+Ears from an ASR model (``asr_encoder``, set by train_reward_model's ``model.asr_encoder_from``): a NeMo
+CTC model's encoder, frozen, replaces the conv blocks, a 1x1 conv to ``audio_conv_channels`` after it
+(``asr_encoder.py``); masked pooling only. Its weights (``asr_encoder.*``) are part of the checkpoint.
+
 ``embed_audio``, ``embed_text`` and ``score_embeddings`` split the forward so an RL reward can embed
 each utterance's audio once and reuse it for all K hypotheses (``Encoded`` rows index like tensors).
 """
@@ -47,6 +51,7 @@ from transformers.utils import ModelOutput
 
 from rlnf.errors import CheckpointError, ConfigError
 from rlnf.reward_model.architecture import ARCHITECTURE_KEYS, RewardArchitecture
+from rlnf.reward_model.asr_encoder import build_asr_encoder
 from rlnf.reward_model.ctc_evidence import (EVIDENCE_FEATURES, CTCEvidenceHead, ctc_nll, ctc_targets, evidence_features,
                                             greedy_spelling, spell, spelling_table)
 
@@ -79,6 +84,8 @@ class RewardConfig(PretrainedConfig):
         window: str = "hann",
         normalize: str = "per_feature",
         pad_to: int = 16,
+        asr_encoder: dict | None = None,
+        asr_encoder_dim: int | None = None,
         **kwargs: Any,
     ):
         given = {key: kwargs.pop(key) for key in ARCHITECTURE_KEYS if key in kwargs}
@@ -100,6 +107,10 @@ class RewardConfig(PretrainedConfig):
         self.window = window
         self.normalize = normalize
         self.pad_to = pad_to
+        if asr_encoder is not None and (not asr_encoder_dim or self.pooling == "legacy"):
+            raise ValueError("asr_encoder needs asr_encoder_dim (its output channels) and pooling 'masked'")
+        self.asr_encoder = asr_encoder  # a NeMo encoder's config (asr_encoder.py), or None: the conv blocks
+        self.asr_encoder_dim = asr_encoder_dim
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kwargs)
 
     @property
@@ -231,15 +242,20 @@ class RewardModel(PreTrainedModel):
 
     def __init__(self, config: RewardConfig):
         super().__init__(config)
-        layers: list[nn.Module] = []
-        in_channels = config.n_mel
-        for _ in range(config.audio_conv_layers):
-            layers += [nn.Conv1d(in_channels, config.audio_conv_channels, config.kernel_size, config.stride,
-                                 config.padding),
-                       nn.BatchNorm1d(config.audio_conv_channels), nn.ReLU()]
-            in_channels = config.audio_conv_channels
-        layers.append(nn.AdaptiveAvgPool1d(1))
-        self.audio_encoder = nn.Sequential(*layers)
+        if config.asr_encoder is not None:  # frozen ears from an ASR model (asr_encoder.py)
+            self.asr_encoder = build_asr_encoder(config.asr_encoder)
+            self.audio_projection = nn.Sequential(nn.Conv1d(config.asr_encoder_dim, config.audio_conv_channels, 1),
+                                                  nn.ReLU())
+        else:
+            layers: list[nn.Module] = []
+            in_channels = config.n_mel
+            for _ in range(config.audio_conv_layers):
+                layers += [nn.Conv1d(in_channels, config.audio_conv_channels, config.kernel_size, config.stride,
+                                     config.padding),
+                           nn.BatchNorm1d(config.audio_conv_channels), nn.ReLU()]
+                in_channels = config.audio_conv_channels
+            layers.append(nn.AdaptiveAvgPool1d(1))
+            self.audio_encoder = nn.Sequential(*layers)
         self.embedding = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=config.pad_token_id)
         self.lstm = nn.LSTM(config.embed_dim, config.lstm_hidden, num_layers=config.lstm_layers,
                             batch_first=True, bidirectional=True)
@@ -261,6 +277,13 @@ class RewardModel(PreTrainedModel):
         )
         self.post_init()
 
+    def train(self, mode: bool = True) -> "RewardModel":
+        """As nn.Module's, but frozen ASR ears stay in eval mode (their BatchNorm statistics fixed)."""
+        super().train(mode)
+        if self.config.asr_encoder is not None:
+            self.asr_encoder.eval()
+        return self
+
     def _init_weights(self, module: nn.Module) -> None:
         # PyTorch's default initialisation (as upstream); keep the padding row at zero.
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
@@ -277,12 +300,19 @@ class RewardModel(PreTrainedModel):
         hidden, lengths = audio, audio_len
         mask = torch.arange(hidden.shape[-1], device=hidden.device)[None, :] < lengths[:, None]
         hidden = hidden * mask.unsqueeze(1)
-        for index in range(cfg.audio_conv_layers):
-            conv, norm, act = self.audio_encoder[3 * index: 3 * index + 3]
-            hidden = act(norm(conv(hidden)))
-            lengths = conv_output_length(lengths, cfg.kernel_size, cfg.stride, cfg.padding)
+        if cfg.asr_encoder is not None:
+            with torch.no_grad():
+                hidden, lengths = self.asr_encoder(audio_signal=hidden, length=lengths)
+            hidden = self.audio_projection(hidden)
             mask = torch.arange(hidden.shape[-1], device=hidden.device)[None, :] < lengths[:, None]
-            hidden = hidden * mask.unsqueeze(1)  # padding stays zero, exactly as for a clip alone
+            hidden = hidden * mask.unsqueeze(1)
+        else:
+            for index in range(cfg.audio_conv_layers):
+                conv, norm, act = self.audio_encoder[3 * index: 3 * index + 3]
+                hidden = act(norm(conv(hidden)))
+                lengths = conv_output_length(lengths, cfg.kernel_size, cfg.stride, cfg.padding)
+                mask = torch.arange(hidden.shape[-1], device=hidden.device)[None, :] < lengths[:, None]
+                hidden = hidden * mask.unsqueeze(1)  # padding stays zero, exactly as for a clip alone
         pooled = hidden.sum(dim=-1) / lengths.clamp(min=1).unsqueeze(1).to(hidden.dtype)
         encoded = Encoded(pooled)
         if cfg.ctc_head:

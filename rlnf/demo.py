@@ -15,7 +15,8 @@
                      heldout_pairs: the start's hypotheses of the held-out voice's validation clips;
                      pseudo_labels: the start's greedy transcripts of that voice's untranscribed audio
 4. reward_model      train_reward_model on those pairs: the listening model (``reward_model: listening``,
-                     stage reward_model-listening) or the card's (``card``, stage reward_model), and its
+                     stage reward_model-listening), the card's (``card``, stage reward_model) or the
+                     listening model with the start's encoder as its ears (``listening-asr``), and its
                      check on the held-out voice (reward_heldout[-listening])
 5. rl_learned        RL on the held-out voice's audio WITHOUT transcripts, learned reward only
 6. rl_cer            the same RL budget with the 1 - CER reward (transcripts given), for comparison
@@ -80,8 +81,9 @@ SETTINGS: dict[str, Any] = {
     "scored_temperatures": [0.6, 1.0, 1.4],
     "scored_samples_per_temperature": 2,
     # The reward model the demo trains and RL uses: "listening" (configs/reward/listening.yaml: the card's
-    # architecture plus a CTC head over letters, so it judges transcripts against the audio) or "card"
-    # (the card's model alone, reward_epochs epochs; it ranks transcripts by their text).
+    # architecture plus a CTC head over letters, so it judges transcripts against the audio), "card"
+    # (the card's model alone, reward_epochs epochs; it ranks transcripts by their text) or "listening-asr"
+    # (the listening model hearing through the encoder of the held-out runs' start, frozen; REWARD_MODELS).
     "reward_model": "listening",
     "reward_epochs": 3,  # the card model's epochs (the listening model's are its config's)
     "reward_vocab_size": 384,
@@ -109,6 +111,9 @@ SETTINGS: dict[str, Any] = {
     # rl_reward_refresh_rounds refreshes (that many + 1 rounds of RL).
     "rl_reward_refresh": False,
     "rl_reward_refresh_rounds": 1,
+    # True: the learned-reward run starts from the self_training run's policy (its KL reference too): RL
+    # with the learned reward after self-training on the same audio; its seconds include self-training's.
+    "rl_after_self_training": False,
     "supervised_lr": 5e-4,
     "self_training_min_confidence": 0.0,  # keep pseudo-labels whose mean per-frame max probability is >= this
     # scripts/quality.py's supervised baselines on the held-out voice's transcripts (not run by the demo):
@@ -666,7 +671,7 @@ def rl_overrides(settings: dict[str, Any], policy: str, val_manifest: str, folde
 # the stages every run shares: the corpus, the starting policy, the pairs, the reward model.
 RL_SETTINGS = ("rl_algorithm", "rl_minutes", "rl_steps", "rl_lr", "rl_num_samples", "rl_batch_size", "rl_kl_coef",
                "rl_consensus_weight", "rl_reward_ensemble", "rl_reward_std_coef", "rl_pseudo_label_coef",
-               "rl_reward_refresh", "rl_reward_refresh_rounds")
+               "rl_reward_refresh", "rl_reward_refresh_rounds", "rl_after_self_training")
 
 
 def rl_keys(settings: dict[str, Any], learned: bool = True) -> dict[str, Any]:
@@ -687,6 +692,8 @@ def rl_keys(settings: dict[str, Any], learned: bool = True) -> dict[str, Any]:
         keys["rl_reward_refresh"] = True
         if settings.get("rl_reward_refresh_rounds", 1) != 1:
             keys["rl_reward_refresh_rounds"] = settings["rl_reward_refresh_rounds"]
+    if settings.get("rl_after_self_training"):
+        keys["rl_after_self_training"] = True
     return keys
 
 
@@ -739,8 +746,9 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
             suffix: str = "", oracle: bool = True, model: str | None = None) -> dict[str, dict[str, Any]]:
     """Stages 5-6: RL with the learned reward (no transcripts) and RL with 1 - CER (the oracle), with
     ``rl_overrides``, seeded by ``run_seed``; stage names end in ``suffix`` (scripts/quality.py compares
-    presets this way). ``oracle=False``: the learned-reward run only. Both start from ``base["start"]``.
-    ``model``: the kind of reward model ``reward`` is (default the demo's), for an ensemble's members
+    presets this way). ``oracle=False``: the learned-reward run only. Both start from ``base["start"]``; with
+    ``rl_after_self_training``, the learned-reward run starts from the ``self_training`` run's policy (trained
+    here when missing; its result's "cost_stages" name it). ``model``: the kind of reward model ``reward`` is (default the demo's), for an ensemble's members
     (``learned_reward_spec``)."""
     data, policy = base["data"], base["start"]
 
@@ -759,18 +767,23 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
 
     keys = rl_keys(settings)
     learned, members = rewards(reward)
-    key = {"policy": base["start_stage"], "reward": reward, **keys, **({"members": members} if members else {})}
+    start, cost = base, []
+    if settings.get("rl_after_self_training"):  # from the self-trained policy, its KL reference too
+        trained = self_training(stages, settings, base)
+        start, cost = {**base, "start_stage": trained, "start": trained["last_checkpoint"]}, ["self_training"]
+    key = {"policy": start["start_stage"], "reward": reward, **keys, **({"members": members} if members else {})}
     audio, extra = data["heldout_unlabelled"], ()
     if settings.get("rl_pseudo_label_coef"):  # the same audio with the start's transcripts, and a CTC term on them
         audio, extra = base["pseudo_labels"]["manifest"], (f"algorithm.supervised_coef={settings['rl_pseudo_label_coef']}",)
         key["labels"] = base["pseudo_labels"]
     name = f"rl_learned_reward{suffix}"
     if settings.get("rl_reward_refresh"):
-        runs = {name: refreshed_rounds(stages, settings, base, reward, model or settings["reward_model"], suffix,
-                                       key, lambda scorer, start, offset: rl(audio, rewards(scorer)[0], extra,
-                                                                             start=start, seed_offset=offset))}
+        run = refreshed_rounds(stages, settings, start, reward, model or settings["reward_model"], suffix,
+                               key, lambda scorer, begin, offset: rl(audio, rewards(scorer)[0], extra,
+                                                                     start=begin, seed_offset=offset))
     else:
-        runs = {name: stages.run(name, key, rl(audio, learned, extra))}
+        run = stages.run(name, key, rl(audio, learned, extra, start=start["start"]))
+    runs = {name: {**run, "cost_stages": [*cost, *run.get("cost_stages", [])]} if cost else run}
     if oracle:
         runs[f"rl_cer_reward{suffix}"] = stages.run(f"rl_cer_reward{suffix}", {"policy": base["start_stage"],
                                                                                **rl_keys(settings, learned=False)},
@@ -781,28 +794,40 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
 def trained_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
                  reward: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Stages 5-8: the two RL runs (``rl_runs``), continued supervised training (from the policy) and
-    self-training (from the held-out runs' start, ``base["start"]``), each for ``rl_minutes`` (seeded by
-    ``run_seed``)."""
-    data, seed = base["data"], settings["run_seed"]
-
-    def ctc_overrides(folder: Path, policy: str, train_manifest: str) -> list[str]:
-        return [f"output_dir={folder}", f"model.path={policy}", f"data.train_manifest={train_manifest}",
-                f"data.val_manifest={data['heldout_val']}", "trainer.max_steps=100000",
-                f"trainer.max_minutes={settings['rl_minutes']}", f"trainer.lr={settings['supervised_lr']}",
-                "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.batch_size=16",
-                "trainer.val_every=40", "trainer.save_every=0", "trainer.log_every=10", f"trainer.seed={seed}"]
-
-    ctc_keys = {"minutes": settings["rl_minutes"], "lr": settings["supervised_lr"], "seed": seed}
+    self-training (``self_training``), each for ``rl_minutes`` (seeded by ``run_seed``)."""
     return {
         **rl_runs(stages, settings, base, reward),
-        "supervised_continued": stages.run("supervised_continued", {"policy": base["pretrain"], **ctc_keys},
+        "supervised_continued": stages.run("supervised_continued", {"policy": base["pretrain"], **ctc_keys(settings)},
                                            lambda folder: _run_recipe("train_ctc", ctc_overrides(
-                                               folder, base["policy"], data["train"]))),
-        "self_training": stages.run("self_training", {"policy": base["start_stage"], **ctc_keys,
-                                                      "labels": base["pseudo_labels"]},
-                                    lambda folder: _run_recipe("train_ctc", ctc_overrides(
-                                        folder, base["start"], base["pseudo_labels"]["manifest"]))),
+                                               settings, base, folder, base["policy"], base["data"]["train"]))),
+        "self_training": self_training(stages, settings, base),
     }
+
+
+def self_training(stages: Stages, settings: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Stage 8: supervised training of the held-out runs' start (``base["start"]``) on its pseudo-labels, for
+    ``rl_minutes`` (seeded by ``run_seed``); also where a learned-reward run with ``rl_after_self_training``
+    starts."""
+    return stages.run("self_training", {"policy": base["start_stage"], **ctc_keys(settings),
+                                        "labels": base["pseudo_labels"]},
+                      lambda folder: _run_recipe("train_ctc", ctc_overrides(
+                          settings, base, folder, base["start"], base["pseudo_labels"]["manifest"])))
+
+
+def ctc_keys(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a ``ctc_overrides`` run depends on (its stage key)."""
+    return {"minutes": settings["rl_minutes"], "lr": settings["supervised_lr"], "seed": settings["run_seed"]}
+
+
+def ctc_overrides(settings: dict[str, Any], base: dict[str, Any], folder: Path, policy: str,
+                  train_manifest: str) -> list[str]:
+    """The ``train_ctc`` overrides of the demo's supervised runs (continued training, self-training):
+    ``rl_minutes`` at the constant rate ``supervised_lr`` from ``policy``, validating on the held-out voice."""
+    return [f"output_dir={folder}", f"model.path={policy}", f"data.train_manifest={train_manifest}",
+            f"data.val_manifest={base['data']['heldout_val']}", "trainer.max_steps=100000",
+            f"trainer.max_minutes={settings['rl_minutes']}", f"trainer.lr={settings['supervised_lr']}",
+            "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.batch_size=16",
+            "trainer.val_every=40", "trainer.save_every=0", "trainer.log_every=10", f"trainer.seed={settings['run_seed']}"]
 
 
 def run_seconds(stages: Stages, name: str, result: dict[str, Any] | None = None) -> float:
@@ -989,6 +1014,8 @@ def check_settings(settings: dict[str, Any]) -> None:
     if std_coef and ensemble == 1:
         raise ConfigError("demo setting rl_reward_std_coef needs rl_reward_ensemble >= 2 (one reward model has no "
                           "spread to penalise)")
+    if not isinstance(settings["rl_after_self_training"], bool):
+        raise ConfigError(f"demo setting rl_after_self_training: true or false, got {settings['rl_after_self_training']!r}")
     if not isinstance(settings["rl_reward_refresh"], bool):
         raise ConfigError(f"demo setting rl_reward_refresh: true or false, got {settings['rl_reward_refresh']!r}")
     rounds = settings["rl_reward_refresh_rounds"]

@@ -451,6 +451,78 @@ def test_a_reward_ensemble_variant_trains_its_members_once_and_scores_with_all(t
     assert [recipe for recipe, _ in calls] == ["rl_finetune"]
 
 
+def test_the_listening_asr_reward_model_hears_through_the_start_s_encoder_in_its_own_stages(tmp_path, monkeypatch):
+    """reward_model "listening-asr": the listening config with model.asr_encoder_from the held-out runs'
+    start and one CTC frame per encoder frame, in stage reward_model-listening-asr (its held-out check
+    reward_heldout-listening-asr) keyed on that start; the listening model's stage and key are unchanged."""
+    import rlnf.demo
+    from rlnf.demo import SETTINGS, Stages, train_reward
+
+    calls = fake_recipes(monkeypatch)
+    configs = []
+    recorded = rlnf.demo._run_recipe
+    monkeypatch.setattr(rlnf.demo, "_run_recipe", lambda recipe, overrides, config=None: (
+        configs.append(config), recorded(recipe, overrides, config))[1])
+    monkeypatch.setattr(rlnf.demo, "reward_listening", lambda checkpoint, pairs, folder: {"audio_gain": 0.3})
+    base = {"start": "/start.nemo", "start_stage": {"output": "/start.nemo", "sha256": "s"},
+            "pairs": {"train": "/p/train.json", "val": "/p/val.json", "sha256": "p"}, "heldout_pairs": {"val": "/p/h.json"}}
+    stages = Stages(tmp_path, fresh=False)
+    settings = {**SETTINGS, "run_seed": 43}
+    plain = train_reward(stages, settings, base, "listening")
+    ears = train_reward(stages, settings, base, "listening-asr")
+    (_, listening), (_, asr) = calls
+    assert "model.asr_encoder_from" not in listening and "model.ctc_stride" not in listening
+    assert asr["model.asr_encoder_from"] == "/start.nemo" and asr["model.ctc_stride"] == "1"
+    assert configs == ["reward/listening", "reward/listening"]
+    assert asr["output_dir"] == str(tmp_path / "reward_model-listening-asr")
+    assert (tmp_path / "reward_heldout-listening-asr" / "stage.json").exists()
+    assert ears["best_checkpoint"] != plain["best_checkpoint"]
+    key = json.loads((tmp_path / "reward_model-listening-asr" / "stage.json").read_text())["params"]
+    assert key["asr_encoder"] == base["start_stage"]
+    assert "asr_encoder" not in json.loads((tmp_path / "reward_model-listening" / "stage.json").read_text())["params"]
+    # Another start: the ears' stage reruns, the listening model's is cached.
+    other = {**base, "start": "/other.nemo", "start_stage": {"output": "/other.nemo", "sha256": "o"}}
+    train_reward(Stages(tmp_path, fresh=False), settings, other, "listening")
+    train_reward(Stages(tmp_path, fresh=False), settings, other, "listening-asr")
+    assert len(calls) == 3 and calls[2][1]["model.asr_encoder_from"] == "/other.nemo"
+
+
+def test_rl_after_self_training_starts_the_learned_run_from_the_self_trained_policy(tmp_path, monkeypatch):
+    """rl_after_self_training: the learned-reward run starts from the self_training run's last checkpoint
+    (trained first when missing, the same stage trained_runs makes), which is also its KL reference
+    (rl_finetune's policy.path); its cost counts self-training; the oracle still starts from the start."""
+    from rlnf.demo import SETTINGS, Stages, check_settings, rl_keys, rl_runs, run_seconds, trained_runs
+    from rlnf.errors import ConfigError
+
+    calls = fake_recipes(monkeypatch)
+    data = {"heldout_train": "/c/t.json", "heldout_val": "/c/v.json", "heldout_unlabelled": "/c/u.json",
+            "train": "/c/train.json"}
+    base = {"data": data, "start": "/start.nemo", "start_stage": {"output": "/start.nemo", "sha256": "s"},
+            "policy": "/policy.nemo", "pretrain": {"sha256": "p"},
+            "pseudo_labels": {"manifest": "/c/pseudo.json", "sha256": "l"}}
+    reward = {"best_checkpoint": "/rm/best", "sha256": "r"}
+    settings = {**SETTINGS, "rl_steps": 5, "run_seed": 43}
+    after = {**settings, "rl_after_self_training": True}
+    assert "rl_after_self_training" not in rl_keys(settings) and rl_keys(after)["rl_after_self_training"] is True
+    stages = Stages(tmp_path, fresh=False)
+    runs = rl_runs(stages, after, base, reward, suffix="-st")
+    (st_recipe, st), (learned_recipe, learned), (oracle_recipe, oracle) = calls
+    assert (st_recipe, learned_recipe, oracle_recipe) == ("train_ctc", "rl_finetune", "rl_finetune")
+    assert st["model.path"] == "/start.nemo" and st["data.train_manifest"] == "/c/pseudo.json"
+    assert learned["policy.path"] == str(tmp_path / "self_training" / "checkpoints" / "last.nemo")
+    assert oracle["policy.path"] == "/start.nemo"
+    result = runs["rl_learned_reward-st"]
+    assert result["cost_stages"] == ["self_training"]
+    assert run_seconds(stages, "rl_learned_reward-st", result) == pytest.approx(
+        stages.timings["rl_learned_reward-st"] + stages.timings["self_training"])
+    # trained_runs' self_training is that same stage: cached, not trained again.
+    trained_runs(Stages(tmp_path, fresh=False), settings, base, reward)
+    assert [recipe for recipe, _ in calls[3:]] == ["rl_finetune", "rl_finetune", "train_ctc"]  # plain runs, continued
+    assert calls[-1][1]["model.path"] == "/policy.nemo"  # supervised_continued: the only CTC run trained now
+    with pytest.raises(ConfigError, match="rl_after_self_training: true or false"):
+        check_settings({**settings, "rl_after_self_training": "yes"})
+
+
 def test_a_refresh_variant_fine_tunes_the_reward_model_on_the_round_1_policy_s_pairs_then_runs_rl_again(
         tmp_path, monkeypatch):
     """rl_reward_refresh: round 1 is the plain learned-reward run; the round-1 policy's scored pairs of the

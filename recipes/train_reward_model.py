@@ -208,8 +208,9 @@ class RewardTrainer(Recipe):
         self.checkpoints = CheckpointManager(self.run_dir, metric, mode, model_suffix="")
         self.logger = build_logger(self.run_dir, cfg, self.restore())
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        log.info("reward model: %d parameters, %d training pairs, %d validation pairs, %d steps",
-                 sum(p.numel() for p in self.model.parameters()), len(train), len(val), self.max_steps)
+        log.info("reward model: %d trainable parameters, %d training pairs, %d validation pairs, %d steps",
+                 sum(p.numel() for p in self.model.parameters() if p.requires_grad), len(train), len(val),
+                 self.max_steps)
         if cfg.trainer.ctc_pretrain_epochs and self.step == 0:  # a resumed run holds it in its weights
             self.pretrain_ctc()
 
@@ -217,10 +218,15 @@ class RewardTrainer(Recipe):
     def asr_encoder(path: str):
         """``model.asr_encoder_from``'s encoder (``asr_encoder.read_asr_encoder``), refused when its
         preprocessor computes other features than the reward model's (naming the key and the setting)."""
-        from rlnf.reward_model.asr_encoder import feature_mismatches, read_asr_encoder
+        from rlnf.errors import CheckpointError
+        from rlnf.reward_model import asr_encoder
         from rlnf.reward_model.modeling import FEATURE_DEFAULTS
 
-        ears = read_asr_encoder(path)
+        try:
+            ears = asr_encoder.read_asr_encoder(path)
+        except (CheckpointError, AttributeError, KeyError, ValueError) as exc:
+            raise ConfigError(f"model.asr_encoder_from={path}: not a NeMo ASR model with an encoder: {exc}") from None
+        feature_mismatches = asr_encoder.feature_mismatches
         problems = feature_mismatches(ears.preprocessor, FEATURE_DEFAULTS)
         if problems:
             raise ConfigError(f"model.asr_encoder_from={path}: its preprocessor computes other features than the "
@@ -321,7 +327,7 @@ class RewardTrainer(Recipe):
         trainer = self.cfg.trainer
         by_clip = {p["audio_filepath"]: p for p in self.train_pairs if p["reference"]}
         clips = sorted(by_clip)
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=trainer.lr, betas=tuple(trainer.betas),
+        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=trainer.lr, betas=tuple(trainer.betas),
                                       eps=trainer.eps, weight_decay=trainer.weight_decay)
         for epoch in range(trainer.ctc_pretrain_epochs):
             random.Random(trainer.seed * 1000 + 500 + epoch).shuffle(clips)
@@ -461,6 +467,7 @@ class RewardTrainer(Recipe):
         clips = {p["audio_filepath"]: p for p in self.val_pairs if p["reference"]} if alphabet else {}
         if not clips:
             return {}
+        words = " " in alphabet  # without a space there are no words to count: the CER alone
         firsts = list(clips.values())
         hypotheses = []
         with torch.inference_mode(), autocast(self.device, self.autocast_dtype):
@@ -468,7 +475,7 @@ class RewardTrainer(Recipe):
                 inputs = self.batch_inputs(firsts[start:start + 32], augment=False)  # one audio row per clip
                 hypotheses += self.model.ctc_transcripts(self.model.embed_audio(inputs["audio"], inputs["audio_len"]))
         references = [spelt_text(p["reference"], alphabet) for p in firsts]
-        return {"ctc_wer": corpus_error_rate(references, hypotheses, "word"),
+        return {**({"ctc_wer": corpus_error_rate(references, hypotheses, "word")} if words else {}),
                 "ctc_cer": corpus_error_rate(references, hypotheses, "char")}
 
     # ------------------------------------------------------------------------------ checkpoints

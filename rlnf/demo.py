@@ -17,7 +17,7 @@
 4. reward_model      train_reward_model on those pairs: the listening model (``reward_model: listening``,
                      stage reward_model-listening), the card's (``card``, stage reward_model) or the
                      listening model with the start's encoder as its ears (``listening-asr``), and its
-                     check on the held-out voice (reward_heldout[-listening])
+                     check on the held-out voice (reward_heldout[-listening[-asr]])
 5. rl_learned        RL on the held-out voice's audio WITHOUT transcripts, learned reward only
 6. rl_cer            the same RL budget with the 1 - CER reward (transcripts given), for comparison
 7. supervised        the same wall-clock of continued supervised training on the labelled voices
@@ -37,6 +37,7 @@ finished stages. Everything lands under one output folder; TensorBoard logs of e
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -176,6 +177,7 @@ class Stages:
         self.fresh = fresh
         self.timings: dict[str, float] = {}
         self.sources: dict[str, str] = {}  # stage name -> the sibling whose cached result it re-used (same_as)
+        self.ran: dict[str, tuple[str, dict[str, Any]]] = {}  # stage name -> (key, result) run by this object
 
     def seconds(self) -> float:
         """Every stage's seconds as it ran (cached ones as recorded), each counted once: a stage re-used
@@ -188,10 +190,19 @@ class Stages:
         (a glob of sibling stage names whose stages run the same body, e.g. "rl_learned_reward*"), the
         cached result of the sibling with that key (the nearest name first: the longest common prefix,
         then the name), left in its own folder; else ``body(folder)``, run now. Either way the stage's
-        seconds (``timings``) are those it took when it ran."""
+        seconds (``timings``) are those it took when it ran. A stage this object has already run with the
+        same key (under ``name``, or a ``same_as`` sibling) is re-used even when ``fresh``: one invocation
+        never trains a stage twice, nor deletes what an earlier stage of it returned."""
         folder = self.root / name
         marker = folder / "stage.json"
         key = _fingerprint(params)
+        for done in [name, *sorted(d for d in self.ran if d != name and same_as and fnmatch.fnmatch(d, same_as))]:
+            if done in self.ran and self.ran[done][0] == key:
+                if done != name:
+                    self.sources[name] = self.sources.get(done, done)
+                self.timings[name] = self.timings[done]
+                print(f"[demo] {name}: done earlier in this run{'' if done == name else f' (as {done})'}")
+                return self.ran[done][1]
         candidates = [marker] if marker.exists() else []
         if same_as:
             def nearness(path: Path) -> tuple[int, str]:
@@ -218,6 +229,7 @@ class Stages:
         result = body(folder)
         seconds = time.perf_counter() - started
         self.timings[name] = seconds
+        self.ran[name] = (key, result)
         atomic_write_text(marker, json.dumps({"key": key, "params": params, "seconds": seconds, "result": result},
                                              indent=1, default=str))
         print(f"[demo] {name}: done in {seconds:.0f} s", flush=True)
@@ -769,8 +781,9 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
     learned, members = rewards(reward)
     start, cost = base, []
     if settings.get("rl_after_self_training"):  # from the self-trained policy, its KL reference too
-        trained = self_training(stages, settings, base)
-        start, cost = {**base, "start_stage": trained, "start": trained["last_checkpoint"]}, ["self_training"]
+        trained = self_training(stages, settings, base, name=f"self_training{suffix}")
+        start = {**base, "start_stage": trained, "start": trained["last_checkpoint"]}
+        cost = [f"self_training{suffix}"]
     key = {"policy": start["start_stage"], "reward": reward, **keys, **({"members": members} if members else {})}
     audio, extra = data["heldout_unlabelled"], ()
     if settings.get("rl_pseudo_label_coef"):  # the same audio with the start's transcripts, and a CTC term on them
@@ -804,14 +817,16 @@ def trained_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
     }
 
 
-def self_training(stages: Stages, settings: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+def self_training(stages: Stages, settings: dict[str, Any], base: dict[str, Any],
+                  name: str = "self_training") -> dict[str, Any]:
     """Stage 8: supervised training of the held-out runs' start (``base["start"]``) on its pseudo-labels, for
-    ``rl_minutes`` (seeded by ``run_seed``); also where a learned-reward run with ``rl_after_self_training``
-    starts."""
-    return stages.run("self_training", {"policy": base["start_stage"], **ctc_keys(settings),
-                                        "labels": base["pseudo_labels"]},
+    ``rl_minutes`` (seeded by ``run_seed``). A learned-reward run with ``rl_after_self_training`` starts
+    from it under its own ``name`` ("self_training<suffix>"): re-used from the report's self_training
+    stage when the key is the same, trained in its own folder when a variant changed ``rl_minutes``."""
+    return stages.run(name, {"policy": base["start_stage"], **ctc_keys(settings), "labels": base["pseudo_labels"]},
                       lambda folder: _run_recipe("train_ctc", ctc_overrides(
-                          settings, base, folder, base["start"], base["pseudo_labels"]["manifest"])))
+                          settings, base, folder, base["start"], base["pseudo_labels"]["manifest"])),
+                      same_as="self_training*")
 
 
 def ctc_keys(settings: dict[str, Any]) -> dict[str, Any]:

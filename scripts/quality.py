@@ -66,8 +66,8 @@ against the same reward model: runs "rl_learned_reward-PRESET" and "rl_cer_rewar
 
 --variant NAME=JSON (repeatable) adds, per seed, one learned-reward RL run "rl_learned_reward-NAME" with
 the demo's settings overridden by JSON (keys of rlnf.demo.SETTINGS, e.g. {"rl_kl_coef": 0.2}); its
-"reward_model" ("listening", the demo's, or "card") names the reward model that scores it, trained per
-seed like the demo's. --other-reward-model is the variant named after the demo's other reward model.
+"reward_model" ("listening", the demo's, "card" or "listening-asr") names the reward model that scores
+it, trained per seed like the demo's. --other-reward-model is the variant named after the demo's other reward model.
 Choose among variants on their final validation WER (the held-out voice's validation set), never on
 the test columns.
 """
@@ -125,7 +125,7 @@ def largest_wer_rise_while_reward_rose(rows: list[dict[str, Any]]) -> float:
 
 
 def parse_variants(items: list[str], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``NAME=JSON`` items as {name: {"settings": overrides, "reward_model": "card" | "listening"}} (the
+    """``NAME=JSON`` items as {name: {"settings": overrides, "reward_model": one of REWARD_MODELS}} (the
     reward model defaults to the demo's, ``settings["reward_model"]``);
     raises ValueError naming the item for a bad name, bad JSON or a key the demo has no setting for."""
     variants: dict[str, dict[str, Any]] = {}
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "rloo,reinforce,ppo,mwer); the demo's grpo always runs")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help='also run learned-reward RL with these demo settings (repeatable), e.g. '
-                             'kl02=\'{"rl_kl_coef": 0.2}\'; add "reward_model": "card" or "listening" to score '
+                             'kl02=\'{"rl_kl_coef": 0.2}\'; add "reward_model": "card", "listening" or "listening-asr" to score '
                              'with that reward model (default: the demo\'s): run rl_learned_reward-NAME')
     parser.add_argument("--no-suta", dest="suta", action="store_false",
                         help=f"leave out the {SUTA} and {SUTA_AFTER_RL} rows (SUTA on the test sentences)")

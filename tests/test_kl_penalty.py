@@ -304,6 +304,7 @@ def test_a_rollout_computes_the_exact_kl_once_and_its_loss_applies_the_rollouts_
     exact_kl = ctc.exact_kl
     monkeypatch.setattr(ctc, "exact_kl", lambda *args: calls.append(args[0].requires_grad) or exact_kl(*args))
     rollout, _ = make_rollout(policy, reference, rewards, batch, algo, StepContext(0.05))
+    assert rollout.metrics["rollout/frac_uninformative_before"] > 0  # groups were re-drawn, on the sliced KL
     assert calls == [False]  # once, without a graph
     with torch.no_grad():
         log_probs, encoded_len = policy.forward(batch.audio, batch.audio_len)

@@ -509,16 +509,28 @@ def test_rl_after_self_training_starts_the_learned_run_from_the_self_trained_pol
     (st_recipe, st), (learned_recipe, learned), (oracle_recipe, oracle) = calls
     assert (st_recipe, learned_recipe, oracle_recipe) == ("train_ctc", "rl_finetune", "rl_finetune")
     assert st["model.path"] == "/start.nemo" and st["data.train_manifest"] == "/c/pseudo.json"
-    assert learned["policy.path"] == str(tmp_path / "self_training" / "checkpoints" / "last.nemo")
+    assert learned["policy.path"] == str(tmp_path / "self_training-st" / "checkpoints" / "last.nemo")
     assert oracle["policy.path"] == "/start.nemo"
     result = runs["rl_learned_reward-st"]
-    assert result["cost_stages"] == ["self_training"]
+    assert result["cost_stages"] == ["self_training-st"]
     assert run_seconds(stages, "rl_learned_reward-st", result) == pytest.approx(
-        stages.timings["rl_learned_reward-st"] + stages.timings["self_training"])
-    # trained_runs' self_training is that same stage: cached, not trained again.
+        stages.timings["rl_learned_reward-st"] + stages.timings["self_training-st"])
+    # trained_runs' self_training has the same key: re-used from the variant's stage, not trained again.
     trained_runs(Stages(tmp_path, fresh=False), settings, base, reward)
     assert [recipe for recipe, _ in calls[3:]] == ["rl_finetune", "rl_finetune", "train_ctc"]  # plain runs, continued
     assert calls[-1][1]["model.path"] == "/policy.nemo"  # supervised_continued: the only CTC run trained now
+    # A variant that changes rl_minutes self-trains in its own folder; the report's stage is left alone.
+    calls.clear()
+    rl_runs(Stages(tmp_path, fresh=False), {**after, "rl_minutes": 2.0}, base, reward, suffix="-st2", oracle=False)
+    assert [recipe for recipe, _ in calls] == ["train_ctc", "rl_finetune"]
+    assert calls[0][1]["output_dir"] == str(tmp_path / "self_training-st2")
+    assert calls[1][1]["policy.path"] == str(tmp_path / "self_training-st2" / "checkpoints" / "last.nemo")
+    # One fresh invocation trains self-training once, and its checkpoint stays where the RL run started.
+    calls.clear()
+    fresh = tmp_path / "fresh"
+    trained_runs(Stages(fresh, fresh=True), after, base, reward)
+    assert [recipe for recipe, _ in calls].count("train_ctc") == 2  # self-training and supervised_continued
+    assert (fresh / "self_training" / "checkpoints" / "last.nemo").exists()
     with pytest.raises(ConfigError, match="rl_after_self_training: true or false"):
         check_settings({**settings, "rl_after_self_training": "yes"})
 

@@ -90,6 +90,43 @@ def test_a_preprocessor_with_other_features_is_refused_naming_the_key(ears, tiny
     monkeypatch.setattr(asr_encoder, "read_asr_encoder", lambda path: other)
     with pytest.raises(ConfigError, match=r"model.asr_encoder_from=.*tiny.nemo.*n_mel 80 \(reward model: 64\)"):
         RewardTrainer.asr_encoder(tiny_nemo)
+    # NeMo's own n_fft for a null one (2^ceil(log2(0.02 * 16000)) = 512) matches; another front end does not.
+    assert asr_encoder.feature_mismatches({**ears.preprocessor, "n_fft": None}, FEATURE_DEFAULTS) == []
+    mfcc = {**ears.preprocessor, "_target_": "nemo.collections.asr.modules.AudioToMFCCPreprocessor"}
+    assert asr_encoder.feature_mismatches(mfcc, FEATURE_DEFAULTS) == [
+        "front end nemo.collections.asr.modules.AudioToMFCCPreprocessor (reward model: AudioToMelSpectrogramPreprocessor)"]
+    assert asr_encoder.feature_mismatches({**ears.preprocessor, "frame_splicing": 3}, FEATURE_DEFAULTS) == [
+        "frame_splicing 3 (reward model: 1)"]
+
+
+def test_a_file_that_is_not_a_nemo_model_is_refused_naming_the_key(tmp_path):
+    from recipes.train_reward_model import RewardTrainer
+    from rlnf.errors import ConfigError
+
+    bogus = tmp_path / "policy.nemo"
+    bogus.write_bytes(b"not a tar archive")
+    with pytest.raises(ConfigError, match=r"model.asr_encoder_from=.*policy.nemo: not a NeMo ASR model"):
+        RewardTrainer.asr_encoder(str(bogus))
+
+
+def test_a_checkpoint_builds_only_nemo_asr_modules(ears, tmp_path):
+    """config.json's asr_encoder._target_ names the class a load builds: anything but NeMo's ASR modules
+    is refused, naming the file, before any code of it runs."""
+    import json
+
+    from rlnf.errors import CheckpointError
+    from rlnf.reward_model.checkpoint import save_reward_folder
+    from rlnf.reward_model.processor import RewardProcessor, load_reward_checkpoint
+    from tests.test_reward_model import tiny_tokenizer
+
+    model = ears_model(ears, ctc_alphabet=ALPHABET)
+    processor = RewardProcessor(model.config, tiny_tokenizer(tmp_path / "sp"))
+    save_reward_folder(model, processor, tmp_path / "reward")
+    config = json.loads((tmp_path / "reward" / "config.json").read_text())
+    config["asr_encoder"]["_target_"] = "os.system"
+    (tmp_path / "reward" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config.json: invalid settings .*os.system.*NeMo's ASR modules"):
+        load_reward_checkpoint(tmp_path / "reward", "cpu")
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -18,6 +18,7 @@ ones (``feature_mismatches``): the QuartzNet front end both use by default.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,10 @@ from torch import nn
 # The reward config's feature settings and the names NeMo's AudioToMelSpectrogramPreprocessor gives them.
 PREPROCESSOR_KEYS = {"sample_rate": "sample_rate", "n_mel": "features", "window_size": "window_size",
                      "window_stride": "window_stride", "n_fft": "n_fft", "window": "window", "normalize": "normalize"}
+MEL_PREPROCESSOR = "AudioToMelSpectrogramPreprocessor"  # the only front end the reward model computes
+# A reward checkpoint builds its encoder from config.json's _target_: only NeMo's ASR modules are built, so
+# loading a checkpoint never instantiates another class.
+ENCODER_MODULES = "nemo.collections.asr.modules."
 
 
 @dataclass(frozen=True)
@@ -64,21 +69,33 @@ def encoder_dim(encoder: nn.Module, n_mel: int) -> int:
 def feature_mismatches(preprocessor: dict[str, Any], features: dict[str, Any]) -> list[str]:
     """Where the ASR model's preprocessor settings differ from the reward model's ``features``
     (``RewardConfig.feature_settings``): "<reward key> <theirs> (reward model: <ours>)" each."""
+    target = str(preprocessor.get("_target_", MEL_PREPROCESSOR))
+    if not target.endswith(MEL_PREPROCESSOR):
+        return [f"front end {target} (reward model: {MEL_PREPROCESSOR})"]
+    settings = dict(preprocessor)
+    if settings.get("n_fft") is None and "window_size" in settings:  # NeMo's own choice for a null n_fft
+        settings["n_fft"] = 2 ** math.ceil(math.log2(settings["window_size"] * settings.get("sample_rate", 16000)))
     problems = []
     for ours, theirs in PREPROCESSOR_KEYS.items():
-        if theirs in preprocessor and preprocessor[theirs] != features[ours]:
-            problems.append(f"{ours} {preprocessor[theirs]!r} (reward model: {features[ours]!r})")
+        if theirs in settings and settings[theirs] != features[ours]:
+            problems.append(f"{ours} {settings[theirs]!r} (reward model: {features[ours]!r})")
+    if settings.get("frame_splicing", 1) != 1:
+        problems.append(f"frame_splicing {settings['frame_splicing']!r} (reward model: 1)")
     return problems
 
 
 def build_asr_encoder(config: dict[str, Any]) -> nn.Module:
-    """The NeMo encoder module of ``config`` (its ``_target_`` class), random weights, frozen and in eval
-    mode, its forwards free of collectives (``keep_encoder_passes_local``)."""
+    """The NeMo encoder module of ``config`` (its ``_target_`` class, one of NeMo's ASR modules: a
+    ValueError otherwise, which a checkpoint load reports naming config.json), random weights, frozen
+    and in eval mode, its forwards free of collectives (``keep_encoder_passes_local``)."""
     from nemo.core.classes import Serialization
     from omegaconf import OmegaConf
 
     from rlnf.policy import keep_encoder_passes_local
 
+    target = str(config.get("_target_", ""))
+    if not target.startswith(ENCODER_MODULES):
+        raise ValueError(f"asr_encoder._target_ {target!r} is not one of NeMo's ASR modules ({ENCODER_MODULES}*)")
     encoder = Serialization.from_config_dict(OmegaConf.create(config))
     keep_encoder_passes_local(encoder)
     return encoder.requires_grad_(False).eval()

@@ -226,8 +226,7 @@ class RewardTrainer(Recipe):
             ears = asr_encoder.read_asr_encoder(path)
         except (CheckpointError, AttributeError, KeyError, ValueError) as exc:
             raise ConfigError(f"model.asr_encoder_from={path}: not a NeMo ASR model with an encoder: {exc}") from None
-        feature_mismatches = asr_encoder.feature_mismatches
-        problems = feature_mismatches(ears.preprocessor, FEATURE_DEFAULTS)
+        problems = asr_encoder.feature_mismatches(ears.preprocessor, FEATURE_DEFAULTS)
         if problems:
             raise ConfigError(f"model.asr_encoder_from={path}: its preprocessor computes other features than the "
                               f"reward model's: {'; '.join(problems)}")
@@ -299,11 +298,12 @@ class RewardTrainer(Recipe):
                 [r or "" for r in references], self.device)
         return inputs
 
-    def predict(self, inputs: dict[str, Any], with_ctc_loss: bool = False):
+    def predict(self, inputs: dict[str, Any], with_ctc_loss: bool = False, audio=None):
         """Scores [N] of a batch whose audio holds each distinct clip once (see ``batch_inputs``); with
-        ``with_ctc_loss``, also the auxiliary CTC loss of the clips' references (nats per label)."""
+        ``with_ctc_loss``, also the auxiliary CTC loss of the clips' references (nats per label).
+        ``audio``: the batch's audio already embedded (``embed_audio``), re-used instead of a new pass."""
         model = self.model
-        audio = model.embed_audio(inputs["audio"], inputs["audio_len"])
+        audio = model.embed_audio(inputs["audio"], inputs["audio_len"]) if audio is None else audio
         scores = model.score_embeddings(audio[inputs["audio_index"]],
                                         model.embed_text(inputs["text"], inputs["text_attention_mask"]))
         return (scores, self.reference_ctc_loss(audio, inputs)) if with_ctc_loss else scores
@@ -327,7 +327,8 @@ class RewardTrainer(Recipe):
         trainer = self.cfg.trainer
         by_clip = {p["audio_filepath"]: p for p in self.train_pairs if p["reference"]}
         clips = sorted(by_clip)
-        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=trainer.lr, betas=tuple(trainer.betas),
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # not frozen ASR ears
+        optimizer = torch.optim.AdamW(trainable, lr=trainer.lr, betas=tuple(trainer.betas),
                                       eps=trainer.eps, weight_decay=trainer.weight_decay)
         for epoch in range(trainer.ctc_pretrain_epochs):
             random.Random(trainer.seed * 1000 + 500 + epoch).shuffle(clips)
@@ -429,17 +430,21 @@ class RewardTrainer(Recipe):
 
         self.model.eval()
         predictions, wrong_audio = [], []
+        heard: dict[str, tuple[str, str]] = {}  # clip -> (reference, the CTC head's transcript)
         with torch.inference_mode():
             for start in range(0, len(self.val_pairs), 32):
-                inputs = self.batch_inputs(self.val_pairs[start:start + 32], augment=False)
+                pairs = self.val_pairs[start:start + 32]
+                inputs = self.batch_inputs(pairs, augment=False)
                 with autocast(self.device, self.autocast_dtype):
-                    predictions.extend(self.predict(inputs).float().cpu().tolist())
+                    audio = self.model.embed_audio(inputs["audio"], inputs["audio_len"])  # once for all three
+                    predictions.extend(self.predict(inputs, audio=audio).float().cpu().tolist())
                     clips = int(inputs["audio_index"].max()) + 1
                     if clips > 1:  # each clip's pairs get the next clip's audio
-                        wrong_audio.extend(self.predict({**inputs, "audio_index": (inputs["audio_index"] + 1) % clips})
-                                           .float().cpu().tolist())
+                        wrong_audio.extend(self.predict({**inputs, "audio_index": (inputs["audio_index"] + 1) % clips},
+                                                        audio=audio).float().cpu().tolist())
                     else:
                         wrong_audio.extend([float("nan")] * len(inputs["labels"]))
+                    heard.update(self.ctc_transcripts(pairs, audio, heard))
         targets = [p["score"] for p in self.val_pairs]
         groups = [p["audio_filepath"] for p in self.val_pairs]
         metrics = regression_metrics(predictions, targets)
@@ -448,33 +453,44 @@ class RewardTrainer(Recipe):
         metrics["group_spearman_wrong_audio"] = within_group_spearman(
             [wrong_audio[i] for i in kept], [targets[i] for i in kept], [groups[i] for i in kept])
         metrics["audio_gain"] = metrics["group_spearman"] - metrics["group_spearman_wrong_audio"]
-        metrics.update(self.ctc_transcription_metrics())
+        metrics.update(self.ctc_transcription_metrics(list(heard.values())))
         return {f"val/{key}": value for key, value in metrics.items()}
 
-    def ctc_transcription_metrics(self) -> dict[str, float]:
-        """How well a CTC head over letters hears on its own: ``ctc_wer`` and ``ctc_cer``, the corpus WER
-        and CER of its greedy transcripts of the validation clips that have a reference, against the
-        references as it spells them (``spelt_text``). Compare them with the policy's WER: a reward
-        model that hears much worse than the policy it judges cannot tell its near-correct transcripts
-        apart by the audio (docs/reward-model.md). Empty without such a head or references."""
-        import torch
+    def ctc_transcripts(self, pairs: list[dict[str, Any]], audio, known: dict[str, Any],
+                        ) -> dict[str, tuple[str, str]]:
+        """{clip: (reference, transcript)}: the greedy transcripts of a CTC head over letters of a batch's
+        clips that have a reference and are not in ``known``, from the batch's embedded ``audio`` (its
+        rows the batch's distinct clips in order: ``batch_inputs`` without augmentation). Empty without
+        such a head."""
+        if not (self.model.config.ctc_head and self.model.config.ctc_alphabet):
+            return {}
+        clips = list(dict.fromkeys(p["audio_filepath"] for p in pairs))
+        references: dict[str, str] = {}
+        for pair in pairs:  # a clip's reference, from whichever of its pairs carries it
+            if pair["reference"]:
+                references.setdefault(pair["audio_filepath"], pair["reference"])
+        rows = [row for row, clip in enumerate(clips) if clip in references and clip not in known]
+        if not rows:
+            return {}
+        texts = self.model.ctc_transcripts(audio[rows])
+        return {clips[row]: (references[clips[row]], text) for row, text in zip(rows, texts)}
 
+    def ctc_transcription_metrics(self, heard: list[tuple[str, str]]) -> dict[str, float]:
+        """How well a CTC head over letters hears on its own: ``ctc_wer`` and ``ctc_cer``, the corpus WER
+        and CER of its greedy transcripts of the validation clips that have a reference (``heard``:
+        (reference, transcript) pairs, from ``ctc_transcripts``), against the references as it spells
+        them (``spelt_text``); ``ctc_cer`` alone when the alphabet has no space. Compare them with the
+        policy's WER: a reward model that hears much worse than the policy it judges cannot tell its
+        near-correct transcripts apart by the audio (docs/reward-model.md). Empty without transcripts."""
         from rlnf.metrics import corpus_error_rate
         from rlnf.reward_model.ctc_evidence import spelt_text
-        from rlnf.training import autocast
 
-        alphabet = self.model.config.ctc_alphabet if self.model.config.ctc_head else None
-        clips = {p["audio_filepath"]: p for p in self.val_pairs if p["reference"]} if alphabet else {}
-        if not clips:
+        if not heard:
             return {}
+        alphabet = self.model.config.ctc_alphabet
+        references = [spelt_text(reference, alphabet) for reference, _ in heard]
+        hypotheses = [text for _, text in heard]
         words = " " in alphabet  # without a space there are no words to count: the CER alone
-        firsts = list(clips.values())
-        hypotheses = []
-        with torch.inference_mode(), autocast(self.device, self.autocast_dtype):
-            for start in range(0, len(firsts), 32):
-                inputs = self.batch_inputs(firsts[start:start + 32], augment=False)  # one audio row per clip
-                hypotheses += self.model.ctc_transcripts(self.model.embed_audio(inputs["audio"], inputs["audio_len"]))
-        references = [spelt_text(p["reference"], alphabet) for p in firsts]
         return {**({"ctc_wer": corpus_error_rate(references, hypotheses, "word")} if words else {}),
                 "ctc_cer": corpus_error_rate(references, hypotheses, "char")}
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlnf import ctc
+
 # Negative log-likelihood per target token at which the evidence saturates; also what a transcript
 # that CTC cannot align at all (more labels than frames) gets.
 MAX_NLL_PER_TOKEN = 30.0
@@ -105,13 +107,9 @@ def greedy_spelling(log_probs: torch.Tensor, lengths: torch.Tensor, alphabet: st
     each clip's best path with repeats merged and blanks dropped, in ``alphabet``'s letters, its spaces
     as ``spelt_text`` writes them. How well the reward model hears, on its own (``val/ctc_wer``)."""
     blank = log_probs.shape[-1] - 1
-    texts = []
-    for best, length in zip(log_probs.argmax(dim=-1).tolist(), lengths.tolist()):
-        path = best[:length]
-        letters = [alphabet[label] for index, label in enumerate(path)
-                   if label != blank and (index == 0 or label != path[index - 1])]
-        texts.append(spelt_text("".join(letters), alphabet))
-    return texts
+    labels, label_len = ctc.collapse_alignments(ctc.greedy_alignments(log_probs, lengths, blank), blank)
+    return [spelt_text("".join(alphabet[label] for label in row[:length]), alphabet)
+            for row, length in zip(labels.tolist(), label_len.tolist())]
 
 
 def ctc_nll(log_probs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor,

@@ -177,7 +177,7 @@ class Stages:
         self.fresh = fresh
         self.timings: dict[str, float] = {}
         self.sources: dict[str, str] = {}  # stage name -> the sibling whose cached result it re-used (same_as)
-        self.ran: dict[str, tuple[str, dict[str, Any]]] = {}  # stage name -> (key, result) run by this object
+        self.ran: dict[str, dict[str, Any]] = {}  # stage name -> the record of a stage this object ran
 
     def seconds(self) -> float:
         """Every stage's seconds as it ran (cached ones as recorded), each counted once: a stage re-used
@@ -196,28 +196,27 @@ class Stages:
         folder = self.root / name
         marker = folder / "stage.json"
         key = _fingerprint(params)
-        for done in [name, *sorted(d for d in self.ran if d != name and same_as and fnmatch.fnmatch(d, same_as))]:
-            if done in self.ran and self.ran[done][0] == key:
-                if done != name:
-                    self.sources[name] = self.sources.get(done, done)
-                self.timings[name] = self.timings[done]
-                print(f"[demo] {name}: done earlier in this run{'' if done == name else f' (as {done})'}")
-                return self.ran[done][1]
-        candidates = [marker] if marker.exists() else []
+        siblings: set[str] = set()
         if same_as:
-            def nearness(path: Path) -> tuple[int, str]:
-                return -len(os.path.commonprefix([path.parent.name, name])), path.parent.name
+            siblings = {path.parent.name for path in self.root.glob(f"{same_as}/stage.json")}
+            siblings |= {done for done in self.ran if fnmatch.fnmatch(done, same_as)}
+            siblings.discard(name)
 
-            candidates += sorted((path for path in self.root.glob(f"{same_as}/stage.json") if path != marker),
-                                 key=nearness)
-        for path in [] if self.fresh else candidates:
-            record = json.loads(path.read_text())
-            if record.get("key") == key:
-                same = "" if path == marker else f", the same as {path.parent.name}"
+        def nearness(sibling: str) -> tuple[int, str]:
+            return -len(os.path.commonprefix([sibling, name])), sibling
+
+        for candidate in [name, *sorted(siblings, key=nearness)]:
+            # This invocation's own stages always count; the folders' records only when not fresh.
+            record = self.ran.get(candidate)
+            stored = self.root / candidate / "stage.json"
+            if record is None and not self.fresh and stored.exists():
+                record = json.loads(stored.read_text())
+            if record is not None and record.get("key") == key:
+                same = "" if candidate == name else f", the same as {candidate}"
                 print(f"[demo] {name}: cached ({record['seconds']:.0f} s when it ran{same})")
                 self.timings[name] = record["seconds"]
                 if same:
-                    self.sources[name] = path.parent.name
+                    self.sources[name] = candidate
                 return record["result"]
         if folder.exists():
             import shutil
@@ -229,9 +228,8 @@ class Stages:
         result = body(folder)
         seconds = time.perf_counter() - started
         self.timings[name] = seconds
-        self.ran[name] = (key, result)
-        atomic_write_text(marker, json.dumps({"key": key, "params": params, "seconds": seconds, "result": result},
-                                             indent=1, default=str))
+        self.ran[name] = {"key": key, "params": params, "seconds": seconds, "result": result}
+        atomic_write_text(marker, json.dumps(self.ran[name], indent=1, default=str))
         print(f"[demo] {name}: done in {seconds:.0f} s", flush=True)
         return result
 

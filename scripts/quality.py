@@ -56,8 +56,9 @@ gap, negative when RL is lower). See ``supervised_baselines``.
 --start strong runs the same comparison from a stronger starting policy (rlnf.demo.STRONG_START: a 5M-parameter
 QuartzNet with SpecAugment, pretrained for an hour on the corpus's training voices plus 5,000 more sentences and 5
 more voices, stage pretrain_corpus, then 1,500 steps of cosine decay, stage pretrain_decay; its held-out runs start
-from the policy itself, so no batchnorm_adapted row), in its own folder (demo_output_strong): the corpus, the
-held-out voice and both test sets are the demo's. The JSON's "start" names the start and
+from the policy itself, so no batchnorm_adapted row, and its learned-reward run is RL after self-training scored
+by the reward model listening-asr, whose ears are the start's encoder), in its own folder (demo_output_strong):
+the corpus, the held-out voice and both test sets are the demo's. The JSON's "start" names the start and
 "start_train_voices_wer" (stage start_train_voices) is the pretrained policy's WER on its training voices' test
 sentences, for either start.
 
@@ -442,7 +443,7 @@ def print_table(summary: dict[str, Any]) -> None:
               f"{summary['oracle_fraction_from_adapted_std']:.2f}; beats {ADAPTED} on every seed: "
               f"{summary['learned_beats_adapted_every_seed']}")
     others = [(f"{model} reward model (variants)", summary.get(f"reward_model_{model}")) for model in REWARD_MODELS]
-    for name, figures in ((f"{reward['name']} reward model (the demo's)", reward), *others):
+    for name, figures in ((f"{reward['name']} reward model (rl_learned_reward's)", reward), *others):
         if figures:
             print(f"{name} on the held-out voice's hypotheses: within-clip Spearman "
                   f"{figures['heldout_group_spearman_mean']:.3f} +- {figures['heldout_group_spearman_std']:.3f}, "
@@ -489,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the starting policy: the demo's (a 0.5M-parameter QuartzNet, 4.5 minutes of "
                              "pretraining) or 'strong' (rlnf.demo.STRONG_START: 5M parameters, SpecAugment, "
                              "more text and voices, an hour of pretraining then 1,500 steps of decay, no "
-                             "BatchNorm adaptation; the same corpus and test sets)")
+                             "BatchNorm adaptation, learned-reward RL after self-training scored by the "
+                             "listening-asr reward model; the same corpus and test sets)")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     parser.add_argument("--json", help="write the figures to this JSON file")
     parser.add_argument("--markdown", help="write the runs' table (the docs' results table) to this Markdown file")
@@ -598,9 +600,9 @@ def main(argv: list[str] | None = None) -> int:
             tta = suta_runs(shared, stages, base, runs["rl_learned_reward"] if args.suta_after_rl else None, device)
             results.update(tta)
             seconds.update({name: result["seconds"] for name, result in tta.items()})
-        rows = read_metrics(folder / "rl_learned_reward")
+        rows = read_metrics(stages.folder("rl_learned_reward"))
         curves[seed] = [(row["step"], row["val/wer"]) for row in rows if "val/wer" in row]
-        rl_rows = {name: read_metrics(folder / name) for name in run_names  # the RL runs' own logs
+        rl_rows = {name: read_metrics(stages.folder(name)) for name in run_names  # the RL runs' own logs
                    if (name.startswith("rl_") and name != SUTA_AFTER_RL) or name == CTC_RL}
         per_seed.append({
             "steps": {name: max((row["step"] for row in rows_), default=0) for name, rows_ in rl_rows.items()},

@@ -100,9 +100,10 @@ def test_quality_benchmark_end_to_end_on_a_tiny_corpus(tmp_path):
     out, figures = tmp_path / "demo", tmp_path / "quality.json"
     # --start strong with toy sizes: more text and a voice for pretraining alone, SpecAugment.
     # --start strong's decay phase (warmup-stable-decay), 3 steps; its runs from the BatchNorm-adapted start
-    # here (STRONG_START's own choice is the policy itself), whose rows this test checks.
+    # here (STRONG_START's own choice is the policy itself), whose rows this test checks, with the demo's
+    # reward model and learned-reward run (STRONG_START's, listening-asr after self-training, have their tests).
     settings.update({"pretrain_extra_sentences": 4, "pretrain_extra_voices": ["flite:slt"], "pretrain_decay_steps": 3,
-                     "adapt_batchnorm": True})
+                     "adapt_batchnorm": True, "reward_model": "listening", "rl_after_self_training": False})
     quality = load_quality()
     assert quality.main(["--output", str(out), "--seeds", "2", "--json", str(figures), "--presets", "rloo",
                          "--rl-steps", "3", "--other-reward-model", "--settings", json.dumps(settings),
@@ -519,6 +520,19 @@ def test_rl_after_self_training_starts_the_learned_run_from_the_self_trained_pol
     trained_runs(Stages(tmp_path, fresh=False), settings, base, reward)
     assert [recipe for recipe, _ in calls[3:]] == ["rl_finetune", "rl_finetune", "train_ctc"]  # plain runs, continued
     assert calls[-1][1]["model.path"] == "/policy.nemo"  # supervised_continued: the only CTC run trained now
+    # The report's own learned-reward run with the variant's settings (STRONG_START's choice) is the
+    # variant's run: re-used from its folder, not trained again, though rl_learned_reward/ holds another key.
+    calls.clear()
+    same = Stages(tmp_path, fresh=False)
+    again = rl_runs(same, after, base, reward, oracle=False)
+    assert calls == [] and same.sources == {"rl_learned_reward": "rl_learned_reward-st",
+                                            "self_training": "self_training-st"}
+    assert again["rl_learned_reward"]["last_checkpoint"] == result["last_checkpoint"]
+    assert again["rl_learned_reward"]["cost_stages"] == ["self_training"]
+    # Its logs are read where it ran (scripts/quality.py's val curves, the demo's plot), not from the
+    # report's own folder, which holds the plain run's.
+    assert same.folder("rl_learned_reward") == tmp_path / "rl_learned_reward-st"
+    assert Stages(tmp_path, fresh=False).folder("rl_learned_reward") == tmp_path / "rl_learned_reward"
     # A variant that changes rl_minutes self-trains in its own folder; the report's stage is left alone.
     calls.clear()
     rl_runs(Stages(tmp_path, fresh=False), {**after, "rl_minutes": 2.0}, base, reward, suffix="-st2", oracle=False)

@@ -132,7 +132,8 @@ SETTINGS: dict[str, Any] = {
 # SpecAugment, 7x the text and 13 voices, an hour of pretraining at a constant rate then 1,500 steps of
 # cosine decay, on 2 CPU cores. Measured once: 0.380 after the hour (3,319 steps), 0.260 after the decay
 # (25 more minutes); the benchmark reports the WER it reaches (start_train_voices_wer). Its held-out runs
-# start from the policy itself (adapt_batchnorm, below); everything else downstream is the demo's.
+# start from the policy itself (adapt_batchnorm, below) and its learned-reward run is RL after self-training
+# scored by the listening-asr reward model (below); everything else downstream is the demo's.
 STRONG_START: dict[str, Any] = {
     "policy_size": "medium",
     "pretrain_minutes": 60.0,
@@ -185,9 +186,9 @@ class Stages:
         self.ran: dict[str, dict[str, Any]] = {}  # stage name -> the record of a stage this object ran
 
     def seconds(self) -> float:
-        """Every stage's seconds as it ran (cached ones as recorded), each counted once: a stage re-used
-        under another name (``same_as``) is not counted again."""
-        return sum(value for name, value in self.timings.items() if name not in self.sources)
+        """Every stage's seconds as it ran (cached ones as recorded), each run counted once: stages that
+        returned the same folder's run (``same_as``) count it once, whichever of them were looked up."""
+        return sum({self.sources.get(name, name): value for name, value in self.timings.items()}.values())
 
     def folder(self, name: str) -> Path:
         """Where stage ``name``'s outputs are (its logs, its checkpoints): its own folder, or that of the
@@ -202,7 +203,8 @@ class Stages:
         then the name), left in its own folder; else ``body(folder)``, run now. Either way the stage's
         seconds (``timings``) are those it took when it ran. A stage this object has already run with the
         same key (under ``name``, or a ``same_as`` sibling) is re-used even when ``fresh``: one invocation
-        never trains a stage twice, nor deletes what an earlier stage of it returned."""
+        never trains a stage twice, nor deletes what an earlier stage of it returned (a ConfigError when a
+        stage would have to train in such a folder under another key)."""
         folder = self.root / name
         marker = folder / "stage.json"
         key = _fingerprint(params)
@@ -227,7 +229,17 @@ class Stages:
                 self.timings[name] = record["seconds"]
                 if same:
                     self.sources[name] = candidate
+                else:
+                    self.sources.pop(name, None)
                 return record["result"]
+        # Training here would delete a run this invocation has already returned: this stage's own under
+        # another key, or one a stage re-used from this folder.
+        users = [other for other, source in self.sources.items() if source == name]
+        if name in self.ran or users:
+            raise ConfigError(f"stage {name}: its folder {folder} holds the run stage {(users or [name])[0]} "
+                              "returned earlier in this invocation, under another key; give this run (a variant) "
+                              "another name")
+        self.sources.pop(name, None)
         if folder.exists():
             import shutil
 
@@ -803,7 +815,8 @@ def rl_runs(stages: Stages, settings: dict[str, Any], base: dict[str, Any], rewa
                                key, lambda scorer, begin, offset: rl(audio, rewards(scorer)[0], extra,
                                                                      start=begin, seed_offset=offset))
     else:
-        # A variant's run (or a refresh's first round) of the same key is this run: re-used, not trained again.
+        # Any learned-reward stage of the same key (the report's, a variant's, a preset's or a refresh's first
+        # round) ran this same run: re-used, not trained again.
         run = stages.run(name, key, rl(audio, learned, extra, start=start["start"]), same_as="rl_learned_reward*")
     runs = {name: {**run, "cost_stages": [*cost, *run.get("cost_stages", [])]} if cost else run}
     if oracle:

@@ -398,6 +398,15 @@ def suta_runs(shared, stages, base: dict[str, Any], learned: dict[str, Any] | No
     return runs
 
 
+def rl_logs(stages, run_names: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    """The RL runs' metrics.jsonl rows, each read where its stage's run is (``Stages.folder``: a run
+    re-used from a sibling stage has its logs there, and its own folder may hold another key's run)."""
+    from rlnf.metric_logging import read_metrics
+
+    return {name: read_metrics(stages.folder(name)) for name in run_names
+            if (name.startswith("rl_") and name != SUTA_AFTER_RL) or name == CTC_RL}
+
+
 def suta_rows(suta: bool, after_rl: bool) -> tuple[str, ...]:
     """The SUTA rows run: none (``--no-suta``), SUTA alone (``--no-suta-after-rl``) or both."""
     return ((SUTA, SUTA_AFTER_RL) if after_rl else (SUTA,)) if suta else ()
@@ -501,8 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rl-steps", type=int, help="RL runs stop after this many steps rather than the demo's "
                                                       "minutes: figures a busy machine cannot change")
     parser.add_argument("--other-reward-model", action="store_true",
-                        help="also train, per seed, the demo's other reward model (card when the demo uses "
-                             "listening, and the reverse) and run RL with it: run rl_learned_reward-MODEL")
+                        help="also train, per seed, another reward model (the first of listening, card, "
+                             "listening-asr that the run's own is not: card for the demo's listening, "
+                             "listening for --start strong's listening-asr) and run RL with it: run "
+                             "rl_learned_reward-MODEL")
     parser.add_argument("--presets", default="", help="also run RL with these presets, comma-separated (e.g. "
                                                       "rloo,reinforce,ppo,mwer); the demo's grpo always runs")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
@@ -527,7 +538,6 @@ def main(argv: list[str] | None = None) -> int:
     from rlnf.config import ALGORITHM_NAMES
     from rlnf.demo import (Stages, evaluate_runs, prepare, pretrain_seconds, rl_runs, run_names as demo_runs,
                            run_seconds, scaled_settings, train_reward, trained_runs)
-    from rlnf.metric_logging import read_metrics
 
     setup_logging()
     quiet_nemo()
@@ -600,10 +610,9 @@ def main(argv: list[str] | None = None) -> int:
             tta = suta_runs(shared, stages, base, runs["rl_learned_reward"] if args.suta_after_rl else None, device)
             results.update(tta)
             seconds.update({name: result["seconds"] for name, result in tta.items()})
-        rows = read_metrics(stages.folder("rl_learned_reward"))
+        rl_rows = rl_logs(stages, run_names)
+        rows = rl_rows["rl_learned_reward"]
         curves[seed] = [(row["step"], row["val/wer"]) for row in rows if "val/wer" in row]
-        rl_rows = {name: read_metrics(stages.folder(name)) for name in run_names  # the RL runs' own logs
-                   if (name.startswith("rl_") and name != SUTA_AFTER_RL) or name == CTC_RL}
         per_seed.append({
             "steps": {name: max((row["step"] for row in rows_), default=0) for name, rows_ in rl_rows.items()},
             "val_wer": {name: next((row["val/wer"] for row in reversed(rows_) if "val/wer" in row), float("nan"))

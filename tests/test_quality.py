@@ -532,7 +532,15 @@ def test_rl_after_self_training_starts_the_learned_run_from_the_self_trained_pol
     # Its logs are read where it ran (scripts/quality.py's val curves, the demo's plot), not from the
     # report's own folder, which holds the plain run's.
     assert same.folder("rl_learned_reward") == tmp_path / "rl_learned_reward-st"
-    assert Stages(tmp_path, fresh=False).folder("rl_learned_reward") == tmp_path / "rl_learned_reward"
+    for folder, wer in (("rl_learned_reward-st", 0.1), ("rl_learned_reward", 0.9)):
+        (tmp_path / folder / "metrics.jsonl").write_text(json.dumps({"step": 5, "val/wer": wer}) + "\n")
+    assert load_quality().rl_logs(same, ("rl_learned_reward", "self_training")) == {
+        "rl_learned_reward": [{"step": 5, "val/wer": 0.1}]}
+    # A variant that would train under that sibling's name with other settings would delete the run this
+    # invocation returned as rl_learned_reward: refused, nothing trained, the folder kept.
+    with pytest.raises(ConfigError, match="stage rl_learned_reward-st: .* the run stage rl_learned_reward returned"):
+        rl_runs(same, {**after, "rl_kl_coef": 0.2}, base, reward, suffix="-st", oracle=False)
+    assert calls == [] and (tmp_path / "rl_learned_reward-st" / "metrics.jsonl").exists()
     # A variant that changes rl_minutes self-trains in its own folder; the report's stage is left alone.
     calls.clear()
     rl_runs(Stages(tmp_path, fresh=False), {**after, "rl_minutes": 2.0}, base, reward, suffix="-st2", oracle=False)
@@ -604,6 +612,11 @@ def test_a_refresh_variant_fine_tunes_the_reward_model_on_the_round_1_policy_s_p
     calls.clear()
     rl_runs(Stages(folder, fresh=False), settings, base, reward, suffix="-refresh", oracle=False)
     assert calls == []  # every stage cached
+    # The report's plain learned-reward run is that round 1 (the same key), not the last round (the refresh in
+    # its key): re-used, nothing trained.
+    stages = Stages(folder, fresh=False)
+    assert rl_runs(stages, plain, base, reward, oracle=False)["rl_learned_reward"]["last_checkpoint"] == round1
+    assert calls == [] and stages.sources == {"rl_learned_reward": "rl_learned_reward-refresh-round1"}
     for bad, message in (({"rl_reward_refresh": 1}, "true or false"),
                          ({"rl_reward_refresh": True, "rl_reward_ensemble": 2}, "needs rl_reward_ensemble 1"),
                          ({"rl_reward_refresh": True, "rl_reward_refresh_rounds": 0}, "a whole number >= 1"),
@@ -648,6 +661,7 @@ def test_a_stage_is_re_used_from_a_sibling_of_the_same_key_only_where_same_as_al
     and the key (the sibling nearest by name first), with that stage's recorded seconds; without same_as,
     or with another key, or fresh, the body runs."""
     from rlnf.demo import Stages
+    from rlnf.errors import ConfigError
 
     ran = []
 
@@ -671,7 +685,18 @@ def test_a_stage_is_re_used_from_a_sibling_of_the_same_key_only_where_same_as_al
     record = json.loads((tmp_path / "rl_a" / "stage.json").read_text())
     assert found.timings["rl_c"] == record["seconds"] and not (tmp_path / "rl_c").exists()
     assert found.sources == {"rl_ab-2": "rl_ab-1", "rl_c": "rl_a"}
-    assert found.seconds() == pytest.approx(found.timings["rl_d"] + found.timings["rl_e"])  # re-used ones: not again
+    # Each run counted once: the re-used ones at their sources' seconds, once even when a source is looked up too.
+    total = sum(found.timings[name] for name in ("rl_ab-2", "rl_c", "rl_d", "rl_e"))
+    assert found.seconds() == pytest.approx(total)
+    assert found.run("rl_a", {"x": 1}, body("new"), same_as="rl_*") == {"folder": "rl_a"}
+    assert found.seconds() == pytest.approx(total) and found.folder("rl_c") == tmp_path / "rl_a"
+    # A stage that would train, under another key, in a folder whose run this invocation returned is refused
+    # (rl_a's run was returned to rl_c and to rl_a itself), and the folder is left as it was.
+    for name in ("rl_a", "rl_ab-1"):
+        with pytest.raises(ConfigError, match=f"stage {name}: its folder .* holds the run stage rl_"):
+            found.run(name, {"x": 9}, body("clash"))
+    assert json.loads((tmp_path / "rl_a" / "stage.json").read_text()) == record
+    assert (tmp_path / "rl_ab-1" / "stage.json").exists() and ("rl_a", "clash") not in ran
     assert Stages(tmp_path, fresh=True).run("rl_f", {"x": 1}, body("fresh"), same_as="rl_*") == {"folder": "rl_f"}
     assert ran[-3:] == [("rl_d", "new"), ("rl_e", "new"), ("rl_f", "fresh")]
 
@@ -707,6 +732,8 @@ def test_the_strong_start_s_extra_text_is_none_of_the_corpus_s_and_the_demo_s_st
     assert rows[-1]["audio_filepath"] == str(train.parent / "wav" / "a.wav")
     assert set(START_SETTINGS) <= set(SETTINGS)
     assert {k for k in STRONG_START if STRONG_START[k] != SETTINGS[k]} >= {"policy_size", "pretrain_extra_sentences"}
+    # Its learned-reward run, chosen on validation (docs/results.md): listening-asr after self-training.
+    assert STRONG_START["reward_model"] == "listening-asr" and STRONG_START["rl_after_self_training"] is True
 
 
 def test_a_pseudo_label_variant_trains_the_learned_run_on_the_start_s_transcripts_with_a_ctc_term(tmp_path,

@@ -188,7 +188,7 @@ class Stages:
     def seconds(self) -> float:
         """Every stage's seconds as it ran (cached ones as recorded), each run counted once: stages that
         returned the same folder's run (``same_as``) count it once, whichever of them were looked up."""
-        return sum({self.sources.get(name, name): value for name, value in self.timings.items()}.values())
+        return sum({self.folder(name): value for name, value in self.timings.items()}.values())
 
     def folder(self, name: str) -> Path:
         """Where stage ``name``'s outputs are (its logs, its checkpoints): its own folder, or that of the
@@ -666,7 +666,7 @@ def refresh_reward(stages: Stages, settings: dict[str, Any], base: dict[str, Any
                                *(["trainer.ctc_pretrain_epochs=0"] if model != "card" else [])],
                                reward_config(model)),
                            same_as=f"{reward_stage(model)}*-refreshed*")
-    stage = stages.sources.get(stage, stage)  # where its files are (a sibling's, when re-used)
+    stage = stages.folder(stage).name  # where its files are (a sibling's, when re-used)
     return {**refreshed, "stage": stage, "heldout": reward_heldout(stages, base, refreshed, stage)}, merged
 
 

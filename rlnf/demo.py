@@ -125,6 +125,11 @@ SETTINGS: dict[str, Any] = {
     "ctc_finetune_max_steps": None,
     "ctc_finetune_val_every": 50,
     "ctc_finetune_patience": 5,
+    # > 0: those baselines (not the oracle) train on more transcripts of the held-out voice: heldout_train plus
+    # that voice reading this many more sentences of the shipped text (the next of the corpus's seeded order,
+    # none of its train, validation or test sentences; stage heldout_extra_corpus), a set the model cannot
+    # memorise as it does heldout_train's 560 clips. Their rows are then named ctc_finetune_heldout-extraN*.
+    "ctc_finetune_extra_sentences": 0,
     "run_seed": 42,  # trainer.seed of the reward model and of every run (scripts/quality.py varies it)
 }
 # scripts/quality.py --start strong: aims at a starting policy of the kind real fine-tuning starts from (WER
@@ -420,6 +425,48 @@ def other_text_corpus(stages: Stages, settings: dict[str, Any]) -> dict[str, Any
                                             "sentences_sha256": file_sha256(source)}, synthesise)
 
 
+def _absolute_rows(manifest: str | Path) -> list[dict[str, Any]]:
+    """A manifest's rows with their audio paths made absolute (relative ones are relative to its folder)."""
+    manifest = Path(manifest)
+    return [{**row, "audio_filepath": str((manifest.parent / row["audio_filepath"]).resolve())}
+            for row in map(json.loads, manifest.read_text().splitlines())]
+
+
+def _next_sentences(settings: dict[str, Any], count: int) -> list[str]:
+    """The ``count`` sentences after the corpus's in its seeded order of the shipped text
+    (``rlnf.synth.load_sentences``: the corpus has the first ``sentences``), so none of its train,
+    validation or test sentences."""
+    from rlnf.synth import load_sentences
+
+    return load_sentences(settings["sentences"] + count, settings["seed"])[settings["sentences"]:]
+
+
+def heldout_extra_corpus(stages: Stages, settings: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """Stage heldout_extra_corpus (when ``ctc_finetune_extra_sentences`` > 0): the held-out voice reading
+    that many more sentences (``_next_sentences``: with --start strong, the text its pretraining heard from
+    other voices), deterministically, and the corpus's heldout_train rows added: the training manifest
+    (absolute audio paths) of scripts/quality.py's supervised baselines on the held-out voice's transcripts.
+    Returns {"manifest", "utterances", "sha256"}; {} when there is nothing to add."""
+    count = settings["ctc_finetune_extra_sentences"]
+    if not count:
+        return {}
+
+    def synthesise(folder: Path) -> dict[str, Any]:
+        from rlnf.data.manifest import write_manifest
+        from rlnf.synth import synthesize_sentences
+
+        made = synthesize_sentences(folder, _next_sentences(settings, count), settings["heldout_voice"],
+                                    "heldout_extra")
+        rows = [*_absolute_rows(data["heldout_train"]), *_absolute_rows(made["manifest"])]
+        manifest = folder / "heldout_train_extra.json"
+        write_manifest(manifest, rows)
+        return {"manifest": str(manifest), "utterances": len(rows), "sha256": file_sha256(manifest)}
+
+    return stages.run("heldout_extra_corpus", {"sentences": settings["sentences"], "extra": count,
+                                               "heldout_voice": settings["heldout_voice"], "seed": settings["seed"],
+                                               **content_key(data, "corpus")}, synthesise)
+
+
 def pretrain_corpus(stages: Stages, settings: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     """Stage pretrain_corpus (when ``pretrain_extra_sentences`` > 0): the next sentences of the corpus's
     seeded order of the shipped text (``rlnf.synth.load_sentences``: the corpus has the first
@@ -437,9 +484,9 @@ def pretrain_corpus(stages: Stages, settings: dict[str, Any], data: dict[str, An
         import numpy as np
 
         from rlnf.data.manifest import write_manifest
-        from rlnf.synth import load_sentences, synthesize_sentences, voices_for_sentences
+        from rlnf.synth import synthesize_sentences, voices_for_sentences
 
-        sentences = load_sentences(settings["sentences"] + count, settings["seed"])[settings["sentences"]:]
+        sentences = _next_sentences(settings, count)
         picks = voices_for_sentences(len(sentences), len(voices), settings["voices_per_sentence"],
                                      np.random.default_rng(settings["seed"] + 1))
         per_voice: dict[int, list[str]] = {v: [] for v in range(len(voices))}
@@ -449,12 +496,8 @@ def pretrain_corpus(stages: Stages, settings: dict[str, Any], data: dict[str, An
         rows = []
         for v, said in per_voice.items():
             if said:
-                made = synthesize_sentences(folder, said, voices[v], f"extra_{v:02d}")
-                rows += [{**row, "audio_filepath": str(folder / row["audio_filepath"])}
-                         for row in map(json.loads, Path(made["manifest"]).read_text().splitlines())]
-        train = Path(data["train"])
-        rows += [{**row, "audio_filepath": str((train.parent / row["audio_filepath"]).resolve())}
-                 for row in map(json.loads, train.read_text().splitlines())]
+                rows += _absolute_rows(synthesize_sentences(folder, said, voices[v], f"extra_{v:02d}")["manifest"])
+        rows += _absolute_rows(data["train"])
         manifest = folder / "pretrain_train.json"
         write_manifest(manifest, rows)
         return {"manifest": str(manifest), "utterances": len(rows), "sha256": file_sha256(manifest)}
@@ -1039,8 +1082,9 @@ def relative_change(value: float, reference: float) -> float | None:
 def check_settings(settings: dict[str, Any]) -> None:
     """Refuse, before any stage runs and naming the setting, what the stages would only find late or
     ignore silently: the learned-reward run's ensemble and pseudo-label settings, the pretraining's decay
-    steps, and the start's extra pretraining data (more sentences than the shipped text holds, the held-out
-    voice among its voices, voices without sentences)."""
+    steps, the start's extra pretraining data (the held-out voice among its voices, voices without
+    sentences) and the extra sentences of it or of the supervised baselines (more than the shipped text
+    holds)."""
     from rlnf.synth import Voice
 
     ensemble, std_coef = settings["rl_reward_ensemble"], settings["rl_reward_std_coef"]
@@ -1068,21 +1112,23 @@ def check_settings(settings: dict[str, Any]) -> None:
     if isinstance(decay, bool) or not isinstance(decay, int) or decay < 0:
         raise ConfigError(f"demo setting pretrain_decay_steps: a whole number >= 0 of steps, got {decay!r}")
     extra, voices = settings["pretrain_extra_sentences"], settings["pretrain_extra_voices"]
-    if extra < 0:
-        raise ConfigError(f"demo setting pretrain_extra_sentences: must be >= 0, got {extra}")
     if voices and not extra:
         raise ConfigError("demo setting pretrain_extra_voices needs pretrain_extra_sentences > 0 (they speak only "
                           "the extra sentences)")
     if settings["heldout_voice"] and Voice.parse(settings["heldout_voice"]).tag in {Voice.parse(v).tag for v in voices}:
         raise ConfigError(f"demo setting pretrain_extra_voices: lists the held-out voice {settings['heldout_voice']!r}, "
                           "which the starting policy must never hear")
-    if extra:
-        from rlnf.synth import read_sentences, sentences_file
+    for key in ("pretrain_extra_sentences", "ctc_finetune_extra_sentences"):
+        count = settings[key]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ConfigError(f"demo setting {key}: a whole number >= 0 of sentences, got {count!r}")
+        if count:
+            from rlnf.synth import read_sentences, sentences_file
 
-        available = len(read_sentences(sentences_file()))
-        if settings["sentences"] + extra > available:
-            raise ConfigError(f"demo setting pretrain_extra_sentences: {extra} more than the corpus's "
-                              f"{settings['sentences']} sentences; the shipped text has {available} in all")
+            available = len(read_sentences(sentences_file()))
+            if settings["sentences"] + count > available:
+                raise ConfigError(f"demo setting {key}: {count} more than the corpus's {settings['sentences']} "
+                                  f"sentences; the shipped text has {available} in all")
 
 
 def scaled_settings(budget_minutes: float = 15.0, settings: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -51,7 +51,10 @@ convergence (early stopping on the validation WER: settings ctc_finetune_val_eve
 ctc_finetune_max_minutes, ctc_finetune_max_steps), evaluated at its best checkpoint; from there, for the
 RL runs' budget, "ctc_finetune_heldout+more" (train_ctc continued) and "ctc_finetune_heldout+rl_cer" (RL
 with 1 - CER): rl_cer_beats_more_every_seed and rl_cer_vs_more_gap_mean/std/per_seed (relative test WER
-gap, negative when RL is lower). See ``supervised_baselines``.
+gap, negative when RL is lower). See ``supervised_baselines``. --supervised-extra-sentences N gives them (not
+the oracle) more transcripts than the 560 clips they fit almost perfectly: that voice also reading N more
+sentences of the shipped text (stage heldout_extra_corpus, shared by the seeds; rows
+ctc_finetune_heldout-extraN, -extraN+more and -extraN+rl_cer).
 
 --start strong runs the same comparison from a stronger starting policy (rlnf.demo.STRONG_START: a 5M-parameter
 QuartzNet with SpecAugment, pretrained for an hour on the corpus's training voices plus 5,000 more sentences and 5
@@ -94,7 +97,7 @@ SUTA_AFTER_RL = "rl_learned_reward+suta"
 CTC_CONVERGED = "ctc_finetune_heldout"  # supervised CTC on the held-out voice's transcripts, to convergence
 CTC_MORE = "ctc_finetune_heldout+more"  # ... continued for the RL runs' budget
 CTC_RL = "ctc_finetune_heldout+rl_cer"  # ... RL with 1 - CER for the same budget instead
-SUPERVISED_BASELINES = (CTC_CONVERGED, CTC_MORE, CTC_RL)
+SUPERVISED_BASELINES = (CTC_CONVERGED, CTC_MORE, CTC_RL)  # their names with the oracle's transcripts alone
 STARTS = {"demo": "demo_output", "strong": "demo_output_strong"}  # --start: its default folder
 
 
@@ -214,8 +217,8 @@ def summarise(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dic
     if SUTA in run_names:
         adapted["learned_beats_suta_every_seed"] = all(
             seed["wer"]["rl_learned_reward"] < seed["wer"][SUTA] for seed in per_seed)
-    if CTC_RL in run_names:  # does sequence-level RL add to converged supervised fine-tuning?
-        adapted.update(rl_after_supervised(per_seed))
+    if supervised_pair(run_names):  # does sequence-level RL add to converged supervised fine-tuning?
+        adapted.update(rl_after_supervised(per_seed, run_names))
     final_val = mean_std([seed["final_val_wer"] for seed in per_seed])
     # The reference of every change: the pretrained policy's figures, and its pretraining's seconds.
     pretrained = {key: statistics.fmean(seed[key]["pretrained"] for seed in per_seed)
@@ -265,8 +268,9 @@ def issue_targets(per_seed: list[dict[str, Any]], run_names: tuple[str, ...], le
         best = min(baselines, key=means.get)
         figures[f"{test_set}best_baseline"] = best
         figures[f"{test_set}margin_below_best_baseline"] = relative(means[learned], means[best])
-    if CTC_RL in run_names and CTC_MORE in run_names:
-        gaps = [relative(seed["wer"][CTC_RL], seed["wer"][CTC_MORE]) for seed in per_seed]
+    if pair := supervised_pair(run_names):
+        with_rl, more = pair
+        gaps = [relative(seed["wer"][with_rl], seed["wer"][more]) for seed in per_seed]
         figures["rl_cer_beats_more_by_5_percent_every_seed"] = all(gap <= -0.05 for gap in gaps)
     return figures
 
@@ -300,15 +304,36 @@ def relative(value: float, reference: float) -> float:
     return (value - reference) / reference if reference else float("nan")
 
 
-def rl_after_supervised(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """CTC_RL against CTC_MORE, the same extra budget from the same converged model: per seed the relative
-    gap of test WER (WER_rl - WER_more) / WER_more (negative when RL is better), mean +- std, on each test
-    set, and whether RL is below on every seed."""
-    figures: dict[str, Any] = {}
+def supervised_names(settings: dict[str, Any]) -> tuple[str, str, str]:
+    """The supervised baselines' rows (CTC_CONVERGED, CTC_MORE, CTC_RL): with
+    ``ctc_finetune_extra_sentences`` N > 0 (more transcripts than the oracle's), named
+    ctc_finetune_heldout-extraN, -extraN+more and -extraN+rl_cer, in stages of those names."""
+    extra = settings["ctc_finetune_extra_sentences"]
+    if not extra:
+        return SUPERVISED_BASELINES
+    stem = f"{CTC_CONVERGED}-extra{extra}"
+    return stem, f"{stem}+more", f"{stem}+rl_cer"
+
+
+def supervised_pair(run_names: tuple[str, ...]) -> tuple[str, str] | None:
+    """(the RL run, the continuation) of the supervised baselines among ``run_names`` (either naming of
+    ``supervised_names``), or None."""
+    with_rl = next((name for name in run_names if name.startswith(CTC_CONVERGED) and name.endswith("+rl_cer")), None)
+    more = with_rl and with_rl.removesuffix("+rl_cer") + "+more"
+    return (with_rl, more) if more in run_names else None
+
+
+def rl_after_supervised(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dict[str, Any]:
+    """The supervised baselines' RL run against their continuation (``supervised_pair``), the same extra
+    budget from the same converged model: per seed the relative gap of test WER (WER_rl - WER_more) /
+    WER_more (negative when RL is better), mean +- std, on each test set, and whether RL is below on every
+    seed."""
+    with_rl, more = supervised_pair(run_names)
+    figures: dict[str, Any] = {"rl_cer_vs_more_runs": [with_rl, more]}
     for test_set in ("", "other_text_"):
         if f"{test_set}wer" not in per_seed[0]:
             continue
-        gaps = [relative(seed[f"{test_set}wer"][CTC_RL], seed[f"{test_set}wer"][CTC_MORE]) for seed in per_seed]
+        gaps = [relative(seed[f"{test_set}wer"][with_rl], seed[f"{test_set}wer"][more]) for seed in per_seed]
         mean, std = mean_std(gaps)
         figures.update({f"{test_set}rl_cer_vs_more_gap_per_seed": gaps, f"{test_set}rl_cer_vs_more_gap_mean": mean,
                         f"{test_set}rl_cer_vs_more_gap_std": std,
@@ -334,9 +359,12 @@ def ctc_finetune_overrides(settings: dict[str, Any], folder: Path, policy: str, 
             f"trainer.seed={settings['run_seed']}"]
 
 
-def supervised_baselines(stages, settings: dict[str, Any], base: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def supervised_baselines(stages, settings: dict[str, Any], base: dict[str, Any], shared=None
+                         ) -> dict[str, dict[str, Any]]:
     """Three cached stages per seed, on the held-out voice's training transcripts (heldout_train, the
-    oracle's data), validating on its validation set:
+    oracle's data; with ``ctc_finetune_extra_sentences``, also that voice reading that many more sentences,
+    ``rlnf.demo.heldout_extra_corpus``, a stage of ``shared``, the stages every seed shares (default:
+    ``stages``), and the stages' names are ``supervised_names``'), validating on its validation set:
 
     CTC_CONVERGED  train_ctc from the RL runs' start (``base["start"]``) until the validation WER has not
                    improved for ``ctc_finetune_patience`` validations (every ``ctc_finetune_val_every``
@@ -350,35 +378,37 @@ def supervised_baselines(stages, settings: dict[str, Any], base: dict[str, Any])
                    both get the same time on the same machine (its model loading included: a little in
                    the continuation's favour).
     Each is evaluated at its last checkpoint except CTC_CONVERGED."""
-    from rlnf.demo import _run_recipe, content_key, rl_keys, rl_overrides
+    from rlnf.demo import _run_recipe, content_key, heldout_extra_corpus, rl_keys, rl_overrides
     from rlnf.io import file_sha256
 
     data, seed = base["data"], settings["run_seed"]
+    converged_name, more_name, rl_name = supervised_names(settings)
+    extra = heldout_extra_corpus(shared or stages, settings, data) if settings["ctc_finetune_extra_sentences"] else {}
+    train = extra.get("manifest", data["heldout_train"])
     limits = {"max_minutes": settings["ctc_finetune_max_minutes"], "max_steps": settings["ctc_finetune_max_steps"],
               "patience": settings["ctc_finetune_patience"], "val_every": settings["ctc_finetune_val_every"],
               "lr": settings["supervised_lr"], "seed": seed}
 
     def converge(folder: Path) -> dict[str, Any]:
         summary = _run_recipe("train_ctc", ctc_finetune_overrides(
-            settings, folder, base["start"], data["heldout_train"], data["heldout_val"],
+            settings, folder, base["start"], train, data["heldout_val"],
             settings["ctc_finetune_max_minutes"], settings["ctc_finetune_max_steps"], settings["ctc_finetune_patience"]))
         best = summary["best_checkpoint"] or summary["last_checkpoint"]
         # Its digest keys the two stages that start from it (see rlnf.demo.content_key).
         return {**summary, "evaluated_checkpoint": best, "sha256": file_sha256(best)}
 
-    converged = stages.run(CTC_CONVERGED, {"policy": base["start_stage"], **content_key(data, "corpus"), **limits},
-                           converge)
+    converged = stages.run(converged_name, {"policy": base["start_stage"], **content_key(data, "corpus"), **limits,
+                                            **content_key(extra, "extra")}, converge)
     start = converged["evaluated_checkpoint"]
     keys = rl_keys(settings, learned=False)
-    with_rl = stages.run(CTC_RL, {"policy": converged, **keys}, lambda folder: _run_recipe(
-        "rl_finetune", rl_overrides(settings, start, data["heldout_val"], folder, data["heldout_train"],
-                                    "[{name: cer}]")))
-    minutes = max(round(stages.timings[CTC_RL] / 60, 3), 0.001) if settings.get("rl_steps") else settings["rl_minutes"]
-    more = stages.run(CTC_MORE, {"policy": converged, "minutes": minutes, "lr": settings["supervised_lr"],
-                                 "val_every": settings["ctc_finetune_val_every"], "seed": seed},
+    with_rl = stages.run(rl_name, {"policy": converged, **keys}, lambda folder: _run_recipe(
+        "rl_finetune", rl_overrides(settings, start, data["heldout_val"], folder, train, "[{name: cer}]")))
+    minutes = max(round(stages.timings[rl_name] / 60, 3), 0.001) if settings.get("rl_steps") else settings["rl_minutes"]
+    more = stages.run(more_name, {"policy": converged, "minutes": minutes, "lr": settings["supervised_lr"],
+                                  "val_every": settings["ctc_finetune_val_every"], "seed": seed},
                       lambda folder: _run_recipe("train_ctc", ctc_finetune_overrides(
-                          settings, folder, start, data["heldout_train"], data["heldout_val"], minutes, None, None)))
-    return {CTC_CONVERGED: converged, CTC_MORE: more, CTC_RL: with_rl}
+                          settings, folder, start, train, data["heldout_val"], minutes, None, None)))
+    return {converged_name: converged, more_name: more, rl_name: with_rl}
 
 
 def suta_runs(shared, stages, base: dict[str, Any], learned: dict[str, Any] | None, device: str,
@@ -403,8 +433,9 @@ def rl_logs(stages, run_names: tuple[str, ...]) -> dict[str, list[dict[str, Any]
     re-used from a sibling stage has its logs there, and its own folder may hold another key's run)."""
     from rlnf.metric_logging import read_metrics
 
+    supervised_rl = (supervised_pair(run_names) or (None,))[0]
     return {name: read_metrics(stages.folder(name)) for name in run_names
-            if (name.startswith("rl_") and name != SUTA_AFTER_RL) or name == CTC_RL}
+            if (name.startswith("rl_") and name != SUTA_AFTER_RL) or name == supervised_rl}
 
 
 def suta_rows(suta: bool, after_rl: bool) -> tuple[str, ...]:
@@ -444,7 +475,8 @@ def print_table(summary: dict[str, Any]) -> None:
     if "learned_beats_suta_every_seed" in summary:
         print(f"rl_learned_reward beats {SUTA} on every seed: {summary['learned_beats_suta_every_seed']}")
     if "rl_cer_beats_more_every_seed" in summary:
-        print(f"{CTC_RL} against {CTC_MORE}: test WER {100 * summary['rl_cer_vs_more_gap_mean']:+.1f} +- "
+        with_rl, more = summary["rl_cer_vs_more_runs"]
+        print(f"{with_rl} against {more}: test WER {100 * summary['rl_cer_vs_more_gap_mean']:+.1f} +- "
               f"{100 * summary['rl_cer_vs_more_gap_std']:.1f} % (relative), below on every seed: "
               f"{summary['rl_cer_beats_more_every_seed']}")
     if "oracle_fraction_from_adapted_mean" in summary:
@@ -528,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-supervised-baselines", dest="supervised_baselines", action="store_false",
                         help=f"leave out the {', '.join(SUPERVISED_BASELINES)} rows (supervised CTC fine-tuning on "
                              "the held-out voice's transcripts, then RL with 1 - CER or more of it)")
+    parser.add_argument("--supervised-extra-sentences", type=int, metavar="N",
+                        help="the supervised baselines (not the oracle) also train on the held-out voice reading N "
+                             "more sentences (setting ctc_finetune_extra_sentences; at most 5200 with the demo's "
+                             f"corpus): rows {CTC_CONVERGED}-extraN, -extraN+more, -extraN+rl_cer")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -545,10 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.output or STARTS[args.start]).expanduser().resolve()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        extra = {} if args.supervised_extra_sentences is None else {
+            "ctc_finetune_extra_sentences": args.supervised_extra_sentences}
         settings = scaled_settings(args.budget_minutes, {**(STRONG_START if args.start == "strong" else {}),
-                                                         **json.loads(args.settings)})
+                                                         **json.loads(args.settings), **extra})
     except (ValueError, ConfigError) as exc:
-        parser.error(f"--settings: {exc}")
+        parser.error(f"{'--supervised-extra-sentences or ' if extra else ''}--settings: {exc}")
     if args.rl_steps:
         settings["rl_steps"] = args.rl_steps
     presets = [name for name in args.presets.split(",") if name and name != settings["rl_algorithm"]]
@@ -565,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     run_names = (*demo_runs(settings)[1:], *[f"{run}-{preset}" for preset in presets
                                   for run in ("rl_learned_reward", "rl_cer_reward")],
                  *[f"rl_learned_reward-{name}" for name in variants], *suta_rows(args.suta, args.suta_after_rl),
-                 *(SUPERVISED_BASELINES if args.supervised_baselines else ()))
+                 *(supervised_names(settings) if args.supervised_baselines else ()))
     shared = Stages(root, fresh=False)
     base = prepare(shared, settings)
     start_check = start_train_voices(shared, base, device)
@@ -598,10 +636,11 @@ def main(argv: list[str] | None = None) -> int:
             results.update(evaluate_runs(stages, base, reward, tried, device, name=f"evaluate_variant-{name}",
                                          baselines=False))
         if args.supervised_baselines:
-            supervised = supervised_baselines(stages, seeded, base)
+            supervised = supervised_baselines(stages, seeded, base, shared)
             produced.update(supervised)
-            results.update(evaluate_runs(stages, base, reward, supervised, device, name="evaluate_supervised",
-                                         baselines=False))
+            # Their own evaluation stage per naming, so either's cached evaluation stays.
+            evaluation = "evaluate_supervised" + supervised_names(settings)[0].removeprefix(CTC_CONVERGED)
+            results.update(evaluate_runs(stages, base, reward, supervised, device, name=evaluation, baselines=False))
         # Every run's cost: its stages' wall-clock seconds as they ran (cached stages: as recorded then).
         seconds = {name: run_seconds(stages, name, produced.get(name)) if name in stages.timings
                    else shared.timings.get(name) for name in run_names}

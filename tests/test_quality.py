@@ -379,6 +379,87 @@ def test_supervised_baselines_train_on_the_heldout_transcripts_from_the_start_an
     assert len(calls) == 6 and calls[3][1]["model.path"] == "/other.nemo"
 
 
+def test_supervised_baselines_with_extra_sentences_train_on_more_transcripts_under_their_own_names(
+        tmp_path, monkeypatch):
+    """ctc_finetune_extra_sentences N: the held-out voice's extra sentences (a stage of the shared stages)
+    are the training data of all three runs, named ctc_finetune_heldout-extraN*, in their own folders:
+    the oracle's-transcripts runs stay cached beside them."""
+    import rlnf.demo
+    from rlnf.demo import SETTINGS, Stages
+
+    quality = load_quality()
+    calls = fake_recipes(monkeypatch)
+    made = []
+
+    def extra_corpus(stages, settings, data):  # the real stage is tested below, with flite
+        made.append(stages.root)
+        return {"manifest": "/shared/heldout_train_extra.json", "utterances": 3, "sha256": "e"}
+
+    monkeypatch.setattr(rlnf.demo, "heldout_extra_corpus", extra_corpus)
+    data = {"heldout_train": "/c/heldout_train.json", "heldout_val": "/c/heldout_val.json", "sha256": "corpus"}
+    base = {"data": data, "start": "/adapted.nemo", "start_stage": {"output": "/adapted.nemo", "sha256": "a"}}
+    settings = {**SETTINGS, "rl_steps": 30}
+    quality.supervised_baselines(Stages(tmp_path, fresh=False), settings, base)
+    assert len(calls) == 3 and not made
+    extra = {**settings, "ctc_finetune_extra_sentences": 3}
+    names = quality.supervised_names(extra)
+    assert names == ("ctc_finetune_heldout-extra3", "ctc_finetune_heldout-extra3+more",
+                     "ctc_finetune_heldout-extra3+rl_cer")
+    runs = quality.supervised_baselines(Stages(tmp_path / "seed_43", fresh=False), extra, base,
+                                        Stages(tmp_path, fresh=False))
+    assert list(runs) == list(names) and made == [tmp_path]  # the extra corpus: one stage every seed shares
+    (_, converge), (_, rl), (_, more) = calls[3:]
+    for keys in (converge, rl, more):
+        assert keys["data.train_manifest"] == "/shared/heldout_train_extra.json"
+    assert converge["model.path"] == "/adapted.nemo"
+    assert converge["output_dir"] == str(tmp_path / "seed_43" / names[0])
+    assert rl["policy.path"] == more["model.path"] == str(tmp_path / "seed_43" / names[0] / "checkpoints" / "best.nemo")
+    assert rl["rewards"] == "[{name: cer}]"
+    # Either naming stays cached.
+    quality.supervised_baselines(Stages(tmp_path, fresh=False), settings, base)
+    quality.supervised_baselines(Stages(tmp_path / "seed_43", fresh=False), extra, base, Stages(tmp_path, fresh=False))
+    assert len(calls) == 6
+    # The report's figures follow the rows present, either naming.
+    assert quality.supervised_pair((*RUNS, *SUPERVISED)) == ("ctc_finetune_heldout+rl_cer", "ctc_finetune_heldout+more")
+    assert quality.supervised_pair((*RUNS, *names)) == (names[2], names[1])
+    assert quality.supervised_pair(RUNS) is None and quality.supervised_pair((*RUNS, names[2])) is None
+    per_seed = [seed_result(42, 0.72, 0.60, 0.76, 0.74, 0.1, 0.6)]
+    per_seed[0]["wer"].update(zip(names, (0.5, 0.5, 0.45)))
+    per_seed[0]["cer"].update(zip(names, (0.2, 0.2, 0.2)))
+    summary = quality.summarise(per_seed, (*RUNS, *names))
+    assert summary["rl_cer_vs_more_runs"] == [names[2], names[1]]
+    assert summary["rl_cer_vs_more_gap_per_seed"] == pytest.approx([-0.1])
+    assert quality.issue_targets(per_seed, (*RUNS, *names))["rl_cer_beats_more_by_5_percent_every_seed"] is True
+
+
+def test_the_heldout_extra_corpus_is_the_heldout_voice_reading_none_of_the_corpus_s_sentences(tmp_path):
+    """heldout_extra_corpus: the held-out voice reading the next sentences of the corpus's seeded order,
+    after the corpus's heldout_train rows, all with absolute paths; cached; nothing when the setting is 0."""
+    from tests.conftest import require_tool
+
+    require_tool("flite")
+    from rlnf.demo import SETTINGS, Stages, heldout_extra_corpus
+    from rlnf.synth import load_sentences
+
+    train = tmp_path / "corpus" / "heldout_train.json"
+    train.parent.mkdir()
+    train.write_text(json.dumps({"audio_filepath": "wav/a.wav", "duration": 1.0, "text": "x"}) + "\n")
+    data = {"heldout_train": str(train), "sha256": "c"}
+    assert heldout_extra_corpus(Stages(tmp_path, fresh=False), dict(SETTINGS), data) == {}
+    settings = {**SETTINGS, "sentences": 12, "heldout_voice": "flite:rms", "ctc_finetune_extra_sentences": 3}
+    made = heldout_extra_corpus(Stages(tmp_path, fresh=False), settings, data)
+    rows = [json.loads(line) for line in Path(made["manifest"]).read_text().splitlines()]
+    assert made["utterances"] == len(rows) == 1 + 3
+    assert rows[0]["audio_filepath"] == str(train.parent / "wav" / "a.wav")
+    assert [row["text"] for row in rows[1:]] == load_sentences(15, settings["seed"])[12:]
+    assert not {row["text"] for row in rows[1:]} & set(load_sentences(12, settings["seed"]))
+    assert {row["speaker"] for row in rows[1:]} == {"flite:rms"}
+    assert all(Path(row["audio_filepath"]).is_absolute() and Path(row["audio_filepath"]).exists() for row in rows[1:])
+    stamp = (tmp_path / "heldout_extra_corpus" / "stage.json").stat().st_mtime_ns
+    assert heldout_extra_corpus(Stages(tmp_path, fresh=False), settings, data) == made
+    assert (tmp_path / "heldout_extra_corpus" / "stage.json").stat().st_mtime_ns == stamp
+
+
 def test_every_evaluation_reads_both_test_sets_at_the_evaluated_checkpoint(tmp_path, monkeypatch):
     import rlnf.commands
     from rlnf.demo import Stages, evaluate_runs
@@ -815,6 +896,10 @@ def test_default_rl_stage_keys_are_unchanged_and_the_oracle_ignores_the_learned_
     ({"pretrain_extra_voices": ["flite:slt"]}, "pretrain_extra_voices needs pretrain_extra_sentences > 0"),
     ({"pretrain_extra_sentences": 10, "pretrain_extra_voices": ["espeak:en+f4"]}, "lists the held-out voice"),
     ({"pretrain_extra_sentences": 5500}, "pretrain_extra_sentences: 5500 more than the corpus's 800"),
+    ({"ctc_finetune_extra_sentences": 5500}, "ctc_finetune_extra_sentences: 5500 more than the corpus's 800"),
+    ({"ctc_finetune_extra_sentences": -1}, "ctc_finetune_extra_sentences: a whole number >= 0"),
+    ({"ctc_finetune_extra_sentences": 2.5}, "ctc_finetune_extra_sentences: a whole number >= 0"),
+    ({"pretrain_extra_sentences": -1}, "pretrain_extra_sentences: a whole number >= 0"),
     ({"pretrain_decay_steps": -1}, "pretrain_decay_steps: a whole number >= 0"),
     ({"pretrain_decay_steps": 10.5}, "pretrain_decay_steps: a whole number >= 0"),
 ])

@@ -462,8 +462,11 @@ def heldout_extra_corpus(stages: Stages, settings: dict[str, Any], data: dict[st
         write_manifest(manifest, rows)
         return {"manifest": str(manifest), "utterances": len(rows), "sha256": file_sha256(manifest)}
 
+    from rlnf.resources import sentences_file
+
     return stages.run("heldout_extra_corpus", {"sentences": settings["sentences"], "extra": count,
                                                "heldout_voice": settings["heldout_voice"], "seed": settings["seed"],
+                                               "sentences_sha256": file_sha256(sentences_file()),
                                                **content_key(data, "corpus")}, synthesise)
 
 

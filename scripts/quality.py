@@ -458,14 +458,14 @@ def print_table(summary: dict[str, Any]) -> None:
           f"{summary.get('start_train_voices_wer', float('nan')):.3f})")
     print(f"{summary['seeds']} seeds {summary['seed_values']}; held-out voice test set; changes relative to the "
           "pretrained policy, mean +- std")
-    print(f"{'run':<30} {'WER':>7} {'WER change':>18} {'CER change':>18} {'other-text WER change':>22} "
+    print(f"{'run':<40} {'WER':>7} {'WER change':>18} {'CER change':>18} {'other-text WER change':>22} "
           f"{'final val WER':>16} {'seconds':>8}  steps")
     for name, run in summary["runs"].items():
         val = f"{run['final_val_wer_mean']:.3f} +- {run['final_val_wer_std']:.3f}" if "final_val_wer_mean" in run else ""
         other = (f"{100 * run['other_text_wer_change_mean']:+8.1f} +- {100 * run['other_text_wer_change_std']:4.1f} %"
                  if "other_text_wer_change_mean" in run else "")
         seconds = f"{run['seconds']:8.0f}" if "seconds" in run else f"{'':>8}"
-        print(f"{name:<30} {run['wer_mean']:7.3f} {100 * run['wer_change_mean']:+8.1f} +- {100 * run['wer_change_std']:4.1f} % "
+        print(f"{name:<40} {run['wer_mean']:7.3f} {100 * run['wer_change_mean']:+8.1f} +- {100 * run['wer_change_std']:4.1f} % "
               f"{100 * run['cer_change_mean']:+8.1f} +- {100 * run['cer_change_std']:4.1f} % {other:>22} {val:>16} "
               f"{seconds}  {run.get('steps_per_seed', '')}")
     reward = summary["reward_model"]
@@ -563,10 +563,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supervised-extra-sentences", type=int, metavar="N",
                         help="the supervised baselines (not the oracle) also train on the held-out voice reading N "
                              "more sentences (setting ctc_finetune_extra_sentences; at most 5200 with the demo's "
-                             f"corpus): rows {CTC_CONVERGED}-extraN, -extraN+more, -extraN+rl_cer")
+                             f"corpus): rows {CTC_CONVERGED}-extraN, -extraN+more, -extraN+rl_cer; for thousands, "
+                             "raise ctc_finetune_val_every and ctc_finetune_max_minutes with --settings")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
+    if args.supervised_extra_sentences is not None and not args.supervised_baselines:
+        parser.error("--supervised-extra-sentences gives the supervised baselines more transcripts: it has no use "
+                     "with --no-supervised-baselines")
 
     import torch
 

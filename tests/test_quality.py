@@ -415,10 +415,17 @@ def test_supervised_baselines_with_extra_sentences_train_on_more_transcripts_und
     assert converge["output_dir"] == str(tmp_path / "seed_43" / names[0])
     assert rl["policy.path"] == more["model.path"] == str(tmp_path / "seed_43" / names[0] / "checkpoints" / "best.nemo")
     assert rl["rewards"] == "[{name: cer}]"
-    # Either naming stays cached.
+    # Either naming stays cached; the default's key is the one it had before the setting existed.
     quality.supervised_baselines(Stages(tmp_path, fresh=False), settings, base)
     quality.supervised_baselines(Stages(tmp_path / "seed_43", fresh=False), extra, base, Stages(tmp_path, fresh=False))
     assert len(calls) == 6
+    assert json.loads((tmp_path / "ctc_finetune_heldout" / "stage.json").read_text())["key"] == "d72d048f32fd4e58"
+    # Other extra transcripts (a new digest) retrain the converged model (the fake writes the same checkpoint,
+    # so the two stages from it stay cached; a real one keys them anew through its digest).
+    monkeypatch.setattr(rlnf.demo, "heldout_extra_corpus", lambda stages, settings, data: {
+        "manifest": "/shared/heldout_train_extra.json", "utterances": 3, "sha256": "f"})
+    quality.supervised_baselines(Stages(tmp_path / "seed_43", fresh=False), extra, base, Stages(tmp_path, fresh=False))
+    assert [recipe for recipe, _ in calls[6:]] == ["train_ctc"]
     # The report's figures follow the rows present, either naming.
     assert quality.supervised_pair((*RUNS, *SUPERVISED)) == ("ctc_finetune_heldout+rl_cer", "ctc_finetune_heldout+more")
     assert quality.supervised_pair((*RUNS, *names)) == (names[2], names[1])
@@ -430,6 +437,19 @@ def test_supervised_baselines_with_extra_sentences_train_on_more_transcripts_und
     assert summary["rl_cer_vs_more_runs"] == [names[2], names[1]]
     assert summary["rl_cer_vs_more_gap_per_seed"] == pytest.approx([-0.1])
     assert quality.issue_targets(per_seed, (*RUNS, *names))["rl_cer_beats_more_by_5_percent_every_seed"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--supervised-extra-sentences", "5201"], "ctc_finetune_extra_sentences: 5201 more than the corpus's 800"),
+    (["--supervised-extra-sentences", "-1"], "ctc_finetune_extra_sentences: a whole number >= 0"),
+    (["--supervised-extra-sentences", "10", "--no-supervised-baselines"], "no use with --no-supervised-baselines"),
+])
+def test_supervised_extra_sentences_are_refused_before_any_stage_naming_the_setting(tmp_path, capsys, argv, message):
+    quality = load_quality()
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main([*argv, "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_heldout_extra_corpus_is_the_heldout_voice_reading_none_of_the_corpus_s_sentences(tmp_path):

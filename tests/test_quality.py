@@ -439,6 +439,13 @@ def test_supervised_baselines_with_extra_sentences_train_on_more_transcripts_und
     assert quality.issue_targets(per_seed, (*RUNS, *names))["rl_cer_beats_more_by_5_percent_every_seed"] is True
 
 
+def one_row_manifest(path: Path) -> Path:
+    """A corpus manifest of one row, its audio path relative ("wav/a.wav", text "x"), at ``path``."""
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"audio_filepath": "wav/a.wav", "duration": 1.0, "text": "x"}) + "\n")
+    return path
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--supervised-extra-sentences", "5201"], "ctc_finetune_extra_sentences: 5201 more than the corpus's 800"),
     (["--supervised-extra-sentences", "-1"], "ctc_finetune_extra_sentences: a whole number >= 0"),
@@ -461,9 +468,7 @@ def test_the_heldout_extra_corpus_is_the_heldout_voice_reading_none_of_the_corpu
     from rlnf.demo import SETTINGS, Stages, heldout_extra_corpus
     from rlnf.synth import load_sentences
 
-    train = tmp_path / "corpus" / "heldout_train.json"
-    train.parent.mkdir()
-    train.write_text(json.dumps({"audio_filepath": "wav/a.wav", "duration": 1.0, "text": "x"}) + "\n")
+    train = one_row_manifest(tmp_path / "corpus" / "heldout_train.json")
     data = {"heldout_train": str(train), "sha256": "c"}
     assert heldout_extra_corpus(Stages(tmp_path, fresh=False), dict(SETTINGS), data) == {}
     settings = {**SETTINGS, "sentences": 12, "heldout_voice": "flite:rms", "ctc_finetune_extra_sentences": 3}
@@ -813,9 +818,7 @@ def test_the_strong_start_s_extra_text_is_none_of_the_corpus_s_and_the_demo_s_st
     from rlnf.demo import SETTINGS, START_SETTINGS, STRONG_START, Stages, pretrain_corpus
     from rlnf.synth import load_sentences
 
-    train = tmp_path / "corpus" / "train.json"
-    train.parent.mkdir()
-    train.write_text(json.dumps({"audio_filepath": "wav/a.wav", "duration": 1.0, "text": "x"}) + "\n")
+    train = one_row_manifest(tmp_path / "corpus" / "train.json")
     data = {"train": str(train), "sha256": "c"}
     assert pretrain_corpus(Stages(tmp_path, fresh=False), dict(SETTINGS), data) == {}
     settings = {**SETTINGS, "sentences": 12, "voices": ["flite:kal16", "flite:awb"], "voices_per_sentence": 2,

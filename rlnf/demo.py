@@ -130,6 +130,9 @@ SETTINGS: dict[str, Any] = {
     # none of its train, validation or test sentences; stage heldout_extra_corpus), a set the model cannot
     # memorise as it does heldout_train's 560 clips. Their rows are then named ctc_finetune_heldout-extraN*.
     "ctc_finetune_extra_sentences": 0,
+    # The ctc_finetune_heldout*+more continuation's constant rate (None: supervised_lr, the fine-tune's own);
+    # set, its row is named ...+more-lrX (X as Python's format "g" writes it), so either stays cached.
+    "ctc_finetune_more_lr": None,
     "run_seed": 42,  # trainer.seed of the reward model and of every run (scripts/quality.py varies it)
 }
 # scripts/quality.py --start strong: aims at a starting policy of the kind real fine-tuning starts from (WER
@@ -1121,6 +1124,11 @@ def check_settings(settings: dict[str, Any]) -> None:
     if settings["heldout_voice"] and Voice.parse(settings["heldout_voice"]).tag in {Voice.parse(v).tag for v in voices}:
         raise ConfigError(f"demo setting pretrain_extra_voices: lists the held-out voice {settings['heldout_voice']!r}, "
                           "which the starting policy must never hear")
+    more_lr = settings["ctc_finetune_more_lr"]
+    if more_lr is not None and (isinstance(more_lr, bool) or not isinstance(more_lr, (int, float))
+                                or not 0 < more_lr < float("inf")):
+        raise ConfigError(f"demo setting ctc_finetune_more_lr: a learning rate > 0, or null for supervised_lr; "
+                          f"got {more_lr!r}")
     for key in ("pretrain_extra_sentences", "ctc_finetune_extra_sentences"):
         count = settings[key]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:

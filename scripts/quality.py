@@ -54,7 +54,8 @@ with 1 - CER): rl_cer_beats_more_every_seed and rl_cer_vs_more_gap_mean/std/per_
 gap, negative when RL is lower). See ``supervised_baselines``. --supervised-extra-sentences N gives them (not
 the oracle) more transcripts than the 560 clips they fit almost perfectly: that voice also reading N more
 sentences of the shipped text (stage heldout_extra_corpus, shared by the seeds; rows
-ctc_finetune_heldout-extraN, -extraN+more and -extraN+rl_cer).
+ctc_finetune_heldout-extraN, -extraN+more and -extraN+rl_cer). The setting ctc_finetune_more_lr X continues
+at that rate rather than supervised_lr (the row ...+more-lrX): the continuation's rate, chosen on validation.
 
 --start strong runs the same comparison from a stronger starting policy (rlnf.demo.STRONG_START: a 5M-parameter
 QuartzNet with SpecAugment, pretrained for an hour on the corpus's training voices plus 5,000 more sentences and 5
@@ -305,22 +306,31 @@ def relative(value: float, reference: float) -> float:
 
 
 def supervised_names(settings: dict[str, Any]) -> tuple[str, str, str]:
-    """The supervised baselines' rows (CTC_CONVERGED, CTC_MORE, CTC_RL): with
+    """The supervised baselines' rows (CTC_CONVERGED, CTC_MORE, CTC_RL), in stages of those names: with
     ``ctc_finetune_extra_sentences`` N > 0 (more transcripts than the oracle's), named
-    ctc_finetune_heldout-extraN, -extraN+more and -extraN+rl_cer, in stages of those names."""
-    extra = settings["ctc_finetune_extra_sentences"]
-    if not extra:
-        return SUPERVISED_BASELINES
-    stem = f"{CTC_CONVERGED}-extra{extra}"
-    return stem, f"{stem}+more", f"{stem}+rl_cer"
+    ctc_finetune_heldout-extraN, -extraN+more and -extraN+rl_cer; with ``ctc_finetune_more_lr`` X set, the
+    continuation is ...+more-lrX."""
+    extra, more_lr = settings["ctc_finetune_extra_sentences"], settings["ctc_finetune_more_lr"]
+    stem = f"{CTC_CONVERGED}-extra{extra}" if extra else CTC_CONVERGED
+    more = f"{stem}+more" + (f"-lr{more_lr:g}" if more_lr is not None else "")
+    return stem, more, f"{stem}+rl_cer"
+
+
+def supervised_evaluation(settings: dict[str, Any]) -> str:
+    """The supervised baselines' evaluation stage: one per naming (``supervised_names``), so that each
+    naming's cached evaluation stays: evaluate_supervised, then what the rows' names add to the defaults'."""
+    converged, more, _ = supervised_names(settings)
+    return "evaluate_supervised" + converged.removeprefix(CTC_CONVERGED) + more.removeprefix(converged + "+more")
 
 
 def supervised_pair(run_names: tuple[str, ...]) -> tuple[str, str] | None:
-    """(the RL run, the continuation) of the supervised baselines among ``run_names`` (either naming of
+    """(the RL run, the continuation) of the supervised baselines among ``run_names`` (any naming of
     ``supervised_names``), or None."""
     with_rl = next((name for name in run_names if name.startswith(CTC_CONVERGED) and name.endswith("+rl_cer")), None)
-    more = with_rl and with_rl.removesuffix("+rl_cer") + "+more"
-    return (with_rl, more) if more in run_names else None
+    stem = with_rl and with_rl.removesuffix("+rl_cer")
+    more = stem and next((name for name in run_names if name == f"{stem}+more" or name.startswith(f"{stem}+more-lr")),
+                         None)
+    return (with_rl, more) if more else None
 
 
 def rl_after_supervised(per_seed: list[dict[str, Any]], run_names: tuple[str, ...]) -> dict[str, Any]:
@@ -343,17 +353,17 @@ def rl_after_supervised(per_seed: list[dict[str, Any]], run_names: tuple[str, ..
 
 def ctc_finetune_overrides(settings: dict[str, Any], folder: Path, policy: str, train_manifest: str,
                            val_manifest: str, minutes: float | None, max_steps: int | None,
-                           patience: int | None) -> list[str]:
+                           patience: int | None, lr: float | None = None) -> list[str]:
     """``train_ctc`` overrides of the supervised baselines on the held-out voice's transcripts: from
-    ``policy``, ``supervised_lr`` constant, batch 16, seeded by ``run_seed``, validating on
+    ``policy``, ``lr`` (None: ``supervised_lr``) constant, batch 16, seeded by ``run_seed``, validating on
     ``val_manifest`` every ``ctc_finetune_val_every`` steps. ``patience``: early stopping
     (trainer.early_stop_patience), a checkpoint at every validation so checkpoints/best.nemo is the best
     validation WER; None: a continuation that saves at the end only."""
     every = settings["ctc_finetune_val_every"]
     return [f"output_dir={folder}", f"model.path={policy}", f"data.train_manifest={train_manifest}",
             f"data.val_manifest={val_manifest}", f"trainer.max_steps={max_steps or 100000}",
-            f"trainer.max_minutes={'null' if minutes is None else minutes}", f"trainer.lr={settings['supervised_lr']}",
-            "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.batch_size=16",
+            f"trainer.max_minutes={'null' if minutes is None else minutes}",
+            f"trainer.lr={settings['supervised_lr'] if lr is None else lr}", "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.batch_size=16",
             f"trainer.val_every={every}", f"trainer.save_every={every if patience else 0}", "trainer.log_every=10",
             "trainer.best_metric=val/wer", f"trainer.early_stop_patience={patience or 'null'}",
             f"trainer.seed={settings['run_seed']}"]
@@ -372,7 +382,8 @@ def supervised_baselines(stages, settings: dict[str, Any], base: dict[str, Any],
                    evaluated at its best checkpoint (its "evaluated_checkpoint"), the converged model.
     CTC_RL         RL with the 1 - CER reward (the demo's RL settings, ``rlnf.demo.rl_overrides``) from
                    that checkpoint, on the same transcripts: ``rl_minutes``, or ``rl_steps`` steps.
-    CTC_MORE       train_ctc continued from that checkpoint for the same extra budget: ``rl_minutes``; with
+    CTC_MORE       train_ctc continued from that checkpoint (at ``ctc_finetune_more_lr``, when set) for the
+                   same extra budget: ``rl_minutes``; with
                    ``rl_steps`` (a step budget RL and CTC cannot share: an RL step samples and scores
                    num_samples hypotheses per utterance) the wall-clock seconds CTC_RL's stage took, so
                    both get the same time on the same machine (its model loading included: a little in
@@ -404,10 +415,11 @@ def supervised_baselines(stages, settings: dict[str, Any], base: dict[str, Any],
     with_rl = stages.run(rl_name, {"policy": converged, **keys}, lambda folder: _run_recipe(
         "rl_finetune", rl_overrides(settings, start, data["heldout_val"], folder, train, "[{name: cer}]")))
     minutes = max(round(stages.timings[rl_name] / 60, 3), 0.001) if settings.get("rl_steps") else settings["rl_minutes"]
-    more = stages.run(more_name, {"policy": converged, "minutes": minutes, "lr": settings["supervised_lr"],
+    more_lr = settings["supervised_lr"] if settings["ctc_finetune_more_lr"] is None else settings["ctc_finetune_more_lr"]
+    more = stages.run(more_name, {"policy": converged, "minutes": minutes, "lr": more_lr,
                                   "val_every": settings["ctc_finetune_val_every"], "seed": seed},
                       lambda folder: _run_recipe("train_ctc", ctc_finetune_overrides(
-                          settings, folder, start, train, data["heldout_val"], minutes, None, None)))
+                          settings, folder, start, train, data["heldout_val"], minutes, None, None, more_lr)))
     return {converged_name: converged, more_name: more, rl_name: with_rl}
 
 
@@ -458,14 +470,15 @@ def print_table(summary: dict[str, Any]) -> None:
           f"{summary.get('start_train_voices_wer', float('nan')):.3f})")
     print(f"{summary['seeds']} seeds {summary['seed_values']}; held-out voice test set; changes relative to the "
           "pretrained policy, mean +- std")
-    print(f"{'run':<40} {'WER':>7} {'WER change':>18} {'CER change':>18} {'other-text WER change':>22} "
+    width = max([40, *map(len, summary["runs"])])
+    print(f"{'run':<{width}} {'WER':>7} {'WER change':>18} {'CER change':>18} {'other-text WER change':>22} "
           f"{'final val WER':>16} {'seconds':>8}  steps")
     for name, run in summary["runs"].items():
         val = f"{run['final_val_wer_mean']:.3f} +- {run['final_val_wer_std']:.3f}" if "final_val_wer_mean" in run else ""
         other = (f"{100 * run['other_text_wer_change_mean']:+8.1f} +- {100 * run['other_text_wer_change_std']:4.1f} %"
                  if "other_text_wer_change_mean" in run else "")
         seconds = f"{run['seconds']:8.0f}" if "seconds" in run else f"{'':>8}"
-        print(f"{name:<40} {run['wer_mean']:7.3f} {100 * run['wer_change_mean']:+8.1f} +- {100 * run['wer_change_std']:4.1f} % "
+        print(f"{name:<{width}} {run['wer_mean']:7.3f} {100 * run['wer_change_mean']:+8.1f} +- {100 * run['wer_change_std']:4.1f} % "
               f"{100 * run['cer_change_mean']:+8.1f} +- {100 * run['cer_change_std']:4.1f} % {other:>22} {val:>16} "
               f"{seconds}  {run.get('steps_per_seed', '')}")
     reward = summary["reward_model"]
@@ -642,9 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.supervised_baselines:
             supervised = supervised_baselines(stages, seeded, base, shared)
             produced.update(supervised)
-            # Their own evaluation stage per naming, so either's cached evaluation stays.
-            evaluation = "evaluate_supervised" + supervised_names(settings)[0].removeprefix(CTC_CONVERGED)
-            results.update(evaluate_runs(stages, base, reward, supervised, device, name=evaluation, baselines=False))
+            results.update(evaluate_runs(stages, base, reward, supervised, device,
+                                         name=supervised_evaluation(settings), baselines=False))
         # Every run's cost: its stages' wall-clock seconds as they ran (cached stages: as recorded then).
         seconds = {name: run_seconds(stages, name, produced.get(name)) if name in stages.timings
                    else shared.timings.get(name) for name in run_names}

@@ -439,6 +439,47 @@ def test_supervised_baselines_with_extra_sentences_train_on_more_transcripts_und
     assert quality.issue_targets(per_seed, (*RUNS, *names))["rl_cer_beats_more_by_5_percent_every_seed"] is True
 
 
+def test_the_continuation_at_a_rate_of_its_own_is_a_row_of_its_own(tmp_path, monkeypatch):
+    """ctc_finetune_more_lr X: the continuation runs at X (the converged model and RL stay cached), in a row
+    and stage ...+more-lrX beside the default's, which keeps its key; the report compares RL with it."""
+    from rlnf.demo import SETTINGS, Stages
+
+    quality = load_quality()
+    calls = fake_recipes(monkeypatch)
+    data = {"heldout_train": "/c/heldout_train.json", "heldout_val": "/c/heldout_val.json", "sha256": "corpus"}
+    base = {"data": data, "start": "/adapted.nemo", "start_stage": {"output": "/adapted.nemo", "sha256": "a"}}
+    settings = {**SETTINGS, "rl_steps": None}  # the budget rl_minutes, so the keys do not depend on a timing
+    quality.supervised_baselines(Stages(tmp_path, fresh=False), settings, base)
+    default_more = json.loads((tmp_path / "ctc_finetune_heldout+more" / "stage.json").read_text())
+    # Its key (a fingerprint of these params) is the one it had before the setting existed.
+    assert sorted(default_more["params"]) == ["lr", "minutes", "policy", "seed", "val_every"]
+    assert default_more["params"]["lr"] == 5e-4
+    assert calls[2][1]["trainer.lr"] == "0.0005"
+    slower = {**settings, "ctc_finetune_more_lr": 1e-4}
+    names = quality.supervised_names(slower)
+    assert names == ("ctc_finetune_heldout", "ctc_finetune_heldout+more-lr0.0001", "ctc_finetune_heldout+rl_cer")
+    runs = quality.supervised_baselines(Stages(tmp_path, fresh=False), slower, base)
+    assert list(runs) == list(names)
+    assert [recipe for recipe, _ in calls[3:]] == ["train_ctc"]  # the continuation alone
+    more = calls[3][1]
+    assert more["trainer.lr"] == "0.0001" and more["output_dir"] == str(tmp_path / names[1])
+    assert more["model.path"] == calls[2][1]["model.path"]  # from the same converged checkpoint
+    assert more["trainer.max_minutes"] == calls[2][1]["trainer.max_minutes"]  # for the RL run's budget
+    assert json.loads((tmp_path / "ctc_finetune_heldout+more" / "stage.json").read_text()) == default_more
+    # Cached, and the default's continuation too.
+    quality.supervised_baselines(Stages(tmp_path, fresh=False), slower, base)
+    quality.supervised_baselines(Stages(tmp_path, fresh=False), settings, base)
+    assert len(calls) == 4
+    # Its evaluation stage and the report's pair.
+    assert quality.supervised_evaluation(settings) == "evaluate_supervised"
+    assert quality.supervised_evaluation(slower) == "evaluate_supervised-lr0.0001"
+    both = {**slower, "ctc_finetune_extra_sentences": 3}
+    assert quality.supervised_names(both)[1] == "ctc_finetune_heldout-extra3+more-lr0.0001"
+    assert quality.supervised_evaluation(both) == "evaluate_supervised-extra3-lr0.0001"
+    assert quality.supervised_evaluation({**settings, "ctc_finetune_extra_sentences": 3}) == "evaluate_supervised-extra3"
+    assert quality.supervised_pair((*RUNS, *names)) == (names[2], names[1])
+
+
 def one_row_manifest(path: Path) -> Path:
     """A corpus manifest of one row, its audio path relative ("wav/a.wav", text "x"), at ``path``."""
     path.parent.mkdir(parents=True)
@@ -923,6 +964,11 @@ def test_default_rl_stage_keys_are_unchanged_and_the_oracle_ignores_the_learned_
     ({"ctc_finetune_extra_sentences": -1}, "ctc_finetune_extra_sentences: a whole number >= 0"),
     ({"ctc_finetune_extra_sentences": 2.5}, "ctc_finetune_extra_sentences: a whole number >= 0"),
     ({"pretrain_extra_sentences": -1}, "pretrain_extra_sentences: a whole number >= 0"),
+    ({"ctc_finetune_more_lr": 0}, "ctc_finetune_more_lr: a learning rate > 0"),
+    ({"ctc_finetune_more_lr": -1e-4}, "ctc_finetune_more_lr: a learning rate > 0"),
+    ({"ctc_finetune_more_lr": float("nan")}, "ctc_finetune_more_lr: a learning rate > 0"),
+    ({"ctc_finetune_more_lr": "1e-4"}, "ctc_finetune_more_lr: a learning rate > 0"),
+    ({"ctc_finetune_more_lr": True}, "ctc_finetune_more_lr: a learning rate > 0"),
     ({"pretrain_decay_steps": -1}, "pretrain_decay_steps: a whole number >= 0"),
     ({"pretrain_decay_steps": 10.5}, "pretrain_decay_steps: a whole number >= 0"),
 ])

@@ -131,7 +131,8 @@ SETTINGS: dict[str, Any] = {
     # memorise as it does heldout_train's 560 clips. Their rows are then named ctc_finetune_heldout-extraN*.
     "ctc_finetune_extra_sentences": 0,
     # The ctc_finetune_heldout*+more continuation's constant rate (None: supervised_lr, the fine-tune's own);
-    # set, its row is named ...+more-lrX (X as Python's format "g" writes it), so either stays cached.
+    # set, its row is named ...+more-lrX (X as Python's format "g" writes it), so either stays cached (set
+    # to supervised_lr itself, it is a run of its own under that name).
     "ctc_finetune_more_lr": None,
     "run_seed": 42,  # trainer.seed of the reward model and of every run (scripts/quality.py varies it)
 }
@@ -1127,7 +1128,7 @@ def check_settings(settings: dict[str, Any]) -> None:
     more_lr = settings["ctc_finetune_more_lr"]
     if more_lr is not None and (isinstance(more_lr, bool) or not isinstance(more_lr, (int, float))
                                 or not 0 < more_lr < float("inf")):
-        raise ConfigError(f"demo setting ctc_finetune_more_lr: a learning rate > 0, or null for supervised_lr; "
+        raise ConfigError(f"demo setting ctc_finetune_more_lr: a finite learning rate > 0, or null for supervised_lr; "
                           f"got {more_lr!r}")
     for key in ("pretrain_extra_sentences", "ctc_finetune_extra_sentences"):
         count = settings[key]

@@ -55,7 +55,7 @@ gap, negative when RL is lower). See ``supervised_baselines``. --supervised-extr
 the oracle) more transcripts than the 560 clips they fit almost perfectly: that voice also reading N more
 sentences of the shipped text (stage heldout_extra_corpus, shared by the seeds; rows
 ctc_finetune_heldout-extraN, -extraN+more and -extraN+rl_cer). The setting ctc_finetune_more_lr X continues
-at that rate rather than supervised_lr (the row ...+more-lrX): the continuation's rate, chosen on validation.
+at that rate rather than supervised_lr (the row ...+more-lrX), so that it can run at a rate chosen on validation.
 
 --start strong runs the same comparison from a stronger starting policy (rlnf.demo.STRONG_START: a 5M-parameter
 QuartzNet with SpecAugment, pretrained for an hour on the corpus's training voices plus 5,000 more sentences and 5
@@ -325,7 +325,7 @@ def supervised_evaluation(settings: dict[str, Any]) -> str:
 
 def supervised_pair(run_names: tuple[str, ...]) -> tuple[str, str] | None:
     """(the RL run, the continuation) of the supervised baselines among ``run_names`` (any naming of
-    ``supervised_names``), or None."""
+    ``supervised_names``; one naming at a time, as ``main`` builds them), or None."""
     with_rl = next((name for name in run_names if name.startswith(CTC_CONVERGED) and name.endswith("+rl_cer")), None)
     stem = with_rl and with_rl.removesuffix("+rl_cer")
     more = stem and next((name for name in run_names if name == f"{stem}+more" or name.startswith(f"{stem}+more-lr")),
@@ -363,7 +363,8 @@ def ctc_finetune_overrides(settings: dict[str, Any], folder: Path, policy: str, 
     return [f"output_dir={folder}", f"model.path={policy}", f"data.train_manifest={train_manifest}",
             f"data.val_manifest={val_manifest}", f"trainer.max_steps={max_steps or 100000}",
             f"trainer.max_minutes={'null' if minutes is None else minutes}",
-            f"trainer.lr={settings['supervised_lr'] if lr is None else lr}", "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.batch_size=16",
+            f"trainer.lr={settings['supervised_lr'] if lr is None else lr}", "trainer.lr_schedule=constant",
+            "trainer.warmup_steps=0", "trainer.batch_size=16",
             f"trainer.val_every={every}", f"trainer.save_every={every if patience else 0}", "trainer.log_every=10",
             "trainer.best_metric=val/wer", f"trainer.early_stop_patience={patience or 'null'}",
             f"trainer.seed={settings['run_seed']}"]

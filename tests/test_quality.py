@@ -480,6 +480,13 @@ def test_the_continuation_at_a_rate_of_its_own_is_a_row_of_its_own(tmp_path, mon
     assert quality.supervised_pair((*RUNS, *names)) == (names[2], names[1])
 
 
+@pytest.mark.parametrize("rate", [1e-4, 1, None])
+def test_the_continuation_s_rate_is_taken_as_a_float_an_int_or_null(rate):
+    from rlnf.demo import scaled_settings
+
+    assert scaled_settings(15.0, {"ctc_finetune_more_lr": rate})["ctc_finetune_more_lr"] == rate
+
+
 def one_row_manifest(path: Path) -> Path:
     """A corpus manifest of one row, its audio path relative ("wav/a.wav", text "x"), at ``path``."""
     path.parent.mkdir(parents=True)
@@ -964,11 +971,12 @@ def test_default_rl_stage_keys_are_unchanged_and_the_oracle_ignores_the_learned_
     ({"ctc_finetune_extra_sentences": -1}, "ctc_finetune_extra_sentences: a whole number >= 0"),
     ({"ctc_finetune_extra_sentences": 2.5}, "ctc_finetune_extra_sentences: a whole number >= 0"),
     ({"pretrain_extra_sentences": -1}, "pretrain_extra_sentences: a whole number >= 0"),
-    ({"ctc_finetune_more_lr": 0}, "ctc_finetune_more_lr: a learning rate > 0"),
-    ({"ctc_finetune_more_lr": -1e-4}, "ctc_finetune_more_lr: a learning rate > 0"),
-    ({"ctc_finetune_more_lr": float("nan")}, "ctc_finetune_more_lr: a learning rate > 0"),
-    ({"ctc_finetune_more_lr": "1e-4"}, "ctc_finetune_more_lr: a learning rate > 0"),
-    ({"ctc_finetune_more_lr": True}, "ctc_finetune_more_lr: a learning rate > 0"),
+    ({"ctc_finetune_more_lr": 0}, "ctc_finetune_more_lr: a finite learning rate > 0"),
+    ({"ctc_finetune_more_lr": -1e-4}, "ctc_finetune_more_lr: a finite learning rate > 0"),
+    ({"ctc_finetune_more_lr": float("nan")}, "ctc_finetune_more_lr: a finite learning rate > 0"),
+    ({"ctc_finetune_more_lr": "1e-4"}, "ctc_finetune_more_lr: a finite learning rate > 0"),
+    ({"ctc_finetune_more_lr": True}, "ctc_finetune_more_lr: a finite learning rate > 0"),
+    ({"ctc_finetune_more_lr": float("inf")}, "ctc_finetune_more_lr: a finite learning rate > 0"),
     ({"pretrain_decay_steps": -1}, "pretrain_decay_steps: a whole number >= 0"),
     ({"pretrain_decay_steps": 10.5}, "pretrain_decay_steps: a whole number >= 0"),
 ])

@@ -384,11 +384,10 @@ def supervised_baselines(stages, settings: dict[str, Any], base: dict[str, Any],
     CTC_RL         RL with the 1 - CER reward (the demo's RL settings, ``rlnf.demo.rl_overrides``) from
                    that checkpoint, on the same transcripts: ``rl_minutes``, or ``rl_steps`` steps.
     CTC_MORE       train_ctc continued from that checkpoint (at ``ctc_finetune_more_lr``, when set) for the
-                   same extra budget: ``rl_minutes``; with
-                   ``rl_steps`` (a step budget RL and CTC cannot share: an RL step samples and scores
-                   num_samples hypotheses per utterance) the wall-clock seconds CTC_RL's stage took, so
-                   both get the same time on the same machine (its model loading included: a little in
-                   the continuation's favour).
+                   same extra budget: ``rl_minutes``; with ``rl_steps`` (a step budget RL and CTC cannot
+                   share: an RL step samples and scores num_samples hypotheses per utterance) the
+                   wall-clock seconds CTC_RL's stage took, so both get the same time on the same
+                   machine (its model loading included: a little in the continuation's favour).
     Each is evaluated at its last checkpoint except CTC_CONVERGED."""
     from rlnf.demo import _run_recipe, content_key, heldout_extra_corpus, rl_keys, rl_overrides
     from rlnf.io import file_sha256

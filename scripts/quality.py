@@ -353,9 +353,9 @@ def rl_after_supervised(per_seed: list[dict[str, Any]], run_names: tuple[str, ..
 
 def ctc_finetune_overrides(settings: dict[str, Any], folder: Path, policy: str, train_manifest: str,
                            val_manifest: str, minutes: float | None, max_steps: int | None,
-                           patience: int | None, lr: float | None = None) -> list[str]:
+                           patience: int | None, lr: float) -> list[str]:
     """``train_ctc`` overrides of the supervised baselines on the held-out voice's transcripts: from
-    ``policy``, ``lr`` (None: ``supervised_lr``) constant, batch 16, seeded by ``run_seed``, validating on
+    ``policy``, ``lr`` constant, batch 16, seeded by ``run_seed``, validating on
     ``val_manifest`` every ``ctc_finetune_val_every`` steps. ``patience``: early stopping
     (trainer.early_stop_patience), a checkpoint at every validation so checkpoints/best.nemo is the best
     validation WER; None: a continuation that saves at the end only."""
@@ -363,7 +363,7 @@ def ctc_finetune_overrides(settings: dict[str, Any], folder: Path, policy: str, 
     return [f"output_dir={folder}", f"model.path={policy}", f"data.train_manifest={train_manifest}",
             f"data.val_manifest={val_manifest}", f"trainer.max_steps={max_steps or 100000}",
             f"trainer.max_minutes={'null' if minutes is None else minutes}",
-            f"trainer.lr={settings['supervised_lr'] if lr is None else lr}", "trainer.lr_schedule=constant",
+            f"trainer.lr={lr}", "trainer.lr_schedule=constant",
             "trainer.warmup_steps=0", "trainer.batch_size=16",
             f"trainer.val_every={every}", f"trainer.save_every={every if patience else 0}", "trainer.log_every=10",
             "trainer.best_metric=val/wer", f"trainer.early_stop_patience={patience or 'null'}",
@@ -403,7 +403,8 @@ def supervised_baselines(stages, settings: dict[str, Any], base: dict[str, Any],
     def converge(folder: Path) -> dict[str, Any]:
         summary = _run_recipe("train_ctc", ctc_finetune_overrides(
             settings, folder, base["start"], train, data["heldout_val"],
-            settings["ctc_finetune_max_minutes"], settings["ctc_finetune_max_steps"], settings["ctc_finetune_patience"]))
+            settings["ctc_finetune_max_minutes"], settings["ctc_finetune_max_steps"], settings["ctc_finetune_patience"],
+            settings["supervised_lr"]))
         best = summary["best_checkpoint"] or summary["last_checkpoint"]
         # Its digest keys the two stages that start from it (see rlnf.demo.content_key).
         return {**summary, "evaluated_checkpoint": best, "sha256": file_sha256(best)}

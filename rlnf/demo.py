@@ -1086,6 +1086,14 @@ def relative_change(value: float, reference: float) -> float | None:
     return round((value - reference) / reference, 4) if reference else None
 
 
+def _whole_number(settings: dict[str, Any], key: str, minimum: int, unit: str) -> int:
+    """Demo setting ``key``, refused (naming it) unless a whole number (not a bool) >= ``minimum`` of ``unit``."""
+    value = settings[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"demo setting {key}: a whole number >= {minimum} of {unit}, got {value!r}")
+    return value
+
+
 def check_settings(settings: dict[str, Any]) -> None:
     """Refuse, before any stage runs and naming the setting, what the stages would only find late or
     ignore silently: the learned-reward run's ensemble and pseudo-label settings, the pretraining's decay
@@ -1094,9 +1102,8 @@ def check_settings(settings: dict[str, Any]) -> None:
     holds)."""
     from rlnf.synth import Voice
 
-    ensemble, std_coef = settings["rl_reward_ensemble"], settings["rl_reward_std_coef"]
-    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
-        raise ConfigError(f"demo setting rl_reward_ensemble: a whole number >= 1 of reward models, got {ensemble!r}")
+    ensemble = _whole_number(settings, "rl_reward_ensemble", 1, "reward models")
+    std_coef = settings["rl_reward_std_coef"]
     if not isinstance(std_coef, (int, float)) or not math.isfinite(std_coef) or std_coef < 0:
         raise ConfigError(f"demo setting rl_reward_std_coef: a finite number >= 0, got {std_coef!r}")
     if std_coef and ensemble == 1:
@@ -1106,18 +1113,14 @@ def check_settings(settings: dict[str, Any]) -> None:
         raise ConfigError(f"demo setting rl_after_self_training: true or false, got {settings['rl_after_self_training']!r}")
     if not isinstance(settings["rl_reward_refresh"], bool):
         raise ConfigError(f"demo setting rl_reward_refresh: true or false, got {settings['rl_reward_refresh']!r}")
-    rounds = settings["rl_reward_refresh_rounds"]
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ConfigError(f"demo setting rl_reward_refresh_rounds: a whole number >= 1 of refreshes, got {rounds!r}")
+    rounds = _whole_number(settings, "rl_reward_refresh_rounds", 1, "refreshes")
     if rounds != 1 and not settings["rl_reward_refresh"]:
         raise ConfigError("demo setting rl_reward_refresh_rounds needs rl_reward_refresh true")
     if settings["rl_reward_refresh"] and ensemble > 1:
         raise ConfigError("demo setting rl_reward_refresh refreshes one reward model: it needs rl_reward_ensemble 1")
     if settings["rl_pseudo_label_coef"] < 0:
         raise ConfigError(f"demo setting rl_pseudo_label_coef: must be >= 0, got {settings['rl_pseudo_label_coef']}")
-    decay = settings["pretrain_decay_steps"]
-    if isinstance(decay, bool) or not isinstance(decay, int) or decay < 0:
-        raise ConfigError(f"demo setting pretrain_decay_steps: a whole number >= 0 of steps, got {decay!r}")
+    _whole_number(settings, "pretrain_decay_steps", 0, "steps")
     extra, voices = settings["pretrain_extra_sentences"], settings["pretrain_extra_voices"]
     if voices and not extra:
         raise ConfigError("demo setting pretrain_extra_voices needs pretrain_extra_sentences > 0 (they speak only "
@@ -1127,13 +1130,11 @@ def check_settings(settings: dict[str, Any]) -> None:
                           "which the starting policy must never hear")
     more_lr = settings["ctc_finetune_more_lr"]
     if more_lr is not None and (isinstance(more_lr, bool) or not isinstance(more_lr, (int, float))
-                                or not 0 < more_lr < float("inf")):
+                                or not math.isfinite(more_lr) or more_lr <= 0):
         raise ConfigError(f"demo setting ctc_finetune_more_lr: a finite learning rate > 0, or null for supervised_lr; "
                           f"got {more_lr!r}")
     for key in ("pretrain_extra_sentences", "ctc_finetune_extra_sentences"):
-        count = settings[key]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ConfigError(f"demo setting {key}: a whole number >= 0 of sentences, got {count!r}")
+        count = _whole_number(settings, key, 0, "sentences")
         if count:
             from rlnf.synth import read_sentences, sentences_file
 
